@@ -1,0 +1,5 @@
+//! llama-cluster coordinator (thin start): reads the status of workers over
+//! gRPC and runs the local demo cluster.
+
+pub mod demo;
+pub mod status_table;

@@ -1,0 +1,76 @@
+//! The cluster table: every worker's GetStatus, aggregated.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use llama_cluster_proto::v1::worker_client::WorkerClient;
+use llama_cluster_proto::v1::{GetStatusRequest, GetStatusResponse};
+use tonic::transport::Channel;
+
+/// Calls GetStatus on the worker at `addr` (`host:port`).
+pub async fn fetch_status(addr: &str) -> anyhow::Result<GetStatusResponse> {
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("bad worker address {addr:?}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach worker at {addr}"))?;
+    Ok(WorkerClient::new(ch)
+        .get_status(GetStatusRequest {})
+        .await
+        .with_context(|| format!("GetStatus on {addr}"))?
+        .into_inner())
+}
+
+fn short(peer: &str) -> String {
+    let n = peer.len();
+    if n > 10 {
+        format!("…{}", &peer[n - 8..])
+    } else {
+        peer.to_string()
+    }
+}
+
+/// Renders statuses as a plain-text table.
+pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<22} {:<10} {:<10} {:>5} {:>4} {:>4}  {}\n",
+        "WORKER (gRPC)", "PEER", "CLUSTER", "PEERS", "QUIC", "TCP", "LOCAL SHARD (id layers state)"
+    ));
+    for (addr, st) in statuses {
+        let quic = st.peers.iter().filter(|p| p.transport == "QUIC").count();
+        let local: Vec<String> = st
+            .shards
+            .iter()
+            .filter(|s| s.availability == "LOCAL")
+            .map(|s| {
+                format!(
+                    "{} {}-{} {}",
+                    s.shard_id, s.layer_start, s.layer_end, s.state
+                )
+            })
+            .collect();
+        let known = st
+            .shards
+            .iter()
+            .filter(|s| s.availability != "LOCAL")
+            .count();
+        out.push_str(&format!(
+            "{:<22} {:<10} {:<10} {:>5} {:>4} {:>4}  {} (+{known} known)\n",
+            addr,
+            short(&st.peer_id),
+            st.cluster,
+            st.peers.len(),
+            quic,
+            st.peers.len() - quic,
+            if local.is_empty() {
+                "-".to_string()
+            } else {
+                local.join(", ")
+            },
+        ));
+    }
+    out
+}

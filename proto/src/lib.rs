@@ -1,0 +1,10 @@
+//! Generated gRPC types and service stubs of llama-cluster.
+
+/// `llamacluster.v1`: the worker control plane.
+pub mod v1 {
+    tonic::include_proto!("llamacluster.v1");
+}
+
+/// Encoded file descriptor set for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("llamacluster_descriptor");

@@ -1,0 +1,399 @@
+//! Node configuration: defaults < TOML file < `LLAMA_CLUSTER_*` environment
+//! variables < command-line flags, merged with the `config` crate.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+use crate::dht_keys::is_valid_name;
+use crate::protocol::DEFAULT_MAX_MESSAGE_BYTES;
+
+/// Prefix of the environment variables read as configuration.
+pub const ENV_PREFIX: &str = "LLAMA_CLUSTER";
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Configuration of a worker or bootstrap node. Every field can be set in the
+/// TOML file (same name), in the environment (`LLAMA_CLUSTER_<NAME>`, upper
+/// case; lists comma-separated) and by the flag `--<name>` (dashes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Cluster name; scopes DHT keys, the rendezvous namespace and the
+    /// Kademlia protocol.
+    pub cluster: String,
+    /// IP address the P2P transports listen on.
+    pub p2p_host: String,
+    /// Port of the P2P transports (TCP and QUIC/UDP); 0 picks free ports.
+    pub p2p_port: u16,
+    /// Listen on and dial QUIC; when false only TCP is used.
+    pub quic: bool,
+    /// Multiaddrs of bootstrap nodes or of any known worker
+    /// (`/ip4/127.0.0.1/udp/9000/quic-v1`, `/ip4/127.0.0.1/tcp/9000`; `/p2p/<id>` optional).
+    pub bootstrap: Vec<String>,
+    /// Addresses to announce instead of the listen addresses (NAT, Kubernetes).
+    pub external_addrs: Vec<String>,
+    /// gRPC control-plane address (`host:port`; port 0 picks a free port).
+    pub grpc_addr: String,
+    /// File holding the node's libp2p identity (created when missing);
+    /// empty: a new identity at every start.
+    pub identity_file: String,
+    /// Id of the shard this worker announces (empty: none).
+    pub shard_id: String,
+    /// Model name of the announced shard.
+    pub shard_model: String,
+    /// Layer range of the announced shard, `START-END` (inclusive).
+    pub shard_layers: String,
+    /// Seconds between `[STATUS]` reports.
+    pub status_interval_secs: u64,
+    /// Seconds between safety-net discovery rounds (rendezvous + DHT).
+    pub discovery_interval_secs: u64,
+    /// Lifetime of DHT records and provider records; re-published at half of it.
+    pub record_ttl_secs: u64,
+    /// Largest JSON request or response accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Timeout of one P2P request, in seconds.
+    pub request_timeout_secs: u64,
+    /// `text` (human-readable) or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            cluster: "llama-cluster".into(),
+            p2p_host: "0.0.0.0".into(),
+            p2p_port: 0,
+            quic: true,
+            bootstrap: vec![],
+            external_addrs: vec![],
+            grpc_addr: "127.0.0.1:50051".into(),
+            identity_file: String::new(),
+            shard_id: String::new(),
+            shard_model: "smollm2-135m-instruct".into(),
+            shard_layers: String::new(),
+            status_interval_secs: 15,
+            discovery_interval_secs: 30,
+            record_ttl_secs: 300,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            request_timeout_secs: 30,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration value that is missing, malformed or out of range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl ConfigError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Field names, used to pick our variables out of the environment.
+fn field_names() -> Vec<String> {
+    match serde_json::to_value(NodeConfig::default()) {
+        Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+        _ => vec![],
+    }
+}
+
+/// `LLAMA_CLUSTER_<FIELD>` variables of `env` that name a known field.
+/// Other `LLAMA_CLUSTER_*` variables (for tools around the node) are ignored.
+fn env_source(env: &HashMap<String, String>) -> HashMap<String, String> {
+    let fields = field_names();
+    env.iter()
+        .filter_map(|(k, v)| {
+            let name = k
+                .strip_prefix(ENV_PREFIX)?
+                .strip_prefix('_')?
+                .to_lowercase();
+            fields
+                .contains(&name)
+                .then(|| (format!("{ENV_PREFIX}_{}", name.to_uppercase()), v.clone()))
+        })
+        .collect()
+}
+
+impl NodeConfig {
+    /// Merges defaults, the TOML `file` (if any), the `env` map (pass
+    /// `std::env::vars().collect()`) and `flags` (field name → value as
+    /// given on the command line), then validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+        flags: &[(&str, String)],
+    ) -> Result<NodeConfig, ConfigError> {
+        let mut builder = Config::builder().add_source(Config::try_from(&NodeConfig::default())?);
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::invalid(
+                    "config",
+                    format!("config file {} does not exist", path.display()),
+                ));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("bootstrap")
+                .with_list_parse_key("external_addrs")
+                .source(Some(env_source(env))),
+        );
+        for (key, value) in flags {
+            builder = if matches!(*key, "bootstrap" | "external_addrs") {
+                let list: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+                builder.set_override(*key, list)?
+            } else {
+                builder.set_override(*key, value.as_str())?
+            };
+        }
+        let cfg: NodeConfig = builder.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_valid_name(&self.cluster) {
+            return Err(ConfigError::invalid(
+                "cluster",
+                format!(
+                    "{:?} is not a valid name (1-64 of A-Z a-z 0-9 - _ .)",
+                    self.cluster
+                ),
+            ));
+        }
+        if self.p2p_host.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "p2p_host",
+                format!("{:?} is not an IP address", self.p2p_host),
+            ));
+        }
+        if self.grpc_addr.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "grpc_addr",
+                format!("{:?} is not a host:port socket address", self.grpc_addr),
+            ));
+        }
+        if !self.shard_id.is_empty() && !is_valid_name(&self.shard_id) {
+            return Err(ConfigError::invalid(
+                "shard_id",
+                format!("{:?} is not a valid name", self.shard_id),
+            ));
+        }
+        if !self.shard_id.is_empty() || !self.shard_layers.is_empty() {
+            if self.shard_id.is_empty() {
+                return Err(ConfigError::invalid(
+                    "shard_id",
+                    "required when shard_layers is set",
+                ));
+            }
+            self.layer_range()?;
+        }
+        for (field, value) in [
+            ("status_interval_secs", self.status_interval_secs),
+            ("discovery_interval_secs", self.discovery_interval_secs),
+            ("record_ttl_secs", self.record_ttl_secs),
+            ("request_timeout_secs", self.request_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be at least 1"));
+            }
+        }
+        if self.record_ttl_secs < 10 {
+            return Err(ConfigError::invalid(
+                "record_ttl_secs",
+                "must be at least 10 (records are re-published at half of it)",
+            ));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err(ConfigError::invalid(
+                "max_message_bytes",
+                "must be between 1024 and 67108864",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The announced layer range, parsed from `shard_layers` (`None` without a shard).
+    pub fn layer_range(&self) -> Result<Option<(u32, u32)>, ConfigError> {
+        if self.shard_id.is_empty() {
+            return Ok(None);
+        }
+        parse_layer_range(&self.shard_layers)
+            .map(Some)
+            .map_err(|reason| ConfigError::invalid("shard_layers", reason))
+    }
+}
+
+/// Parses `START-END` (inclusive, START <= END).
+pub fn parse_layer_range(s: &str) -> Result<(u32, u32), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a layer range START-END (for example 0-14)"))?;
+    let a: u32 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: start {a:?} is not a layer number"))?;
+    let b: u32 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: end {b:?} is not a layer number"))?;
+    if a > b {
+        return Err(format!("{s:?}: start is after end"));
+    }
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn toml_file(body: &str) -> tempfile_lite::TempPath {
+        tempfile_lite::TempPath::with_contents(body)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = NodeConfig::load(None, &env(&[]), &[]).unwrap();
+        assert_eq!(cfg, NodeConfig::default());
+    }
+
+    #[test]
+    fn precedence_is_defaults_file_env_flags() {
+        let f = toml_file("cluster = \"from-file\"\np2p_port = 7000\nquic = false\n");
+        let e = env(&[
+            ("LLAMA_CLUSTER_CLUSTER", "from-env"),
+            ("LLAMA_CLUSTER_P2P_PORT", "7001"),
+            (
+                "LLAMA_CLUSTER_BOOTSTRAP",
+                "/ip4/127.0.0.1/tcp/1,/ip4/127.0.0.1/tcp/2",
+            ),
+            ("LLAMA_CLUSTER_UNRELATED_TOOL_SETTING", "x"),
+        ]);
+        let cfg = NodeConfig::load(Some(f.path()), &e, &[("cluster", "from-flag".into())]).unwrap();
+        assert_eq!(cfg.cluster, "from-flag");
+        assert_eq!(cfg.p2p_port, 7001);
+        assert!(!cfg.quic, "file value kept when nothing overrides it");
+        assert_eq!(
+            cfg.bootstrap,
+            vec!["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/tcp/2"]
+        );
+        let cfg = NodeConfig::load(Some(f.path()), &env(&[]), &[]).unwrap();
+        assert_eq!(cfg.cluster, "from-file");
+        assert_eq!(cfg.p2p_port, 7000);
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let err = NodeConfig::load(None, &env(&[("LLAMA_CLUSTER_P2P_PORT", "abc")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("p2p_port"), "{err}");
+        let f = toml_file("quic = \"maybe\"\n");
+        let err = NodeConfig::load(Some(f.path()), &env(&[]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quic"), "{err}");
+        let f = toml_file("clsuter = \"typo\"\n");
+        let err = NodeConfig::load(Some(f.path()), &env(&[]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("clsuter"), "{err}");
+        let err = NodeConfig::load(None, &env(&[]), &[("grpc_addr", "nowhere".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grpc_addr"), "{err}");
+        let err = NodeConfig::load(
+            None,
+            &env(&[]),
+            &[("shard_id", "s0".into()), ("shard_layers", "9-3".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("shard_layers"), "{err}");
+        let err = NodeConfig::load(None, &env(&[]), &[("cluster", "a/b".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster"), "{err}");
+    }
+
+    #[test]
+    fn layer_ranges_parse() {
+        assert_eq!(parse_layer_range("0-14"), Ok((0, 14)));
+        assert_eq!(parse_layer_range("3-3"), Ok((3, 3)));
+        assert!(parse_layer_range("14").is_err());
+        assert!(parse_layer_range("a-2").is_err());
+        assert!(parse_layer_range("5-1").is_err());
+    }
+
+    /// Minimal temp file helper (avoids a dev-dependency for two tests).
+    mod tempfile_lite {
+        use super::*;
+        use std::path::PathBuf;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        static N: AtomicUsize = AtomicUsize::new(0);
+
+        pub struct TempPath(PathBuf);
+
+        impl TempPath {
+            pub fn with_contents(body: &str) -> Self {
+                let n = N.fetch_add(1, Ordering::SeqCst);
+                let path = std::env::temp_dir().join(format!(
+                    "llama-cluster-config-test-{}-{n}.toml",
+                    std::process::id()
+                ));
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(body.as_bytes()).unwrap();
+                TempPath(path)
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Types both sides of llama-cluster need: configuration, the JSON command
+//! protocol spoken over `/json-message/1.0`, DHT keys and shard records,
+//! node status, and logging set-up.
+
+pub mod config;
+pub mod dht_keys;
+pub mod logging;
+pub mod protocol;
+pub mod status;
+
+/// Crate version, reported in status and identify.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

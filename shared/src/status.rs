@@ -1,0 +1,78 @@
+//! A node's view of itself and of the swarm, as returned by GET_STATUS.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dht_keys::ShardState;
+
+/// Whether a known shard can be reached from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Availability {
+    /// Served by this node.
+    Local,
+    /// Served by a peer this node is connected to.
+    Online,
+    /// Known from the DHT or an earlier status, peer not connected.
+    Offline,
+}
+
+impl Availability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Local => "LOCAL",
+            Availability::Online => "ONLINE",
+            Availability::Offline => "OFFLINE",
+        }
+    }
+}
+
+/// Transport of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Transport {
+    Quic,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Quic => "QUIC",
+            Transport::Tcp => "TCP",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub transport: Transport,
+    pub address: String,
+    /// "inbound" or "outbound".
+    pub direction: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub shard_id: String,
+    pub model: String,
+    pub layer_start: u32,
+    pub layer_end: u32,
+    pub state: ShardState,
+    pub peer_id: String,
+    pub addrs: Vec<String>,
+    pub availability: Availability,
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub peer_id: String,
+    pub cluster: String,
+    pub version: String,
+    pub uptime_secs: u64,
+    pub listen_addrs: Vec<String>,
+    pub quic_enabled: bool,
+    pub peers: Vec<PeerStatus>,
+    pub shards: Vec<ShardStatus>,
+}

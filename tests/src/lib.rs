@@ -1,0 +1,237 @@
+//! Test harness: starts real `llama-worker` processes on 127.0.0.x, reads
+//! their ready line, talks to them over gRPC, and kills them on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use llama_cluster_proto::v1::worker_client::WorkerClient;
+use llama_cluster_proto::v1::{GetStatusRequest, GetStatusResponse};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+/// Path of a workspace binary, built by `cargo build --workspace --bins`
+/// (the README's test command does that first). `LLAMA_CLUSTER_BIN_DIR`
+/// overrides the directory.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os("LLAMA_CLUSTER_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+            target.join("debug")
+        });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A directory for one test's logs and files, under the target directory.
+pub fn test_dir(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/test-runs")
+        .join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+/// A node process; killed (and reaped) on drop.
+pub struct NodeProc {
+    pub name: String,
+    pub child: Child,
+    pub peer_id: String,
+    pub grpc_addr: String,
+    pub listen_addrs: Vec<String>,
+    pub log_path: PathBuf,
+}
+
+impl NodeProc {
+    /// Starts `llama-worker <args>` and waits (bounded) for its ready line.
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<NodeProc> {
+        Self::start_with_env(dir, name, args, &[])
+    }
+
+    pub fn start_with_env(
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProc> {
+        let log_path = dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = Command::new(binary("llama-worker"));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .env("RUST_LOG", "info,llama_worker=debug,libp2p=warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("spawning llama-worker")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix(llama_worker::READY_PREFIX) {
+                    let _ = tx.send(rest.to_string());
+                }
+            }
+        });
+        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("{name} did not become ready within 30 s; log:\n{log}");
+            }
+        };
+        let v: Value = serde_json::from_str(&ready)?;
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Ok(NodeProc {
+            name: name.to_string(),
+            peer_id: s("peer_id"),
+            grpc_addr: s("grpc_addr"),
+            listen_addrs: v["listen_addrs"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            child,
+            log_path,
+        })
+    }
+
+    /// The node's listen address for `transport` ("quic-v1" or "tcp").
+    pub fn addr(&self, transport: &str) -> String {
+        self.listen_addrs
+            .iter()
+            .find(|a| a.contains(&format!("/{transport}")))
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} has no {transport} address: {:?}",
+                    self.name, self.listen_addrs
+                )
+            })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> anyhow::Result<WorkerClient<Channel>> {
+        let ch = Channel::from_shared(format!("http://{}", self.grpc_addr))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(20))
+            .connect()
+            .await?;
+        Ok(WorkerClient::new(ch))
+    }
+
+    pub async fn status(&self) -> anyhow::Result<GetStatusResponse> {
+        Ok(self
+            .client()
+            .await?
+            .get_status(GetStatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Kills the process now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Common worker arguments: P2P on `host`, gRPC on a free port, bootstrap
+/// addresses, a shard, short intervals.
+pub fn worker_args(host: &str, bootstrap: &[&str], shard: Option<(&str, &str)>) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--p2p-host".into(),
+        host.into(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
+        "--status-interval-secs".into(),
+        "5".into(),
+        "--discovery-interval-secs".into(),
+        "5".into(),
+    ];
+    for b in bootstrap {
+        v.push("--bootstrap".into());
+        v.push(b.to_string());
+    }
+    if let Some((id, layers)) = shard {
+        v.extend([
+            "--shard-id".into(),
+            id.into(),
+            "--shard-layers".into(),
+            layers.into(),
+        ]);
+    }
+    v
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, failing after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Transport of `node`'s connection to `peer`, if connected.
+pub async fn transport_to(node: &NodeProc, peer: &str) -> Option<String> {
+    let st = node.status().await.ok()?;
+    st.peers
+        .iter()
+        .find(|p| p.peer_id == peer)
+        .map(|p| p.transport.clone())
+}
+
+/// True when `node` is connected to every peer in `peers` and knows a shard
+/// record of each peer that has one.
+pub async fn sees_all(node: &NodeProc, peers: &[&NodeProc]) -> bool {
+    let Ok(st) = node.status().await else {
+        return false;
+    };
+    peers
+        .iter()
+        .all(|p| st.peers.iter().any(|c| c.peer_id == p.peer_id))
+}

@@ -1,0 +1,168 @@
+//! The Kademlia side of a node: publishing this worker's shard record under
+//! `/llama-cluster/<cluster>/shard/<id>` and its membership under
+//! `/llama-cluster/<cluster>/members`, re-publishing before expiry, and
+//! learning shard records and members from the DHT.
+
+use std::time::{Duration, Instant};
+
+use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryResult, Quorum, Record, RecordKey};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use llama_cluster_shared::dht_keys::{ShardRecord, members_key, parse_shard_key, shard_key};
+use llama_cluster_shared::unix_now;
+use tracing::{debug, info};
+
+use crate::network::behaviour::Role;
+use crate::node::Node;
+
+impl Node {
+    /// Writes (or refreshes) this worker's records in the DHT.
+    pub(crate) fn publish_local_records(&mut self) {
+        if self.role != Role::Worker {
+            return;
+        }
+        let cluster = self.cfg.cluster.clone();
+        let listen: Vec<String> = self
+            .state
+            .read(|s| s.listen_addrs.iter().map(|a| a.to_string()).collect());
+        let record = self.state.write(|s| {
+            let rec = s.local_shard.as_mut()?;
+            rec.updated_at = unix_now();
+            rec.addrs = listen;
+            Some(rec.clone())
+        });
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if let Err(e) = kad.start_providing(RecordKey::new(&members_key(&cluster))) {
+            debug!("[DHT] cannot announce membership: {e}");
+        }
+        if let Some(rec) = record {
+            let key = shard_key(&cluster, &rec.shard_id);
+            let mut r = Record::new(RecordKey::new(&key), rec.to_bytes());
+            r.expires = Some(Instant::now() + Duration::from_secs(self.cfg.record_ttl_secs));
+            match kad.put_record(r, Quorum::One) {
+                Ok(_) => debug!("[DHT] publishing {key} ({})", rec.state.as_str()),
+                Err(e) => debug!("[DHT] cannot store {key}: {e}"),
+            }
+        }
+    }
+
+    /// Asks the DHT for the latest record of every shard id we know of.
+    pub(crate) fn query_known_shards(&mut self) {
+        let ids: std::collections::BTreeSet<String> = self
+            .state
+            .read(|s| s.shards.keys().map(|(id, _)| id.clone()).collect());
+        for id in ids {
+            let key = shard_key(&self.cfg.cluster, &id);
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .get_record(RecordKey::new(&key));
+        }
+    }
+
+    /// Picks up shard records other workers stored on this node.
+    pub(crate) fn refresh_from_local_store(&mut self) {
+        use kad::store::RecordStore;
+        let cluster = self.cfg.cluster.clone();
+        let records: Vec<ShardRecord> = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .store_mut()
+            .records()
+            .filter_map(|r| decode_record(&cluster, &r))
+            .collect();
+        for rec in records {
+            self.learn_shard(rec, "DHT store");
+        }
+    }
+
+    pub(crate) fn learn_shard(&mut self, rec: ShardRecord, source: &str) {
+        if rec.peer_id == self.local_peer_id().to_string() {
+            return;
+        }
+        let (id, peer, state) = (rec.shard_id.clone(), rec.peer_id.clone(), rec.state);
+        let known = self
+            .state
+            .read(|s| s.shards.contains_key(&(id.clone(), peer.clone())));
+        if self.state.upsert_shard(rec) {
+            if known {
+                debug!(
+                    "[DHT] shard {id} of {peer} now {} (from {source})",
+                    state.as_str()
+                );
+            } else {
+                info!(
+                    "[DHT] discovered shard {id} served by {peer} ({}, from {source})",
+                    state.as_str()
+                );
+            }
+        }
+    }
+
+    pub(crate) fn on_kad(&mut self, ev: kad::Event) {
+        match ev {
+            kad::Event::RoutingUpdated {
+                peer,
+                is_new_peer,
+                addresses,
+                ..
+            } => {
+                if is_new_peer {
+                    debug!("[DHT] routing table gained {peer}");
+                    if !self.swarm.is_connected(&peer) {
+                        self.dial_peer(peer, addresses.into_vec(), "DHT");
+                    }
+                }
+            }
+            kad::Event::OutboundQueryProgressed { result, .. } => match result {
+                QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(r))) => {
+                    if let Some(rec) = decode_record(&self.cfg.cluster, &r.record) {
+                        self.learn_shard(rec, "DHT query");
+                    }
+                }
+                QueryResult::GetRecord(Err(e)) => debug!("[DHT] get_record: {e}"),
+                QueryResult::PutRecord(Ok(ok)) => {
+                    if !self.published {
+                        info!(
+                            "[DHT] published {}",
+                            String::from_utf8_lossy(ok.key.as_ref())
+                        );
+                    }
+                    self.published = true;
+                }
+                QueryResult::PutRecord(Err(e)) => {
+                    // With no other DHT node yet the record stays local; it is
+                    // published again when a peer appears.
+                    debug!("[DHT] put_record: {e} (kept locally)");
+                }
+                QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
+                    providers, ..
+                })) => {
+                    for p in providers {
+                        if p != self.local_peer_id() && !self.swarm.is_connected(&p) {
+                            info!("[DISCOVERY] found cluster member {p} in the DHT; dialing");
+                            let _ = self.swarm.dial(
+                                DialOpts::peer_id(p)
+                                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                                    .build(),
+                            );
+                        }
+                    }
+                }
+                QueryResult::Bootstrap(Ok(_)) => debug!("[DHT] bootstrap step done"),
+                QueryResult::Bootstrap(Err(e)) => debug!("[DHT] bootstrap: {e}"),
+                QueryResult::StartProviding(Err(e)) => debug!("[DHT] start_providing: {e}"),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}
+
+/// A shard record of `cluster` stored under its own key, if `r` is one.
+fn decode_record(cluster: &str, r: &Record) -> Option<ShardRecord> {
+    let key = std::str::from_utf8(r.key.as_ref()).ok()?;
+    let (c, id) = parse_shard_key(key)?;
+    let rec = ShardRecord::from_bytes(&r.value)?;
+    (c == cluster && rec.shard_id == id).then_some(rec)
+}

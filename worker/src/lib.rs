@@ -1,0 +1,17 @@
+//! llama-cluster worker: a libp2p swarm member that discovers its peers,
+//! answers JSON commands over `/json-message/1.0`, publishes its shard in the
+//! Kademlia DHT and serves the gRPC control plane.
+
+pub mod client;
+pub mod dht;
+pub mod discovery;
+pub mod dispatcher;
+pub mod grpc;
+pub mod identity;
+pub mod messaging;
+pub mod network;
+pub mod node;
+pub mod state;
+
+/// Prefix of the machine-readable line a node prints on stdout once it is up.
+pub const READY_PREFIX: &str = "LLAMA_CLUSTER_READY ";

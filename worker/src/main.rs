@@ -1,0 +1,277 @@
+//! `llama-worker`: run a worker, a bootstrap (rendezvous) node, or send one
+//! JSON message/command to a node.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+use llama_cluster_shared::config::NodeConfig;
+use llama_cluster_shared::logging;
+use llama_worker::client::JsonClient;
+use llama_worker::network::behaviour::Role;
+use llama_worker::{READY_PREFIX, grpc, node};
+use serde_json::json;
+use tracing::{error, info};
+
+#[derive(Parser, Debug)]
+#[command(name = "llama-worker", version, about = "llama-cluster worker node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a worker (the default).
+    Run(NodeArgs),
+    /// Run a bootstrap node: libp2p rendezvous server and DHT bootstrap peer.
+    Bootstrap(NodeArgs),
+    /// Send one JSON message or command to a node and print its response.
+    Send(SendArgs),
+}
+
+/// Node options; each overrides the config file and `LLAMA_CLUSTER_*` env.
+#[derive(Args, Debug, Default, Clone)]
+struct NodeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "LLAMA_CLUSTER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Cluster name [default: llama-cluster].
+    #[arg(long)]
+    cluster: Option<String>,
+    /// IP address for the P2P listeners [default: 0.0.0.0].
+    #[arg(long)]
+    p2p_host: Option<String>,
+    /// Port for the P2P listeners, TCP and QUIC [default: 0 = any].
+    #[arg(long)]
+    p2p_port: Option<String>,
+    /// Disable QUIC (TCP only).
+    #[arg(long)]
+    no_quic: bool,
+    /// Bootstrap multiaddrs (comma-separated or repeated).
+    #[arg(long)]
+    bootstrap: Vec<String>,
+    /// Addresses to announce (comma-separated or repeated).
+    #[arg(long)]
+    external_addrs: Vec<String>,
+    /// gRPC address host:port [default: 127.0.0.1:50051].
+    #[arg(long)]
+    grpc_addr: Option<String>,
+    /// File holding the node identity (created when missing).
+    #[arg(long)]
+    identity_file: Option<String>,
+    /// Shard id to announce.
+    #[arg(long)]
+    shard_id: Option<String>,
+    /// Model name of the announced shard.
+    #[arg(long)]
+    shard_model: Option<String>,
+    /// Layer range of the announced shard, START-END.
+    #[arg(long)]
+    shard_layers: Option<String>,
+    /// Seconds between [STATUS] reports.
+    #[arg(long)]
+    status_interval_secs: Option<String>,
+    /// Seconds between safety-net discovery rounds.
+    #[arg(long)]
+    discovery_interval_secs: Option<String>,
+    /// DHT record lifetime in seconds.
+    #[arg(long)]
+    record_ttl_secs: Option<String>,
+    /// Largest JSON request accepted, in bytes.
+    #[arg(long)]
+    max_message_bytes: Option<String>,
+    /// Timeout of one P2P request, in seconds.
+    #[arg(long)]
+    request_timeout_secs: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Shorthand for --log-format json.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+impl NodeArgs {
+    fn overrides(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![];
+        let mut opt = |k: &'static str, val: &Option<String>| {
+            if let Some(x) = val {
+                v.push((k, x.clone()));
+            }
+        };
+        opt("cluster", &self.cluster);
+        opt("p2p_host", &self.p2p_host);
+        opt("p2p_port", &self.p2p_port);
+        opt("grpc_addr", &self.grpc_addr);
+        opt("identity_file", &self.identity_file);
+        opt("shard_id", &self.shard_id);
+        opt("shard_model", &self.shard_model);
+        opt("shard_layers", &self.shard_layers);
+        opt("status_interval_secs", &self.status_interval_secs);
+        opt("discovery_interval_secs", &self.discovery_interval_secs);
+        opt("record_ttl_secs", &self.record_ttl_secs);
+        opt("max_message_bytes", &self.max_message_bytes);
+        opt("request_timeout_secs", &self.request_timeout_secs);
+        opt("log_format", &self.log_format);
+        if self.no_quic {
+            v.push(("quic", "false".into()));
+        }
+        if self.json_logs {
+            v.push(("log_format", "json".into()));
+        }
+        if !self.bootstrap.is_empty() {
+            v.push(("bootstrap", self.bootstrap.join(",")));
+        }
+        if !self.external_addrs.is_empty() {
+            v.push(("external_addrs", self.external_addrs.join(",")));
+        }
+        v
+    }
+
+    fn load(&self) -> anyhow::Result<NodeConfig> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Ok(NodeConfig::load(
+            self.config.as_deref(),
+            &env,
+            &self.overrides(),
+        )?)
+    }
+}
+
+#[derive(Args, Debug)]
+struct SendArgs {
+    /// Multiaddr of the node (QUIC or TCP; /p2p/<id> optional).
+    #[arg(long)]
+    addr: String,
+    /// Raw JSON body to send as-is.
+    #[arg(long, conflicts_with_all = ["message", "command"])]
+    json: Option<String>,
+    /// Send a plain message with this text.
+    #[arg(long, conflicts_with = "command")]
+    message: Option<String>,
+    /// Send this command (GET_STATUS, LOAD_SHARD, ...).
+    #[arg(long)]
+    command: Option<String>,
+    /// JSON params of the command.
+    #[arg(long, default_value = "{}")]
+    params: String,
+    /// Timeout in seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            None => run_node(cli.node, Role::Worker).await,
+            Some(Cmd::Run(a)) => run_node(a, Role::Worker).await,
+            Some(Cmd::Bootstrap(a)) => run_node(a, Role::Bootstrap).await,
+            Some(Cmd::Send(a)) => send(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
+    let cfg = args.load()?;
+    logging::init(cfg.log_format);
+    let grpc_addr = cfg.grpc_addr.clone();
+    let cluster = cfg.cluster.clone();
+    let running = node::start(cfg, role).await?;
+    let (bound, server) = grpc::serve(
+        &grpc_addr,
+        running.dispatcher.clone(),
+        running.net.clone(),
+        running.peer_id,
+    )
+    .await?;
+    let ready = json!({
+        "role": role.as_str(),
+        "peer_id": running.peer_id.to_string(),
+        "cluster": cluster,
+        "grpc_addr": bound.to_string(),
+        "listen_addrs": running.listen_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+    });
+    println!("{READY_PREFIX}{ready}");
+    let mut task = running.task;
+    tokio::select! {
+        r = server => { r?; }
+        _ = &mut task => anyhow::bail!("the swarm task stopped"),
+        _ = shutdown_signal() => info!("[STATUS] shutting down"),
+    }
+    task.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                error!("cannot watch SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn send(a: SendArgs) -> anyhow::Result<()> {
+    let addr: Multiaddr = a
+        .addr
+        .parse()
+        .with_context(|| format!("--addr {:?}", a.addr))?;
+    let body = if let Some(raw) = a.json {
+        raw.into_bytes()
+    } else if let Some(text) = a.message {
+        serde_json::to_vec(
+            &json!({"from": "llama-worker-send", "message": text, "timestamp": llama_cluster_shared::unix_now()}),
+        )?
+    } else if let Some(cmd) = a.command {
+        let params: serde_json::Value =
+            serde_json::from_str(&a.params).context("--params is not JSON")?;
+        serde_json::to_vec(
+            &json!({"command": cmd, "from": "llama-worker-send", "request_id": "cli-1", "params": params}),
+        )?
+    } else {
+        anyhow::bail!("give one of --json, --message or --command");
+    };
+    let mut client = JsonClient::connect(&addr, Duration::from_secs(a.timeout_secs)).await?;
+    let resp = client.request(body).await?;
+    println!("{}", String::from_utf8_lossy(&resp));
+    Ok(())
+}

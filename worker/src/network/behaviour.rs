@@ -1,0 +1,137 @@
+//! The libp2p behaviour of a node and the swarm built around it:
+//! QUIC and TCP (noise + yamux), identify, ping, Kademlia, rendezvous
+//! (server on bootstrap nodes, client on workers) and `/json-message/1.0`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use libp2p::identity::Keypair;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    StreamProtocol, Swarm, SwarmBuilder, identify, kad, noise, ping, rendezvous, request_response,
+    tcp, yamux,
+};
+use llama_cluster_shared::config::NodeConfig;
+use llama_cluster_shared::protocol::JSON_PROTOCOL;
+
+use super::json_codec::JsonCodec;
+
+/// What a node is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Rendezvous server and DHT bootstrap peer; serves no shard.
+    Bootstrap,
+    /// A cluster member that serves (or will serve) a shard.
+    Worker,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Bootstrap => "bootstrap",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+/// Identify protocol version shared by all llama-cluster nodes.
+pub const IDENTIFY_PROTOCOL: &str = "/llama-cluster/1.0.0";
+
+/// Agent-version prefix; the role follows (`llama-cluster/0.1.0/worker`).
+pub const AGENT_PREFIX: &str = "llama-cluster/";
+
+/// Kademlia protocol name of a cluster: clusters do not mix their DHTs.
+pub fn kad_protocol(cluster: &str) -> anyhow::Result<StreamProtocol> {
+    StreamProtocol::try_from_owned(format!("/llama-cluster/{cluster}/kad/1.0.0"))
+        .context("invalid cluster name for the Kademlia protocol")
+}
+
+#[derive(NetworkBehaviour)]
+pub struct NodeBehaviour {
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub rendezvous_server: Toggle<rendezvous::server::Behaviour>,
+    pub rendezvous_client: Toggle<rendezvous::client::Behaviour>,
+    pub messaging: request_response::Behaviour<JsonCodec>,
+}
+
+/// Builds the swarm of a node with `keypair`.
+pub fn build_swarm(
+    keypair: Keypair,
+    cfg: &NodeConfig,
+    role: Role,
+) -> anyhow::Result<Swarm<NodeBehaviour>> {
+    let kad_proto = kad_protocol(&cfg.cluster)?;
+    let ttl = Duration::from_secs(cfg.record_ttl_secs);
+    let discovery_interval = Duration::from_secs(cfg.discovery_interval_secs);
+    let request_timeout = Duration::from_secs(cfg.request_timeout_secs);
+    let max_message = cfg.max_message_bytes;
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_behaviour(move |key| {
+            let peer_id = key.public().to_peer_id();
+            let mut kad_cfg = kad::Config::new(kad_proto);
+            kad_cfg
+                .set_record_ttl(Some(ttl))
+                .set_publication_interval(Some(ttl / 2))
+                .set_provider_record_ttl(Some(ttl))
+                .set_provider_publication_interval(Some(ttl / 2))
+                .set_query_timeout(Duration::from_secs(20))
+                .set_periodic_bootstrap_interval(Some(discovery_interval));
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad_cfg,
+            );
+            // Loopback and LAN addresses are never "confirmed external" by
+            // autonat; every node answers DHT queries.
+            kad.set_mode(Some(kad::Mode::Server));
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                    .with_agent_version(format!(
+                        "{AGENT_PREFIX}{}/{}",
+                        llama_cluster_shared::VERSION,
+                        role.as_str()
+                    ))
+                    .with_push_listen_addr_updates(true)
+                    .with_interval(Duration::from_secs(60)),
+            );
+            let messaging = request_response::Behaviour::with_codec(
+                JsonCodec::new(max_message),
+                [(
+                    StreamProtocol::new(JSON_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default().with_request_timeout(request_timeout),
+            );
+            let (server, client) = match role {
+                Role::Bootstrap => (
+                    Some(rendezvous::server::Behaviour::new(
+                        rendezvous::server::Config::default(),
+                    )),
+                    None,
+                ),
+                Role::Worker => (None, Some(rendezvous::client::Behaviour::new(key.clone()))),
+            };
+            NodeBehaviour {
+                identify,
+                ping: ping::Behaviour::new(ping::Config::new()),
+                kad,
+                rendezvous_server: server.into(),
+                rendezvous_client: client.into(),
+                messaging,
+            }
+        })?
+        // Connections stay up between workers; they carry the pipeline.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+        .build();
+    Ok(swarm)
+}

@@ -1,0 +1,444 @@
+//! A running node: the swarm task that owns libp2p, the handle other tasks
+//! use to reach it, and start-up (identity, listeners, bootstrap dials).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::OutboundRequestId;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, rendezvous};
+use llama_cluster_shared::config::NodeConfig;
+use llama_cluster_shared::dht_keys::{ShardRecord, ShardState};
+use llama_cluster_shared::status::{Availability, Transport};
+use llama_cluster_shared::unix_now;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::dispatcher::Dispatcher;
+use crate::network::behaviour::{NodeBehaviour, NodeBehaviourEvent, Role, build_swarm};
+use crate::network::{json_codec::JsonRequest, transport_of};
+use crate::state::{ConnInfo, SharedState};
+
+/// Requests other tasks send to the swarm task.
+#[derive(Debug)]
+pub enum NetCommand {
+    /// Send a JSON body to a peer and return its response.
+    Request {
+        peer: PeerId,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+}
+
+/// Handle on the swarm task.
+#[derive(Debug, Clone)]
+pub struct NetHandle {
+    tx: mpsc::Sender<NetCommand>,
+}
+
+impl NetHandle {
+    /// Sends `body` to `peer` over `/json-message/1.0`.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NetCommand::Request { peer, body, reply })
+            .await
+            .map_err(|_| "node is shutting down".to_string())?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("node is shutting down".into()),
+            Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
+        }
+    }
+}
+
+/// What an outbound request is waiting for.
+pub(crate) enum Pending {
+    External(oneshot::Sender<Result<Vec<u8>, String>>),
+    StatusProbe(PeerId),
+}
+
+/// The swarm task's state.
+pub struct Node {
+    pub(crate) swarm: Swarm<NodeBehaviour>,
+    pub(crate) cfg: NodeConfig,
+    pub(crate) role: Role,
+    pub(crate) state: SharedState,
+    pub(crate) dispatcher: Dispatcher,
+    /// Peers being dialed, with the TCP addresses to try if QUIC fails.
+    pub(crate) dialing: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Rendezvous servers seen, with the discovery cookie of each.
+    pub(crate) rendezvous_points: HashMap<PeerId, Option<rendezvous::Cookie>>,
+    pub(crate) bootstrap_addrs: Vec<Multiaddr>,
+    pub(crate) pending: HashMap<OutboundRequestId, Pending>,
+    pub(crate) responses:
+        mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    /// Whether our records have reached at least one other DHT node.
+    pub(crate) published: bool,
+    /// Peers already counted as discovered (for the one-time log line).
+    pub(crate) discovered: HashSet<PeerId>,
+    /// Peers we already tried to move from TCP to QUIC.
+    pub(crate) quic_upgrade_tried: HashSet<PeerId>,
+}
+
+/// A started node: its identity and addresses, and the task that runs it.
+pub struct RunningNode {
+    pub peer_id: PeerId,
+    pub listen_addrs: Vec<Multiaddr>,
+    pub state: SharedState,
+    pub dispatcher: Dispatcher,
+    pub net: NetHandle,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+fn listen_addrs_for(cfg: &NodeConfig) -> anyhow::Result<Vec<Multiaddr>> {
+    let ip: std::net::IpAddr = cfg.p2p_host.parse().context("p2p_host")?;
+    let ip_proto = match ip {
+        std::net::IpAddr::V4(v4) => Protocol::Ip4(v4),
+        std::net::IpAddr::V6(v6) => Protocol::Ip6(v6),
+    };
+    let base = Multiaddr::empty().with(ip_proto);
+    let mut addrs = vec![];
+    if cfg.quic {
+        addrs.push(
+            base.clone()
+                .with(Protocol::Udp(cfg.p2p_port))
+                .with(Protocol::QuicV1),
+        );
+    }
+    addrs.push(base.with(Protocol::Tcp(cfg.p2p_port)));
+    Ok(addrs)
+}
+
+/// Parses and checks the multiaddr lists of the configuration.
+pub fn parse_addr_list(field: &'static str, list: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
+    list.iter()
+        .map(|s| {
+            s.parse::<Multiaddr>().map_err(|e| {
+                anyhow::Error::new(llama_cluster_shared::config::ConfigError::invalid(
+                    field,
+                    format!("{s:?} is not a multiaddr ({e}); example: /ip4/127.0.0.1/tcp/9000"),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Starts a node: identity, swarm, listeners, bootstrap dials, and the swarm
+/// task. Returns once the node listens.
+pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
+    let bootstrap_addrs = parse_addr_list("bootstrap", &cfg.bootstrap)?;
+    let external_addrs = parse_addr_list("external_addrs", &cfg.external_addrs)?;
+    let keypair = crate::identity::load_or_create(&cfg.identity_file)?;
+    let peer_id = keypair.public().to_peer_id();
+    let mut swarm = build_swarm(keypair, &cfg, role)?;
+    let mut listeners = HashSet::new();
+    for addr in listen_addrs_for(&cfg)? {
+        let id = swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.insert(id);
+    }
+    for addr in &external_addrs {
+        swarm.add_external_address(addr.clone());
+    }
+    let state = SharedState::new(peer_id, &cfg.cluster, role, cfg.quic);
+    if let Some((start, end)) = cfg.layer_range()? {
+        state.write(|s| {
+            s.local_shard = Some(ShardRecord {
+                shard_id: cfg.shard_id.clone(),
+                peer_id: peer_id.to_string(),
+                addrs: vec![],
+                model: cfg.shard_model.clone(),
+                layer_start: start,
+                layer_end: end,
+                state: ShardState::Announced,
+                updated_at: unix_now(),
+            })
+        });
+    }
+    let dispatcher = Dispatcher::new(state.clone(), cfg.max_message_bytes);
+    let (resp_tx, mut resp_rx) = mpsc::channel(256);
+    let mut node = Node {
+        swarm,
+        cfg,
+        role,
+        state: state.clone(),
+        dispatcher: dispatcher.clone(),
+        dialing: HashMap::new(),
+        rendezvous_points: HashMap::new(),
+        bootstrap_addrs,
+        pending: HashMap::new(),
+        responses: resp_tx,
+        published: false,
+        discovered: HashSet::new(),
+        quic_upgrade_tried: HashSet::new(),
+    };
+
+    // Wait (bounded) until every listener has an address.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !listeners.is_empty() {
+        let ev = tokio::time::timeout_at(deadline, node.swarm.select_next_some())
+            .await
+            .context("listeners did not come up within 10 s")?;
+        match ev {
+            SwarmEvent::NewListenAddr { listener_id, .. } => {
+                listeners.remove(&listener_id);
+                node.on_swarm_event(ev);
+            }
+            SwarmEvent::ListenerClosed {
+                reason: Err(e),
+                listener_id,
+                ..
+            } if listeners.contains(&listener_id) => bail!("listener failed: {e}"),
+            other => node.on_swarm_event(other),
+        }
+    }
+    let listen_addrs = node.state.read(|s| s.listen_addrs.clone());
+    info!(
+        "[CONNECT] {} {peer_id} listening on {}",
+        role.as_str(),
+        listen_addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    node.publish_local_records();
+    node.dial_bootstrap();
+
+    let (tx, mut rx) = mpsc::channel(256);
+    let task = tokio::spawn(async move {
+        let status_every = Duration::from_secs(node.cfg.status_interval_secs);
+        let mut status_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + status_every, status_every);
+        let discovery_every = Duration::from_secs(node.cfg.discovery_interval_secs);
+        let mut discovery_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + discovery_every,
+            discovery_every,
+        );
+        let republish_every = Duration::from_secs(node.cfg.record_ttl_secs / 2);
+        let mut republish_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + republish_every,
+            republish_every,
+        );
+        loop {
+            tokio::select! {
+                ev = node.swarm.select_next_some() => node.on_swarm_event(ev),
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => node.on_net_command(cmd),
+                    None => break,
+                },
+                Some((channel, body)) = resp_rx.recv() => {
+                    if node.swarm.behaviour_mut().messaging.send_response(channel, body).is_err() {
+                        debug!("[MSG] response not sent: the requester went away");
+                    }
+                }
+                _ = status_tick.tick() => node.report_status(),
+                _ = discovery_tick.tick() => node.discovery_round(),
+                _ = republish_tick.tick() => node.publish_local_records(),
+            }
+        }
+    });
+    Ok(RunningNode {
+        peer_id,
+        listen_addrs,
+        state,
+        dispatcher,
+        net: NetHandle { tx },
+        task,
+    })
+}
+
+impl Node {
+    pub(crate) fn local_peer_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    fn on_net_command(&mut self, cmd: NetCommand) {
+        match cmd {
+            NetCommand::Request { peer, body, reply } => {
+                if peer == self.local_peer_id() {
+                    let _ = reply.send(Err("cannot relay to this node itself".into()));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .messaging
+                    .send_request(&peer, JsonRequest::Body(body));
+                self.pending.insert(id, Pending::External(reply));
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<NodeBehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(ev) => match ev {
+                NodeBehaviourEvent::Identify(ev) => self.on_identify(ev),
+                NodeBehaviourEvent::Kad(ev) => self.on_kad(ev),
+                NodeBehaviourEvent::RendezvousClient(ev) => self.on_rendezvous_client(ev),
+                NodeBehaviourEvent::RendezvousServer(ev) => self.on_rendezvous_server(ev),
+                NodeBehaviourEvent::Messaging(ev) => self.on_messaging(ev),
+                NodeBehaviourEvent::Ping(_) => {}
+            },
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let full = address.clone().with(Protocol::P2p(self.local_peer_id()));
+                debug!("[CONNECT] listening on {full}");
+                if self.cfg.external_addrs.is_empty() && !is_unspecified(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
+                self.state.write(|s| {
+                    if !s.listen_addrs.contains(&full) {
+                        s.listen_addrs.push(full)
+                    }
+                });
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.swarm.remove_external_address(&address);
+                let full = address.with(Protocol::P2p(self.local_peer_id()));
+                self.state.write(|s| s.listen_addrs.retain(|a| *a != full));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                established_in,
+                ..
+            } => {
+                self.dialing.remove(&peer_id);
+                let (address, outbound) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
+                    ConnectedPoint::Listener { send_back_addr, .. } => {
+                        (send_back_addr.clone(), false)
+                    }
+                };
+                let transport = transport_of(&address);
+                if num_established.get() == 1 {
+                    info!(
+                        "[CONNECT] connected to {peer_id} via {} ({}, {address}, {:.0} ms)",
+                        transport.as_str(),
+                        if outbound { "outbound" } else { "inbound" },
+                        established_in.as_secs_f64() * 1000.0
+                    );
+                } else {
+                    debug!(
+                        "[CONNECT] extra connection to {peer_id} via {}",
+                        transport.as_str()
+                    );
+                }
+                let superseded: Vec<_> = self.state.write(|s| {
+                    let conns = s.connections.entry(peer_id).or_default();
+                    conns.push(ConnInfo {
+                        id: connection_id,
+                        transport,
+                        address,
+                        outbound,
+                    });
+                    if transport == Transport::Quic {
+                        conns
+                            .iter()
+                            .filter(|c| c.transport == Transport::Tcp)
+                            .map(|c| c.id)
+                            .collect()
+                    } else {
+                        vec![]
+                    }
+                });
+                for id in superseded {
+                    debug!("[CONNECT] closing TCP connection to {peer_id}: QUIC is up");
+                    self.swarm.close_connection(id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                self.state.write(|s| {
+                    if let Some(conns) = s.connections.get_mut(&peer_id) {
+                        conns.retain(|c| c.id != connection_id);
+                        if conns.is_empty() {
+                            s.connections.remove(&peer_id);
+                        }
+                    }
+                });
+                if num_established == 0 {
+                    self.quic_upgrade_tried.remove(&peer_id);
+                    info!(
+                        "[CONNECT] disconnected from {peer_id}{}",
+                        cause.map(|c| format!(" ({c})")).unwrap_or_default()
+                    );
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                self.on_dial_failure(peer_id, &error.to_string());
+            }
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                ..
+            } => {
+                debug!("[CONNECT] incoming connection from {send_back_addr} failed: {error}");
+            }
+            SwarmEvent::ListenerError { error, .. } => warn!("[CONNECT] listener error: {error}"),
+            _ => {}
+        }
+    }
+
+    /// Prints the periodic `[STATUS]` report.
+    pub(crate) fn report_status(&mut self) {
+        self.refresh_from_local_store();
+        let st = self.state.snapshot();
+        let quic = st
+            .peers
+            .iter()
+            .filter(|p| p.transport.as_str() == "QUIC")
+            .count();
+        info!(
+            "[STATUS] {} {} | cluster {} | {} peers (QUIC {quic}, TCP {}) | {} shards known",
+            self.role.as_str(),
+            st.peer_id,
+            st.cluster,
+            st.peers.len(),
+            st.peers.len() - quic,
+            st.shards.len()
+        );
+        for s in &st.shards {
+            let who = if s.availability == Availability::Local {
+                "self".to_string()
+            } else {
+                s.peer_id.clone()
+            };
+            info!(
+                "[STATUS]   {:<12} layers {:>3}-{:<3} {:<24} {:<7} {:<9} {who}",
+                s.shard_id,
+                s.layer_start,
+                s.layer_end,
+                s.model,
+                s.availability.as_str(),
+                s.state.as_str(),
+            );
+        }
+    }
+}
+
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
