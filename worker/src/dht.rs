@@ -103,15 +103,13 @@ impl Node {
         match ev {
             kad::Event::RoutingUpdated {
                 peer,
-                is_new_peer,
+                is_new_peer: true,
                 addresses,
                 ..
             } => {
-                if is_new_peer {
-                    debug!("[DHT] routing table gained {peer}");
-                    if !self.swarm.is_connected(&peer) {
-                        self.dial_peer(peer, addresses.into_vec(), "DHT");
-                    }
+                debug!("[DHT] routing table gained {peer}");
+                if !self.swarm.is_connected(&peer) {
+                    self.dial_peer(peer, addresses.into_vec(), "DHT");
                 }
             }
             kad::Event::OutboundQueryProgressed { result, .. } => match result {
