@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian machine with the Rust toolchain lacks.
-# Idempotent: does nothing when everything is present.
+# Installs what a fresh Debian machine with the Rust toolchain lacks (C/C++
+# build tools, cmake and libclang for llama.cpp) and fetches the default model
+# into the cache. Idempotent: does nothing when everything is present.
 set -euo pipefail
 need=()
 command -v cc >/dev/null || need+=(build-essential)
+command -v c++ >/dev/null || need+=(g++)
+command -v cmake >/dev/null || need+=(cmake)
+command -v clang >/dev/null || need+=(clang)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+bash "$(dirname "$0")/fetch-model.sh" >/dev/null

@@ -66,6 +66,26 @@ pub struct NodeConfig {
     pub request_timeout_secs: u64,
     /// `text` (human-readable) or `json`.
     pub log_format: LogFormat,
+    /// Split manifest (`manifest.json` written by `llama-worker split`); its
+    /// directory holds the shard and head files. Needed to serve a shard or
+    /// to drive inference.
+    pub manifest: String,
+    /// Context length of one inference session (tokens).
+    pub n_ctx: u32,
+    /// Prompt chunk size; equal on every worker of a cluster.
+    pub n_batch: u32,
+    /// llama.cpp physical batch; equal on every worker for identical results.
+    pub n_ubatch: u32,
+    /// llama.cpp threads (0: all cores).
+    pub threads: u32,
+    /// Concurrent inference sessions per worker; more are refused.
+    pub max_sessions: usize,
+    /// Sessions idle this long are evicted.
+    pub session_idle_secs: u64,
+    /// Time one pipeline step (all stages) may take before it fails.
+    pub stage_timeout_secs: u64,
+    /// Send hidden states between stages as f16 (half the bytes, not bit-exact).
+    pub activation_f16: bool,
 }
 
 impl Default for NodeConfig {
@@ -88,6 +108,15 @@ impl Default for NodeConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             request_timeout_secs: 30,
             log_format: LogFormat::Text,
+            manifest: String::new(),
+            n_ctx: 2048,
+            n_batch: 512,
+            n_ubatch: 512,
+            threads: 0,
+            max_sessions: 4,
+            session_idle_secs: 300,
+            stage_timeout_secs: 60,
+            activation_f16: false,
         }
     }
 }
@@ -210,7 +239,7 @@ impl NodeConfig {
                 format!("{:?} is not a valid name", self.shard_id),
             ));
         }
-        if !self.shard_id.is_empty() || !self.shard_layers.is_empty() {
+        if !self.shard_id.is_empty() && self.manifest.is_empty() || !self.shard_layers.is_empty() {
             if self.shard_id.is_empty() {
                 return Err(ConfigError::invalid(
                     "shard_id",
@@ -235,6 +264,47 @@ impl NodeConfig {
                 "must be at least 10 (records are re-published at half of it)",
             ));
         }
+        if !(16..=1_048_576).contains(&self.n_ctx) {
+            return Err(ConfigError::invalid(
+                "n_ctx",
+                "must be between 16 and 1048576",
+            ));
+        }
+        if self.n_batch == 0 || self.n_batch > self.n_ctx {
+            return Err(ConfigError::invalid(
+                "n_batch",
+                "must be between 1 and n_ctx",
+            ));
+        }
+        if self.n_ubatch == 0 || self.n_ubatch > self.n_batch {
+            return Err(ConfigError::invalid(
+                "n_ubatch",
+                "must be between 1 and n_batch",
+            ));
+        }
+        if !(1..=1024).contains(&self.max_sessions) {
+            return Err(ConfigError::invalid(
+                "max_sessions",
+                "must be between 1 and 1024",
+            ));
+        }
+        for (field, value) in [
+            ("session_idle_secs", self.session_idle_secs),
+            ("stage_timeout_secs", self.stage_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be at least 1"));
+            }
+        }
+        if !self.manifest.is_empty() && !Path::new(&self.manifest).is_file() {
+            return Err(ConfigError::invalid(
+                "manifest",
+                format!(
+                    "{} does not exist (write one with `llama-worker split`)",
+                    self.manifest
+                ),
+            ));
+        }
         if !(1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err(ConfigError::invalid(
                 "max_message_bytes",
@@ -244,9 +314,10 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// The announced layer range, parsed from `shard_layers` (`None` without a shard).
+    /// The announced layer range, parsed from `shard_layers` (`None` without
+    /// a shard, or when the range comes from the manifest).
     pub fn layer_range(&self) -> Result<Option<(u32, u32)>, ConfigError> {
-        if self.shard_id.is_empty() {
+        if self.shard_id.is_empty() || self.shard_layers.is_empty() {
             return Ok(None);
         }
         parse_layer_range(&self.shard_layers)

@@ -71,6 +71,9 @@ pub struct ShardRecord {
     pub state: ShardState,
     /// Unix time (seconds) when the record was written.
     pub updated_at: u64,
+    /// Open inference sessions on the worker (a load hint for routing).
+    #[serde(default)]
+    pub load: u32,
 }
 
 impl ShardRecord {
@@ -119,6 +122,7 @@ mod tests {
             layer_end: 14,
             state: ShardState::Ready,
             updated_at: 1,
+            load: 0,
         };
         assert_eq!(ShardRecord::from_bytes(&rec.to_bytes()), Some(rec.clone()));
         assert_eq!(ShardRecord::from_bytes(b"{not json"), None);

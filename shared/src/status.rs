@@ -63,6 +63,8 @@ pub struct ShardStatus {
     pub addrs: Vec<String>,
     pub availability: Availability,
     pub updated_at: u64,
+    #[serde(default)]
+    pub load: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

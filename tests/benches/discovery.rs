@@ -24,27 +24,57 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() {
     let dir = test_dir("bench-discovery");
-    let boot = NodeProc::start(&dir, "bootstrap", &["bootstrap", "--p2p-host", "127.0.0.1", "--grpc-addr", "127.0.0.1:0"])
-        .expect("bootstrap");
+    let boot = NodeProc::start(
+        &dir,
+        "bootstrap",
+        &[
+            "bootstrap",
+            "--p2p-host",
+            "127.0.0.1",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .expect("bootstrap");
     let b = boot.addr("quic-v1");
-    let w1 = start(&dir, "w1", worker_args("127.0.0.2", &[&b], Some(("b0", "0-14"))));
-    let w2 = start(&dir, "w2", worker_args("127.0.0.3", &[&b], Some(("b1", "15-29"))));
-    wait_for("w1-w2", Duration::from_secs(30), || async { sees_all(&w1, &[&w2]).await.then_some(()) })
-        .await
-        .expect("w1 and w2 connect");
+    let w1 = start(
+        &dir,
+        "w1",
+        worker_args("127.0.0.2", &[&b], Some(("b0", "0-14"))),
+    );
+    let w2 = start(
+        &dir,
+        "w2",
+        worker_args("127.0.0.3", &[&b], Some(("b1", "15-29"))),
+    );
+    wait_for("w1-w2", Duration::from_secs(30), || async {
+        sees_all(&w1, &[&w2]).await.then_some(())
+    })
+    .await
+    .expect("w1 and w2 connect");
 
     let (mut base, mut disc) = (vec![], vec![]);
     for i in 0..ROUNDS {
         // Baseline: a worker with no peers, spawn to ready.
         let t0 = Instant::now();
-        let alone = start(&dir, &format!("alone{i}"), worker_args("127.0.0.4", &[], None));
+        let alone = start(
+            &dir,
+            &format!("alone{i}"),
+            worker_args("127.0.0.4", &[], None),
+        );
         base.push(t0.elapsed().as_secs_f64() * 1000.0);
         drop(alone);
         // Discovery: spawn to connected both ways with w1 and w2.
         let t0 = Instant::now();
-        let n = start(&dir, &format!("new{i}"), worker_args("127.0.0.5", &[&b], Some(("bn", "0-29"))));
+        let n = start(
+            &dir,
+            &format!("new{i}"),
+            worker_args("127.0.0.5", &[&b], Some(("bn", "0-29"))),
+        );
         wait_for("new worker connected", Duration::from_secs(30), || async {
-            (sees_all(&n, &[&w1, &w2]).await && sees_all(&w1, &[&n]).await && sees_all(&w2, &[&n]).await)
+            (sees_all(&n, &[&w1, &w2]).await
+                && sees_all(&w1, &[&n]).await
+                && sees_all(&w2, &[&n]).await)
                 .then_some(())
         })
         .await
@@ -59,5 +89,8 @@ async fn main() {
     println!("  baseline: process start to ready, alone     median {mb:7.1} ms");
     println!("  start to connected with 2 workers, both ways median {md:7.1} ms  max {max:7.1} ms");
     println!("  ratio discovery / baseline: {:.2}x", md / mb);
-    println!("  target < 2000 ms: {}", if max < 2000.0 { "met" } else { "NOT met" });
+    println!(
+        "  target < 2000 ms: {}",
+        if max < 2000.0 { "met" } else { "NOT met" }
+    );
 }

@@ -80,6 +80,7 @@ impl Node {
                         layer_end: s.layer_end,
                         state: s.state,
                         updated_at: s.updated_at,
+                        load: s.load,
                     },
                     "peer status",
                 );

@@ -163,6 +163,7 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
                 layer_end: end,
                 state: ShardState::Announced,
                 updated_at: unix_now(),
+                load: 0,
             })
         });
     }

@@ -138,6 +138,7 @@ impl SharedState {
                         addrs: r.addrs.clone(),
                         availability,
                         updated_at: r.updated_at,
+                        load: r.load,
                     }
                 })
                 .collect();
@@ -177,6 +178,7 @@ mod tests {
             layer_end: 1,
             state: ShardState::Announced,
             updated_at: at,
+            load: 0,
         }
     }
 

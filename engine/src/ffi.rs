@@ -1,0 +1,373 @@
+//! The safe wrapper over the raw llama.cpp calls the safe crate lacks:
+//! loading a shard with an eval callback, embedding-input batches, and
+//! capturing the hidden state after a stage's last layer.
+//!
+//! Everything here is `!Send` (raw pointers): a stage lives on one thread.
+
+use std::ffi::{CStr, CString, c_void};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::rc::Rc;
+
+use llama_cpp_sys_2 as sys;
+
+use crate::{EngineError, EngineSettings, Result};
+
+/// A model (shard) loaded by llama.cpp.
+pub struct LoadedModel {
+    ptr: NonNull<sys::llama_model>,
+    pub n_embd: usize,
+    pub n_vocab: usize,
+    pub n_layer: u32,
+}
+
+impl LoadedModel {
+    pub fn load(path: &Path) -> Result<Rc<LoadedModel>> {
+        crate::backend()?;
+        if !path.is_file() {
+            return Err(EngineError::Load(format!(
+                "model file {} does not exist",
+                path.display()
+            )));
+        }
+        let p = CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| EngineError::InvalidInput("NUL in path".into()))?;
+        // SAFETY: default params and a valid path; null on failure.
+        let ptr = unsafe {
+            let mp = sys::llama_model_default_params();
+            sys::llama_model_load_from_file(p.as_ptr(), mp)
+        };
+        let ptr = NonNull::new(ptr).ok_or_else(|| {
+            EngineError::Load(format!("llama.cpp could not load {}", path.display()))
+        })?;
+        // SAFETY: ptr is a loaded model.
+        let (n_embd, n_vocab, n_layer) = unsafe {
+            (
+                sys::llama_model_n_embd(ptr.as_ptr()) as usize,
+                sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(ptr.as_ptr())) as usize,
+                sys::llama_model_n_layer(ptr.as_ptr()) as u32,
+            )
+        };
+        Ok(Rc::new(LoadedModel {
+            ptr,
+            n_embd,
+            n_vocab,
+            n_layer,
+        }))
+    }
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        // SAFETY: loaded by llama_model_load_from_file, freed once; contexts
+        // hold an Rc to the model, so none outlives it.
+        unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// Where the eval callback writes the captured hidden state.
+struct Capture {
+    target: CString,
+    rows: Vec<f32>,
+    failed: bool,
+}
+
+unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, ud: *mut c_void) -> bool {
+    // SAFETY: ud is the Box<Capture> owned by the StageContext that set this
+    // callback; t is a valid tensor during the callback.
+    unsafe {
+        let cap = &mut *(ud as *mut Capture);
+        let hit = CStr::from_ptr((*t).name.as_ptr()) == cap.target.as_c_str();
+        if ask {
+            return hit; // stop the scheduler only at our tensor
+        }
+        if hit {
+            if (*t).type_ != sys::GGML_TYPE_F32 {
+                cap.failed = true;
+                return true;
+            }
+            let n = sys::ggml_nbytes(t);
+            let old = cap.rows.len();
+            cap.rows.resize(old + n / 4, 0.0); // one call per ubatch: append
+            sys::ggml_backend_tensor_get(t, cap.rows.as_mut_ptr().add(old) as *mut c_void, 0, n);
+        }
+        true
+    }
+}
+
+/// What a stage is fed.
+pub enum BatchInput<'a> {
+    Tokens(&'a [i32]),
+    /// Row-major `[n_tokens][n_embd]`.
+    Embeddings(&'a [f32]),
+}
+
+/// One llama.cpp context (one session's KV cache) on a loaded shard.
+pub struct StageContext {
+    ctx: NonNull<sys::llama_context>,
+    capture: Option<Box<Capture>>,
+    model: Rc<LoadedModel>,
+    n_ctx: u32,
+    /// Tokens in the KV cache.
+    pub n_past: u32,
+}
+
+impl StageContext {
+    /// Creates a context; `capture_hidden` installs the eval callback that
+    /// keeps the output of the shard's last layer (`l_out-{n_layer-1}`).
+    pub fn new(
+        model: Rc<LoadedModel>,
+        s: &EngineSettings,
+        capture_hidden: bool,
+    ) -> Result<StageContext> {
+        let mut capture = capture_hidden.then(|| {
+            Box::new(Capture {
+                target: CString::new(format!("l_out-{}", model.n_layer - 1)).unwrap_or_default(),
+                rows: Vec::new(),
+                failed: false,
+            })
+        });
+        // SAFETY: params are plain data; the callback's user data is the boxed
+        // Capture, which lives as long as the context (dropped after it).
+        let ctx = unsafe {
+            let mut cp = sys::llama_context_default_params();
+            cp.n_ctx = s.n_ctx;
+            cp.n_batch = s.n_batch;
+            cp.n_ubatch = s.n_ubatch;
+            cp.n_seq_max = 1;
+            cp.n_threads = s.threads;
+            cp.n_threads_batch = s.threads;
+            cp.no_perf = true;
+            if let Some(cap) = capture.as_mut() {
+                cp.cb_eval = Some(capture_cb);
+                cp.cb_eval_user_data = &mut **cap as *mut Capture as *mut c_void;
+            }
+            sys::llama_init_from_model(model.ptr.as_ptr(), cp)
+        };
+        let ctx = NonNull::new(ctx)
+            .ok_or_else(|| EngineError::Llama("could not create a context".into()))?;
+        Ok(StageContext {
+            ctx,
+            capture,
+            model,
+            n_ctx: s.n_ctx,
+            n_past: 0,
+        })
+    }
+
+    pub fn n_ctx(&self) -> u32 {
+        self.n_ctx
+    }
+
+    /// Runs `input` at positions `n_past..` and advances. `all_outputs` marks
+    /// every token as an output (needed to capture every row of the last
+    /// layer), else only the last token.
+    pub fn decode(&mut self, input: BatchInput<'_>, all_outputs: bool) -> Result<()> {
+        let n_embd = self.model.n_embd;
+        let (n, embd) = match input {
+            BatchInput::Tokens(t) => (t.len(), 0),
+            BatchInput::Embeddings(e) => {
+                if e.len() % n_embd != 0 {
+                    return Err(EngineError::InvalidInput(format!(
+                        "{} values are not a whole number of {n_embd}-wide rows",
+                        e.len()
+                    )));
+                }
+                (e.len() / n_embd, n_embd)
+            }
+        };
+        if n == 0 {
+            return Err(EngineError::InvalidInput("empty batch".into()));
+        }
+        if self.n_past as usize + n > self.n_ctx as usize {
+            return Err(EngineError::InvalidInput(format!(
+                "context full: {} + {n} tokens exceed {}",
+                self.n_past, self.n_ctx
+            )));
+        }
+        if let BatchInput::Tokens(t) = &input
+            && let Some(bad) = t
+                .iter()
+                .find(|&&x| x < 0 || x as usize >= self.model.n_vocab)
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "token {bad} outside the vocabulary"
+            )));
+        }
+        if let Some(cap) = self.capture.as_mut() {
+            cap.rows.clear();
+            cap.failed = false;
+        }
+        // SAFETY: the batch is allocated for n tokens (and n_embd-wide rows
+        // when embd > 0), fully initialised below, and freed after decode.
+        let rc = unsafe {
+            let mut b = sys::llama_batch_init(n as i32, embd as i32, 1);
+            b.n_tokens = n as i32;
+            match input {
+                BatchInput::Tokens(t) => std::ptr::copy_nonoverlapping(t.as_ptr(), b.token, n),
+                BatchInput::Embeddings(e) => {
+                    std::ptr::copy_nonoverlapping(e.as_ptr(), b.embd, e.len())
+                }
+            }
+            for i in 0..n {
+                *b.pos.add(i) = self.n_past as i32 + i as i32;
+                *b.n_seq_id.add(i) = 1;
+                **b.seq_id.add(i) = 0;
+                *b.logits.add(i) = (all_outputs || i + 1 == n) as i8;
+            }
+            let rc = sys::llama_decode(self.ctx.as_ptr(), b);
+            sys::llama_batch_free(b);
+            rc
+        };
+        if rc != 0 {
+            return Err(EngineError::Llama(format!("llama_decode returned {rc}")));
+        }
+        self.n_past += n as u32;
+        if let Some(cap) = &self.capture {
+            if cap.failed {
+                return Err(EngineError::Llama("captured tensor is not f32".into()));
+            }
+            if cap.rows.len() != n * n_embd {
+                return Err(EngineError::Llama(format!(
+                    "captured {} values, expected {} (is this a llama-family graph?)",
+                    cap.rows.len(),
+                    n * n_embd
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hidden state after the last layer of the latest decode, `[n][n_embd]`.
+    pub fn hidden(&self) -> &[f32] {
+        self.capture
+            .as_ref()
+            .map(|c| c.rows.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// Takes the hidden state out (leaves an empty buffer).
+    pub fn take_hidden(&mut self) -> Vec<f32> {
+        self.capture
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.rows))
+            .unwrap_or_default()
+    }
+
+    /// Logits of the last token of the latest decode.
+    pub fn last_logits(&self) -> Result<&[f32]> {
+        // SAFETY: after a successful decode with the last token marked as an
+        // output, logits_ith(-1) points at n_vocab floats owned by the context.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), -1);
+            if p.is_null() {
+                return Err(EngineError::Llama("no logits".into()));
+            }
+            Ok(std::slice::from_raw_parts(p, self.model.n_vocab))
+        }
+    }
+}
+
+impl Drop for StageContext {
+    fn drop(&mut self) {
+        // SAFETY: created by llama_init_from_model, freed once, before the
+        // Capture box (field order) and the model Rc.
+        unsafe { sys::llama_free(self.ctx.as_ptr()) }
+    }
+}
+
+/// The token embedding table, read from the head file, for host-side lookup
+/// by the first stage.
+pub struct TokenEmbeddings {
+    raw: Vec<u8>,
+    to_float: unsafe extern "C" fn(*const c_void, *mut f32, i64),
+    pub n_embd: usize,
+    pub n_vocab: usize,
+    row_bytes: usize,
+}
+
+impl TokenEmbeddings {
+    pub fn load(head: &Path) -> Result<TokenEmbeddings> {
+        let p = CString::new(head.to_string_lossy().as_bytes())
+            .map_err(|_| EngineError::InvalidInput("NUL in path".into()))?;
+        let name = CString::new("token_embd.weight").unwrap_or_default();
+        // SAFETY: metadata-only read; all ids checked before use.
+        let (off, size, typ, n_embd, n_vocab) = unsafe {
+            let params = sys::gguf_init_params {
+                no_alloc: true,
+                ctx: std::ptr::null_mut(),
+            };
+            let g = sys::gguf_init_from_file(p.as_ptr(), params);
+            if g.is_null() {
+                return Err(EngineError::Load(format!(
+                    "{} is not a GGUF file",
+                    head.display()
+                )));
+            }
+            let id = sys::gguf_find_tensor(g, name.as_ptr());
+            if id < 0 {
+                sys::gguf_free(g);
+                return Err(EngineError::Load(format!(
+                    "{} has no token_embd.weight",
+                    head.display()
+                )));
+            }
+            let off = sys::gguf_get_data_offset(g) + sys::gguf_get_tensor_offset(g, id);
+            let size = sys::gguf_get_tensor_size(g, id);
+            let typ = sys::gguf_get_tensor_type(g, id);
+            let ne = sys::gguf_get_tensor_ne(g, id);
+            let (n_embd, n_vocab) = (*ne as usize, *ne.add(1) as usize);
+            sys::gguf_free(g);
+            (off, size, typ, n_embd, n_vocab)
+        };
+        // SAFETY: type traits exist for every ggml type.
+        let (to_float, row_bytes) = unsafe {
+            let tr = &*sys::ggml_get_type_traits(typ);
+            let f = tr.to_float.ok_or_else(|| {
+                EngineError::Unsupported(format!("token_embd type {typ} cannot be dequantised"))
+            })?;
+            (f, sys::ggml_row_size(typ, n_embd as i64))
+        };
+        if row_bytes * n_vocab != size {
+            return Err(EngineError::Load(
+                "token_embd size does not match its shape".into(),
+            ));
+        }
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(head)?;
+        f.seek(SeekFrom::Start(off as u64))?;
+        let mut raw = vec![0u8; size];
+        f.read_exact(&mut raw)?;
+        Ok(TokenEmbeddings {
+            raw,
+            to_float,
+            n_embd,
+            n_vocab,
+            row_bytes,
+        })
+    }
+
+    /// Rows of the table for `tokens`, row-major `[n][n_embd]`.
+    pub fn embed(&self, tokens: &[i32]) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; tokens.len() * self.n_embd];
+        for (i, &t) in tokens.iter().enumerate() {
+            if t < 0 || t as usize >= self.n_vocab {
+                return Err(EngineError::InvalidInput(format!(
+                    "token {t} outside the vocabulary of {}",
+                    self.n_vocab
+                )));
+            }
+            let row = &self.raw[t as usize * self.row_bytes..(t as usize + 1) * self.row_bytes];
+            // SAFETY: row holds exactly one row of the table's type; the
+            // destination has n_embd floats.
+            unsafe {
+                (self.to_float)(
+                    row.as_ptr() as *const c_void,
+                    out.as_mut_ptr().add(i * self.n_embd),
+                    self.n_embd as i64,
+                )
+            };
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,111 @@
+//! The split manifest: which files make up a split model and what each holds.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{EngineError, Result};
+
+/// File name of the manifest inside a split directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Content hash used everywhere in llama-cluster (hex BLAKE3).
+pub const HASH_ALGORITHM: &str = "blake3";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub file: String,
+    pub size: u64,
+    /// Hex BLAKE3 of the file's bytes.
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub id: String,
+    pub index: u32,
+    pub layer_start: u32,
+    pub layer_end: u32,
+    #[serde(flatten)]
+    pub file: FileEntry,
+}
+
+impl ShardEntry {
+    pub fn n_layers(&self) -> u32 {
+        self.layer_end - self.layer_start + 1
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    /// Model name requests use.
+    pub model: String,
+    pub architecture: String,
+    pub n_layer: u32,
+    pub n_embd: u32,
+    pub n_vocab: u32,
+    pub hash_algorithm: String,
+    /// The unsplit file this came from.
+    pub source: FileEntry,
+    /// Tokenizer, chat template and token embedding table (vocab-only GGUF).
+    pub head: FileEntry,
+    /// Layer-range shards, in pipeline order.
+    pub shards: Vec<ShardEntry>,
+}
+
+impl Manifest {
+    /// Reads and checks a manifest file.
+    pub fn load(path: &Path) -> Result<Manifest> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            EngineError::Load(format!("cannot read manifest {}: {e}", path.display()))
+        })?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+            EngineError::Load(format!("manifest {} is not valid: {e}", path.display()))
+        })?;
+        m.check()?;
+        Ok(m)
+    }
+
+    /// Checks that the shards cover layers 0..n_layer contiguously.
+    pub fn check(&self) -> Result<()> {
+        let mut next = 0;
+        for s in &self.shards {
+            if s.layer_start != next || s.layer_end < s.layer_start {
+                return Err(EngineError::Load(format!(
+                    "manifest of {}: shard {} covers layers {}-{}, expected a range starting at {next}",
+                    self.model, s.id, s.layer_start, s.layer_end
+                )));
+            }
+            next = s.layer_end + 1;
+        }
+        if next != self.n_layer {
+            return Err(EngineError::Load(format!(
+                "manifest of {}: shards cover {next} of {} layers",
+                self.model, self.n_layer
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn shard(&self, id: &str) -> Option<&ShardEntry> {
+        self.shards.iter().find(|s| s.id == id)
+    }
+
+    /// Path of a file of this manifest, next to the manifest file.
+    pub fn path_of(manifest_path: &Path, file: &str) -> PathBuf {
+        manifest_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(file)
+    }
+}
+
+/// Hex BLAKE3 of a file, streamed.
+pub fn hash_file(path: &Path) -> Result<(u64, String)> {
+    let mut hasher = blake3::Hasher::new();
+    let f = std::fs::File::open(path)?;
+    hasher.update_reader(f)?;
+    let size = std::fs::metadata(path)?.len();
+    Ok((size, hasher.finalize().to_hex().to_string()))
+}

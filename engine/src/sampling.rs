@@ -1,0 +1,207 @@
+//! Token sampling at the last stage, with llama.cpp's own samplers:
+//! repetition penalty, top-k, top-p, temperature, seeded distribution, or
+//! greedy when the temperature is 0.
+
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use serde::{Deserialize, Serialize};
+
+use crate::{EngineError, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: i32,
+    /// 1 disables top-p.
+    pub top_p: f32,
+    /// 1 disables the penalty.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalty looks at.
+    pub penalty_last_n: i32,
+    pub seed: u32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            repeat_penalty: 1.0,
+            penalty_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(EngineError::InvalidInput(m.to_string()));
+        if !self.temperature.is_finite() || self.temperature < 0.0 || self.temperature > 100.0 {
+            return bad("temperature must be between 0 and 100");
+        }
+        if self.top_k < 0 {
+            return bad("top_k must not be negative");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
+            return bad("repeat_penalty must be greater than 0");
+        }
+        if self.penalty_last_n < -1 {
+            return bad("penalty_last_n must be -1 (whole context), 0 (off) or positive");
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+/// A session's sampler chain (it keeps the token history for the penalty).
+pub struct Sampler {
+    chain: LlamaSampler,
+}
+
+impl Sampler {
+    pub fn new(p: &SamplingParams, n_vocab: usize) -> Result<Sampler> {
+        p.validate()?;
+        let mut list = Vec::new();
+        if p.repeat_penalty != 1.0 {
+            list.push(LlamaSampler::penalties(
+                n_vocab as i32,
+                p.penalty_last_n,
+                p.repeat_penalty,
+                0.0,
+                0.0,
+            ));
+        }
+        if p.is_greedy() {
+            list.push(LlamaSampler::greedy());
+        } else {
+            if p.top_k > 0 {
+                list.push(LlamaSampler::top_k(p.top_k));
+            }
+            if p.top_p < 1.0 {
+                list.push(LlamaSampler::top_p(p.top_p, 1));
+            }
+            list.push(LlamaSampler::temp(p.temperature));
+            list.push(LlamaSampler::dist(p.seed));
+        }
+        Ok(Sampler {
+            chain: LlamaSampler::chain_simple(list),
+        })
+    }
+
+    /// Feeds tokens that are already in the context (the prompt).
+    pub fn accept_history(&mut self, tokens: &[i32]) {
+        for &t in tokens {
+            self.chain.accept(LlamaToken(t));
+        }
+    }
+
+    /// Picks the next token from `logits` and records it.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<i32> {
+        let mut arr = LlamaTokenDataArray::from_iter(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+            false,
+        );
+        arr.apply_sampler(&mut self.chain);
+        let t = arr
+            .selected_token()
+            .ok_or_else(|| EngineError::Llama("the sampler selected no token".into()))?;
+        self.chain.accept(t);
+        Ok(t.0)
+    }
+}
+
+/// Index of the largest value (first on ties).
+pub fn argmax(v: &[f32]) -> i32 {
+    let mut best = 0;
+    for i in 1..v.len() {
+        if v[i] > v[best] {
+            best = i;
+        }
+    }
+    best as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_the_max_and_penalty_changes_it() {
+        crate::backend().unwrap();
+        let logits = [0.1, 3.0, 2.9, -1.0];
+        let mut s = Sampler::new(&SamplingParams::default(), 4).unwrap();
+        assert_eq!(s.sample(&logits).unwrap(), 1);
+        assert_eq!(argmax(&logits), 1);
+        let p = SamplingParams {
+            repeat_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(&p, 4).unwrap();
+        s.accept_history(&[1]);
+        assert_eq!(s.sample(&logits).unwrap(), 2, "token 1 is penalised");
+    }
+
+    #[test]
+    fn seeded_sampling_repeats() {
+        crate::backend().unwrap();
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 42,
+            ..Default::default()
+        };
+        let run = || {
+            let mut s = Sampler::new(&p, 100).unwrap();
+            (0..20)
+                .map(|_| s.sample(&logits).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let a = run();
+        assert_eq!(a, run());
+        assert!(a.iter().any(|&t| t != a[0]), "temperature 1 varies: {a:?}");
+    }
+
+    #[test]
+    fn bad_params_are_refused() {
+        for p in [
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_k: -2,
+                ..Default::default()
+            },
+            SamplingParams {
+                repeat_penalty: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
+        ] {
+            assert!(p.validate().is_err(), "{p:?}");
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Driving one request: the worker that receives it tokenizes, plans a route
+//! over the shard records, feeds the prompt through the stages in chunks,
+//! then decodes token by token, streaming text back as it is produced.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::Instant;
+
+use llama_cluster_engine::sampling::SamplingParams;
+use llama_cluster_engine::vocab::TextStream;
+use tokio::sync::mpsc;
+use tracing::{Instrument, info, info_span};
+
+use super::Pipeline;
+use super::frame::{ActivationRequest, ActivationResponse, FrameKind, Hop, Payload, codes};
+use super::host::PipelineError;
+use super::route;
+
+/// Default number of tokens to generate.
+pub const DEFAULT_MAX_TOKENS: u32 = 128;
+
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    /// Empty: the model of this worker's manifest.
+    pub model: String,
+    pub prompt: String,
+    /// Apply the model's chat template to `prompt` as one user message.
+    pub chat: bool,
+    /// 0: [`DEFAULT_MAX_TOKENS`].
+    pub max_tokens: u32,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub return_prompt_logits: bool,
+}
+
+/// A piece of the answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    pub text: String,
+    pub token_ids: Vec<i32>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GenStats {
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub ttft_ms: f64,
+    pub tokens_per_second: f64,
+    pub route: Vec<String>,
+    pub finish_reason: String,
+    pub prompt_logits: Vec<f32>,
+    pub bytes_per_token_per_hop: u64,
+    pub total_ms: f64,
+}
+
+fn step_error(resp: &ActivationResponse) -> Option<PipelineError> {
+    let (code, msg) = resp.error.clone()?;
+    Some(match code {
+        codes::INVALID => PipelineError::InvalidArgument(msg),
+        codes::BUSY => PipelineError::ResourceExhausted(msg),
+        codes::TIMEOUT => PipelineError::DeadlineExceeded(msg),
+        codes::UNAVAILABLE | codes::ROUTE | codes::SESSION => PipelineError::Unavailable(msg),
+        _ => PipelineError::Internal(msg),
+    })
+}
+
+fn new_session_id() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
+/// Holds back text that might be the start of a stop string.
+struct StopScan {
+    stops: Vec<String>,
+    out: String,
+    sent: usize,
+}
+
+impl StopScan {
+    /// Adds text; returns (text safe to send, whether a stop string matched).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.out.push_str(text);
+        let from = self.sent.saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
+        let from = (0..=from).rev().find(|&i| self.out.is_char_boundary(i)).unwrap_or(0);
+        let hit = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.out[from..].find(s.as_str()).map(|p| p + from))
+            .min();
+        if let Some(pos) = hit {
+            let pos = pos.max(self.sent);
+            let send = self.out[self.sent..pos].to_string();
+            self.sent = self.out.len();
+            return (send, true);
+        }
+        let hold = self.stops.iter().map(|s| s.len()).max().unwrap_or(1).saturating_sub(1);
+        let mut safe = self.out.len().saturating_sub(hold).max(self.sent);
+        while !self.out.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        let send = self.out[self.sent..safe].to_string();
+        self.sent = safe;
+        (send, false)
+    }
+
+    fn flush(&mut self) -> String {
+        let s = self.out[self.sent..].to_string();
+        self.sent = self.out.len();
+        s
+    }
+}
+
+impl Pipeline {
+    /// Runs a request to the end, sending chunks to `tx` as they come.
+    pub async fn generate(&self, req: GenerateRequest, tx: mpsc::Sender<Chunk>) -> Result<GenStats, PipelineError> {
+        let t0 = Instant::now();
+        if req.prompt.trim().is_empty() {
+            return Err(PipelineError::InvalidArgument("prompt is empty".into()));
+        }
+        req.sampling.validate().map_err(|e| PipelineError::InvalidArgument(e.to_string()))?;
+        let info = self.model_info().await?;
+        let m = &info.manifest;
+        if !req.model.is_empty() && req.model != m.model {
+            return Err(PipelineError::NotFound(format!(
+                "unknown model {:?}; this worker drives {:?}",
+                req.model, m.model
+            )));
+        }
+        let text = if req.chat {
+            info.vocab
+                .apply_chat_template(&[("user".into(), req.prompt.clone())])
+                .map_err(|e| PipelineError::InvalidArgument(e.to_string()))?
+        } else {
+            req.prompt.clone()
+        };
+        let prompt = info.vocab.tokenize(&text);
+        let n_ctx = self.0.cfg.engine.n_ctx as usize;
+        if prompt.is_empty() {
+            return Err(PipelineError::InvalidArgument("prompt has no tokens".into()));
+        }
+        if prompt.len() >= n_ctx {
+            return Err(PipelineError::InvalidArgument(format!(
+                "prompt of {} tokens does not fit the context of {n_ctx} tokens",
+                prompt.len()
+            )));
+        }
+        let max_tokens = if req.max_tokens == 0 { DEFAULT_MAX_TOKENS } else { req.max_tokens } as usize;
+        if max_tokens > n_ctx {
+            return Err(PipelineError::InvalidArgument(format!(
+                "max_tokens {max_tokens} exceeds the context of {n_ctx} tokens"
+            )));
+        }
+        let hops = route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer).map_err(PipelineError::Unavailable)?;
+        let route_names: Vec<String> = hops.iter().map(|h| format!("{}@{}", h.shard_id, h.peer)).collect();
+        let session = new_session_id();
+        let span = info_span!("inference", session = format_args!("{session:016x}"), model = %m.model, prompt_tokens = prompt.len());
+        info!(parent: &span, "[PIPELINE] session {session:016x}: {} prompt tokens over {}", prompt.len(), route_names.join(" -> "));
+        let result = self
+            .run_session(&req, &hops, session, &prompt, max_tokens, n_ctx, tx, t0)
+            .instrument(span)
+            .await;
+        // Free the session's contexts along the route, whatever happened.
+        let close = ActivationRequest {
+            kind: FrameKind::Close,
+            session,
+            pos0: 0,
+            want_logits: false,
+            sample: false,
+            budget_ms: 5_000,
+            trace: String::new(),
+            route: hops.clone(),
+            sampling: None,
+            history: vec![],
+            payload: Payload::None,
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _ = me.send(close).await;
+        });
+        let mut stats = result?;
+        stats.route = route_names;
+        Ok(stats)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_session(
+        &self,
+        req: &GenerateRequest,
+        hops: &[Hop],
+        session: u64,
+        prompt: &[i32],
+        max_tokens: usize,
+        n_ctx: usize,
+        tx: mpsc::Sender<Chunk>,
+        t0: Instant,
+    ) -> Result<GenStats, PipelineError> {
+        let info = self.model_info().await?;
+        let budget_ms = self.0.cfg.step_timeout.as_millis().min(u32::MAX as u128) as u32;
+        let frame = |pos0: u32, tokens: Vec<i32>, last_chunk: bool, history: Vec<i32>| ActivationRequest {
+            kind: FrameKind::Forward,
+            session,
+            pos0,
+            want_logits: last_chunk && req.return_prompt_logits,
+            sample: last_chunk,
+            budget_ms,
+            trace: String::new(),
+            route: hops.to_vec(),
+            sampling: Some(req.sampling.clone()),
+            history,
+            payload: Payload::Tokens(tokens),
+        };
+        // Prefill, in chunks of n_batch (as the single-node baseline does).
+        let chunks: Vec<&[i32]> = prompt.chunks(self.0.cfg.engine.n_batch as usize).collect();
+        let mut pos = 0u32;
+        let mut resp = ActivationResponse::error(codes::INTERNAL, "no prompt");
+        for (i, c) in chunks.iter().enumerate() {
+            let history = if i == 0 { prompt.to_vec() } else { vec![] };
+            resp = self.send(frame(pos, c.to_vec(), i + 1 == chunks.len(), history)).await;
+            if let Some(e) = step_error(&resp) {
+                return Err(e);
+            }
+            pos += c.len() as u32;
+        }
+        let ttft = t0.elapsed();
+        let prompt_logits = std::mem::take(&mut resp.logits);
+        let mut next = resp.token.ok_or_else(|| PipelineError::Internal("the last stage returned no token".into()))?;
+        let mut generated = 0usize;
+        let mut stream = TextStream::default();
+        let mut scan = StopScan { stops: req.stop.clone(), out: String::new(), sent: 0 };
+        let mut bytes_per_hop = 0u64;
+        let t_decode = Instant::now();
+        let finish = loop {
+            if info.vocab.is_eog(next) {
+                break "stop";
+            }
+            generated += 1;
+            let piece = stream.push(&info.vocab.piece(next));
+            let (text, stopped) = scan.push(&piece);
+            if tx.send(Chunk { text, token_ids: vec![next] }).await.is_err() {
+                break "cancelled";
+            }
+            if stopped {
+                break "stop";
+            }
+            if generated >= max_tokens {
+                break "length";
+            }
+            if pos as usize >= n_ctx {
+                break "context";
+            }
+            let r = self.send(frame(pos, vec![next], true, vec![])).await;
+            if let Some(e) = step_error(&r) {
+                return Err(e);
+            }
+            bytes_per_hop = r.hops.iter().map(|h| h.bytes_in as u64).max().unwrap_or(0).max(bytes_per_hop);
+            pos += 1;
+            next = r.token.ok_or_else(|| PipelineError::Internal("the last stage returned no token".into()))?;
+        };
+        let tail = scan.push(&stream.finish()).0 + &scan.flush();
+        if !tail.is_empty() && finish != "cancelled" {
+            let _ = tx.send(Chunk { text: tail, token_ids: vec![] }).await;
+        }
+        let decode = t_decode.elapsed().as_secs_f64();
+        Ok(GenStats {
+            prompt_tokens: prompt.len() as u32,
+            generated_tokens: generated as u32,
+            ttft_ms: ttft.as_secs_f64() * 1000.0,
+            tokens_per_second: if generated > 1 && decode > 0.0 { (generated - 1) as f64 / decode } else { 0.0 },
+            route: vec![],
+            finish_reason: finish.into(),
+            prompt_logits,
+            bytes_per_token_per_hop: bytes_per_hop,
+            total_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_hold_back_and_cut() {
+        let mut s = StopScan { stops: vec!["END".into()], out: String::new(), sent: 0 };
+        assert_eq!(s.push("hello E"), ("hello".into(), false));
+        assert_eq!(s.push("N"), ("".into(), false));
+        assert_eq!(s.push("Dxyz"), (" ".into(), true));
+        let mut s = StopScan { stops: vec![], out: String::new(), sent: 0 };
+        assert_eq!(s.push("abc"), ("abc".into(), false));
+        let mut s = StopScan { stops: vec!["\n\n".into()], out: String::new(), sent: 0 };
+        assert_eq!(s.push("a\n"), ("a".into(), false));
+        assert_eq!(s.push("b"), ("\nb".into(), false));
+        assert_eq!(s.flush(), "");
+        let mut s = StopScan { stops: vec!["é!".into()], out: String::new(), sent: 0 };
+        assert_eq!(s.push("caféé"), ("caf".into(), false));
+        assert_eq!(s.push("!"), ("é".into(), true));
+    }
+}

@@ -1,0 +1,217 @@
+//! Loading and unloading this worker's shard (LOAD_SHARD / gRPC LoadShard)
+//! from a split manifest on local disk, and announcing its state.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use llama_cluster_engine::manifest::{Manifest, hash_file};
+use llama_cluster_engine::stage::{StageEngine, StageSpec};
+use llama_cluster_engine::vocab::Vocab;
+use llama_cluster_shared::dht_keys::{ShardRecord, ShardState};
+use llama_cluster_shared::unix_now;
+use tracing::{info, warn};
+
+use super::{LoadedShard, ModelInfo, Pipeline};
+
+/// Errors of the control paths, mapped to gRPC codes by the callers.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What a load produced.
+#[derive(Debug, Clone)]
+pub struct LoadOutcome {
+    pub shard_id: String,
+    pub model: String,
+    pub layer_start: u32,
+    pub layer_end: u32,
+    pub state: ShardState,
+    pub load_ms: f64,
+}
+
+impl Pipeline {
+    fn manifest_path(&self, given: Option<&str>) -> Result<PathBuf, PipelineError> {
+        match given.filter(|s| !s.is_empty()) {
+            Some(p) => Ok(PathBuf::from(p)),
+            None => self.0.cfg.manifest.clone().ok_or_else(|| {
+                PipelineError::InvalidArgument("no manifest given and none configured (--manifest)".into())
+            }),
+        }
+    }
+
+    fn set_record(&self, rec: Option<ShardRecord>) {
+        self.0.state.write(|s| s.local_shard = rec);
+        self.0.net.publish();
+    }
+
+    /// The model this worker can drive: manifest and tokenizer (cached).
+    pub async fn model_info(&self) -> Result<Arc<ModelInfo>, PipelineError> {
+        if let Some(m) = self.0.model.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(m);
+        }
+        let path = self
+            .loaded()
+            .map(|l| l.manifest_path.clone())
+            .or_else(|| self.0.cfg.manifest.clone())
+            .ok_or_else(|| {
+                PipelineError::Unavailable(
+                    "this worker has no model manifest (--manifest); send the request to a worker that has one".into(),
+                )
+            })?;
+        let info = tokio::task::spawn_blocking(move || -> Result<ModelInfo, PipelineError> {
+            let manifest = Manifest::load(&path).map_err(|e| PipelineError::Unavailable(e.to_string()))?;
+            let head = Manifest::path_of(&path, &manifest.head.file);
+            let vocab = Vocab::load(&head).map_err(|e| PipelineError::Unavailable(e.to_string()))?;
+            Ok(ModelInfo { manifest, manifest_path: path, vocab })
+        })
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))??;
+        let info = Arc::new(info);
+        *self.0.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
+        Ok(info)
+    }
+
+    /// Loads `shard_id` of the manifest (given or configured); replaces any
+    /// shard loaded before.
+    pub async fn load_shard(&self, shard_id: &str, manifest: Option<&str>) -> Result<LoadOutcome, PipelineError> {
+        let _guard = self.0.load_lock.lock().await;
+        let mpath = self.manifest_path(manifest)?;
+        let m = Manifest::load(&mpath).map_err(|e| PipelineError::NotFound(e.to_string()))?;
+        let entry = m
+            .shard(shard_id)
+            .ok_or_else(|| {
+                PipelineError::NotFound(format!(
+                    "manifest {} has no shard {shard_id:?}; it has: {}",
+                    mpath.display(),
+                    m.shards.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })?
+            .clone();
+        let shard_path = Manifest::path_of(&mpath, &entry.file.file);
+        let head_path = Manifest::path_of(&mpath, &m.head.file);
+        for (what, p) in [("shard", &shard_path), ("head", &head_path)] {
+            if !p.is_file() {
+                return Err(PipelineError::NotFound(format!(
+                    "{what} file {} is not on this worker's disk (fetching shards from peers comes with the torrent milestone)",
+                    p.display()
+                )));
+            }
+        }
+        let record = |state| ShardRecord {
+            shard_id: entry.id.clone(),
+            peer_id: self.0.me.clone(),
+            addrs: vec![],
+            model: m.model.clone(),
+            layer_start: entry.layer_start,
+            layer_end: entry.layer_end,
+            state,
+            updated_at: unix_now(),
+            load: 0,
+        };
+        // Unload first: one shard per worker.
+        *self.0.loaded.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.set_record(Some(record(ShardState::Loading)));
+        info!("[SHARD] loading {} (layers {}-{}) of {}", entry.id, entry.layer_start, entry.layer_end, m.model);
+        let t0 = Instant::now();
+        let spec = StageSpec {
+            shard_path: shard_path.clone(),
+            head_path: Some(head_path),
+            is_first: entry.index == 0,
+            is_last: entry.index as usize + 1 == m.shards.len(),
+            settings: self.0.cfg.engine,
+            max_sessions: self.0.cfg.max_sessions,
+            idle_timeout: self.0.cfg.session_idle,
+        };
+        let expected = entry.file.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<StageEngine, String> {
+            verify(&shard_path, expected.size, &expected.hash)?;
+            StageEngine::start(spec).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))?;
+        let engine = match result {
+            Ok(e) => e,
+            Err(msg) => {
+                warn!("[SHARD] loading {} failed: {msg}", entry.id);
+                self.set_record(Some(record(ShardState::Failed)));
+                return Err(PipelineError::Internal(format!("loading {} failed: {msg}", entry.id)));
+            }
+        };
+        let load_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        *self.0.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(LoadedShard {
+            model: m.model.clone(),
+            entry: entry.clone(),
+            manifest_path: mpath,
+            engine,
+        }));
+        self.set_record(Some(record(ShardState::Ready)));
+        info!("[SHARD] {} ready in {load_ms:.0} ms", entry.id);
+        Ok(LoadOutcome {
+            shard_id: entry.id,
+            model: m.model,
+            layer_start: entry.layer_start,
+            layer_end: entry.layer_end,
+            state: ShardState::Ready,
+            load_ms,
+        })
+    }
+
+    /// Unloads the current shard (its sessions end); the record goes back to
+    /// `announced`.
+    pub async fn unload_shard(&self) -> Result<LoadOutcome, PipelineError> {
+        let _guard = self.0.load_lock.lock().await;
+        let old = self.0.loaded.write().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(old) = old else {
+            return Err(PipelineError::InvalidArgument("no shard is loaded".into()));
+        };
+        let entry = old.entry.clone();
+        let model = old.model.clone();
+        // The engine thread stops when the last reference goes.
+        tokio::task::spawn_blocking(move || drop(old)).await.ok();
+        self.set_record(Some(ShardRecord {
+            shard_id: entry.id.clone(),
+            peer_id: self.0.me.clone(),
+            addrs: vec![],
+            model: model.clone(),
+            layer_start: entry.layer_start,
+            layer_end: entry.layer_end,
+            state: ShardState::Announced,
+            updated_at: unix_now(),
+            load: 0,
+        }));
+        info!("[SHARD] unloaded {}", entry.id);
+        Ok(LoadOutcome {
+            shard_id: entry.id,
+            model,
+            layer_start: entry.layer_start,
+            layer_end: entry.layer_end,
+            state: ShardState::Announced,
+            load_ms: 0.0,
+        })
+    }
+}
+
+/// Checks size and content hash of a shard file before it is loaded.
+fn verify(path: &Path, size: u64, hash: &str) -> Result<(), String> {
+    let (got_size, got_hash) = hash_file(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if got_size != size || got_hash != hash {
+        return Err(format!(
+            "{} does not match the manifest (size {got_size} vs {size}, blake3 {got_hash} vs {hash})",
+            path.display()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! The inference pipeline over the swarm.
+//!
+//! - [`frame`]: the binary activation protocol between stages;
+//! - [`route`]: route planning from shard records;
+//! - [`host`]: loading and unloading this worker's shard (LOAD_SHARD);
+//! - [`driver`]: running one request (tokenize, route, prefill, decode, stream);
+//! - this module: a stage's handling of activation frames — compute locally,
+//!   pass the hidden state to the next hop, send the sampled token back.
+
+pub mod driver;
+pub mod frame;
+pub mod host;
+pub mod route;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use llama_cluster_engine::manifest::{Manifest, ShardEntry};
+use llama_cluster_engine::stage::{ForwardRequest, StageEngine, StageInput};
+use llama_cluster_engine::vocab::Vocab;
+use llama_cluster_engine::{EngineError, EngineSettings};
+use llama_cluster_shared::config::NodeConfig;
+use tracing::{Instrument, debug, info_span};
+
+use crate::node::NetHandle;
+use crate::state::SharedState;
+use frame::{ActivationRequest, ActivationResponse, FrameKind, HopStats, Payload, codes};
+
+/// Pipeline settings taken from the node configuration.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub manifest: Option<PathBuf>,
+    pub engine: EngineSettings,
+    pub max_sessions: usize,
+    pub session_idle: Duration,
+    pub step_timeout: Duration,
+    pub f16: bool,
+}
+
+impl PipelineConfig {
+    pub fn from_node(cfg: &NodeConfig) -> Self {
+        let mut engine = EngineSettings { n_ctx: cfg.n_ctx, n_batch: cfg.n_batch, n_ubatch: cfg.n_ubatch, ..Default::default() };
+        if cfg.threads > 0 {
+            engine.threads = cfg.threads as i32;
+        }
+        PipelineConfig {
+            manifest: (!cfg.manifest.is_empty()).then(|| PathBuf::from(&cfg.manifest)),
+            engine,
+            max_sessions: cfg.max_sessions,
+            session_idle: Duration::from_secs(cfg.session_idle_secs),
+            step_timeout: Duration::from_secs(cfg.stage_timeout_secs),
+            f16: cfg.activation_f16,
+        }
+    }
+}
+
+/// The shard this worker runs.
+pub struct LoadedShard {
+    pub model: String,
+    pub entry: ShardEntry,
+    pub manifest_path: PathBuf,
+    pub engine: StageEngine,
+}
+
+/// The driver's view of a model: its manifest and tokenizer.
+pub struct ModelInfo {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    pub vocab: Vocab,
+}
+
+struct Inner {
+    state: SharedState,
+    net: NetHandle,
+    cfg: PipelineConfig,
+    me: String,
+    loaded: RwLock<Option<Arc<LoadedShard>>>,
+    model: Mutex<Option<Arc<ModelInfo>>>,
+    load_lock: tokio::sync::Mutex<()>,
+}
+
+/// Cheaply clonable handle on the pipeline.
+#[derive(Clone)]
+pub struct Pipeline(Arc<Inner>);
+
+fn engine_code(e: &EngineError) -> u8 {
+    match e {
+        EngineError::InvalidInput(_) => codes::INVALID,
+        EngineError::Busy(_) => codes::BUSY,
+        EngineError::Session(_) => codes::SESSION,
+        _ => codes::INTERNAL,
+    }
+}
+
+impl Pipeline {
+    pub fn new(state: SharedState, net: NetHandle, cfg: PipelineConfig) -> Self {
+        let me = state.peer_id().to_string();
+        Pipeline(Arc::new(Inner {
+            state,
+            net,
+            cfg,
+            me,
+            loaded: RwLock::new(None),
+            model: Mutex::new(None),
+            load_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub fn config(&self) -> &PipelineConfig {
+        &self.0.cfg
+    }
+
+    pub fn loaded(&self) -> Option<Arc<LoadedShard>> {
+        self.0.loaded.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Open sessions on this worker's stage.
+    pub fn active_sessions(&self) -> u32 {
+        self.loaded().map(|l| l.engine.active_sessions() as u32).unwrap_or(0)
+    }
+
+    /// Handles an activation frame that arrived over the network.
+    pub async fn handle_inbound(&self, from: PeerId, bytes: Vec<u8>) -> Vec<u8> {
+        let n = bytes.len() as u32;
+        let resp = match ActivationRequest::decode(&bytes) {
+            Ok(req) => {
+                let span = info_span!("stage", session = format_args!("{:016x}", req.session), pos = req.pos0, from = %from);
+                self.handle(req, n).instrument(span).await
+            }
+            Err(e) => ActivationResponse::error(codes::INVALID, format!("malformed activation frame: {e}")),
+        };
+        resp.encode()
+    }
+
+    /// Runs this worker's part of a step and the rest of the chain.
+    async fn handle(&self, req: ActivationRequest, bytes_in: u32) -> ActivationResponse {
+        let started = Instant::now();
+        let Some(hop) = req.route.first() else {
+            return ActivationResponse::error(codes::ROUTE, "empty route");
+        };
+        let Some(l) = self.loaded() else {
+            return ActivationResponse::error(codes::UNAVAILABLE, format!("worker {} has no shard loaded", self.0.me));
+        };
+        if hop.peer != self.0.me
+            || hop.shard_id != l.entry.id
+            || hop.layer_start != l.entry.layer_start
+            || hop.layer_end != l.entry.layer_end
+        {
+            return ActivationResponse::error(
+                codes::ROUTE,
+                format!(
+                    "route mismatch: asked for {} (layers {}-{}) on {}, this worker {} serves {} (layers {}-{})",
+                    hop.shard_id, hop.layer_start, hop.layer_end, hop.peer, self.0.me, l.entry.id, l.entry.layer_start, l.entry.layer_end
+                ),
+            );
+        }
+        let is_last = req.route.len() == 1;
+        if req.kind == FrameKind::Close {
+            l.engine.close(req.session);
+            if !is_last {
+                let mut next = req.clone();
+                next.route.remove(0);
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _ = me.send(next).await;
+                });
+            }
+            return ActivationResponse { error: None, token: None, logits: vec![], hops: vec![] };
+        }
+        if is_last != l.engine.info().is_last {
+            return ActivationResponse::error(
+                codes::ROUTE,
+                format!("route mismatch: shard {} is {}the last stage", l.entry.id, if is_last { "not " } else { "" }),
+            );
+        }
+        let n_embd = l.engine.info().n_embd;
+        let input = match req.payload {
+            Payload::Tokens(t) => StageInput::Tokens(t),
+            Payload::Hidden { n_embd: w, data, .. } if w as usize == n_embd => StageInput::Hidden(data),
+            Payload::Hidden { n_embd: w, .. } => {
+                return ActivationResponse::error(codes::INVALID, format!("hidden state is {w} wide, this shard expects {n_embd}"));
+            }
+            Payload::None => return ActivationResponse::error(codes::INVALID, "forward frame without payload"),
+        };
+        let n_tokens = input.n_tokens(n_embd) as u32;
+        let out = l
+            .engine
+            .forward(ForwardRequest {
+                session: req.session,
+                pos0: req.pos0,
+                input,
+                sampling: req.sampling.clone(),
+                history: req.history.clone(),
+                want_logits: req.want_logits,
+                sample: req.sample,
+            })
+            .await;
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => return ActivationResponse::error(engine_code(&e), format!("stage {} on {}: {e}", l.entry.id, self.0.me)),
+        };
+        let stats = HopStats {
+            peer: self.0.me.clone(),
+            shard_id: l.entry.id.clone(),
+            compute_us: out.compute.as_micros() as u64,
+            bytes_in,
+        };
+        if is_last {
+            return ActivationResponse { error: None, token: out.token, logits: out.logits.unwrap_or_default(), hops: vec![stats] };
+        }
+        let spent = started.elapsed().as_millis() as u32;
+        let budget_ms = req.budget_ms.saturating_sub(spent);
+        if budget_ms == 0 {
+            return ActivationResponse::error(codes::TIMEOUT, "step budget used up before the next stage");
+        }
+        let next = ActivationRequest {
+            kind: FrameKind::Forward,
+            session: req.session,
+            pos0: req.pos0,
+            want_logits: req.want_logits,
+            sample: req.sample,
+            budget_ms,
+            trace: req.trace,
+            route: req.route[1..].to_vec(),
+            sampling: req.sampling,
+            history: req.history,
+            payload: Payload::Hidden { n_tokens, n_embd: n_embd as u32, data: out.hidden, f16: self.0.cfg.f16 },
+        };
+        let mut resp = self.send(next).await;
+        if resp.error.is_none() {
+            resp.hops.insert(0, stats);
+        }
+        resp
+    }
+
+    /// Sends a frame to its first hop: in-process when that is this worker,
+    /// else over `/llama-cluster/activation/1.0`.
+    pub(crate) async fn send(&self, req: ActivationRequest) -> ActivationResponse {
+        let Some(hop) = req.route.first().cloned() else {
+            return ActivationResponse::error(codes::ROUTE, "empty route");
+        };
+        if hop.peer == self.0.me {
+            return Box::pin(self.handle(req, 0)).await;
+        }
+        let peer: PeerId = match hop.peer.parse() {
+            Ok(p) => p,
+            Err(_) => return ActivationResponse::error(codes::ROUTE, format!("bad peer id {}", hop.peer)),
+        };
+        let budget = Duration::from_millis(req.budget_ms as u64);
+        let bytes = req.encode();
+        debug!("[PIPELINE] {} bytes to {} ({})", bytes.len(), hop.shard_id, peer);
+        match self.0.net.activation(peer, bytes, budget).await {
+            Ok(b) => ActivationResponse::decode(&b)
+                .unwrap_or_else(|e| ActivationResponse::error(codes::INTERNAL, format!("bad response from {peer}: {e}"))),
+            Err(e) => ActivationResponse::error(
+                if e.contains("within") { codes::TIMEOUT } else { codes::UNAVAILABLE },
+                format!("stage {} on {peer} did not answer: {e}", hop.shard_id),
+            ),
+        }
+    }
+}
