@@ -24,10 +24,12 @@ impl Node {
         let listen: Vec<String> = self
             .state
             .read(|s| s.listen_addrs.iter().map(|a| a.to_string()).collect());
+        let load = self.pipeline.active_sessions();
         let record = self.state.write(|s| {
             let rec = s.local_shard.as_mut()?;
             rec.updated_at = unix_now();
             rec.addrs = listen;
+            rec.load = load;
             Some(rec.clone())
         });
         let kad = &mut self.swarm.behaviour_mut().kad;
@@ -111,6 +113,12 @@ impl Node {
                 if !self.swarm.is_connected(&peer) {
                     self.dial_peer(peer, addresses.into_vec(), "DHT");
                 }
+            }
+            kad::Event::InboundRequest {
+                request: kad::InboundRequest::PutRecord { .. },
+            } => {
+                // Event-driven: a peer just stored (or updated) a record here.
+                self.refresh_from_local_store();
             }
             kad::Event::OutboundQueryProgressed { result, .. } => match result {
                 QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(r))) => {

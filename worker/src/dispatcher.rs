@@ -10,20 +10,79 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::network::json_codec::JsonRequest;
+use crate::pipeline::Pipeline;
+use crate::pipeline::driver::GenerateRequest;
+use crate::pipeline::host::PipelineError;
 use crate::state::SharedState;
+use llama_cluster_engine::sampling::SamplingParams;
+use serde::Deserialize;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Dispatcher {
     state: SharedState,
+    pipeline: Pipeline,
     max_message_bytes: usize,
 }
 
+/// Parameters of INFERENCE (JSON).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferenceParams {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    max_tokens: u32,
+    #[serde(default)]
+    temperature: f32,
+    #[serde(default)]
+    top_k: Option<i32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    #[serde(default)]
+    seed: u32,
+    #[serde(default)]
+    stop: Vec<String>,
+    #[serde(default)]
+    chat: bool,
+}
+
+/// Parameters of LOAD_SHARD (JSON).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadShardParams {
+    #[serde(default)]
+    shard_id: String,
+    #[serde(default)]
+    manifest: String,
+    #[serde(default)]
+    unload: bool,
+}
+
+fn pipeline_error_code(e: &PipelineError) -> ErrorCode {
+    match e {
+        PipelineError::InvalidArgument(_) | PipelineError::NotFound(_) => ErrorCode::InvalidParams,
+        PipelineError::Unavailable(_)
+        | PipelineError::ResourceExhausted(_)
+        | PipelineError::DeadlineExceeded(_) => ErrorCode::Unavailable,
+        PipelineError::Internal(_) => ErrorCode::Internal,
+    }
+}
+
 impl Dispatcher {
-    pub fn new(state: SharedState, max_message_bytes: usize) -> Self {
+    pub fn new(state: SharedState, pipeline: Pipeline, max_message_bytes: usize) -> Self {
         Dispatcher {
             state,
+            pipeline,
             max_message_bytes,
         }
+    }
+
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
     }
 
     fn me(&self) -> String {
@@ -111,15 +170,133 @@ impl Dispatcher {
                     e.to_string(),
                 ),
             },
-            CommandKind::LoadShard
-            | CommandKind::Inference
-            | CommandKind::SyncTorrents
-            | CommandKind::SwarmReady => CommandResponse::error(
+            CommandKind::Inference => self.inference(&cmd).await,
+            CommandKind::LoadShard => self.load_shard(&cmd).await,
+            CommandKind::SyncTorrents | CommandKind::SwarmReady => CommandResponse::error(
                 &cmd.request_id,
                 &cmd.command,
                 &me,
                 ErrorCode::NotImplemented,
                 format!("{} is not implemented yet in this version", kind.as_str()),
+            ),
+        }
+    }
+
+    async fn inference(&self, cmd: &Command) -> CommandResponse {
+        let me = self.me();
+        let p: InferenceParams = match serde_json::from_value(if cmd.params.is_null() {
+            json!({})
+        } else {
+            cmd.params.clone()
+        }) {
+            Ok(p) => p,
+            Err(e) => {
+                return CommandResponse::error(
+                    &cmd.request_id,
+                    &cmd.command,
+                    &me,
+                    ErrorCode::InvalidParams,
+                    format!("params: {e}"),
+                );
+            }
+        };
+        let defaults = SamplingParams::default();
+        let req = GenerateRequest {
+            model: p.model,
+            prompt: p.prompt,
+            chat: p.chat,
+            max_tokens: p.max_tokens,
+            sampling: SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k.unwrap_or(defaults.top_k),
+                top_p: p.top_p.unwrap_or(defaults.top_p),
+                repeat_penalty: p.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+                penalty_last_n: defaults.penalty_last_n,
+                seed: p.seed,
+            },
+            stop: p.stop,
+            return_prompt_logits: false,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::pipeline::driver::Chunk>(64);
+        let collect = tokio::spawn(async move {
+            let (mut text, mut ids) = (String::new(), Vec::new());
+            while let Some(c) = rx.recv().await {
+                text.push_str(&c.text);
+                ids.extend(c.token_ids);
+            }
+            (text, ids)
+        });
+        let result = self.pipeline.generate(req, tx).await;
+        let (text, ids) = collect.await.unwrap_or_default();
+        match result {
+            Ok(st) => CommandResponse::ok(
+                cmd,
+                &me,
+                json!({
+                    "text": text,
+                    "token_ids": ids,
+                    "prompt_tokens": st.prompt_tokens,
+                    "generated_tokens": st.generated_tokens,
+                    "time_to_first_token_ms": st.ttft_ms,
+                    "tokens_per_second": st.tokens_per_second,
+                    "route": st.route,
+                    "finish_reason": st.finish_reason,
+                }),
+            ),
+            Err(e) => CommandResponse::error(
+                &cmd.request_id,
+                &cmd.command,
+                &me,
+                pipeline_error_code(&e),
+                e.to_string(),
+            ),
+        }
+    }
+
+    async fn load_shard(&self, cmd: &Command) -> CommandResponse {
+        let me = self.me();
+        let p: LoadShardParams = match serde_json::from_value(if cmd.params.is_null() {
+            json!({})
+        } else {
+            cmd.params.clone()
+        }) {
+            Ok(p) => p,
+            Err(e) => {
+                return CommandResponse::error(
+                    &cmd.request_id,
+                    &cmd.command,
+                    &me,
+                    ErrorCode::InvalidParams,
+                    format!("params: {e}"),
+                );
+            }
+        };
+        let r = if p.unload {
+            self.pipeline.unload_shard().await
+        } else if p.shard_id.is_empty() {
+            Err(PipelineError::InvalidArgument(
+                "shard_id is required".into(),
+            ))
+        } else {
+            self.pipeline
+                .load_shard(&p.shard_id, Some(&p.manifest))
+                .await
+        };
+        match r {
+            Ok(o) => CommandResponse::ok(
+                cmd,
+                &me,
+                json!({
+                    "shard_id": o.shard_id, "model": o.model, "layer_start": o.layer_start,
+                    "layer_end": o.layer_end, "state": o.state.as_str(), "load_ms": o.load_ms,
+                }),
+            ),
+            Err(e) => CommandResponse::error(
+                &cmd.request_id,
+                &cmd.command,
+                &me,
+                pipeline_error_code(&e),
+                e.to_string(),
             ),
         }
     }
@@ -158,10 +335,15 @@ mod tests {
     use serde_json::Value;
 
     fn dispatcher() -> Dispatcher {
-        Dispatcher::new(
-            SharedState::new(PeerId::random(), "c", Role::Worker, true),
-            1024,
-        )
+        let state = SharedState::new(PeerId::random(), "c", Role::Worker, true);
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let cfg = llama_cluster_shared::config::NodeConfig::default();
+        let pipeline = Pipeline::new(
+            state.clone(),
+            crate::node::NetHandle::for_tests(tx),
+            crate::pipeline::PipelineConfig::from_node(&cfg),
+        );
+        Dispatcher::new(state, pipeline, 1024)
     }
 
     async fn ask(d: &Dispatcher, body: &[u8]) -> Value {
@@ -188,10 +370,22 @@ mod tests {
         assert_eq!(unk["error"]["code"], "unknown_command");
         let ni = ask(
             &d,
-            br#"{"command":"INFERENCE","from":"x","request_id":"9"}"#,
+            br#"{"command":"SYNC_TORRENTS","from":"x","request_id":"9"}"#,
         )
         .await;
         assert_eq!(ni["error"]["code"], "not_implemented");
+        let empty = ask(
+            &d,
+            br#"{"command":"INFERENCE","request_id":"10","params":{"prompt":""}}"#,
+        )
+        .await;
+        assert_eq!(empty["error"]["code"], "invalid_params", "{empty}");
+        let typo = ask(&d, br#"{"command":"INFERENCE","params":{"promt":"hi"}}"#).await;
+        assert_eq!(typo["error"]["code"], "invalid_params", "{typo}");
+        let no_manifest = ask(&d, br#"{"command":"INFERENCE","params":{"prompt":"hi"}}"#).await;
+        assert_eq!(no_manifest["error"]["code"], "unavailable", "{no_manifest}");
+        let no_shard = ask(&d, br#"{"command":"LOAD_SHARD","params":{}}"#).await;
+        assert_eq!(no_shard["error"]["code"], "invalid_params", "{no_shard}");
         let bad = ask(&d, b"\x00\xffgarbage").await;
         assert_eq!(bad["error"]["code"], "malformed_json");
         let big: Value =

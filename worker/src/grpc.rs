@@ -8,12 +8,19 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::Stream;
 use libp2p::PeerId;
+use llama_cluster_engine::sampling::SamplingParams;
+use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_proto::v1::worker_server::{Worker, WorkerServer};
 use llama_cluster_proto::v1::{
-    GetStatusRequest, GetStatusResponse, InferenceRequest, InferenceResponse, LoadShardRequest,
-    LoadShardResponse, PeerInfo, RelayRequest, RelayResponse, ShardInfo, SyncTorrentsRequest,
-    SyncTorrentsResponse,
+    GetStatusRequest, GetStatusResponse, InferenceRequest, InferenceResponse, InferenceStats,
+    LoadShardRequest, LoadShardResponse, PeerInfo, RelayRequest, RelayResponse, ShardInfo,
+    SyncTorrentsRequest, SyncTorrentsResponse, TextChunk,
 };
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::pipeline::driver::{GenStats, GenerateRequest};
+use crate::pipeline::host::PipelineError;
 use llama_cluster_shared::protocol::{CommandKind, CommandResponse, ErrorCode};
 use llama_cluster_shared::status::NodeStatus;
 use llama_cluster_shared::unix_now;
@@ -97,12 +104,30 @@ impl Worker for WorkerService {
         req: Request<LoadShardRequest>,
     ) -> Result<Response<LoadShardResponse>, Status> {
         let r = req.into_inner();
-        let params = json!({
-            "shard_id": r.shard_id, "model": r.model, "layer_start": r.layer_start,
-            "layer_end": r.layer_end, "path": r.path, "unload": r.unload,
-        });
-        let resp = self.dispatcher.run(CommandKind::LoadShard, params).await;
-        Err(to_status(&resp))
+        let pipeline = self.dispatcher.pipeline();
+        let out = if r.unload {
+            pipeline.unload_shard().await
+        } else if r.shard_id.is_empty() {
+            Err(PipelineError::InvalidArgument(
+                "shard_id is required".into(),
+            ))
+        } else {
+            pipeline.load_shard(&r.shard_id, Some(&r.manifest)).await
+        }
+        .map_err(pipeline_status)?;
+        Ok(Response::new(LoadShardResponse {
+            shard_id: out.shard_id,
+            model: out.model,
+            layer_start: out.layer_start,
+            layer_end: out.layer_end,
+            state: out.state.as_str().into(),
+            message: if r.unload {
+                "unloaded".into()
+            } else {
+                "loaded".into()
+            },
+            load_ms: out.load_ms,
+        }))
     }
 
     type InferenceStream = InferenceStream;
@@ -113,9 +138,77 @@ impl Worker for WorkerService {
         req: Request<InferenceRequest>,
     ) -> Result<Response<Self::InferenceStream>, Status> {
         let r = req.into_inner();
-        let params = json!({ "model": r.model, "prompt": r.prompt, "max_tokens": r.max_tokens });
-        let resp = self.dispatcher.run(CommandKind::Inference, params).await;
-        Err(to_status(&resp))
+        let gen_req = GenerateRequest {
+            model: r.model,
+            prompt: r.prompt,
+            chat: r.chat,
+            max_tokens: r.max_tokens,
+            sampling: SamplingParams {
+                temperature: r.temperature,
+                top_k: r.top_k.min(i32::MAX as u32) as i32,
+                top_p: if r.top_p <= 0.0 { 1.0 } else { r.top_p },
+                repeat_penalty: if r.repeat_penalty <= 0.0 {
+                    1.0
+                } else {
+                    r.repeat_penalty
+                },
+                penalty_last_n: SamplingParams::default().penalty_last_n,
+                seed: r.seed as u32,
+            },
+            stop: r.stop,
+            return_prompt_logits: r.return_prompt_logits,
+        };
+        let pipeline = self.dispatcher.pipeline().clone();
+        let (chunk_tx, mut chunk_rx) = mpsc::channel(64);
+        let run = tokio::spawn(
+            async move { pipeline.generate(gen_req, chunk_tx).await }.in_current_span(),
+        );
+        // Errors found before the first token (bad input, no route, ...)
+        // come back as the call's status; later ones end the stream.
+        let first = match chunk_rx.recv().await {
+            Some(c) => c,
+            None => {
+                return match run.await {
+                    Ok(Ok(stats)) => {
+                        let item = Ok(InferenceResponse {
+                            event: Some(Event::Stats(stats_to_proto(stats))),
+                        });
+                        Ok(Response::new(
+                            Box::pin(tokio_stream::iter([item])) as InferenceStream
+                        ))
+                    }
+                    Ok(Err(e)) => Err(pipeline_status(e)),
+                    Err(e) => Err(Status::internal(e.to_string())),
+                };
+            }
+        };
+        let (out_tx, out_rx) = mpsc::channel::<Result<InferenceResponse, Status>>(64);
+        tokio::spawn(async move {
+            let mut next = Some(first);
+            while let Some(c) = next {
+                let item = InferenceResponse {
+                    event: Some(Event::Chunk(TextChunk {
+                        text: c.text,
+                        token_ids: c.token_ids,
+                    })),
+                };
+                if out_tx.send(Ok(item)).await.is_err() {
+                    return; // client went away; dropping chunk_rx stops generation
+                }
+                next = chunk_rx.recv().await;
+            }
+            let last = match run.await {
+                Ok(Ok(stats)) => Ok(InferenceResponse {
+                    event: Some(Event::Stats(stats_to_proto(stats))),
+                }),
+                Ok(Err(e)) => Err(pipeline_status(e)),
+                Err(e) => Err(Status::internal(e.to_string())),
+            };
+            let _ = out_tx.send(last).await;
+        });
+        Ok(Response::new(
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx)) as InferenceStream,
+        ))
     }
 
     #[tracing::instrument(name = "grpc.SyncTorrents", skip_all)]
@@ -180,6 +273,32 @@ impl Worker for WorkerService {
             json: String::from_utf8_lossy(&resp).into_owned(),
             round_trip_ms: t0.elapsed().as_secs_f64() * 1000.0,
         }))
+    }
+}
+
+/// gRPC status of a pipeline error.
+pub fn pipeline_status(e: PipelineError) -> Status {
+    match e {
+        PipelineError::InvalidArgument(m) => Status::invalid_argument(m),
+        PipelineError::NotFound(m) => Status::not_found(m),
+        PipelineError::Unavailable(m) => Status::unavailable(m),
+        PipelineError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        PipelineError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        PipelineError::Internal(m) => Status::internal(m),
+    }
+}
+
+fn stats_to_proto(s: GenStats) -> InferenceStats {
+    InferenceStats {
+        prompt_tokens: s.prompt_tokens,
+        generated_tokens: s.generated_tokens,
+        time_to_first_token_ms: s.ttft_ms,
+        tokens_per_second: s.tokens_per_second,
+        route: s.route,
+        finish_reason: s.finish_reason,
+        prompt_logits: s.prompt_logits,
+        bytes_per_token_per_hop: s.bytes_per_token_per_hop,
+        total_ms: s.total_ms,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod messaging;
 pub mod network;
 pub mod node;
+pub mod pipeline;
 pub mod state;
 
 /// Prefix of the machine-readable line a node prints on stdout once it is up.

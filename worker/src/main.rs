@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
+use llama_cluster_engine::split::{SplitPlan, split_model};
 use llama_cluster_shared::config::NodeConfig;
 use llama_cluster_shared::logging;
 use llama_worker::client::JsonClient;
@@ -34,6 +35,27 @@ enum Cmd {
     Bootstrap(NodeArgs),
     /// Send one JSON message or command to a node and print its response.
     Send(SendArgs),
+    /// Cut a GGUF model into layer-range shards plus a head file and a manifest.
+    Split(SplitArgs),
+}
+
+#[derive(Args, Debug)]
+struct SplitArgs {
+    /// The GGUF model (default: the cached default model, see scripts/fetch-model.sh).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Output directory (created).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of shards of equal layer counts.
+    #[arg(long, conflicts_with = "ranges")]
+    shards: Option<u32>,
+    /// Explicit layer ranges, e.g. 0-9,10-19,20-29.
+    #[arg(long, value_delimiter = ',')]
+    ranges: Vec<String>,
+    /// Model name used in requests (default: from the file name).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 /// Node options; each overrides the config file and `LLAMA_CLUSTER_*` env.
@@ -96,6 +118,33 @@ struct NodeArgs {
     /// Shorthand for --log-format json.
     #[arg(long)]
     json_logs: bool,
+    /// Split manifest (manifest.json from `llama-worker split`).
+    #[arg(long)]
+    manifest: Option<String>,
+    /// Context length of one session.
+    #[arg(long)]
+    n_ctx: Option<String>,
+    /// Prompt chunk size (equal on all workers).
+    #[arg(long)]
+    n_batch: Option<String>,
+    /// llama.cpp physical batch (equal on all workers).
+    #[arg(long)]
+    n_ubatch: Option<String>,
+    /// llama.cpp threads (0: all cores).
+    #[arg(long)]
+    threads: Option<String>,
+    /// Concurrent sessions per worker.
+    #[arg(long)]
+    max_sessions: Option<String>,
+    /// Idle sessions are evicted after this many seconds.
+    #[arg(long)]
+    session_idle_secs: Option<String>,
+    /// Time one pipeline step may take, in seconds.
+    #[arg(long)]
+    stage_timeout_secs: Option<String>,
+    /// Send hidden states as f16 (half the bytes; not bit-exact).
+    #[arg(long)]
+    activation_f16: bool,
 }
 
 impl NodeArgs {
@@ -120,6 +169,17 @@ impl NodeArgs {
         opt("max_message_bytes", &self.max_message_bytes);
         opt("request_timeout_secs", &self.request_timeout_secs);
         opt("log_format", &self.log_format);
+        opt("manifest", &self.manifest);
+        opt("n_ctx", &self.n_ctx);
+        opt("n_batch", &self.n_batch);
+        opt("n_ubatch", &self.n_ubatch);
+        opt("threads", &self.threads);
+        opt("max_sessions", &self.max_sessions);
+        opt("session_idle_secs", &self.session_idle_secs);
+        opt("stage_timeout_secs", &self.stage_timeout_secs);
+        if self.activation_f16 {
+            v.push(("activation_f16", "true".into()));
+        }
         if self.no_quic {
             v.push(("quic", "false".into()));
         }
@@ -185,6 +245,7 @@ fn main() -> ExitCode {
             Some(Cmd::Run(a)) => run_node(a, Role::Worker).await,
             Some(Cmd::Bootstrap(a)) => run_node(a, Role::Bootstrap).await,
             Some(Cmd::Send(a)) => send(a).await,
+            Some(Cmd::Split(a)) => split(a).await,
         }
     });
     match result {
@@ -201,7 +262,17 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
     logging::init(cfg.log_format);
     let grpc_addr = cfg.grpc_addr.clone();
     let cluster = cfg.cluster.clone();
+    let startup_shard =
+        (!cfg.shard_id.is_empty() && !cfg.manifest.is_empty()).then(|| cfg.shard_id.clone());
     let running = node::start(cfg, role).await?;
+    if let Some(shard) = startup_shard {
+        let pipeline = running.pipeline.clone();
+        tokio::spawn(async move {
+            if let Err(e) = pipeline.load_shard(&shard, None).await {
+                error!("[SHARD] {e}");
+            }
+        });
+    }
     let (bound, server) = grpc::serve(
         &grpc_addr,
         running.dispatcher.clone(),
@@ -274,4 +345,70 @@ async fn send(a: SendArgs) -> anyhow::Result<()> {
     let resp = client.request(body).await?;
     println!("{}", String::from_utf8_lossy(&resp));
     Ok(())
+}
+
+async fn split(a: SplitArgs) -> anyhow::Result<()> {
+    logging::init(llama_cluster_shared::config::LogFormat::Text);
+    let model = match a.model {
+        Some(m) => m,
+        None => default_model_path()?,
+    };
+    let plan = match (a.shards, a.ranges.is_empty()) {
+        (Some(n), true) => SplitPlan::Count(n),
+        (None, false) => SplitPlan::Ranges(
+            a.ranges
+                .iter()
+                .map(|r| {
+                    llama_cluster_shared::config::parse_layer_range(r).map_err(anyhow::Error::msg)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+        (None, true) => SplitPlan::Count(2),
+        (Some(_), false) => anyhow::bail!("give --shards or --ranges, not both"),
+    };
+    let out = a.out.clone();
+    let name = a.name.clone();
+    let m = tokio::task::spawn_blocking(move || split_model(&model, &out, &plan, name.as_deref()))
+        .await??;
+    println!(
+        "model {} ({}, {} layers) split into {} shards in {}:",
+        m.model,
+        m.architecture,
+        m.n_layer,
+        m.shards.len(),
+        a.out.display()
+    );
+    println!("  head   {:<44} {:>10} bytes", m.head.file, m.head.size);
+    for s in &m.shards {
+        println!(
+            "  {:<6} {:<44} {:>10} bytes  layers {}-{}  id {}",
+            s.index, s.file.file, s.file.size, s.layer_start, s.layer_end, s.id
+        );
+    }
+    println!(
+        "manifest: {}",
+        a.out
+            .join(llama_cluster_engine::manifest::MANIFEST_FILE)
+            .display()
+    );
+    Ok(())
+}
+
+/// The default model in the cache (fetched by scripts/fetch-model.sh).
+fn default_model_path() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LLAMA_CLUSTER_MODEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("LLAMA_CLUSTER_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/llama-cluster")))
+        .context("no HOME; give --model")?;
+    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !p.is_file() {
+        anyhow::bail!(
+            "{} is missing: run scripts/fetch-model.sh or give --model",
+            p.display()
+        );
+    }
+    Ok(p)
 }

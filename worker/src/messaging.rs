@@ -1,13 +1,13 @@
 //! `/json-message/1.0` traffic of the swarm task: inbound requests go to the
 //! dispatcher on their own task; responses come back through a channel.
 
-use libp2p::request_response::{Event, Message};
+use libp2p::request_response::{Event, Message, OutboundFailure};
 use llama_cluster_shared::protocol::CommandResponse;
 use llama_cluster_shared::status::NodeStatus;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::network::json_codec::JsonRequest;
-use crate::node::{Node, Pending};
+use crate::node::{Node, Outbound, Pending};
 
 impl Node {
     pub(crate) fn on_messaging(&mut self, ev: Event<JsonRequest, Vec<u8>>) {
@@ -31,8 +31,8 @@ impl Node {
                     request_id,
                     response,
                 } => match self.pending.remove(&request_id) {
-                    Some(Pending::External(tx)) => {
-                        let _ = tx.send(Ok(response));
+                    Some(Pending::External(out)) => {
+                        let _ = out.reply.send(Ok(response));
                     }
                     Some(Pending::StatusProbe(p)) => self.on_status_probe(p, &response),
                     None => debug!("[MSG] response to unknown request from {peer}"),
@@ -44,8 +44,16 @@ impl Node {
                 error,
                 ..
             } => match self.pending.remove(&request_id) {
-                Some(Pending::External(tx)) => {
-                    let _ = tx.send(Err(format!("request to {peer} failed: {error}")));
+                Some(Pending::External(out)) => {
+                    if let Some(out) = self.retry_after_close(peer, &error, out) {
+                        let body = out.body.clone();
+                        let id = self
+                            .swarm
+                            .behaviour_mut()
+                            .messaging
+                            .send_request(&peer, JsonRequest::Body(body));
+                        self.pending.insert(id, Pending::External(out));
+                    }
                 }
                 Some(Pending::StatusProbe(_)) => {
                     debug!("[MSG] status probe of {peer} failed: {error}")
@@ -57,6 +65,76 @@ impl Node {
             }
             Event::ResponseSent { .. } => {}
         }
+    }
+
+    pub(crate) fn on_activation(&mut self, ev: Event<Vec<u8>, Vec<u8>>) {
+        match ev {
+            Event::Message { peer, message, .. } => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    let pipeline = self.pipeline.clone();
+                    let responses = self.activation_responses.clone();
+                    tokio::spawn(async move {
+                        let body = pipeline.handle_inbound(peer, request).await;
+                        let _ = responses.send((channel, body)).await;
+                    });
+                }
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(out) = self.pending_activations.remove(&request_id) {
+                        let _ = out.reply.send(Ok(response));
+                    }
+                }
+            },
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(out) = self.pending_activations.remove(&request_id)
+                    && let Some(out) = self.retry_after_close(peer, &error, out)
+                {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .activation
+                        .send_request(&peer, out.body.clone());
+                    self.pending_activations.insert(id, out);
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                warn!("[PIPELINE] inbound activation from {peer} failed: {error}")
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// A request lost because its connection closed (typically the TCP
+    /// connection replaced by QUIC) is sent again, at most twice. Otherwise the caller gets the error; `None` means "resend".
+    fn retry_after_close(
+        &mut self,
+        peer: libp2p::PeerId,
+        error: &OutboundFailure,
+        out: Outbound,
+    ) -> Option<Outbound> {
+        if matches!(error, OutboundFailure::ConnectionClosed)
+            && out.retried < 2
+            && self.swarm.is_connected(&peer)
+        {
+            debug!("[MSG] request to {peer} lost with its connection; sending again");
+            return Some(Outbound {
+                retried: out.retried + 1,
+                ..out
+            });
+        }
+        let _ = out
+            .reply
+            .send(Err(format!("request to {peer} failed: {error}")));
+        None
     }
 
     fn on_status_probe(&mut self, peer: libp2p::PeerId, body: &[u8]) {

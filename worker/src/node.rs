@@ -21,7 +21,11 @@ use tracing::{debug, info, warn};
 use crate::dispatcher::Dispatcher;
 use crate::network::behaviour::{NodeBehaviour, NodeBehaviourEvent, Role, build_swarm};
 use crate::network::{json_codec::JsonRequest, transport_of};
+use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::state::{ConnInfo, SharedState};
+
+/// How long a TCP connection replaced by QUIC stays open.
+const TCP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Requests other tasks send to the swarm task.
 #[derive(Debug)]
@@ -32,6 +36,14 @@ pub enum NetCommand {
         body: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, String>>,
     },
+    /// Send an activation frame to a peer and return its response.
+    Activation {
+        peer: PeerId,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+    /// Re-publish this node's records now (its shard changed state).
+    Publish,
 }
 
 /// Handle on the swarm task.
@@ -59,13 +71,56 @@ impl NetHandle {
             Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
         }
     }
+
+    /// Sends an activation frame to `peer`, waiting at most `timeout`.
+    pub async fn activation(
+        &self,
+        peer: PeerId,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NetCommand::Activation { peer, body, reply })
+            .await
+            .map_err(|_| "node is shutting down".to_string())?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("node is shutting down".into()),
+            Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
+        }
+    }
+
+    /// A handle on a channel nobody serves (unit tests of other modules).
+    pub fn for_tests(tx: mpsc::Sender<NetCommand>) -> Self {
+        NetHandle { tx }
+    }
+
+    /// Asks the swarm task to re-publish this node's records.
+    pub fn publish(&self) {
+        let _ = self.tx.try_send(NetCommand::Publish);
+    }
 }
 
 /// What an outbound request is waiting for.
 pub(crate) enum Pending {
-    External(oneshot::Sender<Result<Vec<u8>, String>>),
+    External(Outbound),
     StatusProbe(PeerId),
 }
+
+/// A request some task waits on, kept so it can be sent again once.
+pub(crate) struct Outbound {
+    pub reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    pub body: Vec<u8>,
+    pub retried: u8,
+}
+
+/// Where request handlers send their responses back to the swarm task.
+pub(crate) type ResponseTx =
+    mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>;
+
+/// Activation frames sent and not yet answered.
+pub(crate) type PendingActivations = HashMap<OutboundRequestId, Outbound>;
 
 /// The swarm task's state.
 pub struct Node {
@@ -80,14 +135,18 @@ pub struct Node {
     pub(crate) rendezvous_points: HashMap<PeerId, Option<rendezvous::Cookie>>,
     pub(crate) bootstrap_addrs: Vec<Multiaddr>,
     pub(crate) pending: HashMap<OutboundRequestId, Pending>,
-    pub(crate) responses:
-        mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    pub(crate) responses: ResponseTx,
+    pub(crate) activation_responses: ResponseTx,
+    pub(crate) pending_activations: PendingActivations,
+    pub(crate) pipeline: Pipeline,
     /// Whether our records have reached at least one other DHT node.
     pub(crate) published: bool,
     /// Peers already counted as discovered (for the one-time log line).
     pub(crate) discovered: HashSet<PeerId>,
     /// Peers we already tried to move from TCP to QUIC.
     pub(crate) quic_upgrade_tried: HashSet<PeerId>,
+    /// TCP connections replaced by QUIC, closed once in-flight work is done.
+    pub(crate) closing: Vec<(tokio::time::Instant, libp2p::swarm::ConnectionId)>,
 }
 
 /// A started node: its identity and addresses, and the task that runs it.
@@ -97,6 +156,7 @@ pub struct RunningNode {
     pub state: SharedState,
     pub dispatcher: Dispatcher,
     pub net: NetHandle,
+    pub pipeline: Pipeline,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -167,8 +227,12 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
             })
         });
     }
-    let dispatcher = Dispatcher::new(state.clone(), cfg.max_message_bytes);
+    let (tx, mut rx) = mpsc::channel(1024);
+    let net = NetHandle { tx };
+    let pipeline = Pipeline::new(state.clone(), net.clone(), PipelineConfig::from_node(&cfg));
+    let dispatcher = Dispatcher::new(state.clone(), pipeline.clone(), cfg.max_message_bytes);
     let (resp_tx, mut resp_rx) = mpsc::channel(256);
+    let (act_tx, mut act_rx) = mpsc::channel(1024);
     let mut node = Node {
         swarm,
         cfg,
@@ -180,9 +244,13 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
         bootstrap_addrs,
         pending: HashMap::new(),
         responses: resp_tx,
+        activation_responses: act_tx,
+        pending_activations: HashMap::new(),
+        pipeline: pipeline.clone(),
         published: false,
         discovered: HashSet::new(),
         quic_upgrade_tried: HashSet::new(),
+        closing: Vec::new(),
     };
 
     // Wait (bounded) until every listener has an address.
@@ -217,8 +285,8 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
     node.publish_local_records();
     node.dial_bootstrap();
 
-    let (tx, mut rx) = mpsc::channel(256);
     let task = tokio::spawn(async move {
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
         let status_every = Duration::from_secs(node.cfg.status_interval_secs);
         let mut status_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + status_every, status_every);
@@ -244,6 +312,12 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
                         debug!("[MSG] response not sent: the requester went away");
                     }
                 }
+                Some((channel, body)) = act_rx.recv() => {
+                    if node.swarm.behaviour_mut().activation.send_response(channel, body).is_err() {
+                        debug!("[PIPELINE] response not sent: the previous stage went away");
+                    }
+                }
+                _ = housekeeping.tick() => node.close_superseded(),
                 _ = status_tick.tick() => node.report_status(),
                 _ = discovery_tick.tick() => node.discovery_round(),
                 _ = republish_tick.tick() => node.publish_local_records(),
@@ -255,7 +329,8 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
         listen_addrs,
         state,
         dispatcher,
-        net: NetHandle { tx },
+        net,
+        pipeline,
         task,
     })
 }
@@ -276,9 +351,32 @@ impl Node {
                     .swarm
                     .behaviour_mut()
                     .messaging
-                    .send_request(&peer, JsonRequest::Body(body));
-                self.pending.insert(id, Pending::External(reply));
+                    .send_request(&peer, JsonRequest::Body(body.clone()));
+                self.pending.insert(
+                    id,
+                    Pending::External(Outbound {
+                        reply,
+                        body,
+                        retried: 0,
+                    }),
+                );
             }
+            NetCommand::Activation { peer, body, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .activation
+                    .send_request(&peer, body.clone());
+                self.pending_activations.insert(
+                    id,
+                    Outbound {
+                        reply,
+                        body,
+                        retried: 0,
+                    },
+                );
+            }
+            NetCommand::Publish => self.publish_local_records(),
         }
     }
 
@@ -290,6 +388,7 @@ impl Node {
                 NodeBehaviourEvent::RendezvousClient(ev) => self.on_rendezvous_client(ev),
                 NodeBehaviourEvent::RendezvousServer(ev) => self.on_rendezvous_server(ev),
                 NodeBehaviourEvent::Messaging(ev) => self.on_messaging(ev),
+                NodeBehaviourEvent::Activation(ev) => self.on_activation(ev),
                 NodeBehaviourEvent::Ping(_) => {}
             },
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -356,9 +455,12 @@ impl Node {
                         vec![]
                     }
                 });
+                // Close replaced TCP connections a little later, so that
+                // requests already on them finish and the peer sees QUIC too.
+                let at = tokio::time::Instant::now() + TCP_CLOSE_GRACE;
                 for id in superseded {
-                    debug!("[CONNECT] closing TCP connection to {peer_id}: QUIC is up");
-                    self.swarm.close_connection(id);
+                    debug!("[CONNECT] QUIC to {peer_id} is up; closing its TCP connection soon");
+                    self.closing.push((at, id));
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -396,6 +498,20 @@ impl Node {
             }
             SwarmEvent::ListenerError { error, .. } => warn!("[CONNECT] listener error: {error}"),
             _ => {}
+        }
+    }
+
+    fn close_superseded(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<_> = self
+            .closing
+            .iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, id)| *id)
+            .collect();
+        self.closing.retain(|(at, _)| *at > now);
+        for id in due {
+            self.swarm.close_connection(id);
         }
     }
 

@@ -16,6 +16,7 @@ use llama_cluster_shared::config::NodeConfig;
 use llama_cluster_shared::protocol::JSON_PROTOCOL;
 
 use super::json_codec::JsonCodec;
+use crate::pipeline::frame::{ACTIVATION_PROTOCOL, ActivationCodec};
 
 /// What a node is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,7 @@ pub struct NodeBehaviour {
     pub rendezvous_server: Toggle<rendezvous::server::Behaviour>,
     pub rendezvous_client: Toggle<rendezvous::client::Behaviour>,
     pub messaging: request_response::Behaviour<JsonCodec>,
+    pub activation: request_response::Behaviour<ActivationCodec>,
 }
 
 /// Builds the swarm of a node with `keypair`.
@@ -121,7 +123,19 @@ pub fn build_swarm(
                 ),
                 Role::Worker => (None, Some(rendezvous::client::Behaviour::new(key.clone()))),
             };
+            // Step deadlines are enforced by the pipeline itself (budgets).
+            let activation = request_response::Behaviour::with_codec(
+                ActivationCodec,
+                [(
+                    StreamProtocol::new(ACTIVATION_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(3600))
+                    .with_max_concurrent_streams(1024),
+            );
             NodeBehaviour {
+                activation,
                 identify,
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,

@@ -65,7 +65,12 @@ fn step_error(resp: &ActivationResponse) -> Option<PipelineError> {
 
 fn new_session_id() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -80,8 +85,13 @@ impl StopScan {
     /// Adds text; returns (text safe to send, whether a stop string matched).
     fn push(&mut self, text: &str) -> (String, bool) {
         self.out.push_str(text);
-        let from = self.sent.saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
-        let from = (0..=from).rev().find(|&i| self.out.is_char_boundary(i)).unwrap_or(0);
+        let from = self
+            .sent
+            .saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
+        let from = (0..=from)
+            .rev()
+            .find(|&i| self.out.is_char_boundary(i))
+            .unwrap_or(0);
         let hit = self
             .stops
             .iter()
@@ -94,7 +104,13 @@ impl StopScan {
             self.sent = self.out.len();
             return (send, true);
         }
-        let hold = self.stops.iter().map(|s| s.len()).max().unwrap_or(1).saturating_sub(1);
+        let hold = self
+            .stops
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
         let mut safe = self.out.len().saturating_sub(hold).max(self.sent);
         while !self.out.is_char_boundary(safe) {
             safe -= 1;
@@ -113,12 +129,18 @@ impl StopScan {
 
 impl Pipeline {
     /// Runs a request to the end, sending chunks to `tx` as they come.
-    pub async fn generate(&self, req: GenerateRequest, tx: mpsc::Sender<Chunk>) -> Result<GenStats, PipelineError> {
+    pub async fn generate(
+        &self,
+        req: GenerateRequest,
+        tx: mpsc::Sender<Chunk>,
+    ) -> Result<GenStats, PipelineError> {
         let t0 = Instant::now();
         if req.prompt.trim().is_empty() {
             return Err(PipelineError::InvalidArgument("prompt is empty".into()));
         }
-        req.sampling.validate().map_err(|e| PipelineError::InvalidArgument(e.to_string()))?;
+        req.sampling
+            .validate()
+            .map_err(|e| PipelineError::InvalidArgument(e.to_string()))?;
         let info = self.model_info().await?;
         let m = &info.manifest;
         if !req.model.is_empty() && req.model != m.model {
@@ -137,7 +159,9 @@ impl Pipeline {
         let prompt = info.vocab.tokenize(&text);
         let n_ctx = self.0.cfg.engine.n_ctx as usize;
         if prompt.is_empty() {
-            return Err(PipelineError::InvalidArgument("prompt has no tokens".into()));
+            return Err(PipelineError::InvalidArgument(
+                "prompt has no tokens".into(),
+            ));
         }
         if prompt.len() >= n_ctx {
             return Err(PipelineError::InvalidArgument(format!(
@@ -145,14 +169,22 @@ impl Pipeline {
                 prompt.len()
             )));
         }
-        let max_tokens = if req.max_tokens == 0 { DEFAULT_MAX_TOKENS } else { req.max_tokens } as usize;
+        let max_tokens = if req.max_tokens == 0 {
+            DEFAULT_MAX_TOKENS
+        } else {
+            req.max_tokens
+        } as usize;
         if max_tokens > n_ctx {
             return Err(PipelineError::InvalidArgument(format!(
                 "max_tokens {max_tokens} exceeds the context of {n_ctx} tokens"
             )));
         }
-        let hops = route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer).map_err(PipelineError::Unavailable)?;
-        let route_names: Vec<String> = hops.iter().map(|h| format!("{}@{}", h.shard_id, h.peer)).collect();
+        let hops = route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer)
+            .map_err(PipelineError::Unavailable)?;
+        let route_names: Vec<String> = hops
+            .iter()
+            .map(|h| format!("{}@{}", h.shard_id, h.peer))
+            .collect();
         let session = new_session_id();
         let span = info_span!("inference", session = format_args!("{session:016x}"), model = %m.model, prompt_tokens = prompt.len());
         info!(parent: &span, "[PIPELINE] session {session:016x}: {} prompt tokens over {}", prompt.len(), route_names.join(" -> "));
@@ -197,26 +229,29 @@ impl Pipeline {
     ) -> Result<GenStats, PipelineError> {
         let info = self.model_info().await?;
         let budget_ms = self.0.cfg.step_timeout.as_millis().min(u32::MAX as u128) as u32;
-        let frame = |pos0: u32, tokens: Vec<i32>, last_chunk: bool, history: Vec<i32>| ActivationRequest {
-            kind: FrameKind::Forward,
-            session,
-            pos0,
-            want_logits: last_chunk && req.return_prompt_logits,
-            sample: last_chunk,
-            budget_ms,
-            trace: String::new(),
-            route: hops.to_vec(),
-            sampling: Some(req.sampling.clone()),
-            history,
-            payload: Payload::Tokens(tokens),
-        };
+        let frame =
+            |pos0: u32, tokens: Vec<i32>, last_chunk: bool, history: Vec<i32>| ActivationRequest {
+                kind: FrameKind::Forward,
+                session,
+                pos0,
+                want_logits: last_chunk && req.return_prompt_logits,
+                sample: last_chunk,
+                budget_ms,
+                trace: String::new(),
+                route: hops.to_vec(),
+                sampling: Some(req.sampling.clone()),
+                history,
+                payload: Payload::Tokens(tokens),
+            };
         // Prefill, in chunks of n_batch (as the single-node baseline does).
         let chunks: Vec<&[i32]> = prompt.chunks(self.0.cfg.engine.n_batch as usize).collect();
         let mut pos = 0u32;
         let mut resp = ActivationResponse::error(codes::INTERNAL, "no prompt");
         for (i, c) in chunks.iter().enumerate() {
             let history = if i == 0 { prompt.to_vec() } else { vec![] };
-            resp = self.send(frame(pos, c.to_vec(), i + 1 == chunks.len(), history)).await;
+            resp = self
+                .send(frame(pos, c.to_vec(), i + 1 == chunks.len(), history))
+                .await;
             if let Some(e) = step_error(&resp) {
                 return Err(e);
             }
@@ -224,10 +259,16 @@ impl Pipeline {
         }
         let ttft = t0.elapsed();
         let prompt_logits = std::mem::take(&mut resp.logits);
-        let mut next = resp.token.ok_or_else(|| PipelineError::Internal("the last stage returned no token".into()))?;
+        let mut next = resp
+            .token
+            .ok_or_else(|| PipelineError::Internal("the last stage returned no token".into()))?;
         let mut generated = 0usize;
         let mut stream = TextStream::default();
-        let mut scan = StopScan { stops: req.stop.clone(), out: String::new(), sent: 0 };
+        let mut scan = StopScan {
+            stops: req.stop.clone(),
+            out: String::new(),
+            sent: 0,
+        };
         let mut bytes_per_hop = 0u64;
         let t_decode = Instant::now();
         let finish = loop {
@@ -237,7 +278,14 @@ impl Pipeline {
             generated += 1;
             let piece = stream.push(&info.vocab.piece(next));
             let (text, stopped) = scan.push(&piece);
-            if tx.send(Chunk { text, token_ids: vec![next] }).await.is_err() {
+            if tx
+                .send(Chunk {
+                    text,
+                    token_ids: vec![next],
+                })
+                .await
+                .is_err()
+            {
                 break "cancelled";
             }
             if stopped {
@@ -253,20 +301,37 @@ impl Pipeline {
             if let Some(e) = step_error(&r) {
                 return Err(e);
             }
-            bytes_per_hop = r.hops.iter().map(|h| h.bytes_in as u64).max().unwrap_or(0).max(bytes_per_hop);
+            bytes_per_hop = r
+                .hops
+                .iter()
+                .map(|h| h.bytes_in as u64)
+                .max()
+                .unwrap_or(0)
+                .max(bytes_per_hop);
             pos += 1;
-            next = r.token.ok_or_else(|| PipelineError::Internal("the last stage returned no token".into()))?;
+            next = r.token.ok_or_else(|| {
+                PipelineError::Internal("the last stage returned no token".into())
+            })?;
         };
         let tail = scan.push(&stream.finish()).0 + &scan.flush();
         if !tail.is_empty() && finish != "cancelled" {
-            let _ = tx.send(Chunk { text: tail, token_ids: vec![] }).await;
+            let _ = tx
+                .send(Chunk {
+                    text: tail,
+                    token_ids: vec![],
+                })
+                .await;
         }
         let decode = t_decode.elapsed().as_secs_f64();
         Ok(GenStats {
             prompt_tokens: prompt.len() as u32,
             generated_tokens: generated as u32,
             ttft_ms: ttft.as_secs_f64() * 1000.0,
-            tokens_per_second: if generated > 1 && decode > 0.0 { (generated - 1) as f64 / decode } else { 0.0 },
+            tokens_per_second: if generated > 1 && decode > 0.0 {
+                (generated - 1) as f64 / decode
+            } else {
+                0.0
+            },
             route: vec![],
             finish_reason: finish.into(),
             prompt_logits,
@@ -282,17 +347,33 @@ mod tests {
 
     #[test]
     fn stop_strings_hold_back_and_cut() {
-        let mut s = StopScan { stops: vec!["END".into()], out: String::new(), sent: 0 };
+        let mut s = StopScan {
+            stops: vec!["END".into()],
+            out: String::new(),
+            sent: 0,
+        };
         assert_eq!(s.push("hello E"), ("hello".into(), false));
         assert_eq!(s.push("N"), ("".into(), false));
         assert_eq!(s.push("Dxyz"), (" ".into(), true));
-        let mut s = StopScan { stops: vec![], out: String::new(), sent: 0 };
+        let mut s = StopScan {
+            stops: vec![],
+            out: String::new(),
+            sent: 0,
+        };
         assert_eq!(s.push("abc"), ("abc".into(), false));
-        let mut s = StopScan { stops: vec!["\n\n".into()], out: String::new(), sent: 0 };
+        let mut s = StopScan {
+            stops: vec!["\n\n".into()],
+            out: String::new(),
+            sent: 0,
+        };
         assert_eq!(s.push("a\n"), ("a".into(), false));
         assert_eq!(s.push("b"), ("\nb".into(), false));
         assert_eq!(s.flush(), "");
-        let mut s = StopScan { stops: vec!["é!".into()], out: String::new(), sent: 0 };
+        let mut s = StopScan {
+            stops: vec!["é!".into()],
+            out: String::new(),
+            sent: 0,
+        };
         assert_eq!(s.push("caféé"), ("caf".into(), false));
         assert_eq!(s.push("!"), ("é".into(), true));
     }

@@ -45,7 +45,12 @@ pub enum Payload {
     None,
     Tokens(Vec<i32>),
     /// `[n_tokens][n_embd]` row-major; sent as f16 when `f16` is set.
-    Hidden { n_tokens: u32, n_embd: u32, data: Vec<f32>, f16: bool },
+    Hidden {
+        n_tokens: u32,
+        n_embd: u32,
+        data: Vec<f32>,
+        f16: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +102,12 @@ pub mod codes {
 
 impl ActivationResponse {
     pub fn error(code: u8, msg: impl Into<String>) -> Self {
-        ActivationResponse { error: Some((code, msg.into())), token: None, logits: vec![], hops: vec![] }
+        ActivationResponse {
+            error: Some((code, msg.into())),
+            token: None,
+            logits: vec![],
+            hops: vec![],
+        }
     }
 }
 
@@ -141,7 +151,10 @@ struct R<'a>(&'a [u8]);
 impl<'a> R<'a> {
     fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
         if self.0.len() < n {
-            return Err(bad(format!("frame truncated: wanted {n} more bytes, {} left", self.0.len())));
+            return Err(bad(format!(
+                "frame truncated: wanted {n} more bytes, {} left",
+                self.0.len()
+            )));
         }
         let (a, b) = self.0.split_at(n);
         self.0 = b;
@@ -151,19 +164,29 @@ impl<'a> R<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> io::Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| bad("u16"))?))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().map_err(|_| bad("u16"))?,
+        ))
     }
     fn u32(&mut self) -> io::Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| bad("u32"))?))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| bad("u32"))?,
+        ))
     }
     fn i32(&mut self) -> io::Result<i32> {
-        Ok(i32::from_le_bytes(self.take(4)?.try_into().map_err(|_| bad("i32"))?))
+        Ok(i32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| bad("i32"))?,
+        ))
     }
     fn u64(&mut self) -> io::Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| bad("u64"))?))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().map_err(|_| bad("u64"))?,
+        ))
     }
     fn f32(&mut self) -> io::Result<f32> {
-        Ok(f32::from_le_bytes(self.take(4)?.try_into().map_err(|_| bad("f32"))?))
+        Ok(f32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| bad("f32"))?,
+        ))
     }
     fn str8(&mut self) -> io::Result<String> {
         let n = self.u8()? as usize;
@@ -182,7 +205,11 @@ impl<'a> R<'a> {
         Ok(n)
     }
     fn done(&self) -> io::Result<()> {
-        if self.0.is_empty() { Ok(()) } else { Err(bad(format!("{} trailing bytes", self.0.len()))) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(bad(format!("{} trailing bytes", self.0.len())))
+        }
     }
 }
 
@@ -225,7 +252,12 @@ impl ActivationRequest {
                 w.u32(t.len() as u32);
                 t.iter().for_each(|&x| w.i32(x));
             }
-            Payload::Hidden { n_tokens, n_embd, data, f16 } => {
+            Payload::Hidden {
+                n_tokens,
+                n_embd,
+                data,
+                f16,
+            } => {
                 w.u8(2);
                 w.u8(u8::from(*f16));
                 w.u32(*n_tokens);
@@ -263,7 +295,12 @@ impl ActivationRequest {
         let n_hops = r.u8()? as usize;
         let mut route = Vec::with_capacity(n_hops);
         for _ in 0..n_hops {
-            route.push(Hop { peer: r.str8()?, shard_id: r.str8()?, layer_start: r.u32()?, layer_end: r.u32()? });
+            route.push(Hop {
+                peer: r.str8()?,
+                shard_id: r.str8()?,
+                layer_start: r.u32()?,
+                layer_end: r.u32()?,
+            });
         }
         let sampling = match r.u8()? {
             0 => None,
@@ -278,7 +315,9 @@ impl ActivationRequest {
             x => return Err(bad(format!("bad sampling flag {x}"))),
         };
         let n_hist = r.count(4)?;
-        let history = (0..n_hist).map(|_| r.i32()).collect::<io::Result<Vec<_>>>()?;
+        let history = (0..n_hist)
+            .map(|_| r.i32())
+            .collect::<io::Result<Vec<_>>>()?;
         let payload = match r.u8()? {
             0 => Payload::None,
             1 => {
@@ -302,11 +341,20 @@ impl ActivationRequest {
                 }
                 let raw = r.take(n * size)?;
                 let data = if f16 {
-                    raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                    raw.chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                        .collect()
                 } else {
-                    raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                    raw.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
                 };
-                Payload::Hidden { n_tokens, n_embd, data, f16 }
+                Payload::Hidden {
+                    n_tokens,
+                    n_embd,
+                    data,
+                    f16,
+                }
             }
             p => return Err(bad(format!("unknown payload kind {p}"))),
         };
@@ -366,10 +414,20 @@ impl ActivationResponse {
         let n_hops = r.u8()? as usize;
         let mut hops = Vec::with_capacity(n_hops);
         for _ in 0..n_hops {
-            hops.push(HopStats { peer: r.str8()?, shard_id: r.str8()?, compute_us: r.u64()?, bytes_in: r.u32()? });
+            hops.push(HopStats {
+                peer: r.str8()?,
+                shard_id: r.str8()?,
+                compute_us: r.u64()?,
+                bytes_in: r.u32()?,
+            });
         }
         r.done()?;
-        Ok(ActivationResponse { error, token, logits, hops })
+        Ok(ActivationResponse {
+            error,
+            token,
+            logits,
+            hops,
+        })
     }
 }
 
@@ -391,7 +449,10 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: &[u8]) -> io::Result<()> {
     if body.len() > MAX_FRAME {
-        return Err(bad(format!("frame of {} bytes exceeds {MAX_FRAME}", body.len())));
+        return Err(bad(format!(
+            "frame of {} bytes exceeds {MAX_FRAME}",
+            body.len()
+        )));
     }
     io.write_all(&(body.len() as u32).to_le_bytes()).await?;
     io.write_all(body).await?;
@@ -419,14 +480,24 @@ impl request_response::Codec for ActivationCodec {
         read_frame(io).await
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, &req).await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -447,8 +518,17 @@ mod tests {
             sample: true,
             budget_ms: 30_000,
             trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-            route: vec![Hop { peer: "12D3KooW".into(), shard_id: "m-L0-9".into(), layer_start: 0, layer_end: 9 }],
-            sampling: Some(SamplingParams { temperature: 0.7, seed: 9, ..Default::default() }),
+            route: vec![Hop {
+                peer: "12D3KooW".into(),
+                shard_id: "m-L0-9".into(),
+                layer_start: 0,
+                layer_end: 9,
+            }],
+            sampling: Some(SamplingParams {
+                temperature: 0.7,
+                seed: 9,
+                ..Default::default()
+            }),
             history: vec![1, 2, 3],
             payload,
         }
@@ -459,12 +539,22 @@ mod tests {
         for p in [
             Payload::None,
             Payload::Tokens(vec![5, 6, 7]),
-            Payload::Hidden { n_tokens: 2, n_embd: 3, data: vec![1.5, -2.0, 0.0, 1e-7, 3.25, -0.5], f16: false },
+            Payload::Hidden {
+                n_tokens: 2,
+                n_embd: 3,
+                data: vec![1.5, -2.0, 0.0, 1e-7, 3.25, -0.5],
+                f16: false,
+            },
         ] {
             let r = sample_request(p);
             assert_eq!(ActivationRequest::decode(&r.encode()).unwrap(), r);
         }
-        let r = sample_request(Payload::Hidden { n_tokens: 1, n_embd: 2, data: vec![1.5, -2.0], f16: true });
+        let r = sample_request(Payload::Hidden {
+            n_tokens: 1,
+            n_embd: 2,
+            data: vec![1.5, -2.0],
+            f16: true,
+        });
         let back = ActivationRequest::decode(&r.encode()).unwrap();
         assert_eq!(back, r, "values exactly representable in f16 survive");
     }
@@ -472,7 +562,12 @@ mod tests {
     #[test]
     fn f32_payload_is_raw_bytes() {
         let data: Vec<f32> = (0..576).map(|i| i as f32 * 0.01).collect();
-        let r = sample_request(Payload::Hidden { n_tokens: 1, n_embd: 576, data, f16: false });
+        let r = sample_request(Payload::Hidden {
+            n_tokens: 1,
+            n_embd: 576,
+            data,
+            f16: false,
+        });
         let bytes = r.encode();
         let overhead = bytes.len() - 576 * 4;
         assert!(overhead < 200, "header is {overhead} bytes");
@@ -486,9 +581,18 @@ mod tests {
         let mut good = sample_request(Payload::Tokens(vec![1])).encode();
         good.push(0);
         assert!(ActivationRequest::decode(&good).is_err(), "trailing bytes");
-        let mut lie = sample_request(Payload::Hidden { n_tokens: 1, n_embd: 2, data: vec![1.0, 2.0], f16: false }).encode();
+        let mut lie = sample_request(Payload::Hidden {
+            n_tokens: 1,
+            n_embd: 2,
+            data: vec![1.0, 2.0],
+            f16: false,
+        })
+        .encode();
         lie.truncate(lie.len() - 4);
-        assert!(ActivationRequest::decode(&lie).is_err(), "short hidden state");
+        assert!(
+            ActivationRequest::decode(&lie).is_err(),
+            "short hidden state"
+        );
         for cut in 0..40 {
             let b = sample_request(Payload::Tokens(vec![1, 2])).encode();
             let _ = ActivationRequest::decode(&b[..cut.min(b.len())]);
@@ -501,7 +605,12 @@ mod tests {
             error: None,
             token: Some(42),
             logits: vec![0.5, -1.0],
-            hops: vec![HopStats { peer: "p".into(), shard_id: "s".into(), compute_us: 1234, bytes_in: 2304 }],
+            hops: vec![HopStats {
+                peer: "p".into(),
+                shard_id: "s".into(),
+                compute_us: 1234,
+                bytes_in: 2304,
+            }],
         };
         assert_eq!(ActivationResponse::decode(&r.encode()).unwrap(), r);
         let e = ActivationResponse::error(codes::ROUTE, "route mismatch");

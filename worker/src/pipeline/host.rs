@@ -47,7 +47,9 @@ impl Pipeline {
         match given.filter(|s| !s.is_empty()) {
             Some(p) => Ok(PathBuf::from(p)),
             None => self.0.cfg.manifest.clone().ok_or_else(|| {
-                PipelineError::InvalidArgument("no manifest given and none configured (--manifest)".into())
+                PipelineError::InvalidArgument(
+                    "no manifest given and none configured (--manifest)".into(),
+                )
             }),
         }
     }
@@ -59,7 +61,13 @@ impl Pipeline {
 
     /// The model this worker can drive: manifest and tokenizer (cached).
     pub async fn model_info(&self) -> Result<Arc<ModelInfo>, PipelineError> {
-        if let Some(m) = self.0.model.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(m) = self
+            .0
+            .model
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Ok(m);
         }
         let path = self
@@ -72,10 +80,16 @@ impl Pipeline {
                 )
             })?;
         let info = tokio::task::spawn_blocking(move || -> Result<ModelInfo, PipelineError> {
-            let manifest = Manifest::load(&path).map_err(|e| PipelineError::Unavailable(e.to_string()))?;
+            let manifest =
+                Manifest::load(&path).map_err(|e| PipelineError::Unavailable(e.to_string()))?;
             let head = Manifest::path_of(&path, &manifest.head.file);
-            let vocab = Vocab::load(&head).map_err(|e| PipelineError::Unavailable(e.to_string()))?;
-            Ok(ModelInfo { manifest, manifest_path: path, vocab })
+            let vocab =
+                Vocab::load(&head).map_err(|e| PipelineError::Unavailable(e.to_string()))?;
+            Ok(ModelInfo {
+                manifest,
+                manifest_path: path,
+                vocab,
+            })
         })
         .await
         .map_err(|e| PipelineError::Internal(e.to_string()))??;
@@ -86,7 +100,11 @@ impl Pipeline {
 
     /// Loads `shard_id` of the manifest (given or configured); replaces any
     /// shard loaded before.
-    pub async fn load_shard(&self, shard_id: &str, manifest: Option<&str>) -> Result<LoadOutcome, PipelineError> {
+    pub async fn load_shard(
+        &self,
+        shard_id: &str,
+        manifest: Option<&str>,
+    ) -> Result<LoadOutcome, PipelineError> {
         let _guard = self.0.load_lock.lock().await;
         let mpath = self.manifest_path(manifest)?;
         let m = Manifest::load(&mpath).map_err(|e| PipelineError::NotFound(e.to_string()))?;
@@ -96,7 +114,11 @@ impl Pipeline {
                 PipelineError::NotFound(format!(
                     "manifest {} has no shard {shard_id:?}; it has: {}",
                     mpath.display(),
-                    m.shards.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
+                    m.shards
+                        .iter()
+                        .map(|s| s.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })?
             .clone();
@@ -124,7 +146,10 @@ impl Pipeline {
         // Unload first: one shard per worker.
         *self.0.loaded.write().unwrap_or_else(|e| e.into_inner()) = None;
         self.set_record(Some(record(ShardState::Loading)));
-        info!("[SHARD] loading {} (layers {}-{}) of {}", entry.id, entry.layer_start, entry.layer_end, m.model);
+        info!(
+            "[SHARD] loading {} (layers {}-{}) of {}",
+            entry.id, entry.layer_start, entry.layer_end, m.model
+        );
         let t0 = Instant::now();
         let spec = StageSpec {
             shard_path: shard_path.clone(),
@@ -147,7 +172,10 @@ impl Pipeline {
             Err(msg) => {
                 warn!("[SHARD] loading {} failed: {msg}", entry.id);
                 self.set_record(Some(record(ShardState::Failed)));
-                return Err(PipelineError::Internal(format!("loading {} failed: {msg}", entry.id)));
+                return Err(PipelineError::Internal(format!(
+                    "loading {} failed: {msg}",
+                    entry.id
+                )));
             }
         };
         let load_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -173,7 +201,12 @@ impl Pipeline {
     /// `announced`.
     pub async fn unload_shard(&self) -> Result<LoadOutcome, PipelineError> {
         let _guard = self.0.load_lock.lock().await;
-        let old = self.0.loaded.write().unwrap_or_else(|e| e.into_inner()).take();
+        let old = self
+            .0
+            .loaded
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let Some(old) = old else {
             return Err(PipelineError::InvalidArgument("no shard is loaded".into()));
         };
@@ -206,7 +239,8 @@ impl Pipeline {
 
 /// Checks size and content hash of a shard file before it is loaded.
 fn verify(path: &Path, size: u64, hash: &str) -> Result<(), String> {
-    let (got_size, got_hash) = hash_file(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let (got_size, got_hash) =
+        hash_file(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     if got_size != size || got_hash != hash {
         return Err(format!(
             "{} does not match the manifest (size {got_size} vs {size}, blake3 {got_hash} vs {hash})",

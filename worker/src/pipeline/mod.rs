@@ -16,6 +16,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use libp2p::PeerId;
 use llama_cluster_engine::manifest::{Manifest, ShardEntry};
 use llama_cluster_engine::stage::{ForwardRequest, StageEngine, StageInput};
@@ -41,7 +43,12 @@ pub struct PipelineConfig {
 
 impl PipelineConfig {
     pub fn from_node(cfg: &NodeConfig) -> Self {
-        let mut engine = EngineSettings { n_ctx: cfg.n_ctx, n_batch: cfg.n_batch, n_ubatch: cfg.n_ubatch, ..Default::default() };
+        let mut engine = EngineSettings {
+            n_ctx: cfg.n_ctx,
+            n_batch: cfg.n_batch,
+            n_ubatch: cfg.n_ubatch,
+            ..Default::default()
+        };
         if cfg.threads > 0 {
             engine.threads = cfg.threads as i32;
         }
@@ -113,12 +120,18 @@ impl Pipeline {
     }
 
     pub fn loaded(&self) -> Option<Arc<LoadedShard>> {
-        self.0.loaded.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Open sessions on this worker's stage.
     pub fn active_sessions(&self) -> u32 {
-        self.loaded().map(|l| l.engine.active_sessions() as u32).unwrap_or(0)
+        self.loaded()
+            .map(|l| l.engine.active_sessions() as u32)
+            .unwrap_or(0)
     }
 
     /// Handles an activation frame that arrived over the network.
@@ -129,19 +142,34 @@ impl Pipeline {
                 let span = info_span!("stage", session = format_args!("{:016x}", req.session), pos = req.pos0, from = %from);
                 self.handle(req, n).instrument(span).await
             }
-            Err(e) => ActivationResponse::error(codes::INVALID, format!("malformed activation frame: {e}")),
+            Err(e) => ActivationResponse::error(
+                codes::INVALID,
+                format!("malformed activation frame: {e}"),
+            ),
         };
         resp.encode()
     }
 
     /// Runs this worker's part of a step and the rest of the chain.
-    async fn handle(&self, req: ActivationRequest, bytes_in: u32) -> ActivationResponse {
+    fn handle(
+        &self,
+        req: ActivationRequest,
+        bytes_in: u32,
+    ) -> BoxFuture<'static, ActivationResponse> {
+        let me = self.clone();
+        async move { me.handle_step(req, bytes_in).await }.boxed()
+    }
+
+    async fn handle_step(&self, req: ActivationRequest, bytes_in: u32) -> ActivationResponse {
         let started = Instant::now();
         let Some(hop) = req.route.first() else {
             return ActivationResponse::error(codes::ROUTE, "empty route");
         };
         let Some(l) = self.loaded() else {
-            return ActivationResponse::error(codes::UNAVAILABLE, format!("worker {} has no shard loaded", self.0.me));
+            return ActivationResponse::error(
+                codes::UNAVAILABLE,
+                format!("worker {} has no shard loaded", self.0.me),
+            );
         };
         if hop.peer != self.0.me
             || hop.shard_id != l.entry.id
@@ -152,7 +180,14 @@ impl Pipeline {
                 codes::ROUTE,
                 format!(
                     "route mismatch: asked for {} (layers {}-{}) on {}, this worker {} serves {} (layers {}-{})",
-                    hop.shard_id, hop.layer_start, hop.layer_end, hop.peer, self.0.me, l.entry.id, l.entry.layer_start, l.entry.layer_end
+                    hop.shard_id,
+                    hop.layer_start,
+                    hop.layer_end,
+                    hop.peer,
+                    self.0.me,
+                    l.entry.id,
+                    l.entry.layer_start,
+                    l.entry.layer_end
                 ),
             );
         }
@@ -167,22 +202,38 @@ impl Pipeline {
                     let _ = me.send(next).await;
                 });
             }
-            return ActivationResponse { error: None, token: None, logits: vec![], hops: vec![] };
+            return ActivationResponse {
+                error: None,
+                token: None,
+                logits: vec![],
+                hops: vec![],
+            };
         }
         if is_last != l.engine.info().is_last {
             return ActivationResponse::error(
                 codes::ROUTE,
-                format!("route mismatch: shard {} is {}the last stage", l.entry.id, if is_last { "not " } else { "" }),
+                format!(
+                    "route mismatch: shard {} is {}the last stage",
+                    l.entry.id,
+                    if is_last { "not " } else { "" }
+                ),
             );
         }
         let n_embd = l.engine.info().n_embd;
         let input = match req.payload {
             Payload::Tokens(t) => StageInput::Tokens(t),
-            Payload::Hidden { n_embd: w, data, .. } if w as usize == n_embd => StageInput::Hidden(data),
+            Payload::Hidden {
+                n_embd: w, data, ..
+            } if w as usize == n_embd => StageInput::Hidden(data),
             Payload::Hidden { n_embd: w, .. } => {
-                return ActivationResponse::error(codes::INVALID, format!("hidden state is {w} wide, this shard expects {n_embd}"));
+                return ActivationResponse::error(
+                    codes::INVALID,
+                    format!("hidden state is {w} wide, this shard expects {n_embd}"),
+                );
             }
-            Payload::None => return ActivationResponse::error(codes::INVALID, "forward frame without payload"),
+            Payload::None => {
+                return ActivationResponse::error(codes::INVALID, "forward frame without payload");
+            }
         };
         let n_tokens = input.n_tokens(n_embd) as u32;
         let out = l
@@ -199,7 +250,12 @@ impl Pipeline {
             .await;
         let out = match out {
             Ok(o) => o,
-            Err(e) => return ActivationResponse::error(engine_code(&e), format!("stage {} on {}: {e}", l.entry.id, self.0.me)),
+            Err(e) => {
+                return ActivationResponse::error(
+                    engine_code(&e),
+                    format!("stage {} on {}: {e}", l.entry.id, self.0.me),
+                );
+            }
         };
         let stats = HopStats {
             peer: self.0.me.clone(),
@@ -208,12 +264,20 @@ impl Pipeline {
             bytes_in,
         };
         if is_last {
-            return ActivationResponse { error: None, token: out.token, logits: out.logits.unwrap_or_default(), hops: vec![stats] };
+            return ActivationResponse {
+                error: None,
+                token: out.token,
+                logits: out.logits.unwrap_or_default(),
+                hops: vec![stats],
+            };
         }
         let spent = started.elapsed().as_millis() as u32;
         let budget_ms = req.budget_ms.saturating_sub(spent);
         if budget_ms == 0 {
-            return ActivationResponse::error(codes::TIMEOUT, "step budget used up before the next stage");
+            return ActivationResponse::error(
+                codes::TIMEOUT,
+                "step budget used up before the next stage",
+            );
         }
         let next = ActivationRequest {
             kind: FrameKind::Forward,
@@ -226,7 +290,12 @@ impl Pipeline {
             route: req.route[1..].to_vec(),
             sampling: req.sampling,
             history: req.history,
-            payload: Payload::Hidden { n_tokens, n_embd: n_embd as u32, data: out.hidden, f16: self.0.cfg.f16 },
+            payload: Payload::Hidden {
+                n_tokens,
+                n_embd: n_embd as u32,
+                data: out.hidden,
+                f16: self.0.cfg.f16,
+            },
         };
         let mut resp = self.send(next).await;
         if resp.error.is_none() {
@@ -237,25 +306,45 @@ impl Pipeline {
 
     /// Sends a frame to its first hop: in-process when that is this worker,
     /// else over `/llama-cluster/activation/1.0`.
-    pub(crate) async fn send(&self, req: ActivationRequest) -> ActivationResponse {
+    pub(crate) fn send(&self, req: ActivationRequest) -> BoxFuture<'static, ActivationResponse> {
+        let me = self.clone();
+        async move { me.send_step(req).await }.boxed()
+    }
+
+    async fn send_step(&self, req: ActivationRequest) -> ActivationResponse {
         let Some(hop) = req.route.first().cloned() else {
             return ActivationResponse::error(codes::ROUTE, "empty route");
         };
         if hop.peer == self.0.me {
-            return Box::pin(self.handle(req, 0)).await;
+            return self.handle(req, 0).await;
         }
         let peer: PeerId = match hop.peer.parse() {
             Ok(p) => p,
-            Err(_) => return ActivationResponse::error(codes::ROUTE, format!("bad peer id {}", hop.peer)),
+            Err(_) => {
+                return ActivationResponse::error(
+                    codes::ROUTE,
+                    format!("bad peer id {}", hop.peer),
+                );
+            }
         };
         let budget = Duration::from_millis(req.budget_ms as u64);
         let bytes = req.encode();
-        debug!("[PIPELINE] {} bytes to {} ({})", bytes.len(), hop.shard_id, peer);
+        debug!(
+            "[PIPELINE] {} bytes to {} ({})",
+            bytes.len(),
+            hop.shard_id,
+            peer
+        );
         match self.0.net.activation(peer, bytes, budget).await {
-            Ok(b) => ActivationResponse::decode(&b)
-                .unwrap_or_else(|e| ActivationResponse::error(codes::INTERNAL, format!("bad response from {peer}: {e}"))),
+            Ok(b) => ActivationResponse::decode(&b).unwrap_or_else(|e| {
+                ActivationResponse::error(codes::INTERNAL, format!("bad response from {peer}: {e}"))
+            }),
             Err(e) => ActivationResponse::error(
-                if e.contains("within") { codes::TIMEOUT } else { codes::UNAVAILABLE },
+                if e.contains("within") {
+                    codes::TIMEOUT
+                } else {
+                    codes::UNAVAILABLE
+                },
                 format!("stage {} on {peer} did not answer: {e}", hop.shard_id),
             ),
         }

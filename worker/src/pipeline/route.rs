@@ -12,7 +12,11 @@ use super::frame::Hop;
 pub fn plan(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Vec<Hop>, String> {
     let usable: Vec<&ShardStatus> = shards
         .iter()
-        .filter(|s| s.model == model && s.state == ShardState::Ready && s.availability != Availability::Offline)
+        .filter(|s| {
+            s.model == model
+                && s.state == ShardState::Ready
+                && s.availability != Availability::Offline
+        })
         .collect();
     let mut route = Vec::new();
     let mut next = 0;
@@ -32,7 +36,16 @@ pub fn plan(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Vec<Hop
             let known: Vec<String> = shards
                 .iter()
                 .filter(|s| s.model == model)
-                .map(|s| format!("{} {}-{} {} {}", s.shard_id, s.layer_start, s.layer_end, s.state.as_str(), s.availability.as_str()))
+                .map(|s| {
+                    format!(
+                        "{} {}-{} {} {}",
+                        s.shard_id,
+                        s.layer_start,
+                        s.layer_end,
+                        s.state.as_str(),
+                        s.availability.as_str()
+                    )
+                })
                 .collect();
             return Err(format!(
                 "no route for model {model}: no ready, reachable worker serves layers starting at {next} (of 0-{}); known shards: [{}]",
@@ -55,7 +68,15 @@ pub fn plan(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Vec<Hop
 mod tests {
     use super::*;
 
-    fn shard(id: &str, peer: &str, a: u32, b: u32, state: ShardState, av: Availability, load: u32) -> ShardStatus {
+    fn shard(
+        id: &str,
+        peer: &str,
+        a: u32,
+        b: u32,
+        state: ShardState,
+        av: Availability,
+        load: u32,
+    ) -> ShardStatus {
         ShardStatus {
             shard_id: id.into(),
             model: "m".into(),
