@@ -101,6 +101,10 @@ impl Baseline {
         })
     }
 
+    pub fn is_eog(&self, token: i32) -> bool {
+        self.model.vocab().is_eog(LlamaToken(token))
+    }
+
     pub fn piece(&self, token: i32) -> Vec<u8> {
         self.model
             .vocab()

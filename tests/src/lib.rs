@@ -235,3 +235,136 @@ pub async fn sees_all(node: &NodeProc, peers: &[&NodeProc]) -> bool {
         .iter()
         .all(|p| st.peers.iter().any(|c| c.peer_id == p.peer_id))
 }
+
+/// Path of the default model (fetched into the cache by scripts/fetch-model.sh).
+pub fn model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("LLAMA_CLUSTER_MODEL") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let p = std::env::var_os("LLAMA_CLUSTER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join(".cache/llama-cluster"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+/// Runs `llama-worker split` (a real process) into `out`; returns the manifest path.
+pub fn split_with_cli(out: &Path, shards: u32) -> anyhow::Result<PathBuf> {
+    let mut child = Command::new(binary("llama-worker"))
+        .args(["split", "--model"])
+        .arg(model_path())
+        .arg("--out")
+        .arg(out)
+        .args(["--shards", &shards.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            if !st.success() {
+                bail!("llama-worker split failed: {st}");
+            }
+            return Ok(out.join("manifest.json"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("llama-worker split did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A bootstrap node and one worker per shard of `manifest`, each on its own
+/// 127.0.0.x address, every shard loaded; `extra` args go to every worker.
+pub struct PipelineCluster {
+    pub bootstrap: NodeProc,
+    pub workers: Vec<NodeProc>,
+    pub shard_ids: Vec<String>,
+    pub manifest: PathBuf,
+}
+
+impl PipelineCluster {
+    pub async fn start(
+        dir: &Path,
+        manifest: &Path,
+        first_host: u8,
+        extra: &[&str],
+    ) -> anyhow::Result<PipelineCluster> {
+        let m: Value = serde_json::from_slice(&std::fs::read(manifest)?)?;
+        let shard_ids: Vec<String> = m["shards"]
+            .as_array()
+            .ok_or_else(|| anyhow!("manifest has no shards"))?
+            .iter()
+            .filter_map(|s| s["id"].as_str().map(String::from))
+            .collect();
+        let bootstrap = NodeProc::start(
+            dir,
+            "bootstrap",
+            &[
+                "bootstrap",
+                "--p2p-host",
+                "127.0.0.1",
+                "--grpc-addr",
+                "127.0.0.1:0",
+            ],
+        )?;
+        let b = bootstrap.addr("quic-v1");
+        let mut workers = Vec::new();
+        for (i, id) in shard_ids.iter().enumerate() {
+            let host = format!("127.0.0.{}", first_host as usize + i);
+            let mut args = worker_args(&host, &[&b], None);
+            args.extend([
+                "--manifest".into(),
+                manifest.display().to_string(),
+                "--shard-id".into(),
+                id.clone(),
+            ]);
+            args.extend(["--threads".into(), "1".into()]);
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            workers.push(NodeProc::start(dir, &format!("stage{i}"), &args)?);
+        }
+        let c = PipelineCluster {
+            bootstrap,
+            workers,
+            shard_ids,
+            manifest: manifest.to_path_buf(),
+        };
+        for w in &c.workers {
+            c.wait_ready_from(w).await?;
+        }
+        Ok(c)
+    }
+
+    /// Waits until `node` sees every shard ready and reachable.
+    pub async fn wait_ready_from(&self, node: &NodeProc) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{} to see every shard ready", node.name),
+            Duration::from_secs(60),
+            || async {
+                let st = node.status().await.ok()?;
+                self.shard_ids
+                    .iter()
+                    .all(|id| {
+                        st.shards.iter().any(|s| {
+                            &s.shard_id == id && s.state == "ready" && s.availability != "OFFLINE"
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await
+        .map_err(|e| anyhow!("{e}\n{}", node.log()))
+    }
+}

@@ -12,12 +12,13 @@ pub mod frame;
 pub mod host;
 pub mod route;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Shared};
 use libp2p::PeerId;
 use llama_cluster_engine::manifest::{Manifest, ShardEntry};
 use llama_cluster_engine::stage::{ForwardRequest, StageEngine, StageInput};
@@ -86,6 +87,21 @@ struct Inner {
     loaded: RwLock<Option<Arc<LoadedShard>>>,
     model: Mutex<Option<Arc<ModelInfo>>>,
     load_lock: tokio::sync::Mutex<()>,
+    /// Last answered step of each session: a frame delivered twice (a retry
+    /// after a connection closed under it) gets the same answer instead of
+    /// running the step again.
+    answered: Mutex<HashMap<u64, Answered>>,
+    /// Steps being computed, by (session, position).
+    inflight: Mutex<HashMap<(u64, u32), RunningStep>>,
+}
+
+/// A step being computed, awaitable by a duplicate of its frame.
+type RunningStep = Shared<BoxFuture<'static, ActivationResponse>>;
+
+struct Answered {
+    pos0: u32,
+    at: Instant,
+    resp: ActivationResponse,
 }
 
 /// Cheaply clonable handle on the pipeline.
@@ -112,6 +128,8 @@ impl Pipeline {
             loaded: RwLock::new(None),
             model: Mutex::new(None),
             load_lock: tokio::sync::Mutex::new(()),
+            answered: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -193,6 +211,11 @@ impl Pipeline {
         }
         let is_last = req.route.len() == 1;
         if req.kind == FrameKind::Close {
+            self.0
+                .answered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&req.session);
             l.engine.close(req.session);
             if !is_last {
                 let mut next = req.clone();
@@ -219,6 +242,74 @@ impl Pipeline {
                 ),
             );
         }
+        if let Some(a) = self
+            .0
+            .answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&req.session)
+            && a.pos0 == req.pos0
+        {
+            debug!(
+                "[PIPELINE] step {} of session {:016x} delivered twice; same answer",
+                req.pos0, req.session
+            );
+            return a.resp.clone();
+        }
+        let (session, pos0) = (req.session, req.pos0);
+        // A duplicate that arrives while the original is still running waits
+        // for the original's answer.
+        let running = {
+            let mut inflight = self.0.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = inflight.get(&(session, pos0)) {
+                debug!(
+                    "[PIPELINE] step {pos0} of session {session:016x} delivered twice while running"
+                );
+                Err(f.clone())
+            } else {
+                let me = self.clone();
+                let l = l.clone();
+                let f = async move { me.compute_step(req, &l, bytes_in, started).await }
+                    .boxed()
+                    .shared();
+                inflight.insert((session, pos0), f.clone());
+                Ok(f)
+            }
+        };
+        let f = match running {
+            Err(original) => return original.await,
+            Ok(f) => f,
+        };
+        let resp = f.await;
+        self.0
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(session, pos0));
+        if resp.error.is_none() {
+            let idle = self.0.cfg.session_idle;
+            let mut answered = self.0.answered.lock().unwrap_or_else(|e| e.into_inner());
+            answered.retain(|_, a| a.at.elapsed() < idle);
+            answered.insert(
+                session,
+                Answered {
+                    pos0,
+                    at: Instant::now(),
+                    resp: resp.clone(),
+                },
+            );
+        }
+        resp
+    }
+
+    async fn compute_step(
+        &self,
+        req: ActivationRequest,
+        l: &LoadedShard,
+        bytes_in: u32,
+        started: Instant,
+    ) -> ActivationResponse {
+        let is_last = req.route.len() == 1;
         let n_embd = l.engine.info().n_embd;
         let input = match req.payload {
             Payload::Tokens(t) => StageInput::Tokens(t),

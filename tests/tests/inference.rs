@@ -1,0 +1,434 @@
+//! Sharded inference end to end: the default model split into 3 shards, each
+//! run by its own `llama-worker` process on 127.0.0.x, the stages talking over
+//! libp2p. Greedy output must be token-identical to the unsplit model run in
+//! this process through llama-cpp-2 with the same settings, and the prompt's
+//! last-token logits equal within 1e-4 (0 in practice). Bad requests and
+//! failing stages come back as gRPC statuses within bounded time.
+
+use std::time::{Duration, Instant};
+
+use llama_cluster_engine::EngineSettings;
+use llama_cluster_engine::baseline::Baseline;
+use llama_cluster_engine::chain::max_abs_diff;
+use llama_cluster_proto::v1::inference_response::Event;
+use llama_cluster_proto::v1::{InferenceRequest, InferenceStats, LoadShardRequest};
+use llama_cluster_tests::{NodeProc, PipelineCluster, model_path, split_with_cli, test_dir};
+use serde_json::{Value, json};
+
+const TOLERANCE: f32 = 1e-4;
+const N_GEN: u32 = 32;
+
+#[derive(Debug, Default)]
+struct Answer {
+    text: String,
+    tokens: Vec<i32>,
+    stats: Option<InferenceStats>,
+}
+
+async fn infer(node: &NodeProc, req: InferenceRequest) -> Result<Answer, tonic::Status> {
+    let mut client = node
+        .client()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut stream = client.inference(req).await?.into_inner();
+    let mut a = Answer::default();
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(Event::Chunk(c)) => {
+                a.text.push_str(&c.text);
+                a.tokens.extend(c.token_ids);
+            }
+            Some(Event::Stats(s)) => a.stats = Some(s),
+            None => {}
+        }
+    }
+    Ok(a)
+}
+
+fn greedy(prompt: &str, chat: bool) -> InferenceRequest {
+    InferenceRequest {
+        prompt: prompt.into(),
+        max_tokens: N_GEN,
+        chat,
+        return_prompt_logits: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_worker_processes_match_single_node_llama_cpp() {
+    let dir = test_dir("pipeline3");
+    let manifest = split_with_cli(&dir.join("split"), 3).unwrap();
+    let cluster = PipelineCluster::start(&dir, &manifest, 20, &[])
+        .await
+        .unwrap();
+
+    let settings = EngineSettings {
+        threads: 1,
+        ..Default::default()
+    };
+    let base = Baseline::load(&model_path(), settings).unwrap();
+    let chat_prompt = "Write a haiku about rivers.";
+    let chat_text =
+        "<|im_start|>user\nWrite a haiku about rivers.<|im_end|>\n<|im_start|>assistant\n";
+    let long = "Rivers, mountains and old roads shape how people live. ".repeat(50); // > n_batch tokens
+    let cases: Vec<(&str, bool, String)> = vec![
+        (
+            "The capital of France is",
+            false,
+            "The capital of France is".into(),
+        ),
+        (&long, false, long.clone()),
+        (chat_prompt, true, chat_text.into()),
+    ];
+    for (i, (prompt, chat, raw)) in cases.iter().enumerate() {
+        let want = base.greedy(&base.tokenize(raw), N_GEN as usize).unwrap();
+        // Any worker can drive: rotate the driver.
+        let driver = &cluster.workers[i % cluster.workers.len()];
+        let got = infer(driver, greedy(prompt, *chat))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", driver.log()));
+        let stats = got.stats.clone().expect("final stats");
+        let diff = max_abs_diff(&stats.prompt_logits, &want.prompt_logits);
+        println!(
+            "driver {}: prompt {} tokens, {} generated, logits max|diff| {diff:e}, ttft {:.1} ms, {:.1} tok/s, {} B/token/hop, route {:?}",
+            driver.name,
+            stats.prompt_tokens,
+            stats.generated_tokens,
+            stats.time_to_first_token_ms,
+            stats.tokens_per_second,
+            stats.bytes_per_token_per_hop,
+            stats.route
+        );
+        assert!(diff <= TOLERANCE, "logits differ by {diff}");
+        // Identical tokens; the pipeline stops early only at end-of-generation.
+        assert!(!got.tokens.is_empty());
+        assert_eq!(
+            got.tokens[..],
+            want.tokens[..got.tokens.len()],
+            "prompt {i}: tokens differ"
+        );
+        if got.tokens.len() < N_GEN as usize {
+            assert!(
+                base.is_eog(want.tokens[got.tokens.len()]),
+                "stopped early without end-of-generation"
+            );
+            assert_eq!(stats.finish_reason, "stop");
+        } else {
+            assert_eq!(stats.finish_reason, "length");
+        }
+        let want_text: Vec<u8> = want.tokens[..got.tokens.len()]
+            .iter()
+            .flat_map(|&t| base.piece(t))
+            .collect();
+        assert_eq!(got.text, String::from_utf8_lossy(&want_text));
+        assert_eq!(stats.route.len(), 3, "{:?}", stats.route);
+        for (hop, id) in stats.route.iter().zip(&cluster.shard_ids) {
+            assert!(hop.starts_with(&format!("{id}@")), "{hop}");
+        }
+        assert_eq!(stats.generated_tokens as usize, got.tokens.len());
+        assert!(
+            stats.bytes_per_token_per_hop >= 576 * 4,
+            "one f32 hidden state per hop per token"
+        );
+    }
+
+    // The P2P INFERENCE command gives the same answer as gRPC.
+    let addr = cluster.workers[1].addr("tcp").parse().unwrap();
+    let mut client = llama_worker::client::JsonClient::connect(&addr, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let body = json!({"command": "INFERENCE", "request_id": "p2p-1", "params": {"prompt": "The capital of France is", "max_tokens": 16}});
+    let r: Value = serde_json::from_slice(
+        &client
+            .request(serde_json::to_vec(&body).unwrap())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    let want = base
+        .greedy(&base.tokenize("The capital of France is"), 16)
+        .unwrap();
+    let ids: Vec<i32> = r["result"]["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(ids, want.tokens);
+
+    // Seeded sampling repeats itself; stop strings cut the text.
+    let sampled = InferenceRequest {
+        prompt: "Once upon a time".into(),
+        max_tokens: 24,
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        repeat_penalty: 1.1,
+        seed: 7,
+        ..Default::default()
+    };
+    let a = infer(&cluster.workers[0], sampled.clone()).await.unwrap();
+    let b = infer(&cluster.workers[0], sampled).await.unwrap();
+    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
+    let stopped = infer(
+        &cluster.workers[0],
+        InferenceRequest {
+            prompt: "The capital of France is".into(),
+            max_tokens: 32,
+            stop: vec!["States".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(stopped.text.ends_with("The United "), "{:?}", stopped.text);
+    assert_eq!(stopped.stats.unwrap().finish_reason, "stop");
+}
+
+/// The error of a call that must fail.
+#[track_caller]
+fn code(r: Result<Answer, tonic::Status>) -> tonic::Status {
+    match r {
+        Ok(a) => panic!("expected an error, got {:?}", a.text),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_failing_stages_get_grpc_errors() {
+    let dir = test_dir("pipeline-errors");
+    let manifest = split_with_cli(&dir.join("split"), 3).unwrap();
+    let cluster = PipelineCluster::start(
+        &dir,
+        &manifest,
+        30,
+        &["--stage-timeout-secs", "4", "--max-sessions", "1"],
+    )
+    .await
+    .unwrap();
+    let driver = &cluster.workers[0];
+
+    let e = code(
+        infer(
+            driver,
+            InferenceRequest {
+                prompt: "  ".into(),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("empty"));
+    let huge = "The quick brown fox jumps over the lazy dog. ".repeat(400);
+    let e = code(
+        infer(
+            driver,
+            InferenceRequest {
+                prompt: huge,
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("context"), "{}", e.message());
+    let e = code(
+        infer(
+            driver,
+            InferenceRequest {
+                prompt: "hi".into(),
+                model: "gpt-9".into(),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let e = code(
+        infer(
+            driver,
+            InferenceRequest {
+                prompt: "hi".into(),
+                max_tokens: 1_000_000,
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = code(
+        infer(
+            driver,
+            InferenceRequest {
+                prompt: "hi".into(),
+                temperature: -1.0,
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+    // Sessions are bounded: a second request while one runs is refused.
+    let long = InferenceRequest {
+        prompt: "The capital of France is".into(),
+        max_tokens: 400,
+        ..Default::default()
+    };
+    let mut first_client = driver.client().await.unwrap();
+    let mut first = first_client.inference(long).await.unwrap().into_inner();
+    let _ = first.message().await.unwrap(); // generation is under way
+    let e = code(
+        infer(
+            &cluster.workers[1],
+            InferenceRequest {
+                prompt: "hi".into(),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    drop(first);
+    drop(first_client);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // No route: unload the middle shard, then load it back.
+    let mut mid = cluster.workers[1].client().await.unwrap();
+    let r = mid
+        .load_shard(LoadShardRequest {
+            unload: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "announced");
+    let t0 = Instant::now();
+    let e = loop {
+        match infer(
+            driver,
+            InferenceRequest {
+                prompt: "hi".into(),
+                max_tokens: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        {
+            Err(e) if e.code() == tonic::Code::Unavailable && e.message().contains("no route") => {
+                break e;
+            }
+            other => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "still routed: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(
+        e.message().contains("layers starting at 10"),
+        "{}",
+        e.message()
+    );
+    let r = mid
+        .load_shard(LoadShardRequest {
+            shard_id: cluster.shard_ids[1].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.state.as_str(), r.layer_start, r.layer_end),
+        ("ready", 10, 19)
+    );
+    let e = mid
+        .load_shard(LoadShardRequest {
+            shard_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let mid_after_bad_load = cluster.workers[1].status().await.unwrap();
+    assert!(
+        mid_after_bad_load
+            .shards
+            .iter()
+            .any(|s| s.state == "ready" && s.availability == "LOCAL")
+    );
+    cluster.wait_ready_from(&cluster.workers[0]).await.unwrap();
+    let ok = infer(
+        driver,
+        InferenceRequest {
+            prompt: "hi".into(),
+            max_tokens: 4,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!ok.tokens.is_empty());
+
+    // A stage that stops answering: the error comes back within the budget.
+    let last_pid = cluster.workers[2].child.id().to_string();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &last_pid])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    let t0 = Instant::now();
+    let e = code(
+        infer(
+            driver,
+            InferenceRequest {
+                prompt: "hi".into(),
+                max_tokens: 4,
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    let took = t0.elapsed();
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &last_pid])
+        .status();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+
+    // A stage that dies: the driver reports it within the step budget (a
+    // dead QUIC peer is silent, so this may be a deadline rather than a
+    // closed connection), or, once the loss is known, finds no route.
+    let pid = cluster.workers[2].child.id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status();
+    let t0 = Instant::now();
+    let e = code(
+        infer(
+            driver,
+            InferenceRequest {
+                prompt: "hi".into(),
+                max_tokens: 4,
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+        ),
+        "{e:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    // The driver itself keeps serving.
+    assert_eq!(driver.status().await.unwrap().peer_id, driver.peer_id);
+}
