@@ -65,6 +65,35 @@ impl Drop for LoadedModel {
     }
 }
 
+/// A ggml CPU thread pool whose idle threads sleep instead of spinning:
+/// several stages (processes) may share a machine's cores, and a stage that
+/// waits for its neighbours must not burn the CPU they need.
+pub struct ThreadPool {
+    ptr: NonNull<sys::ggml_threadpool>,
+}
+
+impl ThreadPool {
+    pub fn new(threads: i32) -> Result<Rc<ThreadPool>> {
+        // SAFETY: plain parameter struct; null on failure.
+        let ptr = unsafe {
+            let mut p = sys::ggml_threadpool_params_default(threads.max(1));
+            p.poll = 0;
+            sys::ggml_threadpool_new(&mut p)
+        };
+        let ptr = NonNull::new(ptr)
+            .ok_or_else(|| EngineError::Llama("could not create a thread pool".into()))?;
+        Ok(Rc::new(ThreadPool { ptr }))
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_threadpool_new; contexts using it hold an
+        // Rc and are freed first.
+        unsafe { sys::ggml_threadpool_free(self.ptr.as_ptr()) }
+    }
+}
+
 /// Where the eval callback writes the captured hidden state.
 struct Capture {
     target: CString,
@@ -107,6 +136,7 @@ pub struct StageContext {
     ctx: NonNull<sys::llama_context>,
     capture: Option<Box<Capture>>,
     model: Rc<LoadedModel>,
+    _pool: Option<Rc<ThreadPool>>,
     n_ctx: u32,
     /// Tokens in the KV cache.
     pub n_past: u32,
@@ -119,6 +149,7 @@ impl StageContext {
         model: Rc<LoadedModel>,
         s: &EngineSettings,
         capture_hidden: bool,
+        pool: Option<Rc<ThreadPool>>,
     ) -> Result<StageContext> {
         let mut capture = capture_hidden.then(|| {
             Box::new(Capture {
@@ -146,10 +177,15 @@ impl StageContext {
         };
         let ctx = NonNull::new(ctx)
             .ok_or_else(|| EngineError::Llama("could not create a context".into()))?;
+        if let Some(p) = &pool {
+            // SAFETY: both pointers are live; the pool outlives the context.
+            unsafe { sys::llama_attach_threadpool(ctx.as_ptr(), p.ptr.as_ptr(), p.ptr.as_ptr()) };
+        }
         Ok(StageContext {
             ctx,
             capture,
             model,
+            _pool: pool,
             n_ctx: s.n_ctx,
             n_past: 0,
         })

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use crate::ffi::{BatchInput, LoadedModel, StageContext, TokenEmbeddings};
+use crate::ffi::{BatchInput, LoadedModel, StageContext, ThreadPool, TokenEmbeddings};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{EngineError, EngineSettings, Result};
 
@@ -107,6 +107,7 @@ struct Session {
 struct Worker {
     spec: StageSpec,
     model: Rc<LoadedModel>,
+    pool: Rc<ThreadPool>,
     embeddings: Option<TokenEmbeddings>,
     sessions: HashMap<u64, Session>,
     count: Arc<AtomicUsize>,
@@ -143,9 +144,11 @@ impl StageEngine {
                         }
                         _ => None,
                     };
+                    let pool = ThreadPool::new(spec.settings.threads)?;
                     Ok(Worker {
                         spec,
                         model,
+                        pool,
                         embeddings,
                         sessions: HashMap::new(),
                         count,
@@ -285,7 +288,12 @@ impl Worker {
                     self.spec.max_sessions
                 )));
             }
-            let ctx = StageContext::new(self.model.clone(), &self.spec.settings, !last)?;
+            let ctx = StageContext::new(
+                self.model.clone(),
+                &self.spec.settings,
+                !last,
+                Some(self.pool.clone()),
+            )?;
             let sampler = if last {
                 let p = req.sampling.clone().unwrap_or_default();
                 let mut s = Sampler::new(&p, self.model.n_vocab)?;

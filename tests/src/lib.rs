@@ -330,7 +330,10 @@ impl PipelineCluster {
                 "--shard-id".into(),
                 id.clone(),
             ]);
-            args.extend(["--threads".into(), "1".into()]);
+            if !extra.contains(&"--threads") {
+                // 2 cores shared by every process of a test: one thread each.
+                args.extend(["--threads".into(), "1".into()]);
+            }
             args.extend(extra.iter().map(|s| s.to_string()));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             workers.push(NodeProc::start(dir, &format!("stage{i}"), &args)?);

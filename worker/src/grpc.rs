@@ -157,6 +157,7 @@ impl Worker for WorkerService {
             },
             stop: r.stop,
             return_prompt_logits: r.return_prompt_logits,
+            ignore_eos: r.ignore_eos,
         };
         let pipeline = self.dispatcher.pipeline().clone();
         let (chunk_tx, mut chunk_rx) = mpsc::channel(64);

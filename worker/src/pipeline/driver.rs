@@ -30,6 +30,8 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub return_prompt_logits: bool,
+    /// Do not stop at end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// A piece of the answer.
@@ -272,7 +274,7 @@ impl Pipeline {
         let mut bytes_per_hop = 0u64;
         let t_decode = Instant::now();
         let finish = loop {
-            if info.vocab.is_eog(next) {
+            if !req.ignore_eos && info.vocab.is_eog(next) {
                 break "stop";
             }
             generated += 1;
