@@ -113,12 +113,12 @@ async fn main() {
         toks.len()
     );
     println!(
-        "{:<34} {:>10} {:>7} {:>10} {:>7} {:>12}  {}",
-        "", "prompt t/s", "ratio", "decode t/s", "ratio", "B/token/hop", "RSS per worker (MB)"
+        "{:<34} {:>10} {:>7} {:>10} {:>7} {:>12}  RSS per worker (MB)",
+        "", "prompt t/s", "ratio", "decode t/s", "ratio", "B/token/hop"
     );
     println!(
-        "{:<34} {:>10.1} {:>7.2} {:>10.1} {:>7.2} {:>12}  {}",
-        "single process (llama-cpp-2)", b.0, 1.0, b.1, 1.0, "-", "-"
+        "{:<34} {:>10.1} {:>7.2} {:>10.1} {:>7.2} {:>12}  -",
+        "single process (llama-cpp-2)", b.0, 1.0, b.1, 1.0, "-"
     );
     drop(base);
 
