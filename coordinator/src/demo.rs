@@ -1,18 +1,33 @@
-//! `llama-coordinator demo`: a local cluster on 127.0.0.x (a bootstrap node
-//! and N workers as separate processes) that discover each other; prints the
-//! cluster table and the discovery time, then stops every process.
+//! `llama-coordinator demo`: the whole thing on one machine. Splits the
+//! model (cached), starts a bootstrap node and one worker per shard as
+//! separate processes on 127.0.0.x, waits until they found each other and
+//! loaded their shards, streams the answer to a prompt through the pipeline,
+//! prints the cluster table and timings, and stops every process.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use llama_cluster_proto::v1::InferenceRequest;
+use llama_cluster_proto::v1::inference_response::Event;
+use llama_cluster_proto::v1::worker_client::WorkerClient;
 
 use crate::status_table::{fetch_status, render};
 
 /// Ready-line prefix printed by `llama-worker` (kept in sync with the worker crate).
 const READY_PREFIX: &str = "LLAMA_CLUSTER_READY ";
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub model: Option<PathBuf>,
+    pub workers: usize,
+    pub prompt: String,
+    pub max_tokens: u32,
+    pub keep_running: bool,
+}
 
 /// A child process killed on drop.
 struct Proc {
@@ -41,12 +56,19 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn spawn(bin: &PathBuf, args: &[String], timeout: Duration) -> anyhow::Result<Proc> {
+fn cache_dir() -> anyhow::Result<PathBuf> {
+    std::env::var_os("LLAMA_CLUSTER_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/llama-cluster")))
+        .context("no HOME and no LLAMA_CLUSTER_CACHE")
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path, timeout: Duration) -> anyhow::Result<Proc> {
     let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
         .spawn()
         .context("starting llama-worker")?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -63,7 +85,10 @@ fn spawn(bin: &PathBuf, args: &[String], timeout: Duration) -> anyhow::Result<Pr
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("llama-worker {args:?} did not start within {timeout:?}");
+            bail!(
+                "llama-worker did not start within {timeout:?}; see {}",
+                log.display()
+            );
         }
     };
     let v: serde_json::Value = serde_json::from_str(&ready)?;
@@ -84,14 +109,76 @@ fn spawn(bin: &PathBuf, args: &[String], timeout: Duration) -> anyhow::Result<Pr
     })
 }
 
-/// Runs the demo; `keep_running` waits for Ctrl-C before stopping.
-pub async fn run(workers: usize, layers: u32, keep_running: bool) -> anyhow::Result<()> {
-    if workers == 0 || workers > 50 {
-        bail!("--workers must be between 1 and 50");
+/// Splits the model once into the cache (re-used while the source is unchanged).
+fn split_cached(
+    bin: &Path,
+    model: &Path,
+    shards: usize,
+    cache: &Path,
+) -> anyhow::Result<(PathBuf, Vec<String>)> {
+    let stem = model
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let size = std::fs::metadata(model)
+        .with_context(|| format!("{} is missing", model.display()))?
+        .len();
+    let dir = cache.join("splits").join(format!("{stem}-{size}-{shards}"));
+    let manifest = dir.join("manifest.json");
+    if !manifest.is_file() {
+        println!("splitting {} into {shards} shards …", model.display());
+        let st = Command::new(bin)
+            .args(["split", "--model"])
+            .arg(model)
+            .arg("--out")
+            .arg(&dir)
+            .args(["--shards", &shards.to_string()])
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("llama-worker split failed ({st})");
+        }
+    }
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest)?)?;
+    let ids = m["shards"]
+        .as_array()
+        .ok_or_else(|| anyhow!("bad manifest {}", manifest.display()))?
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(String::from))
+        .collect();
+    Ok((manifest, ids))
+}
+
+/// Runs the demo.
+pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
+    if o.workers == 0 || o.workers > 30 {
+        bail!("--workers must be between 1 and 30");
     }
     let bin = worker_binary()?;
+    let cache = cache_dir()?;
+    let model = match &o.model {
+        Some(m) => m.clone(),
+        None => cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    if !model.is_file() {
+        bail!(
+            "{} is missing: run scripts/fetch-model.sh (or give --model)",
+            model.display()
+        );
+    }
+    let logs = cache.join("demo-logs");
+    std::fs::create_dir_all(&logs)?;
+    let t_split = Instant::now();
+    let (manifest, shard_ids) = split_cached(&bin, &model, o.workers, &cache)?;
+    let split_time = t_split.elapsed();
+
     let t0 = Instant::now();
-    println!("starting bootstrap node on 127.0.0.1 …");
+    println!(
+        "starting bootstrap node and {} workers on 127.0.0.x (logs in {}) …",
+        o.workers,
+        logs.display()
+    );
     let boot = spawn(
         &bin,
         &[
@@ -102,13 +189,16 @@ pub async fn run(workers: usize, layers: u32, keep_running: bool) -> anyhow::Res
             "127.0.0.1:0",
         ]
         .map(String::from),
+        &logs.join("bootstrap.log"),
         Duration::from_secs(30),
     )?;
-    let per = layers.div_ceil(workers as u32);
+    let threads = (std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        / o.workers)
+        .max(1);
     let mut procs = Vec::new();
-    for i in 0..workers {
-        let start = i as u32 * per;
-        let end = ((i as u32 + 1) * per).min(layers) - 1;
+    for (i, id) in shard_ids.iter().enumerate() {
         let args: Vec<String> = [
             "--p2p-host",
             &format!("127.0.0.{}", i + 2),
@@ -116,23 +206,27 @@ pub async fn run(workers: usize, layers: u32, keep_running: bool) -> anyhow::Res
             "127.0.0.1:0",
             "--bootstrap",
             &boot.quic_addr,
+            "--manifest",
+            &manifest.display().to_string(),
             "--shard-id",
-            &format!("shard-{i}"),
-            "--shard-layers",
-            &format!("{start}-{end}"),
+            id,
+            "--threads",
+            &threads.to_string(),
         ]
         .map(String::from)
         .to_vec();
-        let p = spawn(&bin, &args, Duration::from_secs(30))?;
-        println!(
-            "worker {i}: peer {} gRPC {} layers {start}-{end}",
-            p.peer_id, p.grpc_addr
-        );
-        procs.push(p);
+        procs.push(spawn(
+            &bin,
+            &args,
+            &logs.join(format!("worker{i}.log")),
+            Duration::from_secs(30),
+        )?);
     }
-    let spawned = t0.elapsed();
-    // Wait (bounded) until every worker is connected to every other one.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let started = t0.elapsed();
+
+    // Wait (bounded) for discovery, then for every shard to be ready.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut discovered = None;
     let table = loop {
         let mut statuses = Vec::new();
         for p in &procs {
@@ -140,37 +234,103 @@ pub async fn run(workers: usize, layers: u32, keep_running: bool) -> anyhow::Res
                 statuses.push((p.grpc_addr.clone(), st));
             }
         }
-        let complete = statuses.len() == procs.len()
+        let connected = statuses.len() == procs.len()
             && statuses.iter().all(|(_, st)| {
-                procs.iter().filter(|p| p.peer_id != st.peer_id).all(|p| {
-                    st.peers.iter().any(|c| c.peer_id == p.peer_id)
-                        && st
-                            .shards
-                            .iter()
-                            .any(|s| s.peer_id == p.peer_id && s.availability == "ONLINE")
+                procs
+                    .iter()
+                    .filter(|p| p.peer_id != st.peer_id)
+                    .all(|p| st.peers.iter().any(|c| c.peer_id == p.peer_id))
+            });
+        if connected && discovered.is_none() {
+            discovered = Some(t0.elapsed());
+        }
+        let ready = connected
+            && statuses.iter().all(|(_, st)| {
+                shard_ids.iter().all(|id| {
+                    st.shards
+                        .iter()
+                        .any(|s| &s.shard_id == id && s.state == "ready")
                 })
             });
-        if complete {
+        if ready {
             break render(&statuses);
         }
         if Instant::now() > deadline {
             bail!(
-                "workers did not all discover each other within 30 s:\n{}",
+                "the cluster did not become ready within 60 s:\n{}",
                 render(&statuses)
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let ready_at = t0.elapsed();
     println!("\n{table}");
+
+    // The prompt, through the pipeline, streamed.
+    let driver = &procs[0];
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", driver.grpc_addr))?
+        .connect()
+        .await?;
+    let mut client = WorkerClient::new(ch);
+    print!("prompt: {}\nanswer: ", o.prompt);
+    let req = InferenceRequest {
+        prompt: o.prompt.clone(),
+        chat: true,
+        max_tokens: o.max_tokens,
+        ..Default::default()
+    };
+    let mut stream = client
+        .inference(req)
+        .await
+        .context("Inference")?
+        .into_inner();
+    let mut stats = None;
+    while let Some(m) = stream.message().await? {
+        match m.event {
+            Some(Event::Chunk(c)) => {
+                print!("{}", c.text);
+                let _ = std::io::stdout().flush();
+            }
+            Some(Event::Stats(s)) => stats = Some(s),
+            None => {}
+        }
+    }
+    println!("\n");
+    let s = stats.ok_or_else(|| anyhow!("no statistics at the end of the stream"))?;
+    println!("route: {}", s.route.join(" -> "));
+    println!("timings:");
     println!(
-        "all {workers} workers discovered each other {:.0} ms after the last one started ({:.0} ms in total)",
-        (t0.elapsed() - spawned).as_secs_f64() * 1000.0,
-        t0.elapsed().as_secs_f64() * 1000.0
+        "  split (cached after the first run) {:>8.0} ms",
+        split_time.as_secs_f64() * 1000.0
     );
-    if keep_running {
-        println!("cluster running; Ctrl-C to stop");
+    println!(
+        "  processes started                  {:>8.0} ms",
+        started.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  all workers discovered             {:>8.0} ms",
+        discovered.unwrap_or(ready_at).as_secs_f64() * 1000.0
+    );
+    println!(
+        "  all shards loaded and ready        {:>8.0} ms",
+        ready_at.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  time to first token                {:>8.1} ms",
+        s.time_to_first_token_ms
+    );
+    println!(
+        "  decode                             {:>8.1} tok/s ({} prompt + {} generated tokens, {})",
+        s.tokens_per_second, s.prompt_tokens, s.generated_tokens, s.finish_reason
+    );
+    if o.keep_running {
+        println!(
+            "cluster running (gRPC of worker 0: {}); Ctrl-C to stop",
+            driver.grpc_addr
+        );
         let _ = tokio::signal::ctrl_c().await;
     }
+    drop(client);
     drop(procs);
     drop(boot);
     println!("stopped every process");

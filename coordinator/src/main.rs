@@ -27,12 +27,21 @@ enum Cmd {
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), wait until
     /// every worker found every other, print the table, stop everything.
     Demo {
-        /// Number of workers.
+        /// Number of workers (one shard each).
         #[arg(long, default_value_t = 3)]
         workers: usize,
-        /// Layers of the model to spread over the workers.
-        #[arg(long, default_value_t = 30)]
-        layers: u32,
+        /// GGUF model (default: the cached SmolLM2-135M-Instruct).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// The prompt (sent as a chat message).
+        #[arg(
+            long,
+            default_value = "What is the capital of France? Answer in one sentence."
+        )]
+        prompt: String,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
         /// Keep the cluster running until Ctrl-C.
         #[arg(long)]
         keep_running: bool,
@@ -56,9 +65,20 @@ async fn main() -> ExitCode {
         }
         Cmd::Demo {
             workers,
-            layers,
+            model,
+            prompt,
+            max_tokens,
             keep_running,
-        } => demo::run(workers, layers, keep_running).await,
+        } => {
+            demo::run(demo::DemoOptions {
+                model,
+                workers,
+                prompt,
+                max_tokens,
+                keep_running,
+            })
+            .await
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
