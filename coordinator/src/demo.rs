@@ -212,6 +212,12 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
             id,
             "--threads",
             &threads.to_string(),
+            "--cache-dir",
+            &cache
+                .join("demo-workers")
+                .join(format!("worker{i}"))
+                .display()
+                .to_string(),
         ]
         .map(String::from)
         .to_vec();

@@ -86,6 +86,15 @@ pub struct NodeConfig {
     pub stage_timeout_secs: u64,
     /// Send hidden states between stages as f16 (half the bytes, not bit-exact).
     pub activation_f16: bool,
+    /// Directory for downloaded shard files and other cached data (empty:
+    /// `$LLAMA_CLUSTER_CACHE` or `~/.cache/llama-cluster`).
+    pub cache_dir: String,
+    /// Seed the files of the configured manifest that are on this disk.
+    pub seed_manifest: bool,
+    /// Test only: serve corrupted pieces.
+    pub test_corrupt_pieces: bool,
+    /// Test only: delay every served piece by this many milliseconds.
+    pub test_piece_delay_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -117,6 +126,10 @@ impl Default for NodeConfig {
             session_idle_secs: 300,
             stage_timeout_secs: 60,
             activation_f16: false,
+            cache_dir: String::new(),
+            seed_manifest: true,
+            test_corrupt_pieces: false,
+            test_piece_delay_ms: 0,
         }
     }
 }

@@ -67,6 +67,23 @@ pub struct ShardStatus {
     pub load: u32,
 }
 
+/// A file this node seeds or downloads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TorrentStatus {
+    pub file_hash: String,
+    pub name: String,
+    pub size: u64,
+    /// "seeding" or "downloading".
+    pub state: String,
+    pub verified_bytes: u64,
+    /// Bytes received by this process for the file.
+    pub fetched_bytes: u64,
+    pub pieces_done: u32,
+    pub pieces_total: u32,
+    pub peers: u32,
+    pub bad_pieces: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub peer_id: String,
@@ -77,4 +94,6 @@ pub struct NodeStatus {
     pub quic_enabled: bool,
     pub peers: Vec<PeerStatus>,
     pub shards: Vec<ShardStatus>,
+    #[serde(default)]
+    pub torrents: Vec<TorrentStatus>,
 }

@@ -79,6 +79,8 @@ impl NodeProc {
             .stdout(Stdio::piped())
             .stderr(log)
             .env("RUST_LOG", "info,llama_worker=debug,libp2p=warn");
+        // Every node has its own file store, as on separate machines.
+        cmd.env("LLAMA_CLUSTER_CACHE_DIR", dir.join(format!("{name}.cache")));
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -120,7 +120,9 @@ impl Node {
                 // Event-driven: a peer just stored (or updated) a record here.
                 self.refresh_from_local_store();
             }
-            kad::Event::OutboundQueryProgressed { result, .. } => match result {
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
                 QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(r))) => {
                     if let Some(rec) = decode_record(&self.cfg.cluster, &r.record) {
                         self.learn_shard(rec, "DHT query");
@@ -140,6 +142,21 @@ impl Node {
                     // With no other DHT node yet the record stays local; it is
                     // published again when a peer appears.
                     debug!("[DHT] put_record: {e} (kept locally)");
+                }
+                QueryResult::GetProviders(r) if self.provider_queries.contains_key(&id) => {
+                    let finished = step.last
+                        || matches!(
+                            r,
+                            Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) | Err(_)
+                        );
+                    if let Some((found, _)) = self.provider_queries.get_mut(&id)
+                        && let Ok(GetProvidersOk::FoundProviders { providers, .. }) = r
+                    {
+                        found.extend(providers);
+                    }
+                    if finished && let Some((found, reply)) = self.provider_queries.remove(&id) {
+                        let _ = reply.send(found.into_iter().collect());
+                    }
                 }
                 QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
                     providers, ..

@@ -14,6 +14,7 @@ use crate::pipeline::Pipeline;
 use crate::pipeline::driver::GenerateRequest;
 use crate::pipeline::host::PipelineError;
 use crate::state::SharedState;
+use crate::torrent::CatalogEntry;
 use llama_cluster_engine::sampling::SamplingParams;
 use serde::Deserialize;
 
@@ -160,7 +161,7 @@ impl Dispatcher {
         };
         debug!("[MSG] command {} from {}", kind.as_str(), cmd.from);
         match kind {
-            CommandKind::GetStatus => match serde_json::to_value(self.state.snapshot()) {
+            CommandKind::GetStatus => match serde_json::to_value(self.status()) {
                 Ok(v) => CommandResponse::ok(&cmd, &me, v),
                 Err(e) => CommandResponse::error(
                     &cmd.request_id,
@@ -172,7 +173,8 @@ impl Dispatcher {
             },
             CommandKind::Inference => self.inference(&cmd).await,
             CommandKind::LoadShard => self.load_shard(&cmd).await,
-            CommandKind::SyncTorrents | CommandKind::SwarmReady => CommandResponse::error(
+            CommandKind::SyncTorrents => self.sync_torrents_command(&cmd).await,
+            CommandKind::SwarmReady => CommandResponse::error(
                 &cmd.request_id,
                 &cmd.command,
                 &me,
@@ -180,6 +182,140 @@ impl Dispatcher {
                 format!("{} is not implemented yet in this version", kind.as_str()),
             ),
         }
+    }
+
+    /// This node's status, torrents included.
+    pub fn status(&self) -> llama_cluster_shared::status::NodeStatus {
+        let mut st = self.state.snapshot();
+        st.torrents = self.pipeline.torrents().status();
+        st
+    }
+
+    async fn sync_torrents_command(&self, cmd: &Command) -> CommandResponse {
+        let me = self.me();
+        let catalog_only = cmd
+            .params
+            .get("catalog_only")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let fetch_missing = cmd
+            .params
+            .get("fetch_missing")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        if catalog_only {
+            let list: Vec<_> = self
+                .pipeline
+                .torrents()
+                .store()
+                .catalog()
+                .into_iter()
+                .map(|m| json!({"file_hash": m.file_hash, "name": m.name, "size": m.size}))
+                .collect();
+            return CommandResponse::ok(cmd, &me, json!({ "catalog": list }));
+        }
+        match self.sync_torrents(fetch_missing).await {
+            Ok(entries) => CommandResponse::ok(cmd, &me, json!({ "entries": entries })),
+            Err(e) => CommandResponse::error(
+                &cmd.request_id,
+                &cmd.command,
+                &me,
+                ErrorCode::Unavailable,
+                e,
+            ),
+        }
+    }
+
+    /// Exchanges catalogs with every connected worker; with `fetch_missing`,
+    /// downloads the files this node lacks.
+    pub async fn sync_torrents(&self, fetch_missing: bool) -> Result<Vec<CatalogEntry>, String> {
+        let me = self.me();
+        let torrents = self.pipeline.torrents();
+        let mut entries: std::collections::BTreeMap<String, CatalogEntry> = torrents
+            .store()
+            .catalog()
+            .into_iter()
+            .map(|m| {
+                let e = CatalogEntry {
+                    file_hash: m.file_hash.clone(),
+                    name: m.name,
+                    size: m.size,
+                    providers: vec![me.clone()],
+                    local: true,
+                };
+                (m.file_hash, e)
+            })
+            .collect();
+        let peers: Vec<libp2p::PeerId> = self.state.read(|s| {
+            s.connections
+                .keys()
+                .filter(|p| s.agents.get(p).is_some_and(|a| a.ends_with("/worker")))
+                .copied()
+                .collect()
+        });
+        let body = serde_json::to_vec(&json!({
+            "command": "SYNC_TORRENTS", "from": me, "request_id": format!("sync-{}", unix_now()),
+            "params": {"catalog_only": true}
+        }))
+        .unwrap_or_default();
+        let net = self.pipeline.net().clone();
+        let answers = futures::future::join_all(peers.iter().map(|p| {
+            let net = net.clone();
+            let body = body.clone();
+            async move {
+                (
+                    *p,
+                    net.request(*p, body, std::time::Duration::from_secs(10))
+                        .await,
+                )
+            }
+        }))
+        .await;
+        for (peer, r) in answers {
+            let Ok(bytes) = r else { continue };
+            let Ok(resp) = serde_json::from_slice::<CommandResponse>(&bytes) else {
+                continue;
+            };
+            let list = resp
+                .result
+                .and_then(|r| r.get("catalog").cloned())
+                .unwrap_or_default();
+            for item in list.as_array().cloned().unwrap_or_default() {
+                let (Some(hash), Some(name), Some(size)) = (
+                    item["file_hash"].as_str(),
+                    item["name"].as_str(),
+                    item["size"].as_u64(),
+                ) else {
+                    continue;
+                };
+                let e = entries
+                    .entry(hash.to_string())
+                    .or_insert_with(|| CatalogEntry {
+                        file_hash: hash.to_string(),
+                        name: name.to_string(),
+                        size,
+                        providers: vec![],
+                        local: false,
+                    });
+                e.providers.push(peer.to_string());
+            }
+        }
+        if fetch_missing {
+            let mut failed = vec![];
+            for e in entries.values_mut().filter(|e| !e.local) {
+                match torrents.fetch(&e.file_hash).await {
+                    Ok(_) => {
+                        e.local = true;
+                        e.providers.push(me.clone());
+                    }
+                    Err(err) => failed.push(format!("{}: {err}", e.name)),
+                }
+            }
+            if !failed.is_empty() {
+                return Err(format!("some downloads failed: {}", failed.join("; ")));
+            }
+        }
+        Ok(entries.into_values().collect())
     }
 
     async fn inference(&self, cmd: &Command) -> CommandResponse {
@@ -339,10 +475,16 @@ mod tests {
         let state = SharedState::new(PeerId::random(), "c", Role::Worker, true);
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         let cfg = llama_cluster_shared::config::NodeConfig::default();
+        let net = crate::node::NetHandle::for_tests(tx);
+        let dir = std::env::temp_dir().join(format!("llama-dispatch-{}", std::process::id()));
+        let store = crate::torrent::store::Store::open(&dir).unwrap();
+        let torrents =
+            crate::torrent::Torrents::new(store, net.clone(), state.peer_id(), Default::default());
         let pipeline = Pipeline::new(
             state.clone(),
-            crate::node::NetHandle::for_tests(tx),
+            net,
             crate::pipeline::PipelineConfig::from_node(&cfg),
+            torrents,
         );
         Dispatcher::new(state, pipeline, 1024)
     }
@@ -371,7 +513,7 @@ mod tests {
         assert_eq!(unk["error"]["code"], "unknown_command");
         let ni = ask(
             &d,
-            br#"{"command":"SYNC_TORRENTS","from":"x","request_id":"9"}"#,
+            br#"{"command":"SWARM_READY","from":"x","request_id":"9"}"#,
         )
         .await;
         assert_eq!(ni["error"]["code"], "not_implemented");

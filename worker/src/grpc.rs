@@ -14,7 +14,7 @@ use llama_cluster_proto::v1::worker_server::{Worker, WorkerServer};
 use llama_cluster_proto::v1::{
     GetStatusRequest, GetStatusResponse, InferenceRequest, InferenceResponse, InferenceStats,
     LoadShardRequest, LoadShardResponse, PeerInfo, RelayRequest, RelayResponse, ShardInfo,
-    SyncTorrentsRequest, SyncTorrentsResponse, TextChunk,
+    SyncTorrentsRequest, SyncTorrentsResponse, TextChunk, TorrentEntry, TorrentInfo,
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -74,6 +74,22 @@ pub fn status_to_proto(s: NodeStatus) -> GetStatusResponse {
                 transport: p.transport.as_str().into(),
                 address: p.address,
                 direction: p.direction,
+            })
+            .collect(),
+        torrents: s
+            .torrents
+            .into_iter()
+            .map(|t| TorrentInfo {
+                file_hash: t.file_hash,
+                name: t.name,
+                size: t.size,
+                state: t.state,
+                verified_bytes: t.verified_bytes,
+                fetched_bytes: t.fetched_bytes,
+                pieces_done: t.pieces_done,
+                pieces_total: t.pieces_total,
+                peers: t.peers,
+                bad_pieces: t.bad_pieces,
             })
             .collect(),
         shards: s
@@ -217,9 +233,23 @@ impl Worker for WorkerService {
         &self,
         req: Request<SyncTorrentsRequest>,
     ) -> Result<Response<SyncTorrentsResponse>, Status> {
-        let params = json!({ "fetch_missing": req.get_ref().fetch_missing });
-        let resp = self.dispatcher.run(CommandKind::SyncTorrents, params).await;
-        Err(to_status(&resp))
+        let entries = self
+            .dispatcher
+            .sync_torrents(req.get_ref().fetch_missing)
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(SyncTorrentsResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| TorrentEntry {
+                    file_hash: e.file_hash,
+                    name: e.name,
+                    size: e.size,
+                    providers: e.providers,
+                    local: e.local,
+                })
+                .collect(),
+        }))
     }
 
     #[tracing::instrument(name = "grpc.GetStatus", skip_all)]

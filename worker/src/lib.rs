@@ -13,6 +13,7 @@ pub mod network;
 pub mod node;
 pub mod pipeline;
 pub mod state;
+pub mod torrent;
 
 /// Prefix of the machine-readable line a node prints on stdout once it is up.
 pub const READY_PREFIX: &str = "LLAMA_CLUSTER_READY ";

@@ -37,6 +37,20 @@ enum Cmd {
     Send(SendArgs),
     /// Cut a GGUF model into layer-range shards plus a head file and a manifest.
     Split(SplitArgs),
+    /// Join the swarm, download one file by its content hash (progress bar), copy it out.
+    Fetch(FetchArgs),
+}
+
+#[derive(Args, Debug)]
+struct FetchArgs {
+    /// BLAKE3 hash of the file (as in a split manifest).
+    #[arg(long)]
+    hash: String,
+    /// Where to put the file.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +159,18 @@ struct NodeArgs {
     /// Send hidden states as f16 (half the bytes; not bit-exact).
     #[arg(long)]
     activation_f16: bool,
+    /// Cache directory for downloaded files.
+    #[arg(long)]
+    cache_dir: Option<String>,
+    /// Do not seed the manifest's files found on this disk.
+    #[arg(long)]
+    no_seed_manifest: bool,
+    /// Test only: serve corrupted pieces.
+    #[arg(long, hide = true)]
+    test_corrupt_pieces: bool,
+    /// Test only: delay each served piece (ms).
+    #[arg(long, hide = true)]
+    test_piece_delay_ms: Option<String>,
 }
 
 impl NodeArgs {
@@ -170,6 +196,8 @@ impl NodeArgs {
         opt("request_timeout_secs", &self.request_timeout_secs);
         opt("log_format", &self.log_format);
         opt("manifest", &self.manifest);
+        opt("cache_dir", &self.cache_dir);
+        opt("test_piece_delay_ms", &self.test_piece_delay_ms);
         opt("n_ctx", &self.n_ctx);
         opt("n_batch", &self.n_batch);
         opt("n_ubatch", &self.n_ubatch);
@@ -179,6 +207,12 @@ impl NodeArgs {
         opt("stage_timeout_secs", &self.stage_timeout_secs);
         if self.activation_f16 {
             v.push(("activation_f16", "true".into()));
+        }
+        if self.no_seed_manifest {
+            v.push(("seed_manifest", "false".into()));
+        }
+        if self.test_corrupt_pieces {
+            v.push(("test_corrupt_pieces", "true".into()));
         }
         if self.no_quic {
             v.push(("quic", "false".into()));
@@ -246,6 +280,7 @@ fn main() -> ExitCode {
             Some(Cmd::Bootstrap(a)) => run_node(a, Role::Bootstrap).await,
             Some(Cmd::Send(a)) => send(a).await,
             Some(Cmd::Split(a)) => split(a).await,
+            Some(Cmd::Fetch(a)) => fetch(a).await,
         }
     });
     match result {
@@ -264,15 +299,20 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
     let cluster = cfg.cluster.clone();
     let startup_shard =
         (!cfg.shard_id.is_empty() && !cfg.manifest.is_empty()).then(|| cfg.shard_id.clone());
+    let seed_manifest = cfg.seed_manifest;
     let running = node::start(cfg, role).await?;
-    if let Some(shard) = startup_shard {
-        let pipeline = running.pipeline.clone();
-        tokio::spawn(async move {
-            if let Err(e) = pipeline.load_shard(&shard, None).await {
-                error!("[SHARD] {e}");
-            }
-        });
-    }
+    running.torrents.announce_all();
+    let pipeline = running.pipeline.clone();
+    tokio::spawn(async move {
+        if seed_manifest {
+            pipeline.seed_manifest_files().await;
+        }
+        if let Some(shard) = startup_shard
+            && let Err(e) = pipeline.load_shard(&shard, None).await
+        {
+            error!("[SHARD] {e}");
+        }
+    });
     let (bound, server) = grpc::serve(
         &grpc_addr,
         running.dispatcher.clone(),
@@ -411,4 +451,55 @@ fn default_model_path() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+async fn fetch(a: FetchArgs) -> anyhow::Result<()> {
+    let cfg = a.node.load()?;
+    logging::init(cfg.log_format);
+    if cfg.bootstrap.is_empty() {
+        anyhow::bail!("give --bootstrap: the address of any node of the cluster");
+    }
+    let running = node::start(cfg, Role::Worker).await?;
+    // Bounded wait for the swarm.
+    let t0 = std::time::Instant::now();
+    while running.state.read(|s| s.connections.is_empty()) {
+        if t0.elapsed() > Duration::from_secs(20) {
+            anyhow::bail!("could not reach any node within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let torrents = running.torrents.clone();
+    let hash = a.hash.clone();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .progress_chars("=> "),
+    );
+    let download = tokio::spawn(async move { torrents.fetch(&hash).await });
+    let path = loop {
+        if download.is_finished() {
+            break download.await??;
+        }
+        if let Some(p) = running
+            .torrents
+            .progress()
+            .into_iter()
+            .find(|p| p.file_hash == a.hash)
+        {
+            bar.set_length(p.total_bytes);
+            bar.set_position(p.verified_bytes);
+            bar.set_message(format!("{} ({} peers)", p.name, p.peers));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    bar.finish();
+    let tmp = a.out.with_extension("part");
+    std::fs::copy(&path, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &a.out)?;
+    println!("{} -> {}", a.hash, a.out.display());
+    running.task.abort();
+    Ok(())
 }

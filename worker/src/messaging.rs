@@ -113,6 +113,52 @@ impl Node {
         }
     }
 
+    pub(crate) fn on_torrent(&mut self, ev: Event<Vec<u8>, Vec<u8>>) {
+        match ev {
+            Event::Message { peer, message, .. } => match message {
+                Message::Request {
+                    request, channel, ..
+                } => {
+                    let torrents = self.torrents.clone();
+                    let responses = self.torrent_responses.clone();
+                    tokio::spawn(async move {
+                        let body = torrents.serve(peer, request).await;
+                        let _ = responses.send((channel, body)).await;
+                    });
+                }
+                Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(out) = self.pending_torrents.remove(&request_id) {
+                        let _ = out.reply.send(Ok(response));
+                    }
+                }
+            },
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(out) = self.pending_torrents.remove(&request_id)
+                    && let Some(out) = self.retry_after_close(peer, &error, out)
+                {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .torrent
+                        .send_request(&peer, out.body.clone());
+                    self.pending_torrents.insert(id, out);
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!("[TORRENT] inbound request from {peer} failed: {error}")
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
     /// A request lost because its connection closed (typically the TCP
     /// connection replaced by QUIC) is sent again, at most twice. Otherwise the caller gets the error; `None` means "resend".
     fn retry_after_close(

@@ -23,6 +23,7 @@ use crate::network::behaviour::{NodeBehaviour, NodeBehaviourEvent, Role, build_s
 use crate::network::{json_codec::JsonRequest, transport_of};
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::state::{ConnInfo, SharedState};
+use crate::torrent::Torrents;
 
 /// How long a TCP connection replaced by QUIC stays open.
 const TCP_CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -44,6 +45,19 @@ pub enum NetCommand {
     },
     /// Re-publish this node's records now (its shard changed state).
     Publish,
+    /// Send a piece-protocol request.
+    Torrent {
+        peer: PeerId,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+    /// Find the providers of a DHT key.
+    GetProviders {
+        key: String,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    /// Announce this node as a provider of a DHT key.
+    Provide(String),
 }
 
 /// Handle on the swarm task.
@@ -89,6 +103,51 @@ impl NetHandle {
             Ok(Err(_)) => Err("node is shutting down".into()),
             Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
         }
+    }
+
+    /// Sends a piece-protocol request to `peer`.
+    pub async fn torrent(
+        &self,
+        peer: PeerId,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(NetCommand::Torrent { peer, body, reply })
+            .await
+            .map_err(|_| "node is shutting down".to_string())?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("node is shutting down".into()),
+            Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
+        }
+    }
+
+    /// Providers of `key` in the DHT (bounded by the query timeout).
+    pub async fn get_providers(&self, key: String) -> Vec<PeerId> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(NetCommand::GetProviders { key, reply })
+            .await
+            .is_err()
+        {
+            return vec![];
+        }
+        tokio::time::timeout(Duration::from_secs(25), rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    }
+
+    /// Announces this node as a provider of `key`.
+    pub fn provide(&self, key: String) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(NetCommand::Provide(key)).await;
+        });
     }
 
     /// A handle on a channel nobody serves (unit tests of other modules).
@@ -139,6 +198,12 @@ pub struct Node {
     pub(crate) activation_responses: ResponseTx,
     pub(crate) pending_activations: PendingActivations,
     pub(crate) pipeline: Pipeline,
+    pub(crate) torrents: Torrents,
+    pub(crate) torrent_responses: ResponseTx,
+    pub(crate) pending_torrents: PendingActivations,
+    /// Provider lookups in progress: found so far, and who waits.
+    pub(crate) provider_queries:
+        HashMap<libp2p::kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
     /// Whether our records have reached at least one other DHT node.
     pub(crate) published: bool,
     /// Peers already counted as discovered (for the one-time log line).
@@ -157,6 +222,7 @@ pub struct RunningNode {
     pub dispatcher: Dispatcher,
     pub net: NetHandle,
     pub pipeline: Pipeline,
+    pub torrents: Torrents,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -229,10 +295,24 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
     }
     let (tx, mut rx) = mpsc::channel(1024);
     let net = NetHandle { tx };
-    let pipeline = Pipeline::new(state.clone(), net.clone(), PipelineConfig::from_node(&cfg));
+    let store_dir = crate::torrent::cache_dir(&cfg).join("torrents");
+    let store = crate::torrent::store::Store::open(&store_dir)
+        .with_context(|| format!("cannot open the file store {}", store_dir.display()))?;
+    let hooks = crate::torrent::TestHooks {
+        corrupt_pieces: cfg.test_corrupt_pieces,
+        piece_delay: Duration::from_millis(cfg.test_piece_delay_ms),
+    };
+    let torrents = Torrents::new(store, net.clone(), peer_id, hooks);
+    let pipeline = Pipeline::new(
+        state.clone(),
+        net.clone(),
+        PipelineConfig::from_node(&cfg),
+        torrents.clone(),
+    );
     let dispatcher = Dispatcher::new(state.clone(), pipeline.clone(), cfg.max_message_bytes);
     let (resp_tx, mut resp_rx) = mpsc::channel(256);
     let (act_tx, mut act_rx) = mpsc::channel(1024);
+    let (tor_tx, mut tor_rx) = mpsc::channel(1024);
     let mut node = Node {
         swarm,
         cfg,
@@ -247,6 +327,10 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
         activation_responses: act_tx,
         pending_activations: HashMap::new(),
         pipeline: pipeline.clone(),
+        torrents: torrents.clone(),
+        torrent_responses: tor_tx,
+        pending_torrents: HashMap::new(),
+        provider_queries: HashMap::new(),
         published: false,
         discovered: HashSet::new(),
         quic_upgrade_tried: HashSet::new(),
@@ -312,6 +396,11 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
                         debug!("[MSG] response not sent: the requester went away");
                     }
                 }
+                Some((channel, body)) = tor_rx.recv() => {
+                    if node.swarm.behaviour_mut().torrent.send_response(channel, body).is_err() {
+                        debug!("[TORRENT] response not sent: the requester went away");
+                    }
+                }
                 Some((channel, body)) = act_rx.recv() => {
                     if node.swarm.behaviour_mut().activation.send_response(channel, body).is_err() {
                         debug!("[PIPELINE] response not sent: the previous stage went away");
@@ -331,6 +420,7 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
         dispatcher,
         net,
         pipeline,
+        torrents,
         task,
     })
 }
@@ -377,6 +467,39 @@ impl Node {
                 );
             }
             NetCommand::Publish => self.publish_local_records(),
+            NetCommand::Torrent { peer, body, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .torrent
+                    .send_request(&peer, body.clone());
+                self.pending_torrents.insert(
+                    id,
+                    Outbound {
+                        reply,
+                        body,
+                        retried: 0,
+                    },
+                );
+            }
+            NetCommand::GetProviders { key, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(libp2p::kad::RecordKey::new(&key));
+                self.provider_queries.insert(id, (HashSet::new(), reply));
+            }
+            NetCommand::Provide(key) => {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(libp2p::kad::RecordKey::new(&key))
+                {
+                    warn!("[DHT] cannot announce {key}: {e}");
+                }
+            }
         }
     }
 
@@ -389,6 +512,7 @@ impl Node {
                 NodeBehaviourEvent::RendezvousServer(ev) => self.on_rendezvous_server(ev),
                 NodeBehaviourEvent::Messaging(ev) => self.on_messaging(ev),
                 NodeBehaviourEvent::Activation(ev) => self.on_activation(ev),
+                NodeBehaviourEvent::Torrent(ev) => self.on_torrent(ev),
                 NodeBehaviourEvent::Ping(_) => {}
             },
             SwarmEvent::NewListenAddr { address, .. } => {

@@ -158,6 +158,7 @@ impl SharedState {
                 quic_enabled: s.quic_enabled,
                 peers,
                 shards,
+                torrents: vec![],
             }
         })
     }

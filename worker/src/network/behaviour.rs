@@ -17,6 +17,7 @@ use llama_cluster_shared::protocol::JSON_PROTOCOL;
 
 use super::json_codec::JsonCodec;
 use crate::pipeline::frame::{ACTIVATION_PROTOCOL, ActivationCodec};
+use crate::torrent::protocol::{TORRENT_PROTOCOL, TorrentCodec};
 
 /// What a node is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,7 @@ pub struct NodeBehaviour {
     pub rendezvous_client: Toggle<rendezvous::client::Behaviour>,
     pub messaging: request_response::Behaviour<JsonCodec>,
     pub activation: request_response::Behaviour<ActivationCodec>,
+    pub torrent: request_response::Behaviour<TorrentCodec>,
 }
 
 /// Builds the swarm of a node with `keypair`.
@@ -134,7 +136,18 @@ pub fn build_swarm(
                     .with_request_timeout(Duration::from_secs(3600))
                     .with_max_concurrent_streams(1024),
             );
+            let torrent = request_response::Behaviour::with_codec(
+                TorrentCodec,
+                [(
+                    StreamProtocol::new(TORRENT_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(60))
+                    .with_max_concurrent_streams(256),
+            );
             NodeBehaviour {
+                torrent,
                 activation,
                 identify,
                 ping: ping::Behaviour::new(ping::Config::new()),

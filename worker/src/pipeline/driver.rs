@@ -349,34 +349,26 @@ mod tests {
 
     #[test]
     fn stop_strings_hold_back_and_cut() {
-        let mut s = StopScan {
-            stops: vec!["END".into()],
+        let scan = |stops: &[&str]| StopScan {
+            stops: stops.iter().map(|s| s.to_string()).collect(),
             out: String::new(),
             sent: 0,
         };
+        // Text that may start a stop string is held back, the rest is sent.
+        let mut s = scan(&["END"]);
         assert_eq!(s.push("hello E"), ("hello".into(), false));
-        assert_eq!(s.push("N"), ("".into(), false));
-        assert_eq!(s.push("Dxyz"), (" ".into(), true));
-        let mut s = StopScan {
-            stops: vec![],
-            out: String::new(),
-            sent: 0,
-        };
+        assert_eq!(s.push("N"), (" ".into(), false));
+        assert_eq!(s.push("Dxyz"), ("".into(), true));
+        assert_eq!(s.out[..s.out.find("END").unwrap()], *"hello ");
+        let mut s = scan(&[]);
         assert_eq!(s.push("abc"), ("abc".into(), false));
-        let mut s = StopScan {
-            stops: vec!["\n\n".into()],
-            out: String::new(),
-            sent: 0,
-        };
+        let mut s = scan(&["\n\n"]);
         assert_eq!(s.push("a\n"), ("a".into(), false));
-        assert_eq!(s.push("b"), ("\nb".into(), false));
-        assert_eq!(s.flush(), "");
-        let mut s = StopScan {
-            stops: vec!["é!".into()],
-            out: String::new(),
-            sent: 0,
-        };
-        assert_eq!(s.push("caféé"), ("caf".into(), false));
-        assert_eq!(s.push("!"), ("é".into(), true));
+        assert_eq!(s.push("b"), ("\n".into(), false));
+        assert_eq!(s.flush(), "b");
+        // Multi-byte characters are never split.
+        let mut s = scan(&["é!"]);
+        assert_eq!(s.push("caféé"), ("café".into(), false));
+        assert_eq!(s.push("!"), ("".into(), true));
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use llama_cluster_engine::manifest::{Manifest, hash_file};
+use llama_cluster_engine::manifest::{FileEntry, Manifest, hash_file};
 use llama_cluster_engine::stage::{StageEngine, StageSpec};
 use llama_cluster_engine::vocab::Vocab;
 use llama_cluster_shared::dht_keys::{ShardRecord, ShardState};
@@ -13,6 +13,7 @@ use llama_cluster_shared::unix_now;
 use tracing::{info, warn};
 
 use super::{LoadedShard, ModelInfo, Pipeline};
+use crate::torrent::TorrentError;
 
 /// Errors of the control paths, mapped to gRPC codes by the callers.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,64 @@ impl Pipeline {
                     "no manifest given and none configured (--manifest)".into(),
                 )
             }),
+        }
+    }
+
+    /// Local path of a file of a manifest: next to the manifest when it is
+    /// there with the right size, else in the file store, else fetched from
+    /// the swarm (verified piece by piece and as a whole).
+    pub async fn local_file(
+        &self,
+        manifest_path: &Path,
+        entry: &FileEntry,
+    ) -> Result<PathBuf, PipelineError> {
+        let beside = Manifest::path_of(manifest_path, &entry.file);
+        if std::fs::metadata(&beside).map(|m| m.len()).ok() == Some(entry.size) {
+            return Ok(beside);
+        }
+        info!(
+            "[SHARD] {} is not on this disk; fetching it from the swarm",
+            entry.file
+        );
+        self.0
+            .torrents
+            .fetch(&entry.hash)
+            .await
+            .map_err(|e| match e {
+                TorrentError::NoProvider(_) => PipelineError::NotFound(format!(
+                    "{} is not on this worker's disk and no peer provides it ({e})",
+                    entry.file
+                )),
+                other => PipelineError::Unavailable(format!("fetching {}: {other}", entry.file)),
+            })
+    }
+
+    /// Seeds every file of the configured manifest that is on this disk.
+    pub async fn seed_manifest_files(&self) {
+        let Some(mpath) = self.0.cfg.manifest.clone() else {
+            return;
+        };
+        let m = match Manifest::load(&mpath) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("[TORRENT] {e}");
+                return;
+            }
+        };
+        let files = std::iter::once(&m.head).chain(m.shards.iter().map(|s| &s.file));
+        for f in files {
+            let path = Manifest::path_of(&mpath, &f.file);
+            if self.0.torrents.store().seed(&f.hash).is_some() || !path.is_file() {
+                continue;
+            }
+            if let Err(e) = self
+                .0
+                .torrents
+                .seed_file(path, f.file.clone(), Some(f.hash.clone()))
+                .await
+            {
+                warn!("[TORRENT] {e}");
+            }
         }
     }
 
@@ -122,16 +181,6 @@ impl Pipeline {
                 ))
             })?
             .clone();
-        let shard_path = Manifest::path_of(&mpath, &entry.file.file);
-        let head_path = Manifest::path_of(&mpath, &m.head.file);
-        for (what, p) in [("shard", &shard_path), ("head", &head_path)] {
-            if !p.is_file() {
-                return Err(PipelineError::NotFound(format!(
-                    "{what} file {} is not on this worker's disk (fetching shards from peers comes with the torrent milestone)",
-                    p.display()
-                )));
-            }
-        }
         let record = |state| ShardRecord {
             shard_id: entry.id.clone(),
             peer_id: self.0.me.clone(),
@@ -146,6 +195,23 @@ impl Pipeline {
         // Unload first: one shard per worker.
         *self.0.loaded.write().unwrap_or_else(|e| e.into_inner()) = None;
         self.set_record(Some(record(ShardState::Loading)));
+        let files = async {
+            let shard = self.local_file(&mpath, &entry.file).await?;
+            // The first stage looks token embeddings up in the head file.
+            let head = if entry.index == 0 {
+                Some(self.local_file(&mpath, &m.head).await?)
+            } else {
+                None
+            };
+            Ok::<_, PipelineError>((shard, head))
+        };
+        let (shard_path, head_path) = match files.await {
+            Ok(f) => f,
+            Err(e) => {
+                self.set_record(Some(record(ShardState::Failed)));
+                return Err(e);
+            }
+        };
         info!(
             "[SHARD] loading {} (layers {}-{}) of {}",
             entry.id, entry.layer_start, entry.layer_end, m.model
@@ -153,7 +219,7 @@ impl Pipeline {
         let t0 = Instant::now();
         let spec = StageSpec {
             shard_path: shard_path.clone(),
-            head_path: Some(head_path),
+            head_path,
             is_first: entry.index == 0,
             is_last: entry.index as usize + 1 == m.shards.len(),
             settings: self.0.cfg.engine,

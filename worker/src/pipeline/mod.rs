@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, info_span};
 
 use crate::node::NetHandle;
 use crate::state::SharedState;
+use crate::torrent::Torrents;
 use frame::{ActivationRequest, ActivationResponse, FrameKind, HopStats, Payload, codes};
 
 /// Pipeline settings taken from the node configuration.
@@ -91,6 +92,7 @@ struct Inner {
     /// after a connection closed under it) gets the same answer instead of
     /// running the step again.
     answered: Mutex<HashMap<u64, Answered>>,
+    torrents: Torrents,
     /// Steps being computed, by (session, position).
     inflight: Mutex<HashMap<(u64, u32), RunningStep>>,
 }
@@ -118,7 +120,12 @@ fn engine_code(e: &EngineError) -> u8 {
 }
 
 impl Pipeline {
-    pub fn new(state: SharedState, net: NetHandle, cfg: PipelineConfig) -> Self {
+    pub fn new(
+        state: SharedState,
+        net: NetHandle,
+        cfg: PipelineConfig,
+        torrents: Torrents,
+    ) -> Self {
         let me = state.peer_id().to_string();
         Pipeline(Arc::new(Inner {
             state,
@@ -129,8 +136,17 @@ impl Pipeline {
             model: Mutex::new(None),
             load_lock: tokio::sync::Mutex::new(()),
             answered: Mutex::new(HashMap::new()),
+            torrents,
             inflight: Mutex::new(HashMap::new()),
         }))
+    }
+
+    pub fn net(&self) -> &NetHandle {
+        &self.0.net
+    }
+
+    pub fn torrents(&self) -> &Torrents {
+        &self.0.torrents
     }
 
     pub fn config(&self) -> &PipelineConfig {

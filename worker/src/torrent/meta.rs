@@ -1,0 +1,169 @@
+//! Torrent metadata: a file cut into pieces, every piece and the whole file
+//! identified by BLAKE3 (the hash the split manifest uses), the metadata
+//! itself addressed by the hash of its canonical encoding.
+
+use std::io::Read;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Smallest piece size (1 MiB); larger files get larger pieces so that a
+/// file has at most [`MAX_PIECES`] pieces.
+pub const MIN_PIECE: u64 = 1 << 20;
+/// Largest piece size accepted from anyone.
+pub const MAX_PIECE: u64 = 16 << 20;
+pub const MAX_PIECES: u64 = 8192;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TorrentMeta {
+    pub name: String,
+    pub size: u64,
+    pub piece_size: u64,
+    /// Hex BLAKE3 of each piece, in order.
+    pub pieces: Vec<String>,
+    /// Hex BLAKE3 of the whole file: the file's identity.
+    pub file_hash: String,
+}
+
+/// Piece size for a file of `size` bytes.
+pub fn piece_size_for(size: u64) -> u64 {
+    let mut p = MIN_PIECE;
+    while size.div_ceil(p) > MAX_PIECES && p < MAX_PIECE {
+        p *= 2;
+    }
+    p
+}
+
+fn is_hex_hash(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+impl TorrentMeta {
+    /// Hashes a file (pieces and whole) in one streaming pass.
+    pub fn from_file(path: &Path, name: &str) -> std::io::Result<TorrentMeta> {
+        let size = std::fs::metadata(path)?.len();
+        let piece_size = piece_size_for(size);
+        let mut f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+        let mut whole = blake3::Hasher::new();
+        let mut pieces = Vec::with_capacity(size.div_ceil(piece_size) as usize);
+        let mut buf = vec![0u8; piece_size as usize];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(piece_size) as usize;
+            f.read_exact(&mut buf[..n])?;
+            whole.update(&buf[..n]);
+            pieces.push(blake3::hash(&buf[..n]).to_hex().to_string());
+            left -= n as u64;
+        }
+        Ok(TorrentMeta {
+            name: name.to_string(),
+            size,
+            piece_size,
+            pieces,
+            file_hash: whole.finalize().to_hex().to_string(),
+        })
+    }
+
+    pub fn n_pieces(&self) -> u32 {
+        self.pieces.len() as u32
+    }
+
+    /// Length of piece `i`.
+    pub fn piece_len(&self, i: u32) -> u64 {
+        let start = i as u64 * self.piece_size;
+        self.size.saturating_sub(start).min(self.piece_size)
+    }
+
+    /// Canonical encoding (JSON with fields in declaration order).
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The metadata's own address.
+    pub fn meta_hash(&self) -> String {
+        blake3::hash(&self.encode()).to_hex().to_string()
+    }
+
+    /// Checks that the description is self-consistent and within limits.
+    pub fn validate(&self) -> Result<(), String> {
+        if !is_hex_hash(&self.file_hash) {
+            return Err("file hash is not a BLAKE3 hex digest".into());
+        }
+        if !(MIN_PIECE..=MAX_PIECE).contains(&self.piece_size) || !self.piece_size.is_power_of_two()
+        {
+            return Err(format!("piece size {} out of range", self.piece_size));
+        }
+        if self.pieces.len() as u64 != self.size.div_ceil(self.piece_size) {
+            return Err(format!(
+                "{} piece hashes for {} bytes in pieces of {}",
+                self.pieces.len(),
+                self.size,
+                self.piece_size
+            ));
+        }
+        if self.pieces.len() as u64 > MAX_PIECES * 16 {
+            return Err("too many pieces".into());
+        }
+        if let Some(bad) = self.pieces.iter().find(|p| !is_hex_hash(p)) {
+            return Err(format!("piece hash {bad:?} is not a BLAKE3 hex digest"));
+        }
+        if self.name.is_empty()
+            || self.name.contains('/')
+            || self.name.contains('\\')
+            || self.name.starts_with('.')
+        {
+            return Err(format!("file name {:?} is not a plain name", self.name));
+        }
+        Ok(())
+    }
+
+    /// True when `data` is piece `i`.
+    pub fn check_piece(&self, i: u32, data: &[u8]) -> bool {
+        self.pieces.get(i as usize).is_some_and(|h| {
+            data.len() as u64 == self.piece_len(i) && blake3::hash(data).to_hex().as_str() == h
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_of_a_file_checks_out() {
+        let dir = std::env::temp_dir().join(format!("llama-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.bin");
+        let data: Vec<u8> = (0..(2 * MIN_PIECE + 123))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let m = TorrentMeta::from_file(&path, "f.bin").unwrap();
+        assert_eq!(m.n_pieces(), 3);
+        assert_eq!(m.piece_len(2), 123);
+        assert_eq!(m.file_hash, blake3::hash(&data).to_hex().to_string());
+        m.validate().unwrap();
+        assert!(m.check_piece(0, &data[..MIN_PIECE as usize]));
+        assert!(!m.check_piece(1, &data[..MIN_PIECE as usize]));
+        assert!(!m.check_piece(9, &data[..10]));
+        let back: TorrentMeta = serde_json::from_slice(&m.encode()).unwrap();
+        assert_eq!(back.meta_hash(), m.meta_hash());
+        let mut bad = m.clone();
+        bad.pieces.pop();
+        assert!(bad.validate().is_err());
+        let mut bad = m.clone();
+        bad.name = "../etc/passwd".into();
+        assert!(bad.validate().is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn piece_sizes_grow_for_big_files() {
+        assert_eq!(piece_size_for(100), MIN_PIECE);
+        assert_eq!(piece_size_for(8 << 30), 1 << 20);
+        assert_eq!(piece_size_for(32 << 30), 4 << 20);
+        assert_eq!(piece_size_for(1 << 40), MAX_PIECE);
+    }
+}

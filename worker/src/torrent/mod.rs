@@ -1,0 +1,488 @@
+//! Shard files travelling through the swarm, BitTorrent-style.
+//!
+//! - [`meta`]: content addressing (BLAKE3 pieces and whole file);
+//! - [`store`]: complete files, resumable partial downloads, seeds;
+//! - [`protocol`]: the binary piece protocol;
+//! - this module: serving pieces, announcing files as DHT providers,
+//!   downloading from several providers at once, catalog exchange.
+
+pub mod meta;
+pub mod protocol;
+pub mod store;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::node::NetHandle;
+use meta::TorrentMeta;
+use protocol::{TorrentRequest, TorrentResponse};
+use store::Store;
+
+/// The node's cache directory (`cache_dir`, else `$LLAMA_CLUSTER_CACHE`,
+/// else `~/.cache/llama-cluster`, else a directory under /tmp).
+pub fn cache_dir(cfg: &llama_cluster_shared::config::NodeConfig) -> PathBuf {
+    if !cfg.cache_dir.is_empty() {
+        return PathBuf::from(&cfg.cache_dir);
+    }
+    std::env::var_os("LLAMA_CLUSTER_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/llama-cluster")))
+        .unwrap_or_else(|| std::env::temp_dir().join("llama-cluster"))
+}
+
+/// Pieces requested from one peer at a time.
+const PER_PEER_IN_FLIGHT: usize = 4;
+/// Time one piece may take.
+const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TorrentError {
+    #[error("no peer provides file {0}")]
+    NoProvider(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("storage error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Test hooks (never on in production): serve corrupted pieces, serve slowly.
+#[derive(Debug, Clone, Default)]
+pub struct TestHooks {
+    pub corrupt_pieces: bool,
+    pub piece_delay: Duration,
+}
+
+/// Progress of one download, shown by GetStatus.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DownloadProgress {
+    pub file_hash: String,
+    pub name: String,
+    pub total_bytes: u64,
+    pub verified_bytes: u64,
+    /// Bytes received by this process for this file (a restart resets it).
+    pub fetched_bytes: u64,
+    pub pieces_done: u32,
+    pub pieces_total: u32,
+    pub peers: u32,
+    pub bad_pieces: u32,
+    pub done: bool,
+}
+
+/// One file of the merged catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    pub file_hash: String,
+    pub name: String,
+    pub size: u64,
+    pub providers: Vec<String>,
+    pub local: bool,
+}
+
+struct Inner {
+    store: Store,
+    net: NetHandle,
+    me: PeerId,
+    hooks: TestHooks,
+    progress: Mutex<HashMap<String, DownloadProgress>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Clone)]
+pub struct Torrents(Arc<Inner>);
+
+impl Torrents {
+    pub fn new(store: Store, net: NetHandle, me: PeerId, hooks: TestHooks) -> Self {
+        Torrents(Arc::new(Inner {
+            store,
+            net,
+            me,
+            hooks,
+            progress: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
+    /// Seeds and downloads, for GetStatus.
+    pub fn status(&self) -> Vec<llama_cluster_shared::status::TorrentStatus> {
+        use llama_cluster_shared::status::TorrentStatus;
+        let progress = self.progress();
+        let mut out: Vec<TorrentStatus> = self
+            .0
+            .store
+            .catalog()
+            .into_iter()
+            .map(|m| {
+                let p = progress.iter().find(|p| p.file_hash == m.file_hash);
+                TorrentStatus {
+                    file_hash: m.file_hash.clone(),
+                    name: m.name.clone(),
+                    size: m.size,
+                    state: "seeding".into(),
+                    verified_bytes: m.size,
+                    fetched_bytes: p.map(|p| p.fetched_bytes).unwrap_or(0),
+                    pieces_done: m.n_pieces(),
+                    pieces_total: m.n_pieces(),
+                    peers: p.map(|p| p.peers).unwrap_or(0),
+                    bad_pieces: p.map(|p| p.bad_pieces).unwrap_or(0),
+                }
+            })
+            .collect();
+        for p in progress.into_iter().filter(|p| !p.done) {
+            if out.iter().all(|t| t.file_hash != p.file_hash) {
+                out.push(TorrentStatus {
+                    file_hash: p.file_hash,
+                    name: p.name,
+                    size: p.total_bytes,
+                    state: "downloading".into(),
+                    verified_bytes: p.verified_bytes,
+                    fetched_bytes: p.fetched_bytes,
+                    pieces_done: p.pieces_done,
+                    pieces_total: p.pieces_total,
+                    peers: p.peers,
+                    bad_pieces: p.bad_pieces,
+                });
+            }
+        }
+        out
+    }
+
+    /// Downloads in progress or finished by this process.
+    pub fn progress(&self) -> Vec<DownloadProgress> {
+        let mut v: Vec<_> = self
+            .0
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    fn set_progress(&self, p: &DownloadProgress) {
+        self.0
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p.file_hash.clone(), p.clone());
+    }
+
+    /// Seeds a complete file that is already on disk (hashing it) and
+    /// announces it. `expected` is the hash it must have, when known.
+    pub async fn seed_file(
+        &self,
+        path: PathBuf,
+        name: String,
+        expected: Option<String>,
+    ) -> Result<TorrentMeta, TorrentError> {
+        let p = path.clone();
+        let meta = tokio::task::spawn_blocking(move || TorrentMeta::from_file(&p, &name))
+            .await
+            .map_err(|e| TorrentError::Failed(e.to_string()))??;
+        if let Some(h) = expected
+            && h != meta.file_hash
+        {
+            return Err(TorrentError::Failed(format!(
+                "{} has hash {}, the manifest says {h}; not seeding it",
+                path.display(),
+                meta.file_hash
+            )));
+        }
+        self.0.store.add_seed(meta.clone(), path);
+        self.0.net.provide(meta.file_hash.clone());
+        info!(
+            "[TORRENT] seeding {} ({} bytes, {} pieces)",
+            meta.name,
+            meta.size,
+            meta.n_pieces()
+        );
+        Ok(meta)
+    }
+
+    /// Announces every complete file of the store (at start).
+    pub fn announce_all(&self) {
+        for m in self.0.store.catalog() {
+            self.0.net.provide(m.file_hash);
+        }
+    }
+
+    /// Answers one inbound piece-protocol request.
+    pub async fn serve(&self, from: PeerId, bytes: Vec<u8>) -> Vec<u8> {
+        let resp = match TorrentRequest::decode(&bytes) {
+            Err(e) => {
+                warn!("[TORRENT] malformed request from {from}: {e}");
+                TorrentResponse::Error(format!("malformed request: {e}"))
+            }
+            Ok(TorrentRequest::Meta { file_hash }) => match self.0.store.seed(&file_hash) {
+                Some(s) => TorrentResponse::Meta(s.meta.encode()),
+                None => TorrentResponse::Error(format!("no complete file {file_hash} here")),
+            },
+            Ok(TorrentRequest::Piece { file_hash, index }) => {
+                if !self.0.hooks.piece_delay.is_zero() {
+                    tokio::time::sleep(self.0.hooks.piece_delay).await;
+                }
+                let me = self.clone();
+                let r =
+                    tokio::task::spawn_blocking(move || me.0.store.read_piece(&file_hash, index))
+                        .await;
+                match r {
+                    Ok(Ok(mut data)) => {
+                        if self.0.hooks.corrupt_pieces && !data.is_empty() {
+                            data[0] ^= 0xff;
+                        }
+                        TorrentResponse::Piece { index, data }
+                    }
+                    Ok(Err(e)) => TorrentResponse::Error(e),
+                    Err(e) => TorrentResponse::Error(e.to_string()),
+                }
+            }
+        };
+        resp.encode()
+    }
+
+    async fn ask(&self, peer: PeerId, req: TorrentRequest) -> Result<TorrentResponse, String> {
+        let bytes = self
+            .0
+            .net
+            .torrent(peer, req.encode(), PIECE_TIMEOUT)
+            .await?;
+        TorrentResponse::decode(&bytes)
+    }
+
+    async fn providers(&self, file_hash: &str) -> Vec<PeerId> {
+        let mut found: Vec<PeerId> = self.0.net.get_providers(file_hash.to_string()).await;
+        found.retain(|p| *p != self.0.me);
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    async fn fetch_meta(
+        &self,
+        providers: &[PeerId],
+        file_hash: &str,
+    ) -> Result<TorrentMeta, TorrentError> {
+        let mut last = String::from("no provider answered");
+        for &p in providers {
+            match self
+                .ask(
+                    p,
+                    TorrentRequest::Meta {
+                        file_hash: file_hash.to_string(),
+                    },
+                )
+                .await
+            {
+                Ok(TorrentResponse::Meta(b)) => match serde_json::from_slice::<TorrentMeta>(&b) {
+                    Ok(m) if m.file_hash == file_hash && m.validate().is_ok() => return Ok(m),
+                    Ok(_) => last = format!("{p} sent metadata for another or an invalid file"),
+                    Err(e) => last = format!("{p} sent unreadable metadata: {e}"),
+                },
+                Ok(TorrentResponse::Error(e)) => last = format!("{p}: {e}"),
+                Ok(_) => last = format!("{p} answered out of turn"),
+                Err(e) => last = format!("{p}: {e}"),
+            }
+        }
+        Err(TorrentError::Failed(format!(
+            "no usable metadata for {file_hash}: {last}"
+        )))
+    }
+
+    /// Returns the local path of file `file_hash`, downloading it from the
+    /// swarm first when it is not here.
+    pub async fn fetch(&self, file_hash: &str) -> Result<PathBuf, TorrentError> {
+        if let Some(s) = self.0.store.seed(file_hash) {
+            return Ok(s.path);
+        }
+        let lock = self
+            .0
+            .locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(file_hash.to_string())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        if let Some(s) = self.0.store.seed(file_hash) {
+            return Ok(s.path);
+        }
+        let t0 = Instant::now();
+        let mut providers = self.providers(file_hash).await;
+        if providers.is_empty() {
+            return Err(TorrentError::NoProvider(file_hash.to_string()));
+        }
+        let meta = self.fetch_meta(&providers, file_hash).await?;
+        let m2 = meta.clone();
+        let me = self.clone();
+        let mut partial = tokio::task::spawn_blocking(move || me.0.store.partial(&m2))
+            .await
+            .map_err(|e| TorrentError::Failed(e.to_string()))??;
+        let mut prog = DownloadProgress {
+            file_hash: file_hash.to_string(),
+            name: meta.name.clone(),
+            total_bytes: meta.size,
+            verified_bytes: partial.verified_bytes(),
+            fetched_bytes: 0,
+            pieces_done: meta.n_pieces() - partial.missing().len() as u32,
+            pieces_total: meta.n_pieces(),
+            peers: providers.len() as u32,
+            bad_pieces: 0,
+            done: false,
+        };
+        self.set_progress(&prog);
+        info!(
+            "[TORRENT] downloading {} ({} bytes, {} of {} pieces already verified) from {} peers",
+            meta.name,
+            meta.size,
+            prog.pieces_done,
+            prog.pieces_total,
+            providers.len()
+        );
+        let mut queue: VecDeque<u32> = partial.missing().into();
+        let mut in_flight: HashMap<PeerId, usize> = providers.iter().map(|p| (*p, 0)).collect();
+        let mut dropped: HashSet<PeerId> = HashSet::new();
+        let mut running = FuturesUnordered::new();
+        let mut refreshed = false;
+        loop {
+            // Hand out pieces round robin, a few per peer.
+            let mut progress_made = true;
+            while progress_made && !queue.is_empty() {
+                progress_made = false;
+                for p in providers.clone() {
+                    if dropped.contains(&p) {
+                        continue;
+                    }
+                    let n = in_flight.entry(p).or_insert(0);
+                    if *n < PER_PEER_IN_FLIGHT
+                        && let Some(i) = queue.pop_front()
+                    {
+                        *n += 1;
+                        progress_made = true;
+                        let me = self.clone();
+                        let hash = file_hash.to_string();
+                        running.push(async move {
+                            let r = me
+                                .ask(
+                                    p,
+                                    TorrentRequest::Piece {
+                                        file_hash: hash,
+                                        index: i,
+                                    },
+                                )
+                                .await;
+                            (p, i, r)
+                        });
+                    }
+                }
+            }
+            if running.is_empty() {
+                if queue.is_empty() {
+                    break;
+                }
+                if !refreshed {
+                    // Everybody we knew failed: look for providers again, once.
+                    refreshed = true;
+                    providers = self
+                        .providers(file_hash)
+                        .await
+                        .into_iter()
+                        .filter(|p| !dropped.contains(p))
+                        .collect();
+                    for p in &providers {
+                        in_flight.insert(*p, 0);
+                    }
+                    if !providers.is_empty() {
+                        continue;
+                    }
+                }
+                return Err(TorrentError::Failed(format!(
+                    "download of {} stalled: no provider left, {} pieces missing (resumable)",
+                    meta.name,
+                    queue.len()
+                )));
+            }
+            let Some((peer, i, r)) = running.next().await else {
+                continue;
+            };
+            if let Some(n) = in_flight.get_mut(&peer) {
+                *n = n.saturating_sub(1);
+            }
+            match r {
+                Ok(TorrentResponse::Piece { index, data })
+                    if index == i && meta.check_piece(i, &data) =>
+                {
+                    partial.write_piece(i, &data).map_err(|e| {
+                        TorrentError::Failed(format!(
+                            "writing {} failed: {e} (download stopped, resumable)",
+                            meta.name
+                        ))
+                    })?;
+                    prog.fetched_bytes += data.len() as u64;
+                    prog.verified_bytes += data.len() as u64;
+                    prog.pieces_done += 1;
+                    prog.peers = providers.iter().filter(|p| !dropped.contains(p)).count() as u32;
+                    self.set_progress(&prog);
+                }
+                Ok(TorrentResponse::Piece { .. }) => {
+                    prog.bad_pieces += 1;
+                    self.set_progress(&prog);
+                    warn!(
+                        "[TORRENT] {peer} sent a bad piece {i} of {}; dropping it from this download",
+                        meta.name
+                    );
+                    dropped.insert(peer);
+                    queue.push_back(i);
+                }
+                Ok(other) => {
+                    let why = match other {
+                        TorrentResponse::Error(e) => e,
+                        _ => "unexpected answer".into(),
+                    };
+                    debug!("[TORRENT] {peer} could not send piece {i}: {why}");
+                    dropped.insert(peer);
+                    queue.push_back(i);
+                }
+                Err(e) => {
+                    warn!(
+                        "[TORRENT] {peer} failed while sending piece {i} of {}: {e}; dropping it",
+                        meta.name
+                    );
+                    dropped.insert(peer);
+                    queue.push_back(i);
+                }
+            }
+        }
+        let name = meta.name.clone();
+        let me = self.clone();
+        let path = tokio::task::spawn_blocking(move || me.0.store.complete(partial))
+            .await
+            .map_err(|e| TorrentError::Failed(e.to_string()))?
+            .map_err(|e| TorrentError::Failed(format!("finishing {name}: {e}")))?;
+        prog.done = true;
+        self.set_progress(&prog);
+        self.0.net.provide(file_hash.to_string());
+        let secs = t0.elapsed().as_secs_f64();
+        info!(
+            "[TORRENT] {} complete and verified: {} bytes fetched in {:.2} s ({:.1} MB/s), seeding",
+            meta.name,
+            prog.fetched_bytes,
+            secs,
+            prog.fetched_bytes as f64 / secs.max(1e-9) / 1e6
+        );
+        Ok(path)
+    }
+}

@@ -1,0 +1,249 @@
+//! Where torrent files live: complete files by content hash
+//! (`files/<hash>`, with `meta/<hash>.json`), downloads in progress
+//! (`partial/<hash>.part` + a bitmap of verified pieces), and files seeded
+//! from elsewhere on disk (a split directory). Nothing is served or placed
+//! under its final name before it is verified.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use super::meta::TorrentMeta;
+
+/// A complete, verified file that can be served.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    pub meta: TorrentMeta,
+    pub path: PathBuf,
+}
+
+pub struct Store {
+    root: PathBuf,
+    seeds: RwLock<HashMap<String, Seed>>,
+}
+
+impl Store {
+    /// Opens (creating) the store and indexes its complete files.
+    pub fn open(root: &Path) -> io::Result<Store> {
+        for d in ["files", "partial", "meta"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        let store = Store {
+            root: root.to_path_buf(),
+            seeds: RwLock::new(HashMap::new()),
+        };
+        for entry in std::fs::read_dir(root.join("meta"))? {
+            let path = entry?.path();
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(meta) = serde_json::from_slice::<TorrentMeta>(&bytes) else {
+                continue;
+            };
+            let file = store.final_path(&meta.file_hash);
+            if meta.validate().is_ok()
+                && std::fs::metadata(&file).map(|m| m.len()).ok() == Some(meta.size)
+            {
+                store.add_seed(meta, file);
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn final_path(&self, hash: &str) -> PathBuf {
+        self.root.join("files").join(hash)
+    }
+
+    pub fn add_seed(&self, meta: TorrentMeta, path: PathBuf) {
+        self.seeds
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(meta.file_hash.clone(), Seed { meta, path });
+    }
+
+    pub fn seed(&self, hash: &str) -> Option<Seed> {
+        self.seeds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .cloned()
+    }
+
+    pub fn catalog(&self) -> Vec<TorrentMeta> {
+        let mut v: Vec<TorrentMeta> = self
+            .seeds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|s| s.meta.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Reads piece `i` of a seeded file (blocking).
+    pub fn read_piece(&self, hash: &str, i: u32) -> Result<Vec<u8>, String> {
+        let seed = self
+            .seed(hash)
+            .ok_or_else(|| format!("no complete file {hash} here"))?;
+        if i >= seed.meta.n_pieces() {
+            return Err(format!(
+                "piece {i} out of range (the file has {})",
+                seed.meta.n_pieces()
+            ));
+        }
+        let len = seed.meta.piece_len(i) as usize;
+        let mut buf = vec![0u8; len];
+        let f = File::open(&seed.path).map_err(|e| format!("{}: {e}", seed.path.display()))?;
+        f.read_exact_at(&mut buf, i as u64 * seed.meta.piece_size)
+            .map_err(|e| format!("{}: {e}", seed.path.display()))?;
+        Ok(buf)
+    }
+
+    /// Opens (or resumes) the download of `meta`.
+    pub fn partial(&self, meta: &TorrentMeta) -> io::Result<Partial> {
+        Partial::open(&self.root.join("partial"), meta)
+    }
+
+    /// Moves a finished download to its final name, atomically, and indexes it.
+    pub fn complete(&self, partial: Partial) -> io::Result<PathBuf> {
+        let meta = partial.meta.clone();
+        let final_path = self.final_path(&meta.file_hash);
+        partial.finish(&final_path)?;
+        let meta_path = self
+            .root
+            .join("meta")
+            .join(format!("{}.json", meta.file_hash));
+        let tmp = meta_path.with_extension("json.part");
+        std::fs::write(&tmp, meta.encode())?;
+        std::fs::rename(&tmp, &meta_path)?;
+        self.add_seed(meta, final_path.clone());
+        Ok(final_path)
+    }
+}
+
+/// A download in progress.
+pub struct Partial {
+    pub meta: TorrentMeta,
+    file: File,
+    have: Vec<bool>,
+    part_path: PathBuf,
+    have_path: PathBuf,
+}
+
+impl Partial {
+    fn open(dir: &Path, meta: &TorrentMeta) -> io::Result<Partial> {
+        let part_path = dir.join(format!("{}.part", meta.file_hash));
+        let have_path = dir.join(format!("{}.have", meta.file_hash));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part_path)?;
+        if file.metadata()?.len() != meta.size {
+            file.set_len(meta.size)?;
+        }
+        let n = meta.n_pieces() as usize;
+        let mut have = vec![false; n];
+        if let Ok(bits) = std::fs::read(&have_path) {
+            for (i, h) in have.iter_mut().enumerate() {
+                *h = bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
+            }
+        }
+        let mut p = Partial {
+            meta: meta.clone(),
+            file,
+            have,
+            part_path,
+            have_path,
+        };
+        // Trust nothing on disk: re-verify every piece marked as had.
+        let mut buf = Vec::new();
+        for i in 0..n as u32 {
+            if p.have[i as usize] {
+                buf.resize(p.meta.piece_len(i) as usize, 0);
+                let ok = p
+                    .file
+                    .read_exact_at(&mut buf, i as u64 * p.meta.piece_size)
+                    .is_ok()
+                    && p.meta.check_piece(i, &buf);
+                p.have[i as usize] = ok;
+            }
+        }
+        p.save_have()?;
+        Ok(p)
+    }
+
+    fn save_have(&self) -> io::Result<()> {
+        let mut bits = vec![0u8; self.have.len().div_ceil(8)];
+        for (i, &h) in self.have.iter().enumerate() {
+            if h {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        let tmp = self.have_path.with_extension("have.tmp");
+        std::fs::write(&tmp, bits)?;
+        std::fs::rename(&tmp, &self.have_path)
+    }
+
+    pub fn missing(&self) -> Vec<u32> {
+        (0..self.have.len() as u32)
+            .filter(|&i| !self.have[i as usize])
+            .collect()
+    }
+
+    pub fn verified_bytes(&self) -> u64 {
+        (0..self.have.len() as u32)
+            .filter(|&i| self.have[i as usize])
+            .map(|i| self.meta.piece_len(i))
+            .sum()
+    }
+
+    /// Writes a piece that was already checked against its hash.
+    pub fn write_piece(&mut self, i: u32, data: &[u8]) -> io::Result<()> {
+        self.file
+            .write_all_at(data, i as u64 * self.meta.piece_size)?;
+        self.have[i as usize] = true;
+        self.save_have()
+    }
+
+    fn finish(self, final_path: &Path) -> io::Result<()> {
+        if !self.missing().is_empty() {
+            return Err(io::Error::other("download is not complete"));
+        }
+        self.file.sync_all()?;
+        let mut hasher = blake3::Hasher::new();
+        let mut f = File::open(&self.part_path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let got = hasher.finalize().to_hex().to_string();
+        if got != self.meta.file_hash {
+            let _ = std::fs::remove_file(&self.part_path);
+            let _ = std::fs::remove_file(&self.have_path);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "whole-file hash {got} does not match {}",
+                    self.meta.file_hash
+                ),
+            ));
+        }
+        std::fs::rename(&self.part_path, final_path)?;
+        let _ = std::fs::remove_file(&self.have_path);
+        Ok(())
+    }
+}
