@@ -210,6 +210,8 @@ pub struct Node {
     pub(crate) discovered: HashSet<PeerId>,
     /// Peers we already tried to move from TCP to QUIC.
     pub(crate) quic_upgrade_tried: HashSet<PeerId>,
+    /// Provider records to announce again (the routing table gained peers).
+    pub(crate) reprovide_at: Option<tokio::time::Instant>,
     /// TCP connections replaced by QUIC, closed once in-flight work is done.
     pub(crate) closing: Vec<(tokio::time::Instant, libp2p::swarm::ConnectionId)>,
 }
@@ -335,6 +337,7 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
         discovered: HashSet::new(),
         quic_upgrade_tried: HashSet::new(),
         closing: Vec::new(),
+        reprovide_at: None,
     };
 
     // Wait (bounded) until every listener has an address.
@@ -406,7 +409,10 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
                         debug!("[PIPELINE] response not sent: the previous stage went away");
                     }
                 }
-                _ = housekeeping.tick() => node.close_superseded(),
+                _ = housekeeping.tick() => {
+                    node.close_superseded();
+                    node.reprovide_if_due();
+                }
                 _ = status_tick.tick() => node.report_status(),
                 _ = discovery_tick.tick() => node.discovery_round(),
                 _ = republish_tick.tick() => node.publish_local_records(),
@@ -622,6 +628,17 @@ impl Node {
             }
             SwarmEvent::ListenerError { error, .. } => warn!("[CONNECT] listener error: {error}"),
             _ => {}
+        }
+    }
+
+    /// Announces every file this node seeds again, so that peers that
+    /// joined after the first announcement find them.
+    fn reprovide_if_due(&mut self) {
+        if self.reprovide_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+            self.reprovide_at = None;
+            for m in self.torrents.store().catalog() {
+                let _ = self.swarm.behaviour_mut().kad.start_providing(libp2p::kad::RecordKey::new(&m.file_hash));
+            }
         }
     }
 

@@ -40,6 +40,8 @@ pub fn cache_dir(cfg: &llama_cluster_shared::config::NodeConfig) -> PathBuf {
 
 /// Pieces requested from one peer at a time.
 const PER_PEER_IN_FLIGHT: usize = 4;
+/// Extra provider lookups (one second apart) before a download gives up.
+const PROVIDER_RETRIES: usize = 4;
 /// Time one piece may take.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -322,6 +324,15 @@ impl Torrents {
         }
         let t0 = Instant::now();
         let mut providers = self.providers(file_hash).await;
+        // A node that just joined may not see the announcements yet: retry a
+        // few times (bounded) before giving up.
+        for _ in 0..PROVIDER_RETRIES {
+            if !providers.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            providers = self.providers(file_hash).await;
+        }
         if providers.is_empty() {
             return Err(TorrentError::NoProvider(file_hash.to_string()));
         }
