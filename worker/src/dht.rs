@@ -112,7 +112,8 @@ impl Node {
                 debug!("[DHT] routing table gained {peer}");
                 // Debounced: announce our files to the grown network.
                 if self.reprovide_at.is_none() {
-                    self.reprovide_at = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+                    self.reprovide_at =
+                        Some(tokio::time::Instant::now() + Duration::from_millis(500));
                 }
                 if !self.swarm.is_connected(&peer) {
                     self.dial_peer(peer, addresses.into_vec(), "DHT");

@@ -634,10 +634,17 @@ impl Node {
     /// Announces every file this node seeds again, so that peers that
     /// joined after the first announcement find them.
     fn reprovide_if_due(&mut self) {
-        if self.reprovide_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+        if self
+            .reprovide_at
+            .is_some_and(|at| at <= tokio::time::Instant::now())
+        {
             self.reprovide_at = None;
             for m in self.torrents.store().catalog() {
-                let _ = self.swarm.behaviour_mut().kad.start_providing(libp2p::kad::RecordKey::new(&m.file_hash));
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(libp2p::kad::RecordKey::new(&m.file_hash));
             }
         }
     }

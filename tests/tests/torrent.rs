@@ -1,0 +1,528 @@
+//! Shard files through the swarm: real worker processes on 127.0.0.x, a
+//! real shard file of the default model, pieces verified by hash, several
+//! providers, bad peers, dead peers, restarts, malformed requests.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use llama_cluster_proto::v1::{GetStatusResponse, LoadShardRequest, SyncTorrentsRequest};
+use llama_cluster_tests::{NodeProc, split_with_cli, test_dir, wait_for, worker_args};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Split {
+    manifest: PathBuf,
+    /// Id and hash of the shard the leechers fetch (layers 10-19, 22 pieces).
+    shard_id: String,
+    hash: String,
+    size: u64,
+    file: String,
+}
+
+fn split(dir: &Path) -> Split {
+    let manifest = split_with_cli(&dir.join("split"), 3).unwrap();
+    let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let s = &m["shards"][1];
+    Split {
+        shard_id: s["id"].as_str().unwrap().into(),
+        hash: s["hash"].as_str().unwrap().into(),
+        size: s["size"].as_u64().unwrap(),
+        file: s["file"].as_str().unwrap().into(),
+        manifest,
+    }
+}
+
+/// A manifest without its files, as a fresh worker would have it.
+fn bare_manifest(dir: &Path, name: &str, from: &Path) -> PathBuf {
+    let d = dir.join(format!("{name}-manifest"));
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join("manifest.json");
+    std::fs::copy(from, &p).unwrap();
+    p
+}
+
+fn start(
+    dir: &Path,
+    name: &str,
+    host: &str,
+    boot: &str,
+    manifest: &Path,
+    extra: &[&str],
+) -> NodeProc {
+    let mut args = worker_args(host, &[boot], None);
+    args.extend(["--manifest".into(), manifest.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    NodeProc::start(dir, name, &args).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+}
+
+fn bootstrap(dir: &Path) -> NodeProc {
+    NodeProc::start(
+        dir,
+        "bootstrap",
+        &[
+            "bootstrap",
+            "--p2p-host",
+            "127.0.0.1",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .unwrap()
+}
+
+fn stored_file(node: &NodeProc, hash: &str) -> PathBuf {
+    node.log_path
+        .with_file_name(format!("{}.cache", node.name))
+        .join("torrents/files")
+        .join(hash)
+}
+
+fn blake3_of(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).unwrap())
+        .to_hex()
+        .to_string()
+}
+
+async fn seeding(node: &NodeProc, hash: &str) -> bool {
+    node.status().await.is_ok_and(|st| {
+        st.torrents
+            .iter()
+            .any(|t| t.file_hash == hash && t.state == "seeding")
+    })
+}
+
+fn torrent<'a>(
+    st: &'a GetStatusResponse,
+    hash: &str,
+) -> Option<&'a llama_cluster_proto::v1::TorrentInfo> {
+    st.torrents.iter().find(|t| t.file_hash == hash)
+}
+
+async fn load(
+    node: &NodeProc,
+    shard_id: &str,
+) -> Result<llama_cluster_proto::v1::LoadShardResponse, tonic::Status> {
+    node.client()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?
+        .load_shard(LoadShardRequest {
+            shard_id: shard_id.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_seeder_three_leechers_end_byte_identical() {
+    let dir = test_dir("torrent-3leech");
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let seeder = start(&dir, "seeder", "127.0.0.60", &b, &s.manifest, &[]);
+    wait_for("seeder seeding", WAIT, || async {
+        seeding(&seeder, &s.hash).await.then_some(())
+    })
+    .await
+    .unwrap();
+    let leechers: Vec<NodeProc> = (0..3)
+        .map(|i| {
+            let m = bare_manifest(&dir, &format!("l{i}"), &s.manifest);
+            start(
+                &dir,
+                &format!("leecher{i}"),
+                &format!("127.0.0.{}", 61 + i),
+                &b,
+                &m,
+                &[],
+            )
+        })
+        .collect();
+    // All three load the shard at once: each fetches it through the swarm.
+    let loads = futures::future::join_all(leechers.iter().map(|l| load(l, &s.shard_id))).await;
+    let want = std::fs::read(s.manifest.with_file_name(&s.file)).unwrap();
+        m["shards"][1]["file"].as_str().unwrap().to_string()
+    })))
+    .unwrap();
+    for (l, r) in leechers.iter().zip(loads) {
+        let r = r.unwrap_or_else(|e| panic!("{}: {e}\n{}", l.name, l.log()));
+        assert_eq!(r.state, "ready");
+        let got = std::fs::read(stored_file(l, &s.hash)).unwrap();
+        assert_eq!(got.len() as u64, s.size);
+        assert!(got == want, "{} holds different bytes", l.name);
+        let st = l.status().await.unwrap();
+        let t = torrent(&st, &s.hash).expect("listed");
+        assert_eq!(t.state, "seeding", "a complete file is seeded at once");
+        assert_eq!((t.pieces_done, t.pieces_total), (22, 22));
+        assert!(l.log().contains("complete and verified"));
+    }
+    // SyncTorrents lists who has what; fetch_missing pulls the rest.
+    let mut c = leechers[0].client().await.unwrap();
+    let r = c
+        .sync_torrents(SyncTorrentsRequest {
+            fetch_missing: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = r
+        .entries
+        .iter()
+        .find(|e| e.file_hash == s.hash)
+        .expect("shard listed");
+    assert!(e.local);
+    assert!(e.providers.contains(&seeder.peer_id), "{:?}", e.providers);
+    assert!(
+        r.entries.iter().any(|e| !e.local),
+        "the seeder has files leecher0 lacks"
+    );
+    let r = c
+        .sync_torrents(SyncTorrentsRequest {
+            fetch_missing: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.entries.iter().all(|e| e.local), "{:?}", r.entries);
+    assert_eq!(r.entries.len(), 4, "head + 3 shards");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_sending_bad_pieces_is_dropped_and_the_download_completes() {
+    let dir = test_dir("torrent-corrupt");
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let good = start(
+        &dir,
+        "good",
+        "127.0.0.70",
+        &b,
+        &s.manifest,
+        &["--test-piece-delay-ms", "20"],
+    );
+    let bad = start(
+        &dir,
+        "bad",
+        "127.0.0.71",
+        &b,
+        &s.manifest,
+        &["--test-corrupt-pieces"],
+    );
+    for n in [&good, &bad] {
+        wait_for("seeding", WAIT, || async {
+            seeding(n, &s.hash).await.then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    let m = bare_manifest(&dir, "leech", &s.manifest);
+    let leech = start(&dir, "leech", "127.0.0.72", &b, &m, &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await; // both announcements seen
+    let r = load(&leech, &s.shard_id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
+    assert_eq!(r.state, "ready");
+    assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+    let log = leech.log();
+    assert!(
+        log.contains(&format!("{} sent a bad piece", bad.peer_id)),
+        "the bad peer is named in the log:\n{log}"
+    );
+    let st = leech.status().await.unwrap();
+    assert!(torrent(&st, &s.hash).unwrap().bad_pieces >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_fast_seeder_mid_download_still_completes() {
+    let dir = test_dir("torrent-kill-seeder");
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let mut fast = start(
+        &dir,
+        "fast",
+        "127.0.0.80",
+        &b,
+        &s.manifest,
+        &["--test-piece-delay-ms", "150"],
+    );
+    let slow = start(
+        &dir,
+        "slow",
+        "127.0.0.81",
+        &b,
+        &s.manifest,
+        &["--test-piece-delay-ms", "400"],
+    );
+    for n in [&fast, &slow] {
+        wait_for("seeding", WAIT, || async {
+            seeding(n, &s.hash).await.then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    let m = bare_manifest(&dir, "leech", &s.manifest);
+    let leech = start(&dir, "leech", "127.0.0.82", &b, &m, &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let shard = s.shard_id.clone();
+    let loading = {
+        let addr = leech.grpc_addr.clone();
+        tokio::spawn(async move {
+            let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            llama_cluster_proto::v1::worker_client::WorkerClient::new(ch)
+                .load_shard(LoadShardRequest {
+                    shard_id: shard,
+                    ..Default::default()
+                })
+                .await
+        })
+    };
+    wait_for("a few pieces", WAIT, || async {
+        let st = leech.status().await.ok()?;
+        torrent(&st, &s.hash)
+            .filter(|t| t.pieces_done >= 3)
+            .map(|_| ())
+    })
+    .await
+    .unwrap();
+    let before = torrent(&leech.status().await.unwrap(), &s.hash)
+        .unwrap()
+        .pieces_done;
+    assert!(before < 22, "still downloading when the seeder dies");
+    fast.kill();
+    let r = loading
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()))
+        .into_inner();
+    assert_eq!(r.state, "ready");
+    assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leecher_resumes_from_verified_pieces() {
+    let dir = test_dir("torrent-resume");
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let seeder = start(
+        &dir,
+        "seeder",
+        "127.0.0.90",
+        &b,
+        &s.manifest,
+        &["--test-piece-delay-ms", "300"],
+    );
+    wait_for("seeding", WAIT, || async {
+        seeding(&seeder, &s.hash).await.then_some(())
+    })
+    .await
+    .unwrap();
+    let m = bare_manifest(&dir, "leech", &s.manifest);
+    let mut leech = start(&dir, "leech", "127.0.0.91", &b, &m, &[]);
+    let shard = s.shard_id.clone();
+    let addr = leech.grpc_addr.clone();
+    let _first = tokio::spawn(async move {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let _ = llama_cluster_proto::v1::worker_client::WorkerClient::new(ch)
+            .load_shard(LoadShardRequest {
+                shard_id: shard,
+                ..Default::default()
+            })
+            .await;
+    });
+    let verified = wait_for("half the pieces", WAIT, || async {
+        let st = leech.status().await.ok()?;
+        torrent(&st, &s.hash)
+            .filter(|t| t.pieces_done >= 8)
+            .map(|t| t.verified_bytes)
+    })
+    .await
+    .unwrap();
+    assert!(verified < s.size);
+    leech.kill();
+    // Same address, same cache directory.
+    let t0 = Instant::now();
+    let leech = start(&dir, "leech", "127.0.0.91", &b, &m, &[]);
+    let r = load(&leech, &s.shard_id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
+    assert_eq!(r.state, "ready");
+    assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+    let st = leech.status().await.unwrap();
+    let fetched = torrent(&st, &s.hash).unwrap().fetched_bytes;
+    let missing = s.size - verified;
+    let piece = 1u64 << 20;
+    println!(
+        "verified before the restart {verified}, fetched after {fetched}, missing {missing}, took {:?}",
+        t0.elapsed()
+    );
+    // Pieces that finished between the status read and the kill are not refetched.
+    assert!(fetched <= missing, "fetched {fetched} > missing {missing}");
+    assert!(
+        fetched + 4 * piece >= missing,
+        "fetched {fetched} far below missing {missing}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_piece_requests_get_errors_and_the_seeder_keeps_serving() {
+    use libp2p::futures::StreamExt;
+    use libp2p::request_response::{self, Event, Message};
+    use libp2p::swarm::SwarmEvent;
+    use llama_worker::torrent::protocol::{
+        TORRENT_PROTOCOL, TorrentCodec, TorrentRequest, TorrentResponse,
+    };
+
+    let dir = test_dir("torrent-malformed");
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let seeder = start(&dir, "seeder", "127.0.0.100", &b, &s.manifest, &[]);
+    wait_for("seeding", WAIT, || async {
+        seeding(&seeder, &s.hash).await.then_some(())
+    })
+    .await
+    .unwrap();
+
+    // A raw piece-protocol client.
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                TorrentCodec,
+                [(
+                    libp2p::StreamProtocol::new(TORRENT_PROTOCOL),
+                    request_response::ProtocolSupport::Outbound,
+                )],
+                request_response::Config::default(),
+            )
+        })
+        .unwrap()
+        .build();
+    let addr: libp2p::Multiaddr = seeder.addr("tcp").parse().unwrap();
+    swarm.dial(addr).unwrap();
+    let peer = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
+                swarm.select_next_some().await
+            {
+                return peer_id;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let mut ask = async |body: Vec<u8>| -> TorrentResponse {
+        let id = swarm.behaviour_mut().send_request(&peer, body);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let SwarmEvent::Behaviour(Event::Message {
+                    message:
+                        Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                }) = swarm.select_next_some().await
+                    && request_id == id
+                {
+                    return TorrentResponse::decode(&response).unwrap();
+                }
+            }
+        })
+        .await
+        .expect("an answer, not a dropped stream")
+    };
+    let is_err = |r: &TorrentResponse| matches!(r, TorrentResponse::Error(_));
+    assert!(is_err(&ask(b"\x07garbage".to_vec()).await));
+    assert!(is_err(&ask(vec![]).await));
+    assert!(is_err(
+        &ask(TorrentRequest::Piece {
+            file_hash: s.hash.clone(),
+            index: 22
+        }
+        .encode())
+        .await
+    ));
+    assert!(is_err(
+        &ask(TorrentRequest::Piece {
+            file_hash: s.hash.clone(),
+            index: u32::MAX
+        }
+        .encode())
+        .await
+    ));
+    assert!(is_err(
+        &ask(TorrentRequest::Piece {
+            file_hash: "0".repeat(64),
+            index: 0
+        }
+        .encode())
+        .await
+    ));
+    assert!(is_err(
+        &ask(TorrentRequest::Meta {
+            file_hash: "x".repeat(300)
+        }
+        .encode())
+        .await
+    ));
+    // Absurd header: a hash length that does not match the frame.
+    assert!(is_err(&ask(vec![2, 250, b'a', b'b']).await));
+    // Good requests still work on the same connection.
+    match ask(TorrentRequest::Piece {
+        file_hash: s.hash.clone(),
+        index: 21,
+    }
+    .encode())
+    .await
+    {
+        TorrentResponse::Piece { index, data } => {
+            assert_eq!(index, 21);
+            assert_eq!(data.len() as u64, s.size - 21 * (1 << 20));
+        }
+        other => panic!("{other:?}"),
+    }
+    match ask(TorrentRequest::Meta {
+        file_hash: s.hash.clone(),
+    }
+    .encode())
+    .await
+    {
+        TorrentResponse::Meta(m) => {
+            let v: Value = serde_json::from_slice(&m).unwrap();
+            assert_eq!(v["file_hash"], s.hash);
+        }
+        other => panic!("{other:?}"),
+    }
+    // And other peers can still download from it.
+    let m = bare_manifest(&dir, "leech", &s.manifest);
+    let leech = start(&dir, "leech", "127.0.0.101", &b, &m, &[]);
+    let r = load(&leech, &s.shard_id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
+    assert_eq!(r.state, "ready");
+    assert!(
+        seeder.log().contains("malformed request"),
+        "{}",
+        seeder.log()
+    );
+}
