@@ -154,13 +154,20 @@ impl Node {
                             r,
                             Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) | Err(_)
                         );
-                    if let Some((found, _)) = self.provider_queries.get_mut(&id)
+                    if let Some(q) = self.provider_queries.get_mut(&id)
                         && let Ok(GetProvidersOk::FoundProviders { providers, .. }) = r
                     {
-                        found.extend(providers);
+                        q.found.extend(providers);
+                        if !q.found.is_empty() && q.answer_at.is_none() {
+                            q.answer_at =
+                                Some(tokio::time::Instant::now() + Duration::from_millis(100));
+                        }
                     }
-                    if finished && let Some((found, reply)) = self.provider_queries.remove(&id) {
-                        let _ = reply.send(found.into_iter().collect());
+                    if finished
+                        && let Some(q) = self.provider_queries.remove(&id)
+                        && let Some(reply) = q.reply
+                    {
+                        let _ = reply.send(q.found.into_iter().collect());
                     }
                 }
                 QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {

@@ -479,7 +479,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("llama-dispatch-{}", std::process::id()));
         let store = crate::torrent::store::Store::open(&dir).unwrap();
         let torrents =
-            crate::torrent::Torrents::new(store, net.clone(), state.peer_id(), Default::default());
+            crate::torrent::Torrents::new(store, net.clone(), state.clone(), Default::default());
         let pipeline = Pipeline::new(
             state.clone(),
             net,

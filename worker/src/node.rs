@@ -174,6 +174,14 @@ pub(crate) struct Outbound {
     pub retried: u8,
 }
 
+/// A provider lookup: who was found so far, who waits, and when to answer
+/// without waiting for slow (or dead) peers the query still talks to.
+pub(crate) struct ProviderQuery {
+    pub found: HashSet<PeerId>,
+    pub reply: Option<oneshot::Sender<Vec<PeerId>>>,
+    pub answer_at: Option<tokio::time::Instant>,
+}
+
 /// Where request handlers send their responses back to the swarm task.
 pub(crate) type ResponseTx =
     mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>;
@@ -202,8 +210,7 @@ pub struct Node {
     pub(crate) torrent_responses: ResponseTx,
     pub(crate) pending_torrents: PendingActivations,
     /// Provider lookups in progress: found so far, and who waits.
-    pub(crate) provider_queries:
-        HashMap<libp2p::kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+    pub(crate) provider_queries: HashMap<libp2p::kad::QueryId, ProviderQuery>,
     /// Whether our records have reached at least one other DHT node.
     pub(crate) published: bool,
     /// Peers already counted as discovered (for the one-time log line).
@@ -304,7 +311,7 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
         corrupt_pieces: cfg.test_corrupt_pieces,
         piece_delay: Duration::from_millis(cfg.test_piece_delay_ms),
     };
-    let torrents = Torrents::new(store, net.clone(), peer_id, hooks);
+    let torrents = Torrents::new(store, net.clone(), state.clone(), hooks);
     let pipeline = Pipeline::new(
         state.clone(),
         net.clone(),
@@ -412,6 +419,7 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
                 _ = housekeeping.tick() => {
                     node.close_superseded();
                     node.reprovide_if_due();
+                    node.answer_provider_queries();
                 }
                 _ = status_tick.tick() => node.report_status(),
                 _ = discovery_tick.tick() => node.discovery_round(),
@@ -494,7 +502,14 @@ impl Node {
                     .behaviour_mut()
                     .kad
                     .get_providers(libp2p::kad::RecordKey::new(&key));
-                self.provider_queries.insert(id, (HashSet::new(), reply));
+                self.provider_queries.insert(
+                    id,
+                    ProviderQuery {
+                        found: HashSet::new(),
+                        reply: Some(reply),
+                        answer_at: None,
+                    },
+                );
             }
             NetCommand::Provide(key) => {
                 if let Err(e) = self
@@ -645,6 +660,28 @@ impl Node {
                     .behaviour_mut()
                     .kad
                     .start_providing(libp2p::kad::RecordKey::new(&m.file_hash));
+            }
+        }
+    }
+
+    /// Answers lookups that found providers a moment ago; the query itself
+    /// is stopped (it may be waiting on peers that are gone).
+    fn answer_provider_queries(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<_> = self
+            .provider_queries
+            .iter()
+            .filter(|(_, q)| q.answer_at.is_some_and(|at| at <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(q) = self.provider_queries.remove(&id) {
+                if let Some(r) = q.reply {
+                    let _ = r.send(q.found.into_iter().collect());
+                }
+                if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                    query.finish();
+                }
             }
         }
     }

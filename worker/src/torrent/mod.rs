@@ -15,13 +15,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::node::NetHandle;
+use crate::state::SharedState;
 use meta::TorrentMeta;
 use protocol::{TorrentRequest, TorrentResponse};
 use store::Store;
@@ -39,7 +40,7 @@ pub fn cache_dir(cfg: &llama_cluster_shared::config::NodeConfig) -> PathBuf {
 }
 
 /// Pieces requested from one peer at a time.
-const PER_PEER_IN_FLIGHT: usize = 4;
+const PER_PEER_IN_FLIGHT: usize = 16;
 /// Extra provider lookups (one second apart) before a download gives up.
 const PROVIDER_RETRIES: usize = 4;
 /// Time one piece may take.
@@ -61,6 +62,12 @@ pub enum TorrentError {
 pub struct TestHooks {
     pub corrupt_pieces: bool,
     pub piece_delay: Duration,
+}
+
+/// What a request of the download loop was for.
+enum Job {
+    Probe,
+    Piece(u32),
 }
 
 /// Progress of one download, shown by GetStatus.
@@ -92,6 +99,7 @@ pub struct CatalogEntry {
 struct Inner {
     store: Store,
     net: NetHandle,
+    state: SharedState,
     me: PeerId,
     hooks: TestHooks,
     progress: Mutex<HashMap<String, DownloadProgress>>,
@@ -102,10 +110,12 @@ struct Inner {
 pub struct Torrents(Arc<Inner>);
 
 impl Torrents {
-    pub fn new(store: Store, net: NetHandle, me: PeerId, hooks: TestHooks) -> Self {
+    pub fn new(store: Store, net: NetHandle, state: SharedState, hooks: TestHooks) -> Self {
+        let me = state.peer_id();
         Torrents(Arc::new(Inner {
             store,
             net,
+            state,
             me,
             hooks,
             progress: Mutex::new(HashMap::new()),
@@ -363,90 +373,145 @@ impl Torrents {
             prog.pieces_total,
             providers.len()
         );
-        let mut queue: VecDeque<u32> = partial.missing().into();
-        let mut in_flight: HashMap<PeerId, usize> = providers.iter().map(|p| (*p, 0)).collect();
-        let mut dropped: HashSet<PeerId> = HashSet::new();
+        // Peers we are connected to get pieces at once; the others are
+        // probed first (a stale provider record must not stall the download).
+        let is_connected = |p: &PeerId| self.0.state.read(|s| s.connections.contains_key(p));
+        let mut active: Vec<PeerId> = providers
+            .iter()
+            .copied()
+            .filter(|p| is_connected(p))
+            .collect();
         let mut running = FuturesUnordered::new();
+        for &p in providers.iter().filter(|p| !is_connected(p)) {
+            let me = self.clone();
+            let hash = file_hash.to_string();
+            running.push(
+                async move {
+                    (
+                        p,
+                        Job::Probe,
+                        me.ask(p, TorrentRequest::Meta { file_hash: hash }).await,
+                    )
+                }
+                .boxed(),
+            );
+        }
+        let t_transfer = Instant::now();
+        let n = meta.n_pieces() as usize;
+        let mut done = vec![false; n];
+        for i in 0..n as u32 {
+            done[i as usize] = !partial.missing().contains(&i);
+        }
+        let mut queue: VecDeque<u32> = partial.missing().into();
+        let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
+        let mut requested: HashMap<u32, HashSet<PeerId>> = HashMap::new();
+        let mut dropped: HashSet<PeerId> = HashSet::new();
         let mut refreshed = false;
-        loop {
-            // Hand out pieces round robin, a few per peer.
-            let mut progress_made = true;
-            while progress_made && !queue.is_empty() {
-                progress_made = false;
-                for p in providers.clone() {
-                    if dropped.contains(&p) {
-                        continue;
+        let mut remaining = queue.len();
+        while remaining > 0 {
+            // Hand out pieces round robin, a few per peer; once nothing is
+            // queued, idle peers duplicate pieces still in flight (endgame).
+            for &p in active.iter().filter(|p| !dropped.contains(p)) {
+                loop {
+                    let n_in = in_flight.get(&p).copied().unwrap_or(0);
+                    if n_in >= PER_PEER_IN_FLIGHT {
+                        break;
                     }
-                    let n = in_flight.entry(p).or_insert(0);
-                    if *n < PER_PEER_IN_FLIGHT
-                        && let Some(i) = queue.pop_front()
-                    {
-                        *n += 1;
-                        progress_made = true;
-                        let me = self.clone();
-                        let hash = file_hash.to_string();
-                        running.push(async move {
-                            let r = me
-                                .ask(
+                    let next = queue.pop_front().or_else(|| {
+                        requested
+                            .iter()
+                            .filter(|(i, who)| {
+                                !done[**i as usize] && !who.contains(&p) && who.len() < 2
+                            })
+                            .map(|(i, _)| *i)
+                            .min()
+                    });
+                    let Some(i) = next else { break };
+                    *in_flight.entry(p).or_insert(0) += 1;
+                    requested.entry(i).or_default().insert(p);
+                    let me = self.clone();
+                    let hash = file_hash.to_string();
+                    running.push(
+                        async move {
+                            (
+                                p,
+                                Job::Piece(i),
+                                me.ask(
                                     p,
                                     TorrentRequest::Piece {
                                         file_hash: hash,
                                         index: i,
                                     },
                                 )
-                                .await;
-                            (p, i, r)
-                        });
-                    }
+                                .await,
+                            )
+                        }
+                        .boxed(),
+                    );
                 }
             }
             if running.is_empty() {
-                if queue.is_empty() {
-                    break;
-                }
                 if !refreshed {
                     // Everybody we knew failed: look for providers again, once.
                     refreshed = true;
-                    providers = self
+                    let fresh: Vec<PeerId> = self
                         .providers(file_hash)
                         .await
                         .into_iter()
-                        .filter(|p| !dropped.contains(p))
+                        .filter(|p| !dropped.contains(p) && !active.contains(p))
                         .collect();
-                    for p in &providers {
-                        in_flight.insert(*p, 0);
-                    }
-                    if !providers.is_empty() {
+                    active.extend(fresh);
+                    if active.iter().any(|p| !dropped.contains(p)) {
                         continue;
                     }
                 }
                 return Err(TorrentError::Failed(format!(
-                    "download of {} stalled: no provider left, {} pieces missing (resumable)",
-                    meta.name,
-                    queue.len()
+                    "download of {} stalled: no provider left, {remaining} pieces missing (resumable)",
+                    meta.name
                 )));
             }
-            let Some((peer, i, r)) = running.next().await else {
+            let Some((peer, job, r)) = running.next().await else {
                 continue;
             };
-            if let Some(n) = in_flight.get_mut(&peer) {
-                *n = n.saturating_sub(1);
+            let i = match job {
+                Job::Probe => {
+                    if matches!(r, Ok(TorrentResponse::Meta(_))) && !dropped.contains(&peer) {
+                        debug!("[TORRENT] {peer} answers; using it");
+                        active.push(peer);
+                    } else {
+                        debug!("[TORRENT] provider {peer} is unreachable; skipping it");
+                    }
+                    continue;
+                }
+                Job::Piece(i) => i,
+            };
+            if let Some(c) = in_flight.get_mut(&peer) {
+                *c = c.saturating_sub(1);
             }
-            match r {
+            if let Some(who) = requested.get_mut(&i) {
+                who.remove(&peer);
+            }
+            let ok = match r {
                 Ok(TorrentResponse::Piece { index, data })
                     if index == i && meta.check_piece(i, &data) =>
                 {
-                    partial.write_piece(i, &data).map_err(|e| {
-                        TorrentError::Failed(format!(
-                            "writing {} failed: {e} (download stopped, resumable)",
-                            meta.name
-                        ))
-                    })?;
-                    prog.fetched_bytes += data.len() as u64;
-                    prog.verified_bytes += data.len() as u64;
-                    prog.pieces_done += 1;
-                    prog.peers = providers.iter().filter(|p| !dropped.contains(p)).count() as u32;
-                    self.set_progress(&prog);
+                    if !done[i as usize] {
+                        partial.write_piece(i, &data).map_err(|e| {
+                            TorrentError::Failed(format!(
+                                "writing {} failed: {e} (download stopped, resumable)",
+                                meta.name
+                            ))
+                        })?;
+                        done[i as usize] = true;
+                        remaining -= 1;
+                        requested.remove(&i);
+                        prog.fetched_bytes += data.len() as u64;
+                        prog.verified_bytes += data.len() as u64;
+                        prog.pieces_done += 1;
+                        prog.peers = active.iter().filter(|p| !dropped.contains(p)).count() as u32;
+                        self.set_progress(&prog);
+                    }
+                    true
                 }
                 Ok(TorrentResponse::Piece { .. }) => {
                     prog.bad_pieces += 1;
@@ -455,28 +520,30 @@ impl Torrents {
                         "[TORRENT] {peer} sent a bad piece {i} of {}; dropping it from this download",
                         meta.name
                     );
-                    dropped.insert(peer);
-                    queue.push_back(i);
+                    false
                 }
-                Ok(other) => {
-                    let why = match other {
-                        TorrentResponse::Error(e) => e,
-                        _ => "unexpected answer".into(),
-                    };
-                    debug!("[TORRENT] {peer} could not send piece {i}: {why}");
-                    dropped.insert(peer);
-                    queue.push_back(i);
+                Ok(TorrentResponse::Error(e)) => {
+                    debug!("[TORRENT] {peer} could not send piece {i}: {e}");
+                    false
                 }
+                Ok(_) => false,
                 Err(e) => {
                     warn!(
                         "[TORRENT] {peer} failed while sending piece {i} of {}: {e}; dropping it",
                         meta.name
                     );
-                    dropped.insert(peer);
+                    false
+                }
+            };
+            if !ok {
+                dropped.insert(peer);
+                if !done[i as usize] && requested.get(&i).is_none_or(|w| w.is_empty()) {
                     queue.push_back(i);
                 }
             }
         }
+        drop(running);
+        let transfer = t_transfer.elapsed();
         let name = meta.name.clone();
         let me = self.clone();
         let path = tokio::task::spawn_blocking(move || me.0.store.complete(partial))
@@ -487,12 +554,15 @@ impl Torrents {
         self.set_progress(&prog);
         self.0.net.provide(file_hash.to_string());
         let secs = t0.elapsed().as_secs_f64();
+        let tsecs = transfer.as_secs_f64();
         info!(
-            "[TORRENT] {} complete and verified: {} bytes fetched in {:.2} s ({:.1} MB/s), seeding",
+            "[TORRENT] {} complete and verified: {} bytes fetched in {:.3} s ({:.1} MB/s), pieces transferred in {:.3} s ({:.1} MB/s), seeding",
             meta.name,
             prog.fetched_bytes,
             secs,
-            prog.fetched_bytes as f64 / secs.max(1e-9) / 1e6
+            prog.fetched_bytes as f64 / secs.max(1e-9) / 1e6,
+            tsecs,
+            prog.fetched_bytes as f64 / tsecs.max(1e-9) / 1e6
         );
         Ok(path)
     }

@@ -136,6 +136,15 @@ pub struct Partial {
     have: Vec<bool>,
     part_path: PathBuf,
     have_path: PathBuf,
+    unsaved: u32,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if self.have_path.exists() || self.unsaved > 0 {
+            let _ = self.save_have();
+        }
+    }
 }
 
 impl Partial {
@@ -164,6 +173,7 @@ impl Partial {
             have,
             part_path,
             have_path,
+            unsaved: 0,
         };
         // Trust nothing on disk: re-verify every piece marked as had.
         let mut buf = Vec::new();
@@ -215,7 +225,8 @@ impl Partial {
         self.save_have()
     }
 
-    fn finish(self, final_path: &Path) -> io::Result<()> {
+    fn finish(mut self, final_path: &Path) -> io::Result<()> {
+        self.unsaved = 0;
         if !self.missing().is_empty() {
             return Err(io::Error::other("download is not complete"));
         }

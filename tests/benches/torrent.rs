@@ -1,0 +1,215 @@
+//! Shard transfer benchmark (printed, not asserted): the largest shard file
+//! of the default model (2-shard split) downloaded by a fresh worker from 1
+//! seeder and from 3 seeders over loopback, against `curl` fetching the same
+//! file from `python3 -m http.server`, in one run, as throughput ratios.
+//!
+//! cargo build --release --workspace --bins && cargo bench -p llama-cluster-tests --bench torrent
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use llama_cluster_tests::{NodeProc, binary, split_with_cli, test_dir, wait_for, worker_args};
+use serde_json::Value;
+
+const ROUNDS: usize = 3;
+
+fn use_release_binaries() {
+    if std::env::var_os("LLAMA_CLUSTER_BIN_DIR").is_none() {
+        let rel = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+        if rel.join("llama-worker").exists() {
+            // SAFETY: set before any other thread reads the environment.
+            unsafe { std::env::set_var("LLAMA_CLUSTER_BIN_DIR", &rel) };
+        }
+    }
+}
+
+fn http_round(dir: &Path, file: &str, port: u16) -> f64 {
+    let out = dir.join("curl.out");
+    let t0 = Instant::now();
+    let st = Command::new("curl")
+        .args(["-sf", "-o"])
+        .arg(&out)
+        .arg(format!("http://127.0.0.1:{port}/{file}"))
+        .status()
+        .expect("curl");
+    assert!(st.success(), "curl failed");
+    let s = t0.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(out);
+    s
+}
+
+/// (seconds end to end, seconds of piece transfer) from the fetching worker's log.
+fn fetch_round(dir: &Path, round: &str, boot: &str, hash: &str) -> (f64, f64) {
+    let cache = dir.join(format!("fetch-{round}.cache"));
+    let log = dir.join(format!("fetch-{round}.log"));
+    let out = dir.join(format!("fetched-{round}"));
+    let st = Command::new(binary("llama-worker"))
+        .args(["fetch", "--hash", hash, "--out"])
+        .arg(&out)
+        .args([
+            "--bootstrap",
+            boot,
+            "--p2p-host",
+            "127.0.0.9",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--cache-dir",
+        ])
+        .arg(&cache)
+        // Extra flags for the fetching node, e.g. BENCH_FETCH_ARGS=--no-quic.
+        .args(
+            std::env::var("BENCH_FETCH_ARGS")
+                .ok()
+                .map(|a| a.split_whitespace().map(String::from).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .status()
+        .expect("fetch");
+    assert!(st.success(), "fetch failed, see {}", log.display());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let grab = |marker: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.split(marker)
+                    .nth(1)
+                    .and_then(|r| r.split(" s ").next())
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+            .expect("times in the log")
+    };
+    let secs = (grab(" fetched in "), grab(" transferred in "));
+    let _ = std::fs::remove_dir_all(cache);
+    let _ = std::fs::remove_file(out);
+    secs
+}
+
+fn best(v: &[f64]) -> f64 {
+    v.iter().cloned().fold(f64::MAX, f64::min)
+}
+
+fn best2(v: &[(f64, f64)]) -> (f64, f64) {
+    (
+        best(&v.iter().map(|x| x.0).collect::<Vec<_>>()),
+        best(&v.iter().map(|x| x.1).collect::<Vec<_>>()),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    use_release_binaries();
+    let dir = test_dir("bench-torrent");
+    let manifest = split_with_cli(&dir.join("split"), 2).expect("split");
+    let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let big = m["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|s| s["size"].as_u64())
+        .unwrap()
+        .clone();
+    let (file, hash, size) = (
+        big["file"].as_str().unwrap().to_string(),
+        big["hash"].as_str().unwrap().to_string(),
+        big["size"].as_u64().unwrap(),
+    );
+    let mb = size as f64 / 1e6;
+
+    // HTTP baseline.
+    let port = 18000 + (std::process::id() % 1000) as u16;
+    let mut http = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(manifest.parent().unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    std::thread::sleep(Duration::from_millis(800));
+    let http_s = best(
+        &(0..ROUNDS)
+            .map(|_| http_round(&dir, &file, port))
+            .collect::<Vec<_>>(),
+    );
+    let _ = http.kill();
+    let _ = http.wait();
+
+    let boot = NodeProc::start(
+        &dir,
+        "bootstrap",
+        &[
+            "bootstrap",
+            "--p2p-host",
+            "127.0.0.1",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .unwrap();
+    let b = boot.addr("quic-v1");
+    let mut seeders: Vec<NodeProc> = Vec::new();
+    let mut results = Vec::new();
+    for n in [1usize, 3] {
+        while seeders.len() < n {
+            let i = seeders.len();
+            let mut args = worker_args(&format!("127.0.0.{}", 2 + i), &[&b], None);
+            args.extend(["--manifest".into(), manifest.display().to_string()]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let s = NodeProc::start(&dir, &format!("seeder{i}"), &args).unwrap();
+            wait_for("seeding", Duration::from_secs(60), || async {
+                s.status()
+                    .await
+                    .ok()?
+                    .torrents
+                    .iter()
+                    .any(|t| t.file_hash == hash)
+                    .then_some(())
+            })
+            .await
+            .unwrap();
+            seeders.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let secs = best2(
+            &(0..ROUNDS)
+                .map(|r| fetch_round(&dir, &format!("{n}-{r}"), &b, &hash))
+                .collect::<Vec<_>>(),
+        );
+        results.push((n, secs));
+    }
+    println!("shard transfer benchmark: {file} ({mb:.1} MB), loopback, best of {ROUNDS}");
+    println!("{:<44} {:>9} {:>9} {:>8}", "", "seconds", "MB/s", "ratio");
+    println!(
+        "{:<44} {:>9.3} {:>9.1} {:>8.2}",
+        "curl from python3 http.server",
+        http_s,
+        mb / http_s,
+        1.0
+    );
+    for (n, (total, transfer)) in &results {
+        println!(
+            "{:<44} {:>9.3} {:>9.1} {:>8.2}",
+            format!("llama-cluster, {n} seeder(s), pieces only"),
+            transfer,
+            mb / transfer,
+            http_s / transfer
+        );
+        println!(
+            "{:<44} {:>9.3} {:>9.1} {:>8.2}",
+            format!("llama-cluster, {n} seeder(s), end to end"),
+            total,
+            mb / total,
+            http_s / total
+        );
+    }
+    println!("(end to end: provider lookup, metadata, pieces, whole-file hash, fsync and rename)");
+    println!("targets: 1 seeder >= 0.80x HTTP; 3 seeders faster than 1");
+}
