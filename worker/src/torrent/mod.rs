@@ -346,6 +346,8 @@ impl Torrents {
         if providers.is_empty() {
             return Err(TorrentError::NoProvider(file_hash.to_string()));
         }
+        // Ask connected providers first: a stale record must not cost a dial timeout.
+        providers.sort_by_key(|p| !self.0.state.read(|s| s.connections.contains_key(p)));
         let meta = self.fetch_meta(&providers, file_hash).await?;
         let m2 = meta.clone();
         let me = self.clone();
