@@ -7,7 +7,7 @@ bash scripts/setup.sh
 cargo build --workspace --bins
 mkdir -p target
 set +e
-cargo test --workspace 2>&1 | tee target/test-output.log
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.log
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one per test binary).

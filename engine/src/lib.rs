@@ -71,6 +71,29 @@ impl Default for EngineSettings {
     }
 }
 
+/// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The cache directory: `$LLAMA_CLUSTER_CACHE`, else `~/.cache/llama-cluster`.
+pub fn cache_root() -> std::path::PathBuf {
+    std::env::var_os("LLAMA_CLUSTER_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/llama-cluster"))
+        })
+        .unwrap_or_else(|| std::env::temp_dir().join("llama-cluster"))
+}
+
+/// Where the default model is (`$LLAMA_CLUSTER_MODEL`, else the cache, where
+/// `scripts/fetch-model.sh` puts it). The file may not exist yet.
+pub fn default_model_path() -> std::path::PathBuf {
+    match std::env::var_os("LLAMA_CLUSTER_MODEL") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => cache_root().join("models").join(DEFAULT_MODEL_FILE),
+    }
+}
+
 static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
 
 /// Initialises llama.cpp once per process (logs go to `tracing` at debug level).

@@ -270,6 +270,30 @@ impl Worker {
 
     fn forward(&mut self, req: ForwardRequest) -> Result<ForwardResult> {
         let (first, last) = (self.spec.is_first, self.spec.is_last);
+        // Check the input before any session is opened for it.
+        match (&req.input, first) {
+            (StageInput::Tokens(t), true) if t.is_empty() => {
+                return Err(EngineError::InvalidInput("no tokens".into()));
+            }
+            (StageInput::Hidden(_), true) => {
+                return Err(EngineError::InvalidInput(
+                    "hidden-state input sent to the first stage".into(),
+                ));
+            }
+            (StageInput::Tokens(_), false) => {
+                return Err(EngineError::InvalidInput(
+                    "token input sent to a stage that is not the first".into(),
+                ));
+            }
+            (StageInput::Hidden(h), false) if h.is_empty() || h.len() % self.model.n_embd != 0 => {
+                return Err(EngineError::InvalidInput(format!(
+                    "hidden state of {} values is not [n][{}]",
+                    h.len(),
+                    self.model.n_embd
+                )));
+            }
+            _ => {}
+        }
         if req.pos0 == 0 {
             self.sessions.remove(&req.session);
         }

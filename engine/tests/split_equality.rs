@@ -16,16 +16,7 @@ const TOLERANCE: f32 = 1e-4;
 const N_GEN: usize = 32;
 
 fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("LLAMA_CLUSTER_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let p = std::env::var_os("LLAMA_CLUSTER_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.join(".cache/llama-cluster"))
-        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = llama_cluster_engine::default_model_path();
     assert!(
         p.exists(),
         "{} is missing: run scripts/fetch-model.sh",

@@ -10,16 +10,13 @@ use llama_cluster_engine::stage::{ForwardRequest, StageEngine, StageInput, Stage
 use llama_cluster_engine::{EngineError, EngineSettings};
 
 fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("LLAMA_CLUSTER_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    std::env::var_os("LLAMA_CLUSTER_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.join(".cache/llama-cluster"))
-        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    let p = llama_cluster_engine::default_model_path();
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
 }
 
 fn req(session: u64, pos0: u32, input: StageInput) -> ForwardRequest {

@@ -24,18 +24,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() {
     let dir = test_dir("bench-discovery");
-    let boot = NodeProc::start(
-        &dir,
-        "bootstrap",
-        &[
-            "bootstrap",
-            "--p2p-host",
-            "127.0.0.1",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .expect("bootstrap");
+    let boot = llama_cluster_tests::start_bootstrap(&dir).expect("bootstrap");
     let b = boot.addr("quic-v1");
     let w1 = start(
         &dir,

@@ -142,18 +142,7 @@ async fn main() {
     let _ = http.kill();
     let _ = http.wait();
 
-    let boot = NodeProc::start(
-        &dir,
-        "bootstrap",
-        &[
-            "bootstrap",
-            "--p2p-host",
-            "127.0.0.1",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .unwrap();
+    let boot = llama_cluster_tests::start_bootstrap(&dir).unwrap();
     let b = boot.addr("quic-v1");
     let mut seeders: Vec<NodeProc> = Vec::new();
     let mut results = Vec::new();

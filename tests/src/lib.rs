@@ -172,6 +172,21 @@ impl Drop for NodeProc {
     }
 }
 
+/// A bootstrap (rendezvous) node on 127.0.0.1, gRPC on a free port.
+pub fn start_bootstrap(dir: &Path) -> anyhow::Result<NodeProc> {
+    NodeProc::start(
+        dir,
+        "bootstrap",
+        &[
+            "bootstrap",
+            "--p2p-host",
+            "127.0.0.1",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ],
+    )
+}
+
 /// Common worker arguments: P2P on `host`, gRPC on a free port, bootstrap
 /// addresses, a shard, short intervals.
 pub fn worker_args(host: &str, bootstrap: &[&str], shard: Option<(&str, &str)>) -> Vec<String> {
@@ -240,16 +255,7 @@ pub async fn sees_all(node: &NodeProc, peers: &[&NodeProc]) -> bool {
 
 /// Path of the default model (fetched into the cache by scripts/fetch-model.sh).
 pub fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("LLAMA_CLUSTER_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let p = std::env::var_os("LLAMA_CLUSTER_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.join(".cache/llama-cluster"))
-        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = llama_cluster_engine::default_model_path();
     assert!(
         p.exists(),
         "{} is missing: run scripts/fetch-model.sh",
@@ -310,17 +316,7 @@ impl PipelineCluster {
             .iter()
             .filter_map(|s| s["id"].as_str().map(String::from))
             .collect();
-        let bootstrap = NodeProc::start(
-            dir,
-            "bootstrap",
-            &[
-                "bootstrap",
-                "--p2p-host",
-                "127.0.0.1",
-                "--grpc-addr",
-                "127.0.0.1:0",
-            ],
-        )?;
+        let bootstrap = start_bootstrap(dir)?;
         let b = bootstrap.addr("quic-v1");
         let mut workers = Vec::new();
         for (i, id) in shard_ids.iter().enumerate() {

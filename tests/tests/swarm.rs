@@ -13,18 +13,7 @@ use serde_json::{Value, json};
 const WAIT: Duration = Duration::from_secs(30);
 
 fn start_bootstrap(dir: &std::path::Path) -> NodeProc {
-    NodeProc::start(
-        dir,
-        "bootstrap",
-        &[
-            "bootstrap",
-            "--p2p-host",
-            "127.0.0.1",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .expect("bootstrap starts")
+    llama_cluster_tests::start_bootstrap(dir).expect("bootstrap starts")
 }
 
 fn start_worker(

@@ -57,19 +57,8 @@ fn start(
     NodeProc::start(dir, name, &args).unwrap_or_else(|e| panic!("{name}: {e:#}"))
 }
 
-fn bootstrap(dir: &Path) -> NodeProc {
-    NodeProc::start(
-        dir,
-        "bootstrap",
-        &[
-            "bootstrap",
-            "--p2p-host",
-            "127.0.0.1",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .unwrap()
+fn bootstrap(dir: &std::path::Path) -> NodeProc {
+    llama_cluster_tests::start_bootstrap(dir).expect("bootstrap starts")
 }
 
 fn stored_file(node: &NodeProc, hash: &str) -> PathBuf {
@@ -378,8 +367,9 @@ async fn malformed_piece_requests_get_errors_and_the_seeder_keeps_serving() {
     use libp2p::futures::StreamExt;
     use libp2p::request_response::{self, Event, Message};
     use libp2p::swarm::SwarmEvent;
+    use llama_worker::network::frame_codec::FrameCodec;
     use llama_worker::torrent::protocol::{
-        TORRENT_PROTOCOL, TorrentCodec, TorrentRequest, TorrentResponse,
+        MAX_FRAME, TORRENT_PROTOCOL, TorrentRequest, TorrentResponse,
     };
 
     let dir = test_dir("torrent-malformed");
@@ -404,7 +394,7 @@ async fn malformed_piece_requests_get_errors_and_the_seeder_keeps_serving() {
         .unwrap()
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
-                TorrentCodec,
+                FrameCodec::new(MAX_FRAME),
                 [(
                     libp2p::StreamProtocol::new(TORRENT_PROTOCOL),
                     request_response::ProtocolSupport::Outbound,

@@ -63,6 +63,27 @@ struct LoadShardParams {
     unload: bool,
 }
 
+/// A command's params as `T` (missing params = `{}`), or the error response.
+fn params<T: serde::de::DeserializeOwned>(
+    cmd: &Command,
+    me: &str,
+) -> Result<T, Box<CommandResponse>> {
+    let v = if cmd.params.is_null() {
+        json!({})
+    } else {
+        cmd.params.clone()
+    };
+    serde_json::from_value(v).map_err(|e| {
+        Box::new(CommandResponse::error(
+            &cmd.request_id,
+            &cmd.command,
+            me,
+            ErrorCode::InvalidParams,
+            format!("params: {e}"),
+        ))
+    })
+}
+
 fn pipeline_error_code(e: &PipelineError) -> ErrorCode {
     match e {
         PipelineError::InvalidArgument(_) | PipelineError::NotFound(_) => ErrorCode::InvalidParams,
@@ -320,21 +341,9 @@ impl Dispatcher {
 
     async fn inference(&self, cmd: &Command) -> CommandResponse {
         let me = self.me();
-        let p: InferenceParams = match serde_json::from_value(if cmd.params.is_null() {
-            json!({})
-        } else {
-            cmd.params.clone()
-        }) {
+        let p: InferenceParams = match params(cmd, &me) {
             Ok(p) => p,
-            Err(e) => {
-                return CommandResponse::error(
-                    &cmd.request_id,
-                    &cmd.command,
-                    &me,
-                    ErrorCode::InvalidParams,
-                    format!("params: {e}"),
-                );
-            }
+            Err(resp) => return *resp,
         };
         let defaults = SamplingParams::default();
         let req = GenerateRequest {
@@ -392,21 +401,9 @@ impl Dispatcher {
 
     async fn load_shard(&self, cmd: &Command) -> CommandResponse {
         let me = self.me();
-        let p: LoadShardParams = match serde_json::from_value(if cmd.params.is_null() {
-            json!({})
-        } else {
-            cmd.params.clone()
-        }) {
+        let p: LoadShardParams = match params(cmd, &me) {
             Ok(p) => p,
-            Err(e) => {
-                return CommandResponse::error(
-                    &cmd.request_id,
-                    &cmd.command,
-                    &me,
-                    ErrorCode::InvalidParams,
-                    format!("params: {e}"),
-                );
-            }
+            Err(resp) => return *resp,
         };
         let r = if p.unload {
             self.pipeline.unload_shard().await

@@ -436,14 +436,7 @@ async fn split(a: SplitArgs) -> anyhow::Result<()> {
 
 /// The default model in the cache (fetched by scripts/fetch-model.sh).
 fn default_model_path() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("LLAMA_CLUSTER_MODEL") {
-        return Ok(PathBuf::from(p));
-    }
-    let cache = std::env::var_os("LLAMA_CLUSTER_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/llama-cluster")))
-        .context("no HOME; give --model")?;
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = llama_cluster_engine::default_model_path();
     if !p.is_file() {
         anyhow::bail!(
             "{} is missing: run scripts/fetch-model.sh or give --model",

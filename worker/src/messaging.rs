@@ -7,7 +7,7 @@ use llama_cluster_shared::status::NodeStatus;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::network::json_codec::JsonRequest;
-use crate::node::{Node, Outbound, Pending};
+use crate::node::{FrameProto, Node, Outbound, Pending};
 
 impl Node {
     pub(crate) fn on_messaging(&mut self, ev: Event<JsonRequest, Vec<u8>>) {
@@ -67,70 +67,30 @@ impl Node {
         }
     }
 
-    pub(crate) fn on_activation(&mut self, ev: Event<Vec<u8>, Vec<u8>>) {
+    /// Traffic of the binary protocols: inbound frames go to the pipeline
+    /// (activations) or the file store (pieces) on their own task.
+    pub(crate) fn on_frames(&mut self, proto: FrameProto, ev: Event<Vec<u8>, Vec<u8>>) {
         match ev {
             Event::Message { peer, message, .. } => match message {
                 Message::Request {
                     request, channel, ..
                 } => {
                     let pipeline = self.pipeline.clone();
-                    let responses = self.activation_responses.clone();
-                    tokio::spawn(async move {
-                        let body = pipeline.handle_inbound(peer, request).await;
-                        let _ = responses.send((channel, body)).await;
-                    });
-                }
-                Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(out) = self.pending_activations.remove(&request_id) {
-                        let _ = out.reply.send(Ok(response));
-                    }
-                }
-            },
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(out) = self.pending_activations.remove(&request_id)
-                    && let Some(out) = self.retry_after_close(peer, &error, out)
-                {
-                    let id = self
-                        .swarm
-                        .behaviour_mut()
-                        .activation
-                        .send_request(&peer, out.body.clone());
-                    self.pending_activations.insert(id, out);
-                }
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                warn!("[PIPELINE] inbound activation from {peer} failed: {error}")
-            }
-            Event::ResponseSent { .. } => {}
-        }
-    }
-
-    pub(crate) fn on_torrent(&mut self, ev: Event<Vec<u8>, Vec<u8>>) {
-        match ev {
-            Event::Message { peer, message, .. } => match message {
-                Message::Request {
-                    request, channel, ..
-                } => {
                     let torrents = self.torrents.clone();
-                    let responses = self.torrent_responses.clone();
+                    let responses = self.frame_responses.clone();
                     tokio::spawn(async move {
-                        let body = torrents.serve(peer, request).await;
-                        let _ = responses.send((channel, body)).await;
+                        let body = match proto {
+                            FrameProto::Activation => pipeline.handle_inbound(peer, request).await,
+                            FrameProto::Torrent => torrents.serve(peer, request).await,
+                        };
+                        let _ = responses.send((proto, channel, body)).await;
                     });
                 }
                 Message::Response {
                     request_id,
                     response,
                 } => {
-                    if let Some(out) = self.pending_torrents.remove(&request_id) {
+                    if let Some(out) = self.pending_frames.remove(&(proto, request_id)) {
                         let _ = out.reply.send(Ok(response));
                     }
                 }
@@ -141,19 +101,15 @@ impl Node {
                 error,
                 ..
             } => {
-                if let Some(out) = self.pending_torrents.remove(&request_id)
+                if let Some(out) = self.pending_frames.remove(&(proto, request_id))
                     && let Some(out) = self.retry_after_close(peer, &error, out)
                 {
-                    let id = self
-                        .swarm
-                        .behaviour_mut()
-                        .torrent
-                        .send_request(&peer, out.body.clone());
-                    self.pending_torrents.insert(id, out);
+                    let id = self.frames(proto).send_request(&peer, out.body.clone());
+                    self.pending_frames.insert((proto, id), out);
                 }
             }
             Event::InboundFailure { peer, error, .. } => {
-                debug!("[TORRENT] inbound request from {peer} failed: {error}")
+                debug!("[MSG] inbound {proto:?} request from {peer} failed: {error}")
             }
             Event::ResponseSent { .. } => {}
         }

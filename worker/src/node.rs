@@ -37,20 +37,15 @@ pub enum NetCommand {
         body: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, String>>,
     },
-    /// Send an activation frame to a peer and return its response.
-    Activation {
+    /// Send a binary frame (activation or piece protocol) and return the answer.
+    Frame {
+        proto: FrameProto,
         peer: PeerId,
         body: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, String>>,
     },
     /// Re-publish this node's records now (its shard changed state).
     Publish,
-    /// Send a piece-protocol request.
-    Torrent {
-        peer: PeerId,
-        body: Vec<u8>,
-        reply: oneshot::Sender<Result<Vec<u8>, String>>,
-    },
     /// Find the providers of a DHT key.
     GetProviders {
         key: String,
@@ -60,6 +55,15 @@ pub enum NetCommand {
     Provide(String),
 }
 
+/// The binary request-response protocols (length-prefixed frames).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrameProto {
+    /// Hidden states between pipeline stages.
+    Activation,
+    /// Shard file pieces.
+    Torrent,
+}
+
 /// Handle on the swarm task.
 #[derive(Debug, Clone)]
 pub struct NetHandle {
@@ -67,6 +71,24 @@ pub struct NetHandle {
 }
 
 impl NetHandle {
+    async fn call(
+        &self,
+        cmd: NetCommand,
+        rx: oneshot::Receiver<Result<Vec<u8>, String>>,
+        peer: PeerId,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        self.tx
+            .send(cmd)
+            .await
+            .map_err(|_| "node is shutting down".to_string())?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("node is shutting down".into()),
+            Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
+        }
+    }
+
     /// Sends `body` to `peer` over `/json-message/1.0`.
     pub async fn request(
         &self,
@@ -75,53 +97,31 @@ impl NetHandle {
         timeout: Duration,
     ) -> Result<Vec<u8>, String> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(NetCommand::Request { peer, body, reply })
+        self.call(NetCommand::Request { peer, body, reply }, rx, peer, timeout)
             .await
-            .map_err(|_| "node is shutting down".to_string())?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("node is shutting down".into()),
-            Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
-        }
     }
 
-    /// Sends an activation frame to `peer`, waiting at most `timeout`.
-    pub async fn activation(
+    /// Sends a binary frame to `peer`, waiting at most `timeout`.
+    pub async fn frame(
         &self,
+        proto: FrameProto,
         peer: PeerId,
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, String> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(NetCommand::Activation { peer, body, reply })
-            .await
-            .map_err(|_| "node is shutting down".to_string())?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("node is shutting down".into()),
-            Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
-        }
-    }
-
-    /// Sends a piece-protocol request to `peer`.
-    pub async fn torrent(
-        &self,
-        peer: PeerId,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(NetCommand::Torrent { peer, body, reply })
-            .await
-            .map_err(|_| "node is shutting down".to_string())?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("node is shutting down".into()),
-            Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
-        }
+        self.call(
+            NetCommand::Frame {
+                proto,
+                peer,
+                body,
+                reply,
+            },
+            rx,
+            peer,
+            timeout,
+        )
+        .await
     }
 
     /// Providers of `key` in the DHT (bounded by the query timeout).
@@ -182,12 +182,19 @@ pub(crate) struct ProviderQuery {
     pub answer_at: Option<tokio::time::Instant>,
 }
 
+/// Where binary-protocol handlers send their responses back.
+pub(crate) type FrameResponseTx = mpsc::Sender<(
+    FrameProto,
+    libp2p::request_response::ResponseChannel<Vec<u8>>,
+    Vec<u8>,
+)>;
+
 /// Where request handlers send their responses back to the swarm task.
 pub(crate) type ResponseTx =
     mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>;
 
-/// Activation frames sent and not yet answered.
-pub(crate) type PendingActivations = HashMap<OutboundRequestId, Outbound>;
+/// Binary frames sent and not yet answered.
+pub(crate) type PendingFrames = HashMap<(FrameProto, OutboundRequestId), Outbound>;
 
 /// The swarm task's state.
 pub struct Node {
@@ -203,12 +210,10 @@ pub struct Node {
     pub(crate) bootstrap_addrs: Vec<Multiaddr>,
     pub(crate) pending: HashMap<OutboundRequestId, Pending>,
     pub(crate) responses: ResponseTx,
-    pub(crate) activation_responses: ResponseTx,
-    pub(crate) pending_activations: PendingActivations,
+    pub(crate) frame_responses: FrameResponseTx,
+    pub(crate) pending_frames: PendingFrames,
     pub(crate) pipeline: Pipeline,
     pub(crate) torrents: Torrents,
-    pub(crate) torrent_responses: ResponseTx,
-    pub(crate) pending_torrents: PendingActivations,
     /// Provider lookups in progress: found so far, and who waits.
     pub(crate) provider_queries: HashMap<libp2p::kad::QueryId, ProviderQuery>,
     /// Whether our records have reached at least one other DHT node.
@@ -320,8 +325,7 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
     );
     let dispatcher = Dispatcher::new(state.clone(), pipeline.clone(), cfg.max_message_bytes);
     let (resp_tx, mut resp_rx) = mpsc::channel(256);
-    let (act_tx, mut act_rx) = mpsc::channel(1024);
-    let (tor_tx, mut tor_rx) = mpsc::channel(1024);
+    let (frame_tx, mut frame_rx) = mpsc::channel(1024);
     let mut node = Node {
         swarm,
         cfg,
@@ -333,12 +337,10 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
         bootstrap_addrs,
         pending: HashMap::new(),
         responses: resp_tx,
-        activation_responses: act_tx,
-        pending_activations: HashMap::new(),
+        frame_responses: frame_tx,
+        pending_frames: HashMap::new(),
         pipeline: pipeline.clone(),
         torrents: torrents.clone(),
-        torrent_responses: tor_tx,
-        pending_torrents: HashMap::new(),
         provider_queries: HashMap::new(),
         published: false,
         discovered: HashSet::new(),
@@ -406,14 +408,9 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
                         debug!("[MSG] response not sent: the requester went away");
                     }
                 }
-                Some((channel, body)) = tor_rx.recv() => {
-                    if node.swarm.behaviour_mut().torrent.send_response(channel, body).is_err() {
-                        debug!("[TORRENT] response not sent: the requester went away");
-                    }
-                }
-                Some((channel, body)) = act_rx.recv() => {
-                    if node.swarm.behaviour_mut().activation.send_response(channel, body).is_err() {
-                        debug!("[PIPELINE] response not sent: the previous stage went away");
+                Some((proto, channel, body)) = frame_rx.recv() => {
+                    if node.frames(proto).send_response(channel, body).is_err() {
+                        debug!("[MSG] {proto:?} response not sent: the requester went away");
                     }
                 }
                 _ = housekeeping.tick() => {
@@ -440,6 +437,17 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
 }
 
 impl Node {
+    /// The behaviour of a binary protocol.
+    pub(crate) fn frames(
+        &mut self,
+        proto: FrameProto,
+    ) -> &mut libp2p::request_response::Behaviour<crate::network::frame_codec::FrameCodec> {
+        match proto {
+            FrameProto::Activation => &mut self.swarm.behaviour_mut().activation,
+            FrameProto::Torrent => &mut self.swarm.behaviour_mut().torrent,
+        }
+    }
+
     pub(crate) fn local_peer_id(&self) -> PeerId {
         *self.swarm.local_peer_id()
     }
@@ -465,14 +473,15 @@ impl Node {
                     }),
                 );
             }
-            NetCommand::Activation { peer, body, reply } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .activation
-                    .send_request(&peer, body.clone());
-                self.pending_activations.insert(
-                    id,
+            NetCommand::Frame {
+                proto,
+                peer,
+                body,
+                reply,
+            } => {
+                let id = self.frames(proto).send_request(&peer, body.clone());
+                self.pending_frames.insert(
+                    (proto, id),
                     Outbound {
                         reply,
                         body,
@@ -481,21 +490,6 @@ impl Node {
                 );
             }
             NetCommand::Publish => self.publish_local_records(),
-            NetCommand::Torrent { peer, body, reply } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .torrent
-                    .send_request(&peer, body.clone());
-                self.pending_torrents.insert(
-                    id,
-                    Outbound {
-                        reply,
-                        body,
-                        retried: 0,
-                    },
-                );
-            }
             NetCommand::GetProviders { key, reply } => {
                 let id = self
                     .swarm
@@ -532,8 +526,8 @@ impl Node {
                 NodeBehaviourEvent::RendezvousClient(ev) => self.on_rendezvous_client(ev),
                 NodeBehaviourEvent::RendezvousServer(ev) => self.on_rendezvous_server(ev),
                 NodeBehaviourEvent::Messaging(ev) => self.on_messaging(ev),
-                NodeBehaviourEvent::Activation(ev) => self.on_activation(ev),
-                NodeBehaviourEvent::Torrent(ev) => self.on_torrent(ev),
+                NodeBehaviourEvent::Activation(ev) => self.on_frames(FrameProto::Activation, ev),
+                NodeBehaviourEvent::Torrent(ev) => self.on_frames(FrameProto::Torrent, ev),
                 NodeBehaviourEvent::Ping(_) => {}
             },
             SwarmEvent::NewListenAddr { address, .. } => {

@@ -15,9 +15,10 @@ use libp2p::{
 use llama_cluster_shared::config::NodeConfig;
 use llama_cluster_shared::protocol::JSON_PROTOCOL;
 
+use super::frame_codec::FrameCodec;
 use super::json_codec::JsonCodec;
-use crate::pipeline::frame::{ACTIVATION_PROTOCOL, ActivationCodec};
-use crate::torrent::protocol::{TORRENT_PROTOCOL, TorrentCodec};
+use crate::pipeline::frame::{ACTIVATION_PROTOCOL, MAX_FRAME as MAX_ACTIVATION_FRAME};
+use crate::torrent::protocol::{MAX_FRAME as MAX_TORRENT_FRAME, TORRENT_PROTOCOL};
 
 /// What a node is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +58,8 @@ pub struct NodeBehaviour {
     pub rendezvous_server: Toggle<rendezvous::server::Behaviour>,
     pub rendezvous_client: Toggle<rendezvous::client::Behaviour>,
     pub messaging: request_response::Behaviour<JsonCodec>,
-    pub activation: request_response::Behaviour<ActivationCodec>,
-    pub torrent: request_response::Behaviour<TorrentCodec>,
+    pub activation: request_response::Behaviour<FrameCodec>,
+    pub torrent: request_response::Behaviour<FrameCodec>,
 }
 
 /// Builds the swarm of a node with `keypair`.
@@ -127,7 +128,7 @@ pub fn build_swarm(
             };
             // Step deadlines are enforced by the pipeline itself (budgets).
             let activation = request_response::Behaviour::with_codec(
-                ActivationCodec,
+                FrameCodec::new(MAX_ACTIVATION_FRAME),
                 [(
                     StreamProtocol::new(ACTIVATION_PROTOCOL),
                     request_response::ProtocolSupport::Full,
@@ -137,7 +138,7 @@ pub fn build_swarm(
                     .with_max_concurrent_streams(1024),
             );
             let torrent = request_response::Behaviour::with_codec(
-                TorrentCodec,
+                FrameCodec::new(MAX_TORRENT_FRAME),
                 [(
                     StreamProtocol::new(TORRENT_PROTOCOL),
                     request_response::ProtocolSupport::Full,

@@ -11,9 +11,6 @@
 
 use std::io;
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
-use libp2p::request_response;
 use llama_cluster_engine::sampling::SamplingParams;
 
 /// Protocol name of the activation stream.
@@ -428,80 +425,6 @@ impl ActivationResponse {
             logits,
             hops,
         })
-    }
-}
-
-/// request-response codec: `u32` length, then the frame.
-#[derive(Debug, Clone, Default)]
-pub struct ActivationCodec;
-
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(bad(format!("frame of {len} bytes exceeds {MAX_FRAME}")));
-    }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
-    Ok(buf)
-}
-
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: &[u8]) -> io::Result<()> {
-    if body.len() > MAX_FRAME {
-        return Err(bad(format!(
-            "frame of {} bytes exceeds {MAX_FRAME}",
-            body.len()
-        )));
-    }
-    io.write_all(&(body.len() as u32).to_le_bytes()).await?;
-    io.write_all(body).await?;
-    io.close().await
-}
-
-/// Inbound requests stay raw bytes so that a malformed frame is answered
-/// with an error response rather than a dropped stream.
-impl request_response::Codec for ActivationCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &req).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &res).await
     }
 }
 

@@ -27,7 +27,7 @@ use llama_cluster_engine::{EngineError, EngineSettings};
 use llama_cluster_shared::config::NodeConfig;
 use tracing::{Instrument, debug, info_span};
 
-use crate::node::NetHandle;
+use crate::node::{FrameProto, NetHandle};
 use crate::state::SharedState;
 use crate::torrent::Torrents;
 use frame::{ActivationRequest, ActivationResponse, FrameKind, HopStats, Payload, codes};
@@ -442,7 +442,12 @@ impl Pipeline {
             hop.shard_id,
             peer
         );
-        match self.0.net.activation(peer, bytes, budget).await {
+        match self
+            .0
+            .net
+            .frame(FrameProto::Activation, peer, bytes, budget)
+            .await
+        {
             Ok(b) => ActivationResponse::decode(&b).unwrap_or_else(|e| {
                 ActivationResponse::error(codes::INTERNAL, format!("bad response from {peer}: {e}"))
             }),

@@ -21,7 +21,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::node::NetHandle;
+use crate::node::{FrameProto, NetHandle};
 use crate::state::SharedState;
 use meta::TorrentMeta;
 use protocol::{TorrentRequest, TorrentResponse};
@@ -33,10 +33,7 @@ pub fn cache_dir(cfg: &llama_cluster_shared::config::NodeConfig) -> PathBuf {
     if !cfg.cache_dir.is_empty() {
         return PathBuf::from(&cfg.cache_dir);
     }
-    std::env::var_os("LLAMA_CLUSTER_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/llama-cluster")))
-        .unwrap_or_else(|| std::env::temp_dir().join("llama-cluster"))
+    llama_cluster_engine::cache_root()
 }
 
 /// Pieces requested from one peer at a time.
@@ -270,7 +267,7 @@ impl Torrents {
         let bytes = self
             .0
             .net
-            .torrent(peer, req.encode(), PIECE_TIMEOUT)
+            .frame(FrameProto::Torrent, peer, req.encode(), PIECE_TIMEOUT)
             .await?;
         TorrentResponse::decode(&bytes)
     }

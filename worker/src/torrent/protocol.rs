@@ -3,12 +3,6 @@
 //! sides. Requests: metadata of a file, or one piece. Responses: the
 //! metadata, the piece's bytes, or an error.
 
-use std::io;
-
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
-use libp2p::request_response;
-
 use super::meta::MAX_PIECE;
 
 pub const TORRENT_PROTOCOL: &str = "/llama-cluster/torrent/1.0";
@@ -29,10 +23,6 @@ pub enum TorrentResponse {
     Meta(Vec<u8>),
     Piece { index: u32, data: Vec<u8> },
     Error(String),
-}
-
-fn bad(m: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, m.into())
 }
 
 impl TorrentRequest {
@@ -106,76 +96,6 @@ impl TorrentResponse {
             )),
             k => Err(format!("bad response kind {k}")),
         }
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct TorrentCodec;
-
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(bad(format!("frame of {len} bytes exceeds {MAX_FRAME}")));
-    }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
-    Ok(buf)
-}
-
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: &[u8]) -> io::Result<()> {
-    if body.len() > MAX_FRAME {
-        return Err(bad("frame too large"));
-    }
-    io.write_all(&(body.len() as u32).to_le_bytes()).await?;
-    io.write_all(body).await?;
-    io.close().await
-}
-
-/// Raw frames both ways; parsing happens in the handlers so a malformed
-/// request is answered with an error.
-impl request_response::Codec for TorrentCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &req).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &res).await
     }
 }
 
