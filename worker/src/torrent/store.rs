@@ -1,6 +1,6 @@
 //! Where torrent files live: complete files by content hash
 //! (`files/<hash>`, with `meta/<hash>.json`), downloads in progress
-//! (`partial/<hash>.part` + a bitmap of verified pieces), and files seeded
+//! (`partial/<hash>.part`, pieces re-verified on resume), and files seeded
 //! from elsewhere on disk (a split directory). Nothing is served or placed
 //! under its final name before it is verified.
 
@@ -129,28 +129,20 @@ impl Store {
     }
 }
 
-/// A download in progress.
+/// A download in progress. Which pieces are done is read from the data
+/// itself: on open every piece is checked against its hash, so a download
+/// killed at any point resumes from exactly the pieces that reached the disk.
 pub struct Partial {
     pub meta: TorrentMeta,
     file: File,
     have: Vec<bool>,
     part_path: PathBuf,
-    have_path: PathBuf,
-    unsaved: u32,
-}
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if self.have_path.exists() || self.unsaved > 0 {
-            let _ = self.save_have();
-        }
-    }
 }
 
 impl Partial {
     fn open(dir: &Path, meta: &TorrentMeta) -> io::Result<Partial> {
         let part_path = dir.join(format!("{}.part", meta.file_hash));
-        let have_path = dir.join(format!("{}.have", meta.file_hash));
+        let existed = part_path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -162,46 +154,23 @@ impl Partial {
         }
         let n = meta.n_pieces() as usize;
         let mut have = vec![false; n];
-        if let Ok(bits) = std::fs::read(&have_path) {
+        if existed {
+            let mut buf = Vec::new();
             for (i, h) in have.iter_mut().enumerate() {
-                *h = bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
+                let i = i as u32;
+                buf.resize(meta.piece_len(i) as usize, 0);
+                *h = file
+                    .read_exact_at(&mut buf, i as u64 * meta.piece_size)
+                    .is_ok()
+                    && meta.check_piece(i, &buf);
             }
         }
-        let mut p = Partial {
+        Ok(Partial {
             meta: meta.clone(),
             file,
             have,
             part_path,
-            have_path,
-            unsaved: 0,
-        };
-        // Trust nothing on disk: re-verify every piece marked as had.
-        let mut buf = Vec::new();
-        for i in 0..n as u32 {
-            if p.have[i as usize] {
-                buf.resize(p.meta.piece_len(i) as usize, 0);
-                let ok = p
-                    .file
-                    .read_exact_at(&mut buf, i as u64 * p.meta.piece_size)
-                    .is_ok()
-                    && p.meta.check_piece(i, &buf);
-                p.have[i as usize] = ok;
-            }
-        }
-        p.save_have()?;
-        Ok(p)
-    }
-
-    fn save_have(&self) -> io::Result<()> {
-        let mut bits = vec![0u8; self.have.len().div_ceil(8)];
-        for (i, &h) in self.have.iter().enumerate() {
-            if h {
-                bits[i / 8] |= 1 << (i % 8);
-            }
-        }
-        let tmp = self.have_path.with_extension("have.tmp");
-        std::fs::write(&tmp, bits)?;
-        std::fs::rename(&tmp, &self.have_path)
+        })
     }
 
     pub fn missing(&self) -> Vec<u32> {
@@ -222,11 +191,10 @@ impl Partial {
         self.file
             .write_all_at(data, i as u64 * self.meta.piece_size)?;
         self.have[i as usize] = true;
-        self.save_have()
+        Ok(())
     }
 
-    fn finish(mut self, final_path: &Path) -> io::Result<()> {
-        self.unsaved = 0;
+    fn finish(self, final_path: &Path) -> io::Result<()> {
         if !self.missing().is_empty() {
             return Err(io::Error::other("download is not complete"));
         }
@@ -244,7 +212,6 @@ impl Partial {
         let got = hasher.finalize().to_hex().to_string();
         if got != self.meta.file_hash {
             let _ = std::fs::remove_file(&self.part_path);
-            let _ = std::fs::remove_file(&self.have_path);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -253,8 +220,6 @@ impl Partial {
                 ),
             ));
         }
-        std::fs::rename(&self.part_path, final_path)?;
-        let _ = std::fs::remove_file(&self.have_path);
-        Ok(())
+        std::fs::rename(&self.part_path, final_path)
     }
 }
