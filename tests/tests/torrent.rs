@@ -534,3 +534,70 @@ async fn malformed_piece_requests_get_errors_and_the_seeder_keeps_serving() {
         seeder.log()
     );
 }
+
+/// Unmounts a tmpfs on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&path).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("mount");
+        assert!(
+            st.success(),
+            "this test needs root to mount a small tmpfs (a full disk)"
+        );
+        Tmpfs(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_ends_the_download_with_a_clear_error_and_no_final_file() {
+    let dir = test_dir("torrent-disk-full");
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let seeder = start(&dir, "seeder", "127.0.0.110", &b, &s.manifest, &[]);
+    wait_for("seeding", WAIT, || async {
+        seeding(&seeder, &s.hash).await.then_some(())
+    })
+    .await
+    .unwrap();
+    // The leecher's cache is a 4 MiB file system: the 22 MB shard cannot fit.
+    let small = Tmpfs::mount(dir.join("small-disk"), "4m");
+    let m = bare_manifest(&dir, "leech", &s.manifest);
+    let leech = start(
+        &dir,
+        "leech",
+        "127.0.0.111",
+        &b,
+        &m,
+        &["--cache-dir", small.0.to_str().unwrap()],
+    );
+    let e = load(&leech, &s.shard_id).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("No space left"), "{}", e.message());
+    assert!(
+        !small.0.join("torrents/files").join(&s.hash).exists(),
+        "no file under the final name"
+    );
+    // The worker is still up, its shard marked failed.
+    let st = leech.status().await.unwrap();
+    assert!(
+        st.shards
+            .iter()
+            .any(|x| x.availability == "LOCAL" && x.state == "failed"),
+        "{:?}",
+        st.shards
+    );
+    drop(leech);
+}
