@@ -2,4 +2,5 @@
 //! gRPC and runs the local demo cluster.
 
 pub mod demo;
+pub mod openai;
 pub mod status_table;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use llama_coordinator::{demo, status_table};
+use llama_coordinator::{demo, openai, status_table};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,6 +23,15 @@ enum Cmd {
         /// Worker gRPC addresses, host:port (comma-separated or repeated).
         #[arg(long, required = true, value_delimiter = ',')]
         workers: Vec<String>,
+    },
+    /// Serve the OpenAI-compatible HTTP API in front of workers.
+    Serve {
+        /// Worker gRPC addresses, host:port (comma-separated or repeated).
+        #[arg(long, required = true, value_delimiter = ',')]
+        workers: Vec<String>,
+        /// HTTP address (port 0: any).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: String,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), wait until
     /// every worker found every other, print the table, stop everything.
@@ -62,6 +71,10 @@ async fn main() -> ExitCode {
                 anyhow::Ok(())
             }
             .await
+        }
+        Cmd::Serve { workers, http } => {
+            llama_cluster_shared::logging::init(llama_cluster_shared::config::LogFormat::Text);
+            openai::serve(&http, workers).await
         }
         Cmd::Demo {
             workers,

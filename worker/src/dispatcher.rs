@@ -362,6 +362,7 @@ impl Dispatcher {
             stop: p.stop,
             return_prompt_logits: false,
             ignore_eos: false,
+            messages: vec![],
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::pipeline::driver::Chunk>(64);
         let collect = tokio::spawn(async move {

@@ -174,6 +174,11 @@ impl Worker for WorkerService {
             stop: r.stop,
             return_prompt_logits: r.return_prompt_logits,
             ignore_eos: r.ignore_eos,
+            messages: r
+                .messages
+                .into_iter()
+                .map(|m| (m.role, m.content))
+                .collect(),
         };
         let pipeline = self.dispatcher.pipeline().clone();
         let (chunk_tx, mut chunk_rx) = mpsc::channel(64);

@@ -32,6 +32,8 @@ pub struct GenerateRequest {
     pub return_prompt_logits: bool,
     /// Do not stop at end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// A whole conversation (role, content); when set, `prompt` is ignored.
+    pub messages: Vec<(String, String)>,
 }
 
 /// A piece of the answer.
@@ -137,8 +139,17 @@ impl Pipeline {
         tx: mpsc::Sender<Chunk>,
     ) -> Result<GenStats, PipelineError> {
         let t0 = Instant::now();
-        if req.prompt.trim().is_empty() {
+        if req.messages.is_empty() && req.prompt.trim().is_empty() {
             return Err(PipelineError::InvalidArgument("prompt is empty".into()));
+        }
+        if let Some((role, _)) = req
+            .messages
+            .iter()
+            .find(|(r, _)| !matches!(r.as_str(), "system" | "user" | "assistant"))
+        {
+            return Err(PipelineError::InvalidArgument(format!(
+                "unknown message role {role:?}"
+            )));
         }
         req.sampling
             .validate()
@@ -151,7 +162,11 @@ impl Pipeline {
                 req.model, m.model
             )));
         }
-        let text = if req.chat {
+        let text = if !req.messages.is_empty() {
+            info.vocab
+                .apply_chat_template(&req.messages)
+                .map_err(|e| PipelineError::InvalidArgument(e.to_string()))?
+        } else if req.chat {
             info.vocab
                 .apply_chat_template(&[("user".into(), req.prompt.clone())])
                 .map_err(|e| PipelineError::InvalidArgument(e.to_string()))?

@@ -1,0 +1,412 @@
+//! An OpenAI-compatible HTTP API in front of the workers:
+//! `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`,
+//! with `stream: true` (server-sent events) or without, usage counts
+//! included. Requests are forwarded to a worker that drives the model's
+//! pipeline (gRPC `Inference`); invalid requests get OpenAI-style error JSON
+//! with a 4xx status.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use llama_cluster_proto::v1::inference_response::Event;
+use llama_cluster_proto::v1::worker_client::WorkerClient;
+use llama_cluster_proto::v1::{ChatMessage, InferenceRequest};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::info;
+
+use crate::status_table::fetch_status;
+
+/// Largest `max_tokens` accepted before asking a worker.
+const MAX_TOKENS_LIMIT: u64 = 1 << 20;
+
+pub struct ApiState {
+    /// gRPC addresses of the workers requests may go to.
+    pub workers: Vec<String>,
+}
+
+/// An OpenAI-style error response.
+fn error(
+    status: StatusCode,
+    kind: &str,
+    message: impl Into<String>,
+    param: Option<&str>,
+) -> Response {
+    let body = json!({"error": {"message": message.into(), "type": kind, "param": param, "code": Value::Null}});
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn bad_request(message: impl Into<String>, param: &str) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        message,
+        Some(param),
+    )
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Models served by ready shards, with a worker that can drive each.
+async fn models(state: &ApiState) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for w in &state.workers {
+        if let Ok(st) = fetch_status(w).await {
+            for s in st
+                .shards
+                .iter()
+                .filter(|s| s.availability == "LOCAL" && s.state == "ready")
+            {
+                if !out.iter().any(|(m, _)| m == &s.model) {
+                    out.push((s.model.clone(), w.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn list_models(State(st): State<Arc<ApiState>>) -> Response {
+    let data: Vec<Value> = models(&st)
+        .await
+        .into_iter()
+        .map(
+            |(m, _)| json!({"id": m, "object": "model", "created": 0, "owned_by": "llama-cluster"}),
+        )
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+fn status_to_http(s: &tonic::Status) -> Response {
+    use tonic::Code::*;
+    let (code, kind) = match s.code() {
+        InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        NotFound => (StatusCode::NOT_FOUND, "invalid_request_error"),
+        ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "server_error"),
+        Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+    };
+    error(code, kind, s.message(), None)
+}
+
+fn finish_reason(r: &str) -> &'static str {
+    match r {
+        "length" | "context" => "length",
+        _ => "stop",
+    }
+}
+
+/// Parses the fields both endpoints share into an `InferenceRequest`.
+fn common(body: &Value, req: &mut InferenceRequest) -> Result<bool, Response> {
+    if let Some(v) = body
+        .get("max_tokens")
+        .or_else(|| body.get("max_completion_tokens"))
+        .filter(|v| !v.is_null())
+    {
+        let n = v
+            .as_u64()
+            .ok_or_else(|| bad_request("max_tokens must be a positive integer", "max_tokens"))?;
+        if n == 0 || n > MAX_TOKENS_LIMIT {
+            return Err(bad_request(
+                format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {n}"),
+                "max_tokens",
+            ));
+        }
+        req.max_tokens = n as u32;
+    }
+    let num = |k: &str| body.get(k).filter(|v| !v.is_null());
+    if let Some(t) = num("temperature") {
+        req.temperature = t
+            .as_f64()
+            .filter(|t| (0.0..=2.0).contains(t))
+            .ok_or_else(|| bad_request("temperature must be between 0 and 2", "temperature"))?
+            as f32;
+    }
+    if let Some(p) = num("top_p") {
+        req.top_p =
+            p.as_f64()
+                .filter(|p| *p > 0.0 && *p <= 1.0)
+                .ok_or_else(|| bad_request("top_p must be in (0, 1]", "top_p"))? as f32;
+    }
+    if let Some(s) = num("seed") {
+        req.seed = s
+            .as_u64()
+            .ok_or_else(|| bad_request("seed must be a non-negative integer", "seed"))?;
+    }
+    match num("stop") {
+        None => {}
+        Some(Value::String(s)) => req.stop = vec![s.clone()],
+        Some(Value::Array(a)) => {
+            req.stop = a
+                .iter()
+                .map(|v| v.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad_request("stop must be a string or a list of strings", "stop"))?
+        }
+        Some(_) => {
+            return Err(bad_request(
+                "stop must be a string or a list of strings",
+                "stop",
+            ));
+        }
+    }
+    match body.get("stream") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad_request("stream must be a boolean", "stream")),
+    }
+}
+
+async fn completions(State(st): State<Arc<ApiState>>, body: Bytes) -> Response {
+    handle(st, body, false).await
+}
+
+async fn chat_completions(State(st): State<Arc<ApiState>>, body: Bytes) -> Response {
+    handle(st, body, true).await
+}
+
+async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return bad_request("the request body must be a JSON object", "body"),
+        Err(e) => return bad_request(format!("malformed JSON: {e}"), "body"),
+    };
+    let Some(model) = body.get("model").and_then(|m| m.as_str()).map(String::from) else {
+        return bad_request("model is required", "model");
+    };
+    let mut req = InferenceRequest {
+        model: model.clone(),
+        ..Default::default()
+    };
+    if chat {
+        let Some(msgs) = body.get("messages").and_then(|m| m.as_array()) else {
+            return bad_request("messages must be a list", "messages");
+        };
+        if msgs.is_empty() {
+            return bad_request("messages must not be empty", "messages");
+        }
+        for m in msgs {
+            let (Some(role), Some(content)) = (
+                m.get("role").and_then(|r| r.as_str()),
+                m.get("content").and_then(|c| c.as_str()),
+            ) else {
+                return bad_request("every message needs a string role and content", "messages");
+            };
+            req.messages.push(ChatMessage {
+                role: role.into(),
+                content: content.into(),
+            });
+        }
+    } else {
+        req.prompt = match body.get("prompt") {
+            Some(Value::String(p)) if !p.is_empty() => p.clone(),
+            Some(Value::Array(a))
+                if a.len() == 1 && a[0].as_str().is_some_and(|s| !s.is_empty()) =>
+            {
+                a[0].as_str().unwrap_or_default().to_string()
+            }
+            _ => return bad_request("prompt must be a non-empty string", "prompt"),
+        };
+    }
+    let stream = match common(&body, &mut req) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let served = models(&st).await;
+    let Some((_, worker)) = served.iter().find(|(m, _)| *m == model) else {
+        let names: Vec<&str> = served.iter().map(|(m, _)| m.as_str()).collect();
+        return error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{model}` does not exist; served: {names:?}"),
+            Some("model"),
+        );
+    };
+    let ch = match tonic::transport::Channel::from_shared(format!("http://{worker}")) {
+        Ok(c) => c.connect_timeout(Duration::from_secs(5)),
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+                None,
+            );
+        }
+    };
+    let ch = match ch.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("worker {worker}: {e}"),
+                None,
+            );
+        }
+    };
+    let mut grpc = match WorkerClient::new(ch).inference(req).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => return status_to_http(&s),
+    };
+    let id = format!(
+        "{}-{:x}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        now() ^ (std::process::id() as u64) << 20
+    );
+    let created = now();
+    let object = if chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    info!("[API] {object} for {model} via {worker} (stream {stream})");
+    if !stream {
+        let (mut text, mut stats) = (String::new(), None);
+        loop {
+            match grpc.message().await {
+                Ok(Some(m)) => match m.event {
+                    Some(Event::Chunk(c)) => text.push_str(&c.text),
+                    Some(Event::Stats(s)) => stats = Some(s),
+                    None => {}
+                },
+                Ok(None) => break,
+                Err(s) => return status_to_http(&s),
+            }
+        }
+        let s = stats.unwrap_or_default();
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(&s.finish_reason), "logprobs": null})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": finish_reason(&s.finish_reason), "logprobs": null})
+        };
+        return axum::Json(json!({
+            "id": id, "object": object, "created": created, "model": model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
+                      "total_tokens": s.prompt_tokens + s.generated_tokens},
+        }))
+        .into_response();
+    }
+    // Streaming: one SSE event per text chunk, a last one with the finish
+    // reason and usage, then [DONE].
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let chunk_object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    tokio::spawn(async move {
+        let mk = |delta: Value, finish: Value, usage: Value| {
+            let choice = if chat {
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            } else {
+                json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "finish_reason": finish, "logprobs": null})
+            };
+            let mut v = json!({"id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice]});
+            if !usage.is_null() {
+                v["usage"] = usage;
+            }
+            SseEvent::default().data(v.to_string())
+        };
+        if chat
+            && tx
+                .send(Ok(mk(
+                    json!({"role": "assistant", "content": ""}),
+                    Value::Null,
+                    Value::Null,
+                )))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        loop {
+            match grpc.message().await {
+                Ok(Some(m)) => match m.event {
+                    Some(Event::Chunk(c)) if !c.text.is_empty() => {
+                        if tx
+                            .send(Ok(mk(json!({"content": c.text}), Value::Null, Value::Null)))
+                            .await
+                            .is_err()
+                        {
+                            return; // client went away: dropping the stream stops generation
+                        }
+                    }
+                    Some(Event::Stats(s)) => {
+                        let usage = json!({"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
+                                           "total_tokens": s.prompt_tokens + s.generated_tokens});
+                        let _ = tx
+                            .send(Ok(mk(
+                                json!({}),
+                                json!(finish_reason(&s.finish_reason)),
+                                usage,
+                            )))
+                            .await;
+                    }
+                    _ => {}
+                },
+                Ok(None) => break,
+                Err(s) => {
+                    let err = json!({"error": {"message": s.message(), "type": "server_error", "param": null, "code": null}});
+                    let _ = tx.send(Ok(SseEvent::default().data(err.to_string()))).await;
+                    break;
+                }
+            }
+        }
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx) as ReceiverSse)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+type ReceiverSse = tokio_stream::wrappers::ReceiverStream<Result<SseEvent, Infallible>>;
+
+/// The API's routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown endpoint",
+                None,
+            )
+        })
+        .with_state(Arc::new(state))
+}
+
+/// Serves the API on `addr` until the process ends.
+pub async fn serve(addr: &str, workers: Vec<String>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    println!(
+        "LLAMA_CLUSTER_READY {}",
+        json!({"role": "coordinator", "http_addr": bound.to_string()})
+    );
+    info!("[API] OpenAI-compatible API on http://{bound}/v1");
+    axum::serve(listener, router(ApiState { workers })).await?;
+    Ok(())
+}
