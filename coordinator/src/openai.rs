@@ -116,15 +116,16 @@ fn finish_reason(r: &str) -> &'static str {
 }
 
 /// Parses the fields both endpoints share into an `InferenceRequest`.
-fn common(body: &Value, req: &mut InferenceRequest) -> Result<bool, Response> {
+fn common(body: &Value, req: &mut InferenceRequest) -> Result<bool, Box<Response>> {
+    let bad_request = |m: String, p: &str| Box::new(bad_request(m, p));
     if let Some(v) = body
         .get("max_tokens")
         .or_else(|| body.get("max_completion_tokens"))
         .filter(|v| !v.is_null())
     {
-        let n = v
-            .as_u64()
-            .ok_or_else(|| bad_request("max_tokens must be a positive integer", "max_tokens"))?;
+        let n = v.as_u64().ok_or_else(|| {
+            bad_request("max_tokens must be a positive integer".into(), "max_tokens")
+        })?;
         if n == 0 || n > MAX_TOKENS_LIMIT {
             return Err(bad_request(
                 format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {n}"),
@@ -138,19 +139,21 @@ fn common(body: &Value, req: &mut InferenceRequest) -> Result<bool, Response> {
         req.temperature = t
             .as_f64()
             .filter(|t| (0.0..=2.0).contains(t))
-            .ok_or_else(|| bad_request("temperature must be between 0 and 2", "temperature"))?
-            as f32;
+            .ok_or_else(|| {
+                bad_request("temperature must be between 0 and 2".into(), "temperature")
+            })? as f32;
     }
     if let Some(p) = num("top_p") {
-        req.top_p =
-            p.as_f64()
-                .filter(|p| *p > 0.0 && *p <= 1.0)
-                .ok_or_else(|| bad_request("top_p must be in (0, 1]", "top_p"))? as f32;
+        req.top_p = p
+            .as_f64()
+            .filter(|p| *p > 0.0 && *p <= 1.0)
+            .ok_or_else(|| bad_request("top_p must be in (0, 1]".into(), "top_p"))?
+            as f32;
     }
     if let Some(s) = num("seed") {
         req.seed = s
             .as_u64()
-            .ok_or_else(|| bad_request("seed must be a non-negative integer", "seed"))?;
+            .ok_or_else(|| bad_request("seed must be a non-negative integer".into(), "seed"))?;
     }
     match num("stop") {
         None => {}
@@ -160,11 +163,13 @@ fn common(body: &Value, req: &mut InferenceRequest) -> Result<bool, Response> {
                 .iter()
                 .map(|v| v.as_str().map(String::from))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad_request("stop must be a string or a list of strings", "stop"))?
+                .ok_or_else(|| {
+                    bad_request("stop must be a string or a list of strings".into(), "stop")
+                })?
         }
         Some(_) => {
             return Err(bad_request(
-                "stop must be a string or a list of strings",
+                "stop must be a string or a list of strings".into(),
                 "stop",
             ));
         }
@@ -172,7 +177,7 @@ fn common(body: &Value, req: &mut InferenceRequest) -> Result<bool, Response> {
     match body.get("stream") {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(bad_request("stream must be a boolean", "stream")),
+        Some(_) => Err(bad_request("stream must be a boolean".into(), "stream")),
     }
 }
 
@@ -229,7 +234,7 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
     }
     let stream = match common(&body, &mut req) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let served = models(&st).await;
     let Some((_, worker)) = served.iter().find(|(m, _)| *m == model) else {
@@ -342,7 +347,10 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
         loop {
             match grpc.message().await {
                 Ok(Some(m)) => match m.event {
-                    Some(Event::Chunk(c)) if !c.text.is_empty() => {
+                    Some(Event::Chunk(c)) => {
+                        if c.text.is_empty() {
+                            continue;
+                        }
                         if tx
                             .send(Ok(mk(json!({"content": c.text}), Value::Null, Value::Null)))
                             .await

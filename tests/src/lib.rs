@@ -52,6 +52,8 @@ pub fn test_dir(name: &str) -> PathBuf {
 /// A node process; killed (and reaped) on drop.
 pub struct NodeProc {
     pub name: String,
+    /// The whole ready line (JSON).
+    pub ready: Value,
     pub child: Child,
     pub peer_id: String,
     pub grpc_addr: String,
@@ -71,9 +73,20 @@ impl NodeProc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<NodeProc> {
+        Self::start_bin(dir, name, "llama-worker", args, env)
+    }
+
+    /// Starts workspace binary `bin` (which prints the ready line too).
+    pub fn start_bin(
+        dir: &Path,
+        name: &str,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProc> {
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let mut cmd = Command::new(binary("llama-worker"));
+        let mut cmd = Command::new(binary(bin));
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -107,6 +120,7 @@ impl NodeProc {
         let v: Value = serde_json::from_str(&ready)?;
         let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
         Ok(NodeProc {
+            ready: v.clone(),
             name: name.to_string(),
             peer_id: s("peer_id"),
             grpc_addr: s("grpc_addr"),

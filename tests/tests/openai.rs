@@ -1,0 +1,207 @@
+//! The OpenAI-compatible API of the coordinator, answered by a real client
+//! library (the `openai` Python package) in streaming and non-streaming
+//! modes, in front of a 2-stage pipeline of worker processes; bad requests
+//! get OpenAI-style errors with the right 4xx status.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use llama_cluster_proto::v1::InferenceRequest;
+use llama_cluster_proto::v1::inference_response::Event;
+use llama_cluster_tests::{NodeProc, PipelineCluster, split_with_cli, test_dir};
+use serde_json::Value;
+
+const CLIENT: &str = r#"
+import json, sys, urllib.request, urllib.error
+from openai import OpenAI
+base = sys.argv[1]
+c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+out = {}
+out["models"] = [m.id for m in c.models.list()]
+model = out["models"][0]
+msgs = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "What is the capital of France?"}]
+r = c.chat.completions.create(model=model, messages=msgs, max_tokens=24)
+out["chat"] = {"text": r.choices[0].message.content, "finish": r.choices[0].finish_reason,
+               "usage": [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens], "object": r.object}
+parts, finish, usage = [], None, None
+for ch in c.chat.completions.create(model=model, messages=msgs, max_tokens=24, stream=True):
+    if ch.choices:
+        parts.append(ch.choices[0].delta.content or "")
+        finish = ch.choices[0].finish_reason or finish
+    if getattr(ch, "usage", None):
+        usage = [ch.usage.prompt_tokens, ch.usage.completion_tokens, ch.usage.total_tokens]
+out["chat_stream"] = {"text": "".join(parts), "finish": finish, "usage": usage, "chunks": len(parts)}
+r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=16)
+out["completion"] = {"text": r.choices[0].text, "finish": r.choices[0].finish_reason,
+                     "usage": [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]}
+parts = [ch.choices[0].text for ch in c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, stream=True) if ch.choices]
+out["completion_stream"] = "".join(parts)
+def raw(path, body):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return [resp.status, json.loads(resp.read())]
+    except urllib.error.HTTPError as e:
+        return [e.code, json.loads(e.read())]
+out["errors"] = {
+    "unknown_model": raw("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}),
+    "empty_messages": raw("/v1/chat/completions", {"model": model, "messages": []}),
+    "max_tokens_zero": raw("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 0}),
+    "max_tokens_huge": raw("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 10**9}),
+    "malformed": raw("/v1/completions", b"{not json"),
+    "no_model": raw("/v1/completions", {"prompt": "hi"}),
+    "bad_role": raw("/v1/chat/completions", {"model": model, "messages": [{"role": "wizard", "content": "hi"}]}),
+}
+try:
+    c.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    out["client_error"] = None
+except Exception as e:
+    out["client_error"] = [type(e).__name__, getattr(e, "status_code", None)]
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_client_streaming_and_not_and_bad_requests() {
+    let dir = test_dir("openai");
+    let manifest = split_with_cli(&dir.join("split"), 2).unwrap();
+    let cluster = PipelineCluster::start(&dir, &manifest, 120, &[])
+        .await
+        .unwrap();
+    let workers = cluster
+        .workers
+        .iter()
+        .map(|w| w.grpc_addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let coord = NodeProc::start_bin(
+        &dir,
+        "coordinator",
+        "llama-coordinator",
+        &["serve", "--workers", &workers, "--http", "127.0.0.1:0"],
+        &[],
+    )
+    .unwrap();
+    let base = format!("http://{}", coord.ready["http_addr"].as_str().unwrap());
+
+    // What the pipeline itself says for the completion prompt (greedy).
+    let mut client = cluster.workers[0].client().await.unwrap();
+    let mut stream = client
+        .inference(InferenceRequest {
+            prompt: "The capital of France is".into(),
+            max_tokens: 16,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut want = String::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(Event::Chunk(c)) = m.event {
+            want.push_str(&c.text);
+        }
+    }
+
+    // … and for the chat (both messages through the model's chat template).
+    let msgs = vec![
+        llama_cluster_proto::v1::ChatMessage {
+            role: "system".into(),
+            content: "You are brief.".into(),
+        },
+        llama_cluster_proto::v1::ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        },
+    ];
+    let mut stream = client
+        .inference(InferenceRequest {
+            messages: msgs,
+            max_tokens: 24,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut want_chat = String::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(Event::Chunk(c)) = m.event {
+            want_chat.push_str(&c.text);
+        }
+    }
+
+    let script = dir.join("client.py");
+    std::fs::write(&script, CLIENT).unwrap();
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(&base)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 with the openai package (scripts/setup.sh installs it)");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the openai client did not finish within 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        coord.log()
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("{}", serde_json::to_string_pretty(&r).unwrap());
+
+    assert_eq!(r["models"], serde_json::json!(["smollm2-135m-instruct"]));
+    let chat = &r["chat"];
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(
+        chat["text"],
+        want_chat.as_str(),
+        "the API answers what the pipeline answers"
+    );
+    assert!(!want_chat.is_empty());
+    let u = chat["usage"].as_array().unwrap();
+    assert_eq!(
+        u[0].as_u64().unwrap() + u[1].as_u64().unwrap(),
+        u[2].as_u64().unwrap()
+    );
+    assert!(
+        u[0].as_u64().unwrap() > 10,
+        "system + user messages through the chat template"
+    );
+    // Streaming gives the same greedy answer, in several chunks, with usage.
+    assert_eq!(r["chat_stream"]["text"], chat["text"]);
+    assert_eq!(r["chat_stream"]["finish"], chat["finish"]);
+    assert_eq!(r["chat_stream"]["usage"], chat["usage"]);
+    assert!(r["chat_stream"]["chunks"].as_u64().unwrap() > 2);
+    assert_eq!(r["completion"]["text"], want.as_str());
+    assert_eq!(r["completion_stream"], want.as_str());
+    assert_eq!(r["completion"]["finish"], "length");
+    assert_eq!(r["completion"]["usage"], serde_json::json!([5, 16, 21]));
+
+    let e = &r["errors"];
+    for (case, code) in [
+        ("unknown_model", 404),
+        ("empty_messages", 400),
+        ("max_tokens_zero", 400),
+        ("max_tokens_huge", 400),
+        ("malformed", 400),
+        ("no_model", 400),
+        ("bad_role", 400),
+    ] {
+        assert_eq!(e[case][0], code, "{case}: {}", e[case]);
+        let msg = e[case][1]["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            !msg.is_empty(),
+            "{case}: readable message expected: {}",
+            e[case]
+        );
+        assert!(e[case][1]["error"]["type"].is_string());
+    }
+    assert_eq!(r["client_error"], serde_json::json!(["NotFoundError", 404]));
+}
