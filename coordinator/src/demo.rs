@@ -252,11 +252,12 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         }
         let ready = connected
             && statuses.iter().all(|(_, st)| {
-                shard_ids.iter().all(|id| {
-                    st.shards
-                        .iter()
-                        .any(|s| &s.shard_id == id && s.state == "ready")
-                })
+                st.swarm_ready
+                    && shard_ids.iter().all(|id| {
+                        st.shards
+                            .iter()
+                            .any(|s| &s.shard_id == id && s.state == "ready")
+                    })
             });
         if ready {
             break render(&statuses);
@@ -318,7 +319,7 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         discovered.unwrap_or(ready_at).as_secs_f64() * 1000.0
     );
     println!(
-        "  all shards loaded and ready        {:>8.0} ms",
+        "  all shards ready (SWARM_READY)     {:>8.0} ms",
         ready_at.as_secs_f64() * 1000.0
     );
     println!(

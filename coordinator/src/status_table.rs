@@ -36,8 +36,15 @@ fn short(peer: &str) -> String {
 pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<22} {:<10} {:<10} {:>5} {:>4} {:>4}  {}\n",
-        "WORKER (gRPC)", "PEER", "CLUSTER", "PEERS", "QUIC", "TCP", "LOCAL SHARD (id layers state)"
+        "{:<22} {:<10} {:<10} {:>5} {:>4} {:>4} {:>5}  {}\n",
+        "WORKER (gRPC)",
+        "PEER",
+        "CLUSTER",
+        "PEERS",
+        "QUIC",
+        "TCP",
+        "READY",
+        "LOCAL SHARD (id layers state)"
     ));
     for (addr, st) in statuses {
         let quic = st.peers.iter().filter(|p| p.transport == "QUIC").count();
@@ -58,13 +65,14 @@ pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
             .filter(|s| s.availability != "LOCAL")
             .count();
         out.push_str(&format!(
-            "{:<22} {:<10} {:<10} {:>5} {:>4} {:>4}  {} (+{known} known)\n",
+            "{:<22} {:<10} {:<10} {:>5} {:>4} {:>4} {:>5}  {} (+{known} known)\n",
             addr,
             short(&st.peer_id),
             st.cluster,
             st.peers.len(),
             quic,
             st.peers.len() - quic,
+            if st.swarm_ready { "yes" } else { "no" },
             if local.is_empty() {
                 "-".to_string()
             } else {

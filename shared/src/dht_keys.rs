@@ -15,6 +15,11 @@ pub fn members_key(cluster: &str) -> String {
     format!("/llama-cluster/{cluster}/members")
 }
 
+/// Key of the cluster's readiness record: `/llama-cluster/<cluster>/swarm-ready`.
+pub fn swarm_ready_key(cluster: &str) -> String {
+    format!("/llama-cluster/{cluster}/swarm-ready")
+}
+
 /// Parses a shard key back into `(cluster, shard_id)`.
 pub fn parse_shard_key(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix("/llama-cluster/")?;

@@ -96,4 +96,10 @@ pub struct NodeStatus {
     pub shards: Vec<ShardStatus>,
     #[serde(default)]
     pub torrents: Vec<TorrentStatus>,
+    /// Every layer of the model is served by a ready, reachable worker.
+    #[serde(default)]
+    pub swarm_ready: bool,
+    /// Peer whose SWARM_READY announcement was received last (if ready).
+    #[serde(default)]
+    pub swarm_ready_by: String,
 }

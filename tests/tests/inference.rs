@@ -12,7 +12,9 @@ use llama_cluster_engine::baseline::Baseline;
 use llama_cluster_engine::chain::max_abs_diff;
 use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_proto::v1::{InferenceRequest, InferenceStats, LoadShardRequest};
-use llama_cluster_tests::{NodeProc, PipelineCluster, model_path, split_with_cli, test_dir};
+use llama_cluster_tests::{
+    NodeProc, PipelineCluster, model_path, split_with_cli, test_dir, wait_for,
+};
 use serde_json::{Value, json};
 
 const TOLERANCE: f32 = 1e-4;
@@ -364,6 +366,11 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
             .any(|s| s.state == "ready" && s.availability == "LOCAL")
     );
     cluster.wait_ready_from(&cluster.workers[0]).await.unwrap();
+    wait_for("SWARM_READY again", Duration::from_secs(30), || async {
+        driver.status().await.ok()?.swarm_ready.then_some(())
+    })
+    .await
+    .unwrap();
     let ok = infer(
         driver,
         InferenceRequest {

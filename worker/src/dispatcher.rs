@@ -195,14 +195,36 @@ impl Dispatcher {
             CommandKind::Inference => self.inference(&cmd).await,
             CommandKind::LoadShard => self.load_shard(&cmd).await,
             CommandKind::SyncTorrents => self.sync_torrents_command(&cmd).await,
-            CommandKind::SwarmReady => CommandResponse::error(
+            CommandKind::SwarmReady => self.swarm_ready(&cmd),
+        }
+    }
+
+    /// A SWARM_READY announcement from the worker that watches coverage.
+    fn swarm_ready(&self, cmd: &Command) -> CommandResponse {
+        let me = self.me();
+        let model = cmd
+            .params
+            .get("model")
+            .and_then(|m| m.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let Some(ready) = cmd.params.get("ready").and_then(|r| r.as_bool()) else {
+            return CommandResponse::error(
                 &cmd.request_id,
                 &cmd.command,
                 &me,
-                ErrorCode::NotImplemented,
-                format!("{} is not implemented yet in this version", kind.as_str()),
-            ),
-        }
+                ErrorCode::InvalidParams,
+                "params.ready (bool) is required",
+            );
+        };
+        info!(
+            "[STATUS] SWARM_READY from {}: {model} {}",
+            cmd.from,
+            if ready { "ready" } else { "withdrawn" }
+        );
+        self.state
+            .write(|s| s.swarm_announcement = Some((cmd.from.clone(), model, ready)));
+        CommandResponse::ok(cmd, &me, json!({"ack": true}))
     }
 
     /// This node's status, torrents included.
@@ -514,7 +536,14 @@ mod tests {
             br#"{"command":"SWARM_READY","from":"x","request_id":"9"}"#,
         )
         .await;
-        assert_eq!(ni["error"]["code"], "not_implemented");
+        assert_eq!(ni["error"]["code"], "invalid_params");
+        let sr = ask(
+            &d,
+            br#"{"command":"SWARM_READY","from":"x","params":{"model":"m","ready":true}}"#,
+        )
+        .await;
+        assert_eq!(sr["ok"], true, "{sr}");
+        assert_eq!(d.status().swarm_ready_by, "x");
         let empty = ask(
             &d,
             br#"{"command":"INFERENCE","request_id":"10","params":{"prompt":""}}"#,

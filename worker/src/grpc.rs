@@ -76,6 +76,8 @@ pub fn status_to_proto(s: NodeStatus) -> GetStatusResponse {
                 direction: p.direction,
             })
             .collect(),
+        swarm_ready: s.swarm_ready,
+        swarm_ready_by: s.swarm_ready_by,
         torrents: s
             .torrents
             .into_iter()

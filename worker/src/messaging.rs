@@ -35,6 +35,7 @@ impl Node {
                         let _ = out.reply.send(Ok(response));
                     }
                     Some(Pending::StatusProbe(p)) => self.on_status_probe(p, &response),
+                    Some(Pending::Notice) => debug!("[MSG] notice acknowledged by {peer}"),
                     None => debug!("[MSG] response to unknown request from {peer}"),
                 },
             },
@@ -55,6 +56,7 @@ impl Node {
                         self.pending.insert(id, Pending::External(out));
                     }
                 }
+                Some(Pending::Notice) => debug!("[MSG] notice to {peer} failed: {error}"),
                 Some(Pending::StatusProbe(_)) => {
                     debug!("[MSG] status probe of {peer} failed: {error}")
                 }

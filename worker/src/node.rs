@@ -165,6 +165,8 @@ impl NetHandle {
 pub(crate) enum Pending {
     External(Outbound),
     StatusProbe(PeerId),
+    /// A one-way notice (SWARM_READY); the answer is only logged.
+    Notice,
 }
 
 /// A request some task waits on, kept so it can be sent again once.
@@ -222,6 +224,8 @@ pub struct Node {
     pub(crate) discovered: HashSet<PeerId>,
     /// Peers we already tried to move from TCP to QUIC.
     pub(crate) quic_upgrade_tried: HashSet<PeerId>,
+    /// Model and layer count this node checks coverage for (from its manifest).
+    pub(crate) coverage_target: Option<(String, u32)>,
     /// Provider records to announce again (the routing table gained peers).
     pub(crate) reprovide_at: Option<tokio::time::Instant>,
     /// TCP connections replaced by QUIC, closed once in-flight work is done.
@@ -347,7 +351,17 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
         quic_upgrade_tried: HashSet::new(),
         closing: Vec::new(),
         reprovide_at: None,
+        coverage_target: None,
     };
+    if let Some(m) = node
+        .pipeline
+        .config()
+        .manifest
+        .as_ref()
+        .and_then(|p| llama_cluster_engine::manifest::Manifest::load(p).ok())
+    {
+        node.coverage_target = Some((m.model, m.n_layer));
+    }
 
     // Wait (bounded) until every listener has an address.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -417,6 +431,7 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
                     node.close_superseded();
                     node.reprovide_if_due();
                     node.answer_provider_queries();
+                    node.check_swarm_ready();
                 }
                 _ = status_tick.tick() => node.report_status(),
                 _ = discovery_tick.tick() => node.discovery_round(),
@@ -691,6 +706,80 @@ impl Node {
         self.closing.retain(|(at, _)| *at > now);
         for id in due {
             self.swarm.close_connection(id);
+        }
+    }
+
+    /// SWARM_READY: when every layer of the model is served by a ready,
+    /// reachable shard. On a change, the serving worker with the smallest peer
+    /// id announces it to every connected worker and in the DHT under
+    /// `/llama-cluster/<cluster>/swarm-ready` (and withdraws it the same way).
+    fn check_swarm_ready(&mut self) {
+        let Some((model, n_layer)) = self.coverage_target.clone() else {
+            return;
+        };
+        let snapshot = self.state.snapshot();
+        let ready = crate::pipeline::route::plan(&snapshot.shards, &model, n_layer).is_ok();
+        let changed = self
+            .state
+            .write(|s| std::mem::replace(&mut s.swarm_ready, ready) != ready);
+        if !changed {
+            return;
+        }
+        if ready {
+            info!("[STATUS] SWARM_READY: every layer of {model} is served by a ready worker");
+        } else {
+            info!("[STATUS] SWARM_READY withdrawn: some layers of {model} have no ready worker");
+        }
+        let me = self.local_peer_id().to_string();
+        let servers: Vec<&str> = snapshot
+            .shards
+            .iter()
+            .filter(|s| {
+                s.model == model && s.state == llama_cluster_shared::dht_keys::ShardState::Ready
+            })
+            .filter(|s| s.availability != Availability::Offline)
+            .map(|s| s.peer_id.as_str())
+            .collect();
+        let announcer =
+            servers.iter().min().is_none_or(|m| *m == me) && servers.contains(&me.as_str());
+        if !announcer {
+            return;
+        }
+        let body = serde_json::json!({
+            "command": "SWARM_READY", "from": me, "request_id": format!("swarm-ready-{}", unix_now()),
+            "params": {"model": model, "ready": ready},
+        });
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let peers: Vec<PeerId> = self.state.read(|s| {
+            s.connections
+                .keys()
+                .filter(|p| s.agents.get(p).is_some_and(|a| a.ends_with("/worker")))
+                .copied()
+                .collect()
+        });
+        for p in peers {
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .messaging
+                .send_request(&p, JsonRequest::Body(bytes.clone()));
+            self.pending.insert(id, Pending::Notice);
+        }
+        self.state
+            .write(|s| s.swarm_announcement = Some((me.clone(), model.clone(), ready)));
+        let value = serde_json::json!({"model": model, "ready": ready, "by": me, "at": unix_now()});
+        let key = llama_cluster_shared::dht_keys::swarm_ready_key(&self.cfg.cluster);
+        let record = libp2p::kad::Record::new(
+            libp2p::kad::RecordKey::new(&key),
+            value.to_string().into_bytes(),
+        );
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .put_record(record, libp2p::kad::Quorum::One)
+        {
+            debug!("[DHT] cannot store {key}: {e}");
         }
     }
 

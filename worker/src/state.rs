@@ -36,6 +36,11 @@ pub struct StateInner {
     pub shards: HashMap<(String, String), ShardRecord>,
     /// The record this node publishes, if it serves a shard.
     pub local_shard: Option<ShardRecord>,
+    /// Whether every layer of this node's model is served by a ready,
+    /// reachable shard (this node's own view).
+    pub swarm_ready: bool,
+    /// The last SWARM_READY announcement received: (from, model, ready).
+    pub swarm_announcement: Option<(String, String, bool)>,
 }
 
 /// Cheaply clonable handle on the node state.
@@ -55,6 +60,8 @@ impl SharedState {
             agents: HashMap::new(),
             shards: HashMap::new(),
             local_shard: None,
+            swarm_ready: false,
+            swarm_announcement: None,
         })))
     }
 
@@ -159,6 +166,13 @@ impl SharedState {
                 peers,
                 shards,
                 torrents: vec![],
+                swarm_ready: s.swarm_ready,
+                swarm_ready_by: s
+                    .swarm_announcement
+                    .as_ref()
+                    .filter(|a| a.2)
+                    .map(|a| a.0.clone())
+                    .unwrap_or_default(),
             }
         })
     }
