@@ -198,7 +198,19 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         / o.workers)
         .max(1);
     let mut procs = Vec::new();
+    let workers_dir = cache.join("demo-workers");
+    let _ = std::fs::remove_dir_all(&workers_dir);
     for (i, id) in shard_ids.iter().enumerate() {
+        // Worker 0 holds the split and seeds it; the others get only the
+        // manifest and fetch their shard through the swarm.
+        let manifest = if i == 0 {
+            manifest.clone()
+        } else {
+            let d = workers_dir.join(format!("worker{i}-model"));
+            std::fs::create_dir_all(&d)?;
+            std::fs::copy(&manifest, d.join("manifest.json"))?;
+            d.join("manifest.json")
+        };
         let args: Vec<String> = [
             "--p2p-host",
             &format!("127.0.0.{}", i + 2),
@@ -272,6 +284,21 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
     };
     let ready_at = t0.elapsed();
     println!("\n{table}");
+    let mut fetched = Vec::new();
+    for (i, p) in procs.iter().enumerate() {
+        if let Ok(st) = fetch_status(&p.grpc_addr).await {
+            let bytes: u64 = st.torrents.iter().map(|t| t.fetched_bytes).sum();
+            if bytes > 0 {
+                fetched.push(format!("worker {i}: {:.1} MB", bytes as f64 / 1e6));
+            }
+        }
+    }
+    if !fetched.is_empty() {
+        println!(
+            "shards fetched through the swarm from worker 0: {}",
+            fetched.join(", ")
+        );
+    }
 
     // The prompt, through the pipeline, streamed.
     let driver = &procs[0];
