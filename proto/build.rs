@@ -8,7 +8,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("llamacluster_descriptor.bin"))
-        .compile_protos(&["llamacluster/v1/worker.proto"], &["."])?;
+        .compile_protos(
+            &[
+                "llamacluster/v1/worker.proto",
+                "llamacluster/v1/coordinator.proto",
+            ],
+            &["."],
+        )?;
     println!("cargo:rerun-if-changed=llamacluster");
     Ok(())
 }

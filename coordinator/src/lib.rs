@@ -2,5 +2,6 @@
 //! gRPC and runs the local demo cluster.
 
 pub mod demo;
+pub mod grpc;
 pub mod openai;
 pub mod status_table;

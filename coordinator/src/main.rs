@@ -29,9 +29,12 @@ enum Cmd {
         /// Worker gRPC addresses, host:port (comma-separated or repeated).
         #[arg(long, required = true, value_delimiter = ',')]
         workers: Vec<String>,
-        /// HTTP address (port 0: any).
+        /// HTTP address of the OpenAI API (port 0: any).
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: String,
+        /// gRPC address of the coordinator service (port 0: any).
+        #[arg(long, default_value = "127.0.0.1:50060")]
+        grpc: String,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), wait until
     /// every worker found every other, print the table, stop everything.
@@ -72,9 +75,13 @@ async fn main() -> ExitCode {
             }
             .await
         }
-        Cmd::Serve { workers, http } => {
+        Cmd::Serve {
+            workers,
+            http,
+            grpc,
+        } => {
             llama_cluster_shared::logging::init(llama_cluster_shared::config::LogFormat::Text);
-            openai::serve(&http, workers).await
+            openai::serve(&http, &grpc, workers).await
         }
         Cmd::Demo {
             workers,

@@ -23,8 +23,6 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::info;
 
-use crate::status_table::fetch_status;
-
 /// Largest `max_tokens` accepted before asking a worker.
 const MAX_TOKENS_LIMIT: u64 = 1 << 20;
 
@@ -67,21 +65,7 @@ fn now() -> u64 {
 
 /// Models served by ready shards, with a worker that can drive each.
 async fn models(state: &ApiState) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for w in &state.workers {
-        if let Ok(st) = fetch_status(w).await {
-            for s in st
-                .shards
-                .iter()
-                .filter(|s| s.availability == "LOCAL" && s.state == "ready")
-            {
-                if !out.iter().any(|(m, _)| m == &s.model) {
-                    out.push((s.model.clone(), w.clone()));
-                }
-            }
-        }
-    }
-    out
+    crate::grpc::cluster_status(&state.workers).await.1
 }
 
 async fn list_models(State(st): State<Arc<ApiState>>) -> Response {
@@ -406,15 +390,22 @@ pub fn router(state: ApiState) -> Router {
         .with_state(Arc::new(state))
 }
 
-/// Serves the API on `addr` until the process ends.
-pub async fn serve(addr: &str, workers: Vec<String>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+/// Serves the OpenAI API on `http` and the coordinator's gRPC service on
+/// `grpc` until the process ends.
+pub async fn serve(http: &str, grpc: &str, workers: Vec<String>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(http).await?;
     let bound = listener.local_addr()?;
+    let (grpc_bound, grpc_server) = crate::grpc::serve(grpc, workers.clone()).await?;
     println!(
         "LLAMA_CLUSTER_READY {}",
-        json!({"role": "coordinator", "http_addr": bound.to_string()})
+        json!({"role": "coordinator", "http_addr": bound.to_string(), "grpc_addr": grpc_bound.to_string()})
     );
-    info!("[API] OpenAI-compatible API on http://{bound}/v1");
-    axum::serve(listener, router(ApiState { workers })).await?;
+    info!("[API] OpenAI-compatible API on http://{bound}/v1, gRPC on {grpc_bound}");
+    let http_server = async move {
+        axum::serve(listener, router(ApiState { workers }))
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    tokio::try_join!(http_server, grpc_server)?;
     Ok(())
 }

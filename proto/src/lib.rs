@@ -1,6 +1,6 @@
 //! Generated gRPC types and service stubs of llama-cluster.
 
-/// `llamacluster.v1`: the worker control plane.
+/// `llamacluster.v1`: the worker control plane and the coordinator.
 pub mod v1 {
     tonic::include_proto!("llamacluster.v1");
 }

@@ -78,7 +78,15 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         &dir,
         "coordinator",
         "llama-coordinator",
-        &["serve", "--workers", &workers, "--http", "127.0.0.1:0"],
+        &[
+            "serve",
+            "--workers",
+            &workers,
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+        ],
         &[],
     )
     .unwrap();
@@ -204,4 +212,50 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         assert!(e[case][1]["error"]["type"].is_string());
     }
     assert_eq!(r["client_error"], serde_json::json!(["NotFoundError", 404]));
+
+    // The coordinator's gRPC service: one view of the cluster, one entry point.
+    use llama_cluster_proto::v1::coordinator_client::CoordinatorClient;
+    let ch = tonic::transport::Channel::from_shared(format!(
+        "http://{}",
+        coord.ready["grpc_addr"].as_str().unwrap()
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut cc = CoordinatorClient::new(ch);
+    let cs = cc
+        .get_cluster_status(llama_cluster_proto::v1::GetClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cs.workers.len(), 2);
+    assert!(cs.workers.iter().all(|w| w.reachable));
+    assert!(cs.swarm_ready, "{cs:?}");
+    assert_eq!(cs.models, vec!["smollm2-135m-instruct".to_string()]);
+    let mut stream = cc
+        .inference(InferenceRequest {
+            prompt: "The capital of France is".into(),
+            max_tokens: 16,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut via_coordinator = String::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(Event::Chunk(c)) = m.event {
+            via_coordinator.push_str(&c.text);
+        }
+    }
+    assert_eq!(via_coordinator, want);
+    let e = cc
+        .inference(InferenceRequest {
+            prompt: "hi".into(),
+            model: "gpt-9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
 }

@@ -1,0 +1,155 @@
+//! The coordinator's gRPC service (`llamacluster.v1.Coordinator`): the
+//! aggregated cluster status and an inference entry point that forwards to
+//! a worker driving the model. Reflection and grpc.health.v1 included.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::Stream;
+use llama_cluster_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use llama_cluster_proto::v1::worker_client::WorkerClient;
+use llama_cluster_proto::v1::{
+    GetClusterStatusRequest, GetClusterStatusResponse, InferenceRequest, InferenceResponse,
+    WorkerStatus,
+};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::status_table::fetch_status;
+
+pub struct CoordinatorService {
+    workers: Arc<Vec<String>>,
+}
+
+/// Every worker's status; `models` with a ready shard and a worker serving each.
+pub async fn cluster_status(
+    workers: &[String],
+) -> (GetClusterStatusResponse, Vec<(String, String)>) {
+    let answers = futures::future::join_all(
+        workers
+            .iter()
+            .map(|w| async move { (w.clone(), fetch_status(w).await) }),
+    )
+    .await;
+    let mut out = GetClusterStatusResponse::default();
+    let mut served: Vec<(String, String)> = Vec::new();
+    for (addr, r) in answers {
+        match r {
+            Ok(st) => {
+                for s in st
+                    .shards
+                    .iter()
+                    .filter(|s| s.availability == "LOCAL" && s.state == "ready")
+                {
+                    if !served.iter().any(|(m, _)| m == &s.model) {
+                        served.push((s.model.clone(), addr.clone()));
+                    }
+                }
+                out.workers.push(WorkerStatus {
+                    grpc_addr: addr,
+                    reachable: true,
+                    error: String::new(),
+                    status: Some(st),
+                });
+            }
+            Err(e) => out.workers.push(WorkerStatus {
+                grpc_addr: addr,
+                reachable: false,
+                error: format!("{e:#}"),
+                status: None,
+            }),
+        }
+    }
+    let answered: Vec<_> = out
+        .workers
+        .iter()
+        .filter_map(|w| w.status.as_ref())
+        .collect();
+    out.swarm_ready = !answered.is_empty() && answered.iter().all(|s| s.swarm_ready);
+    out.models = served.iter().map(|(m, _)| m.clone()).collect();
+    (out, served)
+}
+
+type InferenceStream = Pin<Box<dyn Stream<Item = Result<InferenceResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    #[tracing::instrument(name = "coordinator.GetClusterStatus", skip_all)]
+    async fn get_cluster_status(
+        &self,
+        _req: Request<GetClusterStatusRequest>,
+    ) -> Result<Response<GetClusterStatusResponse>, Status> {
+        Ok(Response::new(cluster_status(&self.workers).await.0))
+    }
+
+    type InferenceStream = InferenceStream;
+
+    #[tracing::instrument(name = "coordinator.Inference", skip_all, fields(model = %req.get_ref().model))]
+    async fn inference(
+        &self,
+        req: Request<InferenceRequest>,
+    ) -> Result<Response<InferenceStream>, Status> {
+        let req = req.into_inner();
+        let (_, served) = cluster_status(&self.workers).await;
+        let worker = if req.model.is_empty() {
+            served.first()
+        } else {
+            served.iter().find(|(m, _)| *m == req.model)
+        }
+        .map(|(_, w)| w.clone())
+        .ok_or_else(|| {
+            let names: Vec<&str> = served.iter().map(|(m, _)| m.as_str()).collect();
+            Status::not_found(format!(
+                "no worker drives model {:?}; served: {names:?}",
+                req.model
+            ))
+        })?;
+        info!("[API] gRPC Inference for {:?} via {worker}", req.model);
+        let ch = tonic::transport::Channel::from_shared(format!("http://{worker}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("worker {worker}: {e}")))?;
+        let stream = WorkerClient::new(ch).inference(req).await?.into_inner();
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Binds the coordinator's gRPC listener; returns the address and the server future.
+pub async fn serve(
+    addr: &str,
+    workers: Vec<String>,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    impl std::future::Future<Output = anyhow::Result<()>>,
+)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind {addr}"))?;
+    let bound = listener.local_addr()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(llama_cluster_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection")?;
+    let svc = CoordinatorService {
+        workers: Arc::new(workers),
+    };
+    let fut = async move {
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(CoordinatorServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .context("coordinator gRPC")
+    };
+    Ok((bound, fut))
+}
