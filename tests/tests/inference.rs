@@ -299,6 +299,29 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // No route: unload the middle shard, then load it back.
+    let health_of = |w: &NodeProc| {
+        let addr = w.grpc_addr.clone();
+        async move {
+            let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .ok()?
+                .connect()
+                .await
+                .ok()?;
+            let r = tonic_health::pb::health_client::HealthClient::new(ch)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "llamacluster.v1.Worker".into(),
+                })
+                .await
+                .ok()?;
+            Some(r.into_inner().status)
+        }
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    assert_eq!(
+        health_of(&cluster.workers[1]).await,
+        Some(ServingStatus::Serving as i32),
+        "loaded: SERVING"
+    );
     let mut mid = cluster.workers[1].client().await.unwrap();
     let r = mid
         .load_shard(LoadShardRequest {
@@ -309,6 +332,16 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
         .unwrap()
         .into_inner();
     assert_eq!(r.state, "announced");
+    wait_for(
+        "NOT_SERVING after unload",
+        Duration::from_secs(10),
+        || async {
+            (health_of(&cluster.workers[1]).await == Some(ServingStatus::NotServing as i32))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
     let t0 = Instant::now();
     let e = loop {
         match infer(

@@ -319,7 +319,8 @@ async fn grpc_status_reflection_health_and_unimplemented_rpcs() {
         .connect()
         .await
         .unwrap();
-    // grpc.health.v1
+    // grpc.health.v1: a worker announcing a shard it has not loaded is not
+    // ready to serve (the inference tests see SERVING once it is loaded).
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     for service in ["", "llamacluster.v1.Worker"] {
         let r = health
@@ -331,7 +332,28 @@ async fn grpc_status_reflection_health_and_unimplemented_rpcs() {
             .into_inner();
         assert_eq!(
             r.status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+        );
+    }
+    let boot = start_bootstrap(&dir);
+    let bch = tonic::transport::Channel::from_shared(format!("http://{}", boot.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut boot_health = tonic_health::pb::health_client::HealthClient::new(bch);
+    for service in ["", "llamacluster.v1.Worker"] {
+        let r = boot_health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "a node with no shard serves"
         );
     }
     // Server reflection lists the services (what `grpcurl list` shows).

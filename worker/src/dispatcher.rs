@@ -103,6 +103,10 @@ impl Dispatcher {
         }
     }
 
+    pub fn state(&self) -> &SharedState {
+        &self.state
+    }
+
     pub fn pipeline(&self) -> &Pipeline {
         &self.pipeline
     }

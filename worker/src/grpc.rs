@@ -357,9 +357,32 @@ pub async fn serve(
         .with_context(|| format!("cannot bind gRPC address {sock}"))?;
     let bound = listener.local_addr()?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
-        .await;
+    // SERVING once the announced shard is loaded (always, for a node that
+    // announces none): Kubernetes readiness follows the shard.
+    let state = dispatcher.state().clone();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let serving = state.read(|s| {
+                s.local_shard
+                    .as_ref()
+                    .is_none_or(|r| r.state == llama_cluster_shared::dht_keys::ShardState::Ready)
+            });
+            if last != Some(serving) {
+                let status = if serving {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                health_reporter.set_service_status("", status).await;
+                health_reporter
+                    .set_service_status(SERVICE_NAME, status)
+                    .await;
+                last = Some(serving);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(llama_cluster_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
