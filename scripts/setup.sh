@@ -16,6 +16,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# The OpenAI API tests use the official Python client.
+# The OpenAI API tests use the official Python client; the chart checks use
+# PyYAML and jsonschema.
 python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check openai==3.57.0
+python3 -c "import yaml, jsonschema" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pyyaml==6.0.3 jsonschema==4.26.0
 bash "$(dirname "$0")/fetch-model.sh" >/dev/null
