@@ -91,6 +91,8 @@ pub struct NodeConfig {
     pub cache_dir: String,
     /// Seed the files of the configured manifest that are on this disk.
     pub seed_manifest: bool,
+    /// Prometheus `/metrics` address (`host:port`; empty: off).
+    pub metrics_addr: String,
     /// Test only: serve corrupted pieces.
     pub test_corrupt_pieces: bool,
     /// Test only: delay every served piece by this many milliseconds.
@@ -128,6 +130,7 @@ impl Default for NodeConfig {
             activation_f16: false,
             cache_dir: String::new(),
             seed_manifest: true,
+            metrics_addr: String::new(),
             test_corrupt_pieces: false,
             test_piece_delay_ms: 0,
         }
@@ -308,6 +311,12 @@ impl NodeConfig {
             if value == 0 {
                 return Err(ConfigError::invalid(field, "must be at least 1"));
             }
+        }
+        if !self.metrics_addr.is_empty() && self.metrics_addr.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "metrics_addr",
+                format!("{:?} is not a host:port socket address", self.metrics_addr),
+            ));
         }
         if !self.manifest.is_empty() && !Path::new(&self.manifest).is_file() {
             return Err(ConfigError::invalid(

@@ -247,6 +247,30 @@ where
     }
 }
 
+/// The node's Prometheus metrics (text), scraped over HTTP.
+pub fn scrape(node: &NodeProc) -> anyhow::Result<String> {
+    let addr = node.ready["metrics_addr"].as_str().unwrap_or_default();
+    if addr.is_empty() {
+        bail!("{} serves no metrics", node.name);
+    }
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "10", &format!("http://{addr}/metrics")])
+        .output()?;
+    if !out.status.success() {
+        bail!("scraping {addr} failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Value of a metric line `name value` (or `name{labels} value`) in a scrape.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Transport of `node`'s connection to `peer`, if connected.
 pub async fn transport_to(node: &NodeProc, peer: &str) -> Option<String> {
     let st = node.status().await.ok()?;
@@ -342,6 +366,7 @@ impl PipelineCluster {
                 "--shard-id".into(),
                 id.clone(),
             ]);
+            args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
             if !extra.contains(&"--threads") {
                 // 2 cores shared by every process of a test: one thread each.
                 args.extend(["--threads".into(), "1".into()]);

@@ -135,6 +135,38 @@ async fn three_worker_processes_match_single_node_llama_cpp() {
         );
     }
 
+    // Prometheus metrics: the driver counted exactly the tokens it streamed.
+    let driver = &cluster.workers[0];
+    let before = llama_cluster_tests::scrape(driver).unwrap();
+    let n_before =
+        llama_cluster_tests::metric(&before, "llama_cluster_tokens_generated_total").unwrap_or(0.0);
+    let got = infer(driver, greedy("The capital of France is", false))
+        .await
+        .unwrap();
+    let after = llama_cluster_tests::scrape(driver).unwrap();
+    let n_after =
+        llama_cluster_tests::metric(&after, "llama_cluster_tokens_generated_total").unwrap();
+    assert_eq!(n_after - n_before, got.tokens.len() as f64, "{after}");
+    for name in [
+        "llama_cluster_time_to_first_token_seconds_count",
+        "llama_cluster_token_latency_seconds_count",
+        "llama_cluster_stage_forward_seconds_count",
+        "llama_cluster_inference_requests_total",
+        "llama_cluster_active_sessions",
+        "llama_cluster_dht_shard_records",
+    ] {
+        assert!(
+            llama_cluster_tests::metric(&after, name).is_some(),
+            "{name} missing:\n{after}"
+        );
+    }
+    assert!(llama_cluster_tests::metric(&after, "llama_cluster_peers_connected").is_some());
+    let middle = llama_cluster_tests::scrape(&cluster.workers[1]).unwrap();
+    assert!(
+        llama_cluster_tests::metric(&middle, "llama_cluster_hop_bytes_in_total").unwrap() > 0.0,
+        "{middle}"
+    );
+
     // The P2P INFERENCE command gives the same answer as gRPC.
     let addr = cluster.workers[1].addr("tcp").parse().unwrap();
     let mut client = llama_worker::client::JsonClient::connect(&addr, Duration::from_secs(60))

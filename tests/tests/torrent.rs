@@ -205,7 +205,14 @@ async fn a_seeder_sending_bad_pieces_is_dropped_and_the_download_completes() {
         .unwrap();
     }
     let m = bare_manifest(&dir, "leech", &s.manifest);
-    let leech = start(&dir, "leech", "127.0.0.72", &b, &m, &[]);
+    let leech = start(
+        &dir,
+        "leech",
+        "127.0.0.72",
+        &b,
+        &m,
+        &["--metrics-addr", "127.0.0.1:0"],
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await; // both announcements seen
     let r = load(&leech, &s.shard_id)
         .await
@@ -219,6 +226,18 @@ async fn a_seeder_sending_bad_pieces_is_dropped_and_the_download_completes() {
     );
     let st = leech.status().await.unwrap();
     assert!(torrent(&st, &s.hash).unwrap().bad_pieces >= 1);
+    let text = llama_cluster_tests::scrape(&leech).unwrap();
+    let bad_count =
+        llama_cluster_tests::metric(&text, "llama_cluster_torrent_bad_pieces_total").unwrap();
+    assert_eq!(
+        bad_count as u32,
+        torrent(&st, &s.hash).unwrap().bad_pieces,
+        "{text}"
+    );
+    assert!(
+        llama_cluster_tests::metric(&text, "llama_cluster_torrent_bytes_in_total").unwrap()
+            >= s.size as f64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ pub mod dispatcher;
 pub mod grpc;
 pub mod identity;
 pub mod messaging;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod pipeline;

@@ -162,6 +162,9 @@ struct NodeArgs {
     /// Cache directory for downloaded files.
     #[arg(long)]
     cache_dir: Option<String>,
+    /// Prometheus /metrics address host:port (empty: off).
+    #[arg(long)]
+    metrics_addr: Option<String>,
     /// Do not seed the manifest's files found on this disk.
     #[arg(long)]
     no_seed_manifest: bool,
@@ -197,6 +200,7 @@ impl NodeArgs {
         opt("log_format", &self.log_format);
         opt("manifest", &self.manifest);
         opt("cache_dir", &self.cache_dir);
+        opt("metrics_addr", &self.metrics_addr);
         opt("test_piece_delay_ms", &self.test_piece_delay_ms);
         opt("n_ctx", &self.n_ctx);
         opt("n_batch", &self.n_batch);
@@ -300,6 +304,7 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
     let startup_shard =
         (!cfg.shard_id.is_empty() && !cfg.manifest.is_empty()).then(|| cfg.shard_id.clone());
     let seed_manifest = cfg.seed_manifest;
+    let metrics_addr = cfg.metrics_addr.clone();
     let running = node::start(cfg, role).await?;
     running.torrents.announce_all();
     let pipeline = running.pipeline.clone();
@@ -320,7 +325,39 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
         running.peer_id,
     )
     .await?;
+    let mut metrics_bound = String::new();
+    if !metrics_addr.is_empty() {
+        let state = running.state.clone();
+        let pipeline = running.pipeline.clone();
+        let refresh = move || {
+            let m = llama_worker::metrics::metrics();
+            m.active_sessions.set(pipeline.active_sessions() as i64);
+            let snap = state.snapshot();
+            m.dht_shard_records.set(snap.shards.len() as i64);
+            for t in ["QUIC", "TCP"] {
+                let n = snap
+                    .peers
+                    .iter()
+                    .filter(|p| p.transport.as_str() == t)
+                    .count();
+                m.peers
+                    .get_or_create(&llama_worker::metrics::TransportLabel {
+                        transport: t.into(),
+                    })
+                    .set(n as i64);
+            }
+        };
+        let (bound, server) = llama_worker::metrics::serve(&metrics_addr, refresh).await?;
+        info!("[STATUS] Prometheus metrics on http://{bound}/metrics");
+        metrics_bound = bound.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                error!("metrics server: {e}");
+            }
+        });
+    }
     let ready = json!({
+        "metrics_addr": metrics_bound,
         "role": role.as_str(),
         "peer_id": running.peer_id.to_string(),
         "cluster": cluster,

@@ -275,6 +275,9 @@ impl Pipeline {
             pos += c.len() as u32;
         }
         let ttft = t0.elapsed();
+        let m = crate::metrics::metrics();
+        m.requests.inc();
+        m.time_to_first_token.observe(ttft.as_secs_f64());
         let prompt_logits = std::mem::take(&mut resp.logits);
         let mut next = resp
             .token
@@ -293,6 +296,7 @@ impl Pipeline {
                 break "stop";
             }
             generated += 1;
+            m.tokens_generated.inc();
             let piece = stream.push(&info.vocab.piece(next));
             let (text, stopped) = scan.push(&piece);
             if tx
@@ -314,7 +318,9 @@ impl Pipeline {
             if pos as usize >= n_ctx {
                 break "context";
             }
+            let t_step = Instant::now();
             let r = self.send(frame(pos, vec![next], true, vec![])).await;
+            m.token_latency.observe(t_step.elapsed().as_secs_f64());
             if let Some(e) = step_error(&r) {
                 return Err(e);
             }

@@ -364,6 +364,9 @@ impl Pipeline {
                 );
             }
         };
+        let m = crate::metrics::metrics();
+        m.stage_forward.observe(out.compute.as_secs_f64());
+        m.hop_bytes_in.inc_by(bytes_in as u64);
         let stats = HopStats {
             peer: self.0.me.clone(),
             shard_id: l.entry.id.clone(),

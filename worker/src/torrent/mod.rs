@@ -250,6 +250,9 @@ impl Torrents {
                         .await;
                 match r {
                     Ok(Ok(mut data)) => {
+                        crate::metrics::metrics()
+                            .torrent_bytes_out
+                            .inc_by(data.len() as u64);
                         if self.0.hooks.corrupt_pieces && !data.is_empty() {
                             data[0] ^= 0xff;
                         }
@@ -505,6 +508,9 @@ impl Torrents {
                         remaining -= 1;
                         requested.remove(&i);
                         prog.fetched_bytes += data.len() as u64;
+                        crate::metrics::metrics()
+                            .torrent_bytes_in
+                            .inc_by(data.len() as u64);
                         prog.verified_bytes += data.len() as u64;
                         prog.pieces_done += 1;
                         prog.peers = active.iter().filter(|p| !dropped.contains(p)).count() as u32;
@@ -514,6 +520,7 @@ impl Torrents {
                 }
                 Ok(TorrentResponse::Piece { .. }) => {
                     prog.bad_pieces += 1;
+                    crate::metrics::metrics().torrent_bad_pieces.inc();
                     self.set_progress(&prog);
                     warn!(
                         "[TORRENT] {peer} sent a bad piece {i} of {}; dropping it from this download",
