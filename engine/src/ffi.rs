@@ -138,6 +138,7 @@ pub struct StageContext {
     model: Rc<LoadedModel>,
     _pool: Option<Rc<ThreadPool>>,
     n_ctx: u32,
+    n_batch: u32,
     /// Tokens in the KV cache.
     pub n_past: u32,
 }
@@ -187,6 +188,7 @@ impl StageContext {
             model,
             _pool: pool,
             n_ctx: s.n_ctx,
+            n_batch: s.n_batch,
             n_past: 0,
         })
     }
@@ -214,6 +216,13 @@ impl StageContext {
         };
         if n == 0 {
             return Err(EngineError::InvalidInput("empty batch".into()));
+        }
+        if n > self.n_batch as usize {
+            // llama.cpp aborts the process on a batch larger than n_batch.
+            return Err(EngineError::InvalidInput(format!(
+                "batch of {n} tokens exceeds n_batch {} (every worker needs the same n_batch)",
+                self.n_batch
+            )));
         }
         if self.n_past as usize + n > self.n_ctx as usize {
             return Err(EngineError::InvalidInput(format!(

@@ -271,6 +271,13 @@ impl Worker {
     fn forward(&mut self, req: ForwardRequest) -> Result<ForwardResult> {
         let (first, last) = (self.spec.is_first, self.spec.is_last);
         // Check the input before any session is opened for it.
+        let n_in = req.input.n_tokens(self.model.n_embd);
+        if n_in > self.spec.settings.n_batch as usize {
+            return Err(EngineError::InvalidInput(format!(
+                "batch of {n_in} tokens exceeds n_batch {} (every worker needs the same n_batch)",
+                self.spec.settings.n_batch
+            )));
+        }
         match (&req.input, first) {
             (StageInput::Tokens(t), true) if t.is_empty() => {
                 return Err(EngineError::InvalidInput("no tokens".into()));

@@ -86,6 +86,11 @@ fn sessions_are_bounded_checked_and_evicted() {
         .forward_blocking(req(4, 0, StageInput::Hidden(vec![0.0; 576])))
         .unwrap_err();
     assert!(matches!(e, EngineError::InvalidInput(_)), "{e}");
+    // More tokens than n_batch in one step is an error, not a llama.cpp abort.
+    let e = first
+        .forward_blocking(req(5, 0, StageInput::Tokens(vec![1; 40])))
+        .unwrap_err();
+    assert!(e.to_string().contains("n_batch"), "{e}");
     // The context is bounded.
     let e = first
         .forward_blocking(req(2, 1, StageInput::Tokens(vec![5; 70])))

@@ -432,6 +432,7 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
                     node.reprovide_if_due();
                     node.answer_provider_queries();
                     node.check_swarm_ready();
+                    node.drop_abandoned();
                 }
                 _ = status_tick.tick() => node.report_status(),
                 _ = discovery_tick.tick() => node.discovery_round(),
@@ -693,6 +694,13 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Forgets requests whose caller stopped waiting (their bodies can be large).
+    fn drop_abandoned(&mut self) {
+        self.pending_frames.retain(|_, out| !out.reply.is_closed());
+        self.pending
+            .retain(|_, p| !matches!(p, Pending::External(out) if out.reply.is_closed()));
     }
 
     fn close_superseded(&mut self) {

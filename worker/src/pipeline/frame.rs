@@ -17,7 +17,7 @@ use llama_cluster_engine::sampling::SamplingParams;
 pub const ACTIVATION_PROTOCOL: &str = "/llama-cluster/activation/1.0";
 
 /// Largest frame accepted (bytes).
-pub const MAX_FRAME: usize = 256 * 1024 * 1024;
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 const REQ_MAGIC: &[u8; 4] = b"LCA1";
 const RESP_MAGIC: &[u8; 4] = b"LCR1";

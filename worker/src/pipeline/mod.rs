@@ -194,8 +194,18 @@ impl Pipeline {
         async move { me.handle_step(req, bytes_in).await }.boxed()
     }
 
-    async fn handle_step(&self, req: ActivationRequest, bytes_in: u32) -> ActivationResponse {
+    async fn handle_step(&self, mut req: ActivationRequest, bytes_in: u32) -> ActivationResponse {
         let started = Instant::now();
+        // Nobody may ask for more time than this worker allows a step.
+        req.budget_ms = req
+            .budget_ms
+            .min(self.0.cfg.step_timeout.as_millis().min(u32::MAX as u128) as u32);
+        if req.route.iter().filter(|h| h.peer == self.0.me).count() > 1 {
+            return ActivationResponse::error(
+                codes::ROUTE,
+                "route visits this worker more than once",
+            );
+        }
         let Some(hop) = req.route.first() else {
             return ActivationResponse::error(codes::ROUTE, "empty route");
         };

@@ -320,6 +320,7 @@ impl Torrents {
         if let Some(s) = self.0.store.seed(file_hash) {
             return Ok(s.path);
         }
+        // One download per file at a time; later callers wait for it.
         let lock = self
             .0
             .locks
@@ -328,10 +329,21 @@ impl Torrents {
             .entry(file_hash.to_string())
             .or_default()
             .clone();
-        let _guard = lock.lock().await;
-        if let Some(s) = self.0.store.seed(file_hash) {
-            return Ok(s.path);
+        let result = {
+            let _guard = lock.lock().await;
+            match self.0.store.seed(file_hash) {
+                Some(s) => Ok(s.path),
+                None => self.download(file_hash).await,
+            }
+        };
+        let mut locks = self.0.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&lock) <= 2 {
+            locks.remove(file_hash);
         }
+        result
+    }
+
+    async fn download(&self, file_hash: &str) -> Result<PathBuf, TorrentError> {
         let t0 = Instant::now();
         let mut providers = self.providers(file_hash).await;
         // A node that just joined may not see the announcements yet: retry a
@@ -400,9 +412,9 @@ impl Torrents {
         }
         let t_transfer = Instant::now();
         let n = meta.n_pieces() as usize;
-        let mut done = vec![false; n];
-        for i in 0..n as u32 {
-            done[i as usize] = !partial.missing().contains(&i);
+        let mut done = vec![true; n];
+        for i in partial.missing() {
+            done[i as usize] = false;
         }
         let mut queue: VecDeque<u32> = partial.missing().into();
         let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
