@@ -74,7 +74,9 @@ pub struct ShardRecord {
     pub layer_start: u32,
     pub layer_end: u32,
     pub state: ShardState,
-    /// Unix time (seconds) when the record was written.
+    /// Unix time in milliseconds when the record was written; newer wins
+    /// (a state change and a stale copy of the previous state within one
+    /// second must still be told apart).
     pub updated_at: u64,
     /// Open inference sessions on the worker (a load hint for routing).
     #[serde(default)]

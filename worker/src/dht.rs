@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryResult, Quorum, Record, RecordKey};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use llama_cluster_shared::dht_keys::{ShardRecord, members_key, parse_shard_key, shard_key};
-use llama_cluster_shared::unix_now;
 use tracing::{debug, info};
 
 use crate::network::behaviour::Role;
@@ -27,7 +26,7 @@ impl Node {
         let load = self.pipeline.active_sessions();
         let record = self.state.write(|s| {
             let rec = s.local_shard.as_mut()?;
-            rec.updated_at = unix_now();
+            rec.updated_at = llama_cluster_shared::unix_now_ms();
             rec.addrs = listen;
             rec.load = load;
             Some(rec.clone())

@@ -306,7 +306,7 @@ pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
                 layer_start: start,
                 layer_end: end,
                 state: ShardState::Announced,
-                updated_at: unix_now(),
+                updated_at: llama_cluster_shared::unix_now_ms(),
                 load: 0,
             })
         });

@@ -9,7 +9,6 @@ use llama_cluster_engine::manifest::{FileEntry, Manifest, hash_file};
 use llama_cluster_engine::stage::{StageEngine, StageSpec};
 use llama_cluster_engine::vocab::Vocab;
 use llama_cluster_shared::dht_keys::{ShardRecord, ShardState};
-use llama_cluster_shared::unix_now;
 use tracing::{info, warn};
 
 use super::{LoadedShard, ModelInfo, Pipeline};
@@ -189,7 +188,7 @@ impl Pipeline {
             layer_start: entry.layer_start,
             layer_end: entry.layer_end,
             state,
-            updated_at: unix_now(),
+            updated_at: llama_cluster_shared::unix_now_ms(),
             load: 0,
         };
         // Unload first: one shard per worker.
@@ -288,7 +287,7 @@ impl Pipeline {
             layer_start: entry.layer_start,
             layer_end: entry.layer_end,
             state: ShardState::Announced,
-            updated_at: unix_now(),
+            updated_at: llama_cluster_shared::unix_now_ms(),
             load: 0,
         }));
         info!("[SHARD] unloaded {}", entry.id);
