@@ -61,6 +61,19 @@ except Exception as e:
 print(json.dumps(out))
 "#;
 
+/// The text of an Inference stream (chunks concatenated).
+async fn text_of(
+    mut stream: tonic::Streaming<llama_cluster_proto::v1::InferenceResponse>,
+) -> String {
+    let mut text = String::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(Event::Chunk(c)) = m.event {
+            text.push_str(&c.text);
+        }
+    }
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_client_streaming_and_not_and_bad_requests() {
     let dir = test_dir("openai");
@@ -94,7 +107,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
 
     // What the pipeline itself says for the completion prompt (greedy).
     let mut client = cluster.workers[0].client().await.unwrap();
-    let mut stream = client
+    let stream = client
         .inference(InferenceRequest {
             prompt: "The capital of France is".into(),
             max_tokens: 16,
@@ -103,12 +116,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         .await
         .unwrap()
         .into_inner();
-    let mut want = String::new();
-    while let Some(m) = stream.message().await.unwrap() {
-        if let Some(Event::Chunk(c)) = m.event {
-            want.push_str(&c.text);
-        }
-    }
+    let want = text_of(stream).await;
 
     // … and for the chat (both messages through the model's chat template).
     let msgs = vec![
@@ -121,7 +129,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
             content: "What is the capital of France?".into(),
         },
     ];
-    let mut stream = client
+    let stream = client
         .inference(InferenceRequest {
             messages: msgs,
             max_tokens: 24,
@@ -130,12 +138,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         .await
         .unwrap()
         .into_inner();
-    let mut want_chat = String::new();
-    while let Some(m) = stream.message().await.unwrap() {
-        if let Some(Event::Chunk(c)) = m.event {
-            want_chat.push_str(&c.text);
-        }
-    }
+    let want_chat = text_of(stream).await;
 
     let script = dir.join("client.py");
     std::fs::write(&script, CLIENT).unwrap();
@@ -233,7 +236,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
     assert!(cs.workers.iter().all(|w| w.reachable));
     assert!(cs.swarm_ready, "{cs:?}");
     assert_eq!(cs.models, vec!["smollm2-135m-instruct".to_string()]);
-    let mut stream = cc
+    let stream = cc
         .inference(InferenceRequest {
             prompt: "The capital of France is".into(),
             max_tokens: 16,
@@ -242,12 +245,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         .await
         .unwrap()
         .into_inner();
-    let mut via_coordinator = String::new();
-    while let Some(m) = stream.message().await.unwrap() {
-        if let Some(Event::Chunk(c)) = m.event {
-            via_coordinator.push_str(&c.text);
-        }
-    }
+    let via_coordinator = text_of(stream).await;
     assert_eq!(via_coordinator, want);
     let e = cc
         .inference(InferenceRequest {
