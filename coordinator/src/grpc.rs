@@ -15,6 +15,7 @@ use llama_cluster_proto::v1::{
     WorkerStatus,
 };
 use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
 use tracing::info;
 
 use crate::status_table::fetch_status;
@@ -113,8 +114,53 @@ impl Coordinator for CoordinatorService {
             .connect()
             .await
             .map_err(|e| Status::unavailable(format!("worker {worker}: {e}")))?;
-        let stream = WorkerClient::new(ch).inference(req).await?.into_inner();
-        Ok(Response::new(Box::pin(stream)))
+        let stream =
+            WorkerClient::with_interceptor(ch, llama_cluster_shared::telemetry::inject_grpc)
+                .inference(req)
+                .await?
+                .into_inner();
+        Ok(Response::new(Box::pin(crate::metrics::Metered::new(
+            stream, "grpc",
+        ))))
+    }
+}
+
+/// How often the coordinator polls its workers' status.
+const POLL: Duration = Duration::from_secs(2);
+
+/// Polls the workers: the metrics' cluster gauges, and the health status,
+/// SERVING exactly while the cluster is SWARM_READY with a model served.
+async fn watch_cluster(workers: Vec<String>, health: tonic_health::server::HealthReporter) {
+    let mut last = None;
+    loop {
+        let (st, served) = cluster_status(&workers).await;
+        let m = crate::metrics::metrics();
+        m.workers.set(st.workers.len() as i64);
+        m.workers_reachable
+            .set(st.workers.iter().filter(|w| w.reachable).count() as i64);
+        let ready = st.swarm_ready && !served.is_empty();
+        m.swarm_ready.set(ready as i64);
+        if last != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            if ready {
+                health
+                    .set_serving::<CoordinatorServer<CoordinatorService>>()
+                    .await;
+                info!("[STATUS] SWARM_READY: coordinator health SERVING");
+            } else {
+                health
+                    .set_not_serving::<CoordinatorServer<CoordinatorService>>()
+                    .await;
+                info!("[STATUS] not SWARM_READY: coordinator health NOT_SERVING");
+            }
+            last = Some(ready);
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -131,9 +177,18 @@ pub async fn serve(
         .with_context(|| format!("cannot bind {addr}"))?;
     let bound = listener.local_addr()?;
     let (health, health_service) = tonic_health::server::health_reporter();
+    // NOT_SERVING until SWARM_READY: readiness follows the cluster.
     health
-        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .set_not_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    // "liveness": SERVING while the process answers (Kubernetes liveness probe).
+    health
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
+    tokio::spawn(watch_cluster(workers.clone(), health));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(llama_cluster_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -144,6 +199,7 @@ pub async fn serve(
     };
     let fut = async move {
         tonic::transport::Server::builder()
+            .trace_fn(llama_cluster_shared::telemetry::grpc_server_span)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(CoordinatorServer::new(svc))

@@ -1,7 +1,10 @@
-//! llama-cluster coordinator (thin start): reads the status of workers over
-//! gRPC and runs the local demo cluster.
+//! llama-cluster coordinator: aggregates the status of workers over gRPC,
+//! serves the Coordinator gRPC service and the OpenAI-compatible API in
+//! front of them (with traces and Prometheus metrics), and runs the local
+//! demo cluster.
 
 pub mod demo;
 pub mod grpc;
+pub mod metrics;
 pub mod openai;
 pub mod status_table;

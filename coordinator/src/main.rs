@@ -35,6 +35,10 @@ enum Cmd {
         /// gRPC address of the coordinator service (port 0: any).
         #[arg(long, default_value = "127.0.0.1:50060")]
         grpc: String,
+        /// OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317 (empty:
+        /// off unless OTEL_EXPORTER_OTLP_ENDPOINT is set).
+        #[arg(long, env = "LLAMA_CLUSTER_OTLP_ENDPOINT", default_value = "")]
+        otlp_endpoint: String,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), wait until
     /// every worker found every other, print the table, stop everything.
@@ -79,9 +83,24 @@ async fn main() -> ExitCode {
             workers,
             http,
             grpc,
+            otlp_endpoint,
         } => {
-            llama_cluster_shared::logging::init(llama_cluster_shared::config::LogFormat::Text);
-            openai::serve(&http, &grpc, workers).await
+            let telemetry = llama_cluster_shared::telemetry::init(
+                llama_cluster_shared::config::LogFormat::Text,
+                &llama_cluster_shared::telemetry::TraceSettings {
+                    otlp_endpoint,
+                    service: "llama-coordinator".into(),
+                    instance: String::new(),
+                },
+            );
+            match telemetry {
+                Ok(t) => {
+                    let r = openai::serve(&http, &grpc, workers).await;
+                    t.flush();
+                    r
+                }
+                Err(e) => Err(e),
+            }
         }
         Cmd::Demo {
             workers,

@@ -16,12 +16,13 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_proto::v1::worker_client::WorkerClient;
 use llama_cluster_proto::v1::{ChatMessage, InferenceRequest};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{Instrument, info, info_span};
 
 /// Largest `max_tokens` accepted before asking a worker.
 const MAX_TOKENS_LIMIT: u64 = 1 << 20;
@@ -165,12 +166,28 @@ fn common(body: &Value, req: &mut InferenceRequest) -> Result<bool, Box<Response
     }
 }
 
-async fn completions(State(st): State<Arc<ApiState>>, body: Bytes) -> Response {
-    handle(st, body, false).await
+async fn completions(
+    State(st): State<Arc<ApiState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let span = info_span!("POST /v1/completions", otel.kind = "server");
+    llama_cluster_shared::telemetry::set_parent_from_headers(&span, &headers);
+    let r = handle(st, body, false).instrument(span).await;
+    crate::metrics::http_response("/v1/completions", r.status().as_u16());
+    r
 }
 
-async fn chat_completions(State(st): State<Arc<ApiState>>, body: Bytes) -> Response {
-    handle(st, body, true).await
+async fn chat_completions(
+    State(st): State<Arc<ApiState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let span = info_span!("POST /v1/chat/completions", otel.kind = "server");
+    llama_cluster_shared::telemetry::set_parent_from_headers(&span, &headers);
+    let r = handle(st, body, true).instrument(span).await;
+    crate::metrics::http_response("/v1/chat/completions", r.status().as_u16());
+    r
 }
 
 async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
@@ -252,10 +269,14 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
             );
         }
     };
-    let mut grpc = match WorkerClient::new(ch).inference(req).await {
-        Ok(s) => s.into_inner(),
-        Err(s) => return status_to_http(&s),
-    };
+    let mut grpc =
+        match WorkerClient::with_interceptor(ch, llama_cluster_shared::telemetry::inject_grpc)
+            .inference(req)
+            .await
+        {
+            Ok(s) => crate::metrics::Metered::new(s.into_inner(), "openai"),
+            Err(s) => return status_to_http(&s),
+        };
     let id = format!(
         "{}-{:x}",
         if chat { "chatcmpl" } else { "cmpl" },
@@ -271,14 +292,14 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
     if !stream {
         let (mut text, mut stats) = (String::new(), None);
         loop {
-            match grpc.message().await {
-                Ok(Some(m)) => match m.event {
+            match grpc.next().await {
+                Some(Ok(m)) => match m.event {
                     Some(Event::Chunk(c)) => text.push_str(&c.text),
                     Some(Event::Stats(s)) => stats = Some(s),
                     None => {}
                 },
-                Ok(None) => break,
-                Err(s) => return status_to_http(&s),
+                None => break,
+                Some(Err(s)) => return status_to_http(&s),
             }
         }
         let s = stats.unwrap_or_default();
@@ -329,8 +350,8 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
             return;
         }
         loop {
-            match grpc.message().await {
-                Ok(Some(m)) => match m.event {
+            match grpc.next().await {
+                Some(Ok(m)) => match m.event {
                     Some(Event::Chunk(c)) => {
                         if c.text.is_empty() {
                             continue;
@@ -356,8 +377,8 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
                     }
                     _ => {}
                 },
-                Ok(None) => break,
-                Err(s) => {
+                None => break,
+                Some(Err(s)) => {
                     let err = json!({"error": {"message": s.message(), "type": "server_error", "param": null, "code": null}});
                     let _ = tx.send(Ok(SseEvent::default().data(err.to_string()))).await;
                     break;
@@ -365,7 +386,7 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
             }
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
-    });
+    }.in_current_span());
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx) as ReceiverSse)
         .keep_alive(KeepAlive::default())
         .into_response()
@@ -379,6 +400,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                    crate::metrics::metrics().encode(),
+                )
+            }),
+        )
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,

@@ -16,11 +16,13 @@ pub async fn fetch_status(addr: &str) -> anyhow::Result<GetStatusResponse> {
         .connect()
         .await
         .with_context(|| format!("cannot reach worker at {addr}"))?;
-    Ok(WorkerClient::new(ch)
-        .get_status(GetStatusRequest {})
-        .await
-        .with_context(|| format!("GetStatus on {addr}"))?
-        .into_inner())
+    Ok(
+        WorkerClient::with_interceptor(ch, llama_cluster_shared::telemetry::inject_grpc)
+            .get_status(GetStatusRequest {})
+            .await
+            .with_context(|| format!("GetStatus on {addr}"))?
+            .into_inner(),
+    )
 }
 
 fn short(peer: &str) -> String {

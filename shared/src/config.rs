@@ -93,6 +93,12 @@ pub struct NodeConfig {
     pub seed_manifest: bool,
     /// Prometheus `/metrics` address (`host:port`; empty: off).
     pub metrics_addr: String,
+    /// OTLP/gRPC endpoint receiving traces (`http://host:4317`; empty:
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` if set, else traces off).
+    pub otlp_endpoint: String,
+    /// Trace every N-th decode step in detail (hops and stages); 1: every
+    /// step, 0: none (prefill and the request are always traced).
+    pub trace_decode_every: u32,
     /// Test only: serve corrupted pieces.
     pub test_corrupt_pieces: bool,
     /// Test only: delay every served piece by this many milliseconds.
@@ -131,6 +137,8 @@ impl Default for NodeConfig {
             cache_dir: String::new(),
             seed_manifest: true,
             metrics_addr: String::new(),
+            otlp_endpoint: String::new(),
+            trace_decode_every: 1,
             test_corrupt_pieces: false,
             test_piece_delay_ms: 0,
         }
@@ -318,6 +326,13 @@ impl NodeConfig {
                 format!("{:?} is not a host:port socket address", self.metrics_addr),
             ));
         }
+        let url_ok = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        if !self.otlp_endpoint.is_empty() && !url_ok(&self.otlp_endpoint) {
+            return Err(ConfigError::invalid(
+                "otlp_endpoint",
+                format!("{:?} is not an http:// or https:// URL", self.otlp_endpoint),
+            ));
+        }
         if !self.manifest.is_empty() && !Path::new(&self.manifest).is_file() {
             return Err(ConfigError::invalid(
                 "manifest",
@@ -446,6 +461,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cluster"), "{err}");
+        let err = NodeConfig::load(
+            None,
+            &env(&[("LLAMA_CLUSTER_OTLP_ENDPOINT", "127.0.0.1:4317")]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("otlp_endpoint"), "{err}");
+        let cfg = NodeConfig::load(
+            None,
+            &env(&[("LLAMA_CLUSTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")]),
+            &[("trace_decode_every", "4".into())],
+        )
+        .unwrap();
+        assert_eq!(cfg.otlp_endpoint, "http://127.0.0.1:4317");
+        assert_eq!(cfg.trace_decode_every, 4);
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! Types both sides of llama-cluster need: configuration, the JSON command
 //! protocol spoken over `/json-message/1.0`, DHT keys and shard records,
-//! node status, and logging set-up.
+//! node status, logging and trace set-up.
 
 pub mod config;
 pub mod dht_keys;
 pub mod logging;
 pub mod protocol;
 pub mod status;
+pub mod telemetry;
 
 /// Crate version, reported in status and identify.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -71,6 +71,9 @@ pub struct Command {
     pub request_id: String,
     #[serde(default)]
     pub params: Value,
+    /// W3C `traceparent` of the sender's span (absent when tracing is off).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace: String,
 }
 
 impl Command {
@@ -81,6 +84,7 @@ impl Command {
             to: None,
             request_id: request_id.to_string(),
             params,
+            trace: crate::telemetry::current_traceparent(),
         }
     }
 }

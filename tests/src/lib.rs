@@ -253,13 +253,33 @@ pub fn scrape(node: &NodeProc) -> anyhow::Result<String> {
     if addr.is_empty() {
         bail!("{} serves no metrics", node.name);
     }
+    scrape_url(&format!("http://{addr}/metrics"))
+}
+
+/// Fetches a Prometheus text page.
+pub fn scrape_url(url: &str) -> anyhow::Result<String> {
     let out = Command::new("curl")
-        .args(["-sf", "--max-time", "10", &format!("http://{addr}/metrics")])
+        .args(["-sf", "--max-time", "10", url])
         .output()?;
     if !out.status.success() {
-        bail!("scraping {addr} failed");
+        bail!("scraping {url} failed");
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Value of the metric line `name{...} value` whose labels include every
+/// `key="value"` of `labels`.
+pub fn metric_with(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Value of a metric line `name value` (or `name{labels} value`) in a scrape.
@@ -347,6 +367,17 @@ impl PipelineCluster {
         first_host: u8,
         extra: &[&str],
     ) -> anyhow::Result<PipelineCluster> {
+        Self::start_with_env(dir, manifest, first_host, extra, &[]).await
+    }
+
+    /// As [`PipelineCluster::start`], with environment variables for every worker.
+    pub async fn start_with_env(
+        dir: &Path,
+        manifest: &Path,
+        first_host: u8,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<PipelineCluster> {
         let m: Value = serde_json::from_slice(&std::fs::read(manifest)?)?;
         let shard_ids: Vec<String> = m["shards"]
             .as_array()
@@ -373,7 +404,12 @@ impl PipelineCluster {
             }
             args.extend(extra.iter().map(|s| s.to_string()));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            workers.push(NodeProc::start(dir, &format!("stage{i}"), &args)?);
+            workers.push(NodeProc::start_with_env(
+                dir,
+                &format!("stage{i}"),
+                &args,
+                env,
+            )?);
         }
         let c = PipelineCluster {
             bootstrap,

@@ -36,6 +36,7 @@ fn the_chart_parses_validates_and_references_only_existing_values() {
         "bootstrap.yaml",
         "workers.yaml",
         "coordinator.yaml",
+        "jaeger.yaml",
         "_helpers.tpl",
     ] {
         assert!(
@@ -54,6 +55,22 @@ fn the_chart_parses_validates_and_references_only_existing_values() {
     ] {
         assert!(workers.contains(needle), "workers.yaml lacks {needle}");
     }
+    // Traces reach the nodes; liveness uses the always-SERVING health service.
+    let coordinator =
+        std::fs::read_to_string(root().join("helm/llama-cluster/templates/coordinator.yaml"))
+            .unwrap();
+    for (name, t) in [
+        ("workers.yaml", &workers),
+        ("coordinator.yaml", &coordinator),
+    ] {
+        for needle in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "llama-cluster.otlpEndpoint",
+            "service: liveness",
+        ] {
+            assert!(t.contains(needle), "{name} lacks {needle}");
+        }
+    }
 }
 
 #[test]
@@ -66,13 +83,15 @@ fn the_checks_catch_bad_values_and_dangling_references() {
         &bad,
         values
             .replace("replicas: 3", "replicas: 0")
-            .replace("p2pPort: 9000", "p2pPort: 70000"),
+            .replace("p2pPort: 9000", "p2pPort: 70000")
+            .replace("endpoint: \"\"", "endpoint: \"ftp://collector\""),
     )
     .unwrap();
     let (ok, out) = check(&[&bad]);
     assert!(!ok, "{out}");
     assert!(out.contains("workers.replicas"), "{out}");
     assert!(out.contains("p2pPort"), "{out}");
+    assert!(out.contains("otel.endpoint"), "{out}");
     let good = root().join("helm/llama-cluster/values.yaml");
     let tpl = dir.join(format!("dangling-{}.yaml", std::process::id()));
     std::fs::write(&tpl, "x: {{ .Values.workers.noSuchValue }}\n").unwrap();

@@ -331,7 +331,7 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // No route: unload the middle shard, then load it back.
-    let health_of = |w: &NodeProc| {
+    let health_in = |w: &NodeProc, service: &'static str| {
         let addr = w.grpc_addr.clone();
         async move {
             let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -341,13 +341,14 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
                 .ok()?;
             let r = tonic_health::pb::health_client::HealthClient::new(ch)
                 .check(tonic_health::pb::HealthCheckRequest {
-                    service: "llamacluster.v1.Worker".into(),
+                    service: service.into(),
                 })
                 .await
                 .ok()?;
             Some(r.into_inner().status)
         }
     };
+    let health_of = |w: &NodeProc| health_in(w, "llamacluster.v1.Worker");
     use tonic_health::pb::health_check_response::ServingStatus;
     assert_eq!(
         health_of(&cluster.workers[1]).await,
@@ -374,6 +375,11 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
     )
     .await
     .unwrap();
+    // Not ready, yet alive: the liveness service stays SERVING.
+    assert_eq!(
+        health_in(&cluster.workers[1], "liveness").await,
+        Some(ServingStatus::Serving as i32)
+    );
     let t0 = Instant::now();
     let e = loop {
         match infer(

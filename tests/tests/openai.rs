@@ -8,8 +8,13 @@ use std::time::{Duration, Instant};
 
 use llama_cluster_proto::v1::InferenceRequest;
 use llama_cluster_proto::v1::inference_response::Event;
-use llama_cluster_tests::{NodeProc, PipelineCluster, split_with_cli, test_dir};
+use llama_cluster_tests::{
+    NodeProc, PipelineCluster, metric, metric_with, scrape_url, split_with_cli, test_dir, wait_for,
+};
 use serde_json::Value;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const CLIENT: &str = r#"
 import json, sys, urllib.request, urllib.error
@@ -256,4 +261,136 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+
+    // Readiness follows SWARM_READY: SERVING with the model served.
+    let grpc_addr = coord.ready["grpc_addr"].as_str().unwrap().to_string();
+    wait_for(
+        "coordinator health SERVING",
+        Duration::from_secs(20),
+        || async { (health(&grpc_addr, "").await == Some(ServingStatus::Serving)).then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        health(&grpc_addr, "llamacluster.v1.Coordinator").await,
+        Some(ServingStatus::Serving)
+    );
+
+    // /metrics of the coordinator moved by exactly what clients got.
+    let text = scrape_url(&format!("{base}/metrics")).unwrap();
+    let chat_tokens = chat["usage"][1].as_u64().unwrap();
+    let m = |name: &str, labels: &[(&str, &str)]| {
+        metric_with(&text, &format!("llama_cluster_coordinator_{name}"), labels)
+            .unwrap_or_else(|| panic!("{name} {labels:?} missing:\n{text}"))
+    };
+    assert_eq!(
+        m("tokens_generated_total", &[]) as u64,
+        2 * chat_tokens + 2 * 16 + 16,
+        "2 chats, 2 completions of 16 tokens, 1 gRPC request of 16"
+    );
+    assert_eq!(
+        m(
+            "inference_requests_total",
+            &[("api", "openai"), ("outcome", "ok")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        m(
+            "inference_requests_total",
+            &[("api", "grpc"), ("outcome", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(m("time_to_first_token_seconds_count", &[]), 5.0);
+    assert_eq!(m("requests_in_flight", &[]), 0.0);
+    assert_eq!(
+        m(
+            "http_responses_total",
+            &[("path", "/v1/completions"), ("status", "400")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        m(
+            "http_responses_total",
+            &[("path", "/v1/completions"), ("status", "200")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m(
+            "http_responses_total",
+            &[("path", "/v1/chat/completions"), ("status", "404")]
+        ),
+        2.0
+    );
+    assert_eq!(m("swarm_ready", &[]), 1.0);
+    assert_eq!(m("workers_reachable", &[]), 2.0);
+}
+
+async fn health(grpc_addr: &str, service: &str) -> Option<ServingStatus> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let r = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(r.into_inner().status).ok()
+}
+
+/// A coordinator whose workers cannot be reached is not ready: health
+/// NOT_SERVING, metrics say no worker answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_is_not_ready_without_a_serving_cluster() {
+    let dir = test_dir("coordinator-unready");
+    // A port nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let coord = NodeProc::start_bin(
+        &dir,
+        "coordinator",
+        "llama-coordinator",
+        &[
+            "serve",
+            "--workers",
+            &dead_addr,
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+        ],
+        &[],
+    )
+    .unwrap();
+    let grpc_addr = coord.ready["grpc_addr"].as_str().unwrap().to_string();
+    let base = format!("http://{}", coord.ready["http_addr"].as_str().unwrap());
+    // Wait for the first poll to be counted, then check.
+    let text = wait_for("the first status poll", Duration::from_secs(20), || async {
+        let t = scrape_url(&format!("{base}/metrics")).ok()?;
+        (metric(&t, "llama_cluster_coordinator_workers") == Some(1.0)).then_some(t)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        metric(&text, "llama_cluster_coordinator_workers_reachable"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&text, "llama_cluster_coordinator_swarm_ready"),
+        Some(0.0)
+    );
+    for service in ["", "llamacluster.v1.Coordinator"] {
+        assert_eq!(
+            health(&grpc_addr, service).await,
+            Some(ServingStatus::NotServing),
+            "{service:?}"
+        );
+    }
 }

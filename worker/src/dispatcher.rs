@@ -7,7 +7,7 @@ use llama_cluster_shared::protocol::{
 };
 use llama_cluster_shared::unix_now;
 use serde_json::json;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::network::json_codec::JsonRequest;
 use crate::pipeline::Pipeline;
@@ -157,9 +157,14 @@ impl Dispatcher {
         }
     }
 
-    /// Runs one command.
-    #[tracing::instrument(name = "command", skip_all, fields(command = %cmd.command, request_id = %cmd.request_id, from = %cmd.from))]
+    /// Runs one command, in a span that continues the sender's trace.
     pub async fn dispatch(&self, cmd: Command) -> CommandResponse {
+        let span = tracing::info_span!("command", command = %cmd.command, request_id = %cmd.request_id, from = %cmd.from);
+        llama_cluster_shared::telemetry::set_parent(&span, &cmd.trace);
+        self.dispatch_in_span(cmd).instrument(span).await
+    }
+
+    async fn dispatch_in_span(&self, cmd: Command) -> CommandResponse {
         let me = self.me();
         if let Some(to) = cmd.to.as_deref().filter(|t| !t.is_empty() && *t != me) {
             return CommandResponse::error(

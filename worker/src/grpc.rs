@@ -340,6 +340,9 @@ fn stats_to_proto(s: GenStats) -> InferenceStats {
     }
 }
 
+/// grpc.health.v1 service name that is SERVING while the process answers.
+pub const LIVENESS: &str = "liveness";
+
 /// Binds the gRPC listener (port 0 picks a free one) and returns its address
 /// and the serving future.
 pub async fn serve(
@@ -357,6 +360,10 @@ pub async fn serve(
         .with_context(|| format!("cannot bind gRPC address {sock}"))?;
     let bound = listener.local_addr()?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // "liveness": SERVING while the process answers (Kubernetes liveness probe).
+    health_reporter
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
     // SERVING once the announced shard is loaded (always, for a node that
     // announces none): Kubernetes readiness follows the shard.
     let state = dispatcher.state().clone();
@@ -396,6 +403,7 @@ pub async fn serve(
     info!("[STATUS] gRPC on {bound} (reflection, grpc.health.v1)");
     let fut = async move {
         tonic::transport::Server::builder()
+            .trace_fn(llama_cluster_shared::telemetry::grpc_server_span)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(WorkerServer::new(service))

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 use llama_cluster_engine::split::{SplitPlan, split_model};
 use llama_cluster_shared::config::NodeConfig;
-use llama_cluster_shared::logging;
+use llama_cluster_shared::{logging, telemetry};
 use llama_worker::client::JsonClient;
 use llama_worker::network::behaviour::Role;
 use llama_worker::{READY_PREFIX, grpc, node};
@@ -165,6 +165,13 @@ struct NodeArgs {
     /// Prometheus /metrics address host:port (empty: off).
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317 (empty: off
+    /// unless OTEL_EXPORTER_OTLP_ENDPOINT is set).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// Trace every N-th decode step in detail (1: all, 0: none).
+    #[arg(long)]
+    trace_decode_every: Option<String>,
     /// Do not seed the manifest's files found on this disk.
     #[arg(long)]
     no_seed_manifest: bool,
@@ -201,6 +208,8 @@ impl NodeArgs {
         opt("manifest", &self.manifest);
         opt("cache_dir", &self.cache_dir);
         opt("metrics_addr", &self.metrics_addr);
+        opt("otlp_endpoint", &self.otlp_endpoint);
+        opt("trace_decode_every", &self.trace_decode_every);
         opt("test_piece_delay_ms", &self.test_piece_delay_ms);
         opt("n_ctx", &self.n_ctx);
         opt("n_batch", &self.n_batch);
@@ -298,14 +307,25 @@ fn main() -> ExitCode {
 
 async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
     let cfg = args.load()?;
-    logging::init(cfg.log_format);
+    let keypair = llama_worker::identity::load_or_create(&cfg.identity_file)?;
+    let telemetry = telemetry::init(
+        cfg.log_format,
+        &telemetry::TraceSettings {
+            otlp_endpoint: cfg.otlp_endpoint.clone(),
+            service: match role {
+                Role::Bootstrap => "llama-bootstrap".into(),
+                Role::Worker => "llama-worker".into(),
+            },
+            instance: keypair.public().to_peer_id().to_string(),
+        },
+    )?;
     let grpc_addr = cfg.grpc_addr.clone();
     let cluster = cfg.cluster.clone();
     let startup_shard =
         (!cfg.shard_id.is_empty() && !cfg.manifest.is_empty()).then(|| cfg.shard_id.clone());
     let seed_manifest = cfg.seed_manifest;
     let metrics_addr = cfg.metrics_addr.clone();
-    let running = node::start(cfg, role).await?;
+    let running = node::start(cfg, role, keypair).await?;
     running.torrents.announce_all();
     let pipeline = running.pipeline.clone();
     tokio::spawn(async move {
@@ -372,6 +392,7 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
         _ = shutdown_signal() => info!("[STATUS] shutting down"),
     }
     task.abort();
+    telemetry.flush();
     Ok(())
 }
 
@@ -489,7 +510,8 @@ async fn fetch(a: FetchArgs) -> anyhow::Result<()> {
     if cfg.bootstrap.is_empty() {
         anyhow::bail!("give --bootstrap: the address of any node of the cluster");
     }
-    let running = node::start(cfg, Role::Worker).await?;
+    let keypair = llama_worker::identity::load_or_create(&cfg.identity_file)?;
+    let running = node::start(cfg, Role::Worker, keypair).await?;
     // Bounded wait for the swarm.
     let t0 = std::time::Instant::now();
     while running.state.read(|s| s.connections.is_empty()) {

@@ -279,10 +279,13 @@ pub fn parse_addr_list(field: &'static str, list: &[String]) -> anyhow::Result<V
 
 /// Starts a node: identity, swarm, listeners, bootstrap dials, and the swarm
 /// task. Returns once the node listens.
-pub async fn start(cfg: NodeConfig, role: Role) -> anyhow::Result<RunningNode> {
+pub async fn start(
+    cfg: NodeConfig,
+    role: Role,
+    keypair: libp2p::identity::Keypair,
+) -> anyhow::Result<RunningNode> {
     let bootstrap_addrs = parse_addr_list("bootstrap", &cfg.bootstrap)?;
     let external_addrs = parse_addr_list("external_addrs", &cfg.external_addrs)?;
-    let keypair = crate::identity::load_or_create(&cfg.identity_file)?;
     let peer_id = keypair.public().to_peer_id();
     let mut swarm = build_swarm(keypair, &cfg, role)?;
     let mut listeners = HashSet::new();

@@ -12,3 +12,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "llama-cluster.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag }}
 {{- end -}}
+
+{{/* OTLP/gRPC endpoint of the nodes: otel.endpoint, else the chart's Jaeger, else off (""). */}}
+{{- define "llama-cluster.otlpEndpoint" -}}
+{{- if .Values.otel.endpoint -}}
+{{ .Values.otel.endpoint }}
+{{- else if .Values.otel.jaeger.enabled -}}
+http://{{ include "llama-cluster.fullname" . }}-jaeger:4317
+{{- end -}}
+{{- end -}}

@@ -196,18 +196,39 @@ impl Pipeline {
                 "max_tokens {max_tokens} exceeds the context of {n_ctx} tokens"
             )));
         }
-        let hops = route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer)
-            .map_err(PipelineError::Unavailable)?;
+        let session = new_session_id();
+        let span = info_span!(
+            "inference",
+            otel.name = format_args!("{} {}", if req.chat || !req.messages.is_empty() { "chat" } else { "text_completion" }, m.model),
+            session = format_args!("{session:016x}"),
+            gen_ai.operation.name = if req.chat || !req.messages.is_empty() { "chat" } else { "text_completion" },
+            gen_ai.system = "llama.cpp",
+            gen_ai.request.model = %m.model,
+            gen_ai.request.max_tokens = max_tokens,
+            gen_ai.request.temperature = req.sampling.temperature as f64,
+            gen_ai.request.top_p = req.sampling.top_p as f64,
+            gen_ai.request.top_k = req.sampling.top_k as i64,
+            gen_ai.usage.input_tokens = prompt.len(),
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
+            route = tracing::field::Empty,
+            stages = tracing::field::Empty,
+        );
+        let hops = {
+            let _plan = info_span!(parent: &span, "route_planning", layers = m.n_layer).entered();
+            route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer)
+                .map_err(PipelineError::Unavailable)?
+        };
         let route_names: Vec<String> = hops
             .iter()
             .map(|h| format!("{}@{}", h.shard_id, h.peer))
             .collect();
-        let session = new_session_id();
-        let span = info_span!("inference", session = format_args!("{session:016x}"), model = %m.model, prompt_tokens = prompt.len());
+        span.record("route", route_names.join(" -> ").as_str());
+        span.record("stages", hops.len());
         info!(parent: &span, "[PIPELINE] session {session:016x}: {} prompt tokens over {}", prompt.len(), route_names.join(" -> "));
         let result = self
             .run_session(&req, &hops, session, &prompt, max_tokens, n_ctx, tx, t0)
-            .instrument(span)
+            .instrument(span.clone())
             .await;
         // Free the session's contexts along the route, whatever happened.
         let close = ActivationRequest {
@@ -224,9 +245,25 @@ impl Pipeline {
             payload: Payload::None,
         };
         let me = self.clone();
-        tokio::spawn(async move {
-            let _ = me.send(close).await;
-        });
+        tokio::spawn(
+            async move {
+                let _ = me.send(close).await;
+            }
+            .instrument(info_span!(parent: &span, "close_session")),
+        );
+        match &result {
+            Ok(s) => {
+                span.record("gen_ai.usage.output_tokens", s.generated_tokens);
+                span.record(
+                    "gen_ai.response.finish_reasons",
+                    format_args!("[\"{}\"]", s.finish_reason),
+                );
+            }
+            Err(e) => {
+                span.record("gen_ai.response.finish_reasons", "[\"error\"]");
+                tracing::warn!(parent: &span, "[PIPELINE] session {session:016x} failed: {e}");
+            }
+        }
         let mut stats = result?;
         stats.route = route_names;
         Ok(stats)
@@ -264,16 +301,19 @@ impl Pipeline {
         let chunks: Vec<&[i32]> = prompt.chunks(self.0.cfg.engine.n_batch as usize).collect();
         let mut pos = 0u32;
         let mut resp = ActivationResponse::error(codes::INTERNAL, "no prompt");
+        let prefill = info_span!("prefill", tokens = prompt.len(), chunks = chunks.len());
         for (i, c) in chunks.iter().enumerate() {
             let history = if i == 0 { prompt.to_vec() } else { vec![] };
             resp = self
                 .send(frame(pos, c.to_vec(), i + 1 == chunks.len(), history))
+                .instrument(prefill.clone())
                 .await;
             if let Some(e) = step_error(&resp) {
                 return Err(e);
             }
             pos += c.len() as u32;
         }
+        drop(prefill);
         let ttft = t0.elapsed();
         let m = crate::metrics::metrics();
         m.requests.inc();
@@ -319,7 +359,18 @@ impl Pipeline {
                 break "context";
             }
             let t_step = Instant::now();
-            let r = self.send(frame(pos, vec![next], true, vec![])).await;
+            let step = info_span!("decode_step", step = generated, pos = pos);
+            let every = self.0.cfg.trace_decode_every as usize;
+            if every == 0 || !generated.is_multiple_of(every) {
+                llama_cluster_shared::telemetry::set_unsampled_parent(
+                    &step,
+                    &tracing::Span::current(),
+                );
+            }
+            let r = self
+                .send(frame(pos, vec![next], true, vec![]))
+                .instrument(step)
+                .await;
             m.token_latency.observe(t_step.elapsed().as_secs_f64());
             if let Some(e) = step_error(&r) {
                 return Err(e);

@@ -30,7 +30,7 @@ use tracing::{Instrument, debug, info_span};
 use crate::node::{FrameProto, NetHandle};
 use crate::state::SharedState;
 use crate::torrent::Torrents;
-use frame::{ActivationRequest, ActivationResponse, FrameKind, HopStats, Payload, codes};
+use frame::{ActivationRequest, ActivationResponse, FrameKind, Hop, HopStats, Payload, codes};
 
 /// Pipeline settings taken from the node configuration.
 #[derive(Debug, Clone)]
@@ -41,6 +41,8 @@ pub struct PipelineConfig {
     pub session_idle: Duration,
     pub step_timeout: Duration,
     pub f16: bool,
+    /// Trace every N-th decode step in detail (0: none).
+    pub trace_decode_every: u32,
 }
 
 impl PipelineConfig {
@@ -61,6 +63,7 @@ impl PipelineConfig {
             session_idle: Duration::from_secs(cfg.session_idle_secs),
             step_timeout: Duration::from_secs(cfg.stage_timeout_secs),
             f16: cfg.activation_f16,
+            trace_decode_every: cfg.trace_decode_every,
         }
     }
 }
@@ -172,10 +175,7 @@ impl Pipeline {
     pub async fn handle_inbound(&self, from: PeerId, bytes: Vec<u8>) -> Vec<u8> {
         let n = bytes.len() as u32;
         let resp = match ActivationRequest::decode(&bytes) {
-            Ok(req) => {
-                let span = info_span!("stage", session = format_args!("{:016x}", req.session), pos = req.pos0, from = %from);
-                self.handle(req, n).instrument(span).await
-            }
+            Ok(req) => self.handle(req, n, Some(from)).await,
             Err(e) => ActivationResponse::error(
                 codes::INVALID,
                 format!("malformed activation frame: {e}"),
@@ -184,14 +184,31 @@ impl Pipeline {
         resp.encode()
     }
 
-    /// Runs this worker's part of a step and the rest of the chain.
+    /// Runs this worker's part of a step and the rest of the chain, in a
+    /// `stage` span that continues the sender's trace (`from`: the sending
+    /// peer; `None` when this worker sent the frame to itself).
     fn handle(
         &self,
         req: ActivationRequest,
         bytes_in: u32,
+        from: Option<PeerId>,
     ) -> BoxFuture<'static, ActivationResponse> {
+        let span = info_span!(
+            "stage",
+            session = format_args!("{:016x}", req.session),
+            kind = ?req.kind,
+            pos = req.pos0,
+            from = %from.map(|p| p.to_string()).unwrap_or_else(|| "local".into()),
+            bytes_in,
+            shard = tracing::field::Empty,
+            layers = tracing::field::Empty,
+            compute_us = tracing::field::Empty,
+        );
+        llama_cluster_shared::telemetry::set_parent(&span, &req.trace);
         let me = self.clone();
-        async move { me.handle_step(req, bytes_in).await }.boxed()
+        async move { me.handle_step(req, bytes_in).await }
+            .instrument(span)
+            .boxed()
     }
 
     async fn handle_step(&self, mut req: ActivationRequest, bytes_in: u32) -> ActivationResponse {
@@ -247,9 +264,12 @@ impl Pipeline {
                 let mut next = req.clone();
                 next.route.remove(0);
                 let me = self.clone();
-                tokio::spawn(async move {
-                    let _ = me.send(next).await;
-                });
+                tokio::spawn(
+                    async move {
+                        let _ = me.send(next).await;
+                    }
+                    .in_current_span(),
+                );
             }
             return ActivationResponse {
                 error: None,
@@ -374,6 +394,13 @@ impl Pipeline {
                 );
             }
         };
+        let span = tracing::Span::current();
+        span.record("shard", l.entry.id.as_str());
+        span.record(
+            "layers",
+            format_args!("{}-{}", l.entry.layer_start, l.entry.layer_end),
+        );
+        span.record("compute_us", out.compute.as_micros() as u64);
         let m = crate::metrics::metrics();
         m.stage_forward.observe(out.compute.as_secs_f64());
         m.hop_bytes_in.inc_by(bytes_in as u64);
@@ -406,7 +433,7 @@ impl Pipeline {
             want_logits: req.want_logits,
             sample: req.sample,
             budget_ms,
-            trace: req.trace,
+            trace: String::new(),
             route: req.route[1..].to_vec(),
             sampling: req.sampling,
             history: req.history,
@@ -431,13 +458,36 @@ impl Pipeline {
         async move { me.send_step(req).await }.boxed()
     }
 
-    async fn send_step(&self, req: ActivationRequest) -> ActivationResponse {
+    async fn send_step(&self, mut req: ActivationRequest) -> ActivationResponse {
         let Some(hop) = req.route.first().cloned() else {
             return ActivationResponse::error(codes::ROUTE, "empty route");
         };
         if hop.peer == self.0.me {
-            return self.handle(req, 0).await;
+            return self.handle(req, 0, None).await;
         }
+        let span = info_span!(
+            "hop",
+            otel.kind = "client",
+            peer = %hop.peer,
+            shard = %hop.shard_id,
+            kind = ?req.kind,
+            pos = req.pos0,
+            bytes_out = tracing::field::Empty,
+            bytes_back = tracing::field::Empty,
+            latency_us = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        req.trace = llama_cluster_shared::telemetry::traceparent(&span);
+        let t0 = Instant::now();
+        let resp = self.send_remote(req, hop).instrument(span.clone()).await;
+        span.record("latency_us", t0.elapsed().as_micros() as u64);
+        if let Some(e) = &resp.error {
+            span.record("error", e.1.as_str());
+        }
+        resp
+    }
+
+    async fn send_remote(&self, req: ActivationRequest, hop: Hop) -> ActivationResponse {
         let peer: PeerId = match hop.peer.parse() {
             Ok(p) => p,
             Err(_) => {
@@ -449,6 +499,7 @@ impl Pipeline {
         };
         let budget = Duration::from_millis(req.budget_ms as u64);
         let bytes = req.encode();
+        tracing::Span::current().record("bytes_out", bytes.len() as u64);
         debug!(
             "[PIPELINE] {} bytes to {} ({})",
             bytes.len(),
@@ -461,9 +512,15 @@ impl Pipeline {
             .frame(FrameProto::Activation, peer, bytes, budget)
             .await
         {
-            Ok(b) => ActivationResponse::decode(&b).unwrap_or_else(|e| {
-                ActivationResponse::error(codes::INTERNAL, format!("bad response from {peer}: {e}"))
-            }),
+            Ok(b) => {
+                tracing::Span::current().record("bytes_back", b.len() as u64);
+                ActivationResponse::decode(&b).unwrap_or_else(|e| {
+                    ActivationResponse::error(
+                        codes::INTERNAL,
+                        format!("bad response from {peer}: {e}"),
+                    )
+                })
+            }
             Err(e) => ActivationResponse::error(
                 if e.contains("within") {
                     codes::TIMEOUT

@@ -19,7 +19,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::node::{FrameProto, NetHandle};
 use crate::state::SharedState;
@@ -343,7 +343,39 @@ impl Torrents {
         result
     }
 
+    /// Downloads one file, in a `torrent.download` span with one
+    /// `torrent.peer` child per provider used (pieces, bytes, bad pieces).
     async fn download(&self, file_hash: &str) -> Result<PathBuf, TorrentError> {
+        let span = tracing::info_span!(
+            "torrent.download",
+            file_hash,
+            file = tracing::field::Empty,
+            size = tracing::field::Empty,
+            pieces_total = tracing::field::Empty,
+            pieces_already_verified = tracing::field::Empty,
+            providers = tracing::field::Empty,
+            bytes_fetched = tracing::field::Empty,
+            bad_pieces = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let mut peers = PeerSpans::default();
+        let r = self
+            .download_in_span(file_hash, &span, &mut peers)
+            .instrument(span.clone())
+            .await;
+        peers.finish();
+        if let Err(e) = &r {
+            span.record("error", tracing::field::display(e));
+        }
+        r
+    }
+
+    async fn download_in_span(
+        &self,
+        file_hash: &str,
+        span: &tracing::Span,
+        peers: &mut PeerSpans,
+    ) -> Result<PathBuf, TorrentError> {
         let t0 = Instant::now();
         let mut providers = self.providers(file_hash).await;
         // A node that just joined may not see the announcements yet: retry a
@@ -379,6 +411,11 @@ impl Torrents {
             done: false,
         };
         self.set_progress(&prog);
+        span.record("file", meta.name.as_str());
+        span.record("size", meta.size);
+        span.record("pieces_total", prog.pieces_total);
+        span.record("pieces_already_verified", prog.pieces_done);
+        span.record("providers", providers.len());
         info!(
             "[TORRENT] downloading {} ({} bytes, {} of {} pieces already verified) from {} peers",
             meta.name,
@@ -525,6 +562,7 @@ impl Torrents {
                             .inc_by(data.len() as u64);
                         prog.verified_bytes += data.len() as u64;
                         prog.pieces_done += 1;
+                        peers.piece(span, &peer, data.len() as u64);
                         prog.peers = active.iter().filter(|p| !dropped.contains(p)).count() as u32;
                         self.set_progress(&prog);
                     }
@@ -532,6 +570,7 @@ impl Torrents {
                 }
                 Ok(TorrentResponse::Piece { .. }) => {
                     prog.bad_pieces += 1;
+                    peers.bad(span, &peer);
                     crate::metrics::metrics().torrent_bad_pieces.inc();
                     self.set_progress(&prog);
                     warn!(
@@ -550,6 +589,7 @@ impl Torrents {
                         "[TORRENT] {peer} failed while sending piece {i} of {}: {e}; dropping it",
                         meta.name
                     );
+                    peers.failed(span, &peer, &e);
                     false
                 }
             };
@@ -561,6 +601,8 @@ impl Torrents {
             }
         }
         drop(running);
+        span.record("bytes_fetched", prog.fetched_bytes);
+        span.record("bad_pieces", prog.bad_pieces);
         let transfer = t_transfer.elapsed();
         let name = meta.name.clone();
         let me = self.clone();
@@ -583,5 +625,60 @@ impl Torrents {
             prog.fetched_bytes as f64 / tsecs.max(1e-9) / 1e6
         );
         Ok(path)
+    }
+}
+
+/// One `torrent.peer` span per provider a download used, with its tally.
+#[derive(Default)]
+struct PeerSpans(HashMap<PeerId, PeerTally>);
+
+struct PeerTally {
+    span: tracing::Span,
+    pieces: u32,
+    bytes: u64,
+    bad: u32,
+}
+
+impl PeerSpans {
+    fn get(&mut self, parent: &tracing::Span, peer: &PeerId) -> &mut PeerTally {
+        self.0.entry(*peer).or_insert_with(|| PeerTally {
+            span: tracing::info_span!(
+                parent: parent,
+                "torrent.peer",
+                peer = %peer,
+                pieces = tracing::field::Empty,
+                bytes = tracing::field::Empty,
+                bad_pieces = tracing::field::Empty,
+                error = tracing::field::Empty,
+            ),
+            pieces: 0,
+            bytes: 0,
+            bad: 0,
+        })
+    }
+
+    fn piece(&mut self, parent: &tracing::Span, peer: &PeerId, bytes: u64) {
+        let t = self.get(parent, peer);
+        t.pieces += 1;
+        t.bytes += bytes;
+    }
+
+    fn bad(&mut self, parent: &tracing::Span, peer: &PeerId) {
+        let t = self.get(parent, peer);
+        t.bad += 1;
+    }
+
+    fn failed(&mut self, parent: &tracing::Span, peer: &PeerId, e: &str) {
+        let t = self.get(parent, peer);
+        t.span.record("error", e);
+    }
+
+    /// Records the tallies and ends the spans.
+    fn finish(self) {
+        for t in self.0.into_values() {
+            t.span.record("pieces", t.pieces);
+            t.span.record("bytes", t.bytes);
+            t.span.record("bad_pieces", t.bad);
+        }
     }
 }
