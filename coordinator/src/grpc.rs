@@ -3,7 +3,6 @@
 //! a worker driving the model. Reflection and grpc.health.v1 included.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,15 +17,18 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tracing::info;
 
+use crate::placer::{Placer, WorkerSet};
 use crate::status_table::fetch_status;
 
 pub struct CoordinatorService {
-    workers: Arc<Vec<String>>,
+    workers: WorkerSet,
+    placer: Option<Placer>,
 }
 
 /// Every worker's status; `models` with a ready shard and a worker serving each.
 pub async fn cluster_status(
     workers: &[String],
+    placer: Option<&Placer>,
 ) -> (GetClusterStatusResponse, Vec<(String, String)>) {
     let answers = futures::future::join_all(
         workers
@@ -38,6 +40,8 @@ pub async fn cluster_status(
     let mut served: Vec<(String, String)> = Vec::new();
     for (addr, r) in answers {
         match r {
+            // The bootstrap node is no worker.
+            Ok(st) if st.role == "bootstrap" => {}
             Ok(st) => {
                 for s in st
                     .shards
@@ -68,7 +72,23 @@ pub async fn cluster_status(
         .iter()
         .filter_map(|w| w.status.as_ref())
         .collect();
-    out.swarm_ready = !answered.is_empty() && answered.iter().all(|s| s.swarm_ready);
+    // Workers that serve nothing yet (a joiner) do not count.
+    let serving: Vec<_> = answered
+        .iter()
+        .filter(|s| s.shards.iter().any(|x| x.availability == "LOCAL"))
+        .collect();
+    out.swarm_ready = !serving.is_empty() && serving.iter().all(|s| s.swarm_ready);
+    if let Some(p) = placer {
+        let statuses: Vec<(String, llama_cluster_proto::v1::GetStatusResponse)> = out
+            .workers
+            .iter()
+            .filter_map(|w| w.status.clone().map(|s| (w.grpc_addr.clone(), s)))
+            .collect();
+        // The coordinator's own view: every shard of the placed model
+        // ready on a worker that answered.
+        out.swarm_ready = p.covered(&statuses);
+        out.placement = Some(p.status());
+    }
     out.models = served.iter().map(|(m, _)| m.clone()).collect();
     (out, served)
 }
@@ -82,7 +102,11 @@ impl Coordinator for CoordinatorService {
         &self,
         _req: Request<GetClusterStatusRequest>,
     ) -> Result<Response<GetClusterStatusResponse>, Status> {
-        Ok(Response::new(cluster_status(&self.workers).await.0))
+        Ok(Response::new(
+            cluster_status(&self.workers.list(), self.placer.as_ref())
+                .await
+                .0,
+        ))
     }
 
     type InferenceStream = InferenceStream;
@@ -93,7 +117,7 @@ impl Coordinator for CoordinatorService {
         req: Request<InferenceRequest>,
     ) -> Result<Response<InferenceStream>, Status> {
         let req = req.into_inner();
-        let (_, served) = cluster_status(&self.workers).await;
+        let (_, served) = cluster_status(&self.workers.list(), None).await;
         let worker = if req.model.is_empty() {
             served.first()
         } else {
@@ -130,10 +154,23 @@ const POLL: Duration = Duration::from_secs(2);
 
 /// Polls the workers: the metrics' cluster gauges, and the health status,
 /// SERVING exactly while the cluster is SWARM_READY with a model served.
-async fn watch_cluster(workers: Vec<String>, health: tonic_health::server::HealthReporter) {
+async fn watch_cluster(
+    workers: WorkerSet,
+    placer: Option<Placer>,
+    health: tonic_health::server::HealthReporter,
+) {
     let mut last = None;
     loop {
-        let (st, served) = cluster_status(&workers).await;
+        let (st, served) = cluster_status(&workers.list(), placer.as_ref()).await;
+        let statuses: Vec<(String, llama_cluster_proto::v1::GetStatusResponse)> = st
+            .workers
+            .iter()
+            .filter_map(|w| w.status.clone().map(|s| (w.grpc_addr.clone(), s)))
+            .collect();
+        workers.learn(&statuses);
+        if let Some(p) = &placer {
+            p.round(&statuses);
+        }
         let m = crate::metrics::metrics();
         m.workers.set(st.workers.len() as i64);
         m.workers_reachable
@@ -167,7 +204,8 @@ async fn watch_cluster(workers: Vec<String>, health: tonic_health::server::Healt
 /// Binds the coordinator's gRPC listener; returns the address and the server future.
 pub async fn serve(
     addr: &str,
-    workers: Vec<String>,
+    workers: WorkerSet,
+    placer: Option<Placer>,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
     impl std::future::Future<Output = anyhow::Result<()>>,
@@ -188,15 +226,13 @@ pub async fn serve(
     health
         .set_service_status("liveness", ServingStatus::Serving)
         .await;
-    tokio::spawn(watch_cluster(workers.clone(), health));
+    tokio::spawn(watch_cluster(workers.clone(), placer.clone(), health));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(llama_cluster_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("reflection")?;
-    let svc = CoordinatorService {
-        workers: Arc::new(workers),
-    };
+    let svc = CoordinatorService { workers, placer };
     let fut = async move {
         tonic::transport::Server::builder()
             .trace_fn(llama_cluster_shared::telemetry::grpc_server_span)

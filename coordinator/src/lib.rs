@@ -7,4 +7,6 @@ pub mod demo;
 pub mod grpc;
 pub mod metrics;
 pub mod openai;
+pub mod placement;
+pub mod placer;
 pub mod status_table;

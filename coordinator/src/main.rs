@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use llama_coordinator::{demo, openai, status_table};
+use llama_coordinator::{demo, openai, placer, status_table};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,6 +39,13 @@ enum Cmd {
         /// off unless OTEL_EXPORTER_OTLP_ENDPOINT is set).
         #[arg(long, env = "LLAMA_CLUSTER_OTLP_ENDPOINT", default_value = "")]
         otlp_endpoint: String,
+        /// Split manifest of the model to place on the workers (none: the
+        /// workers' own shards are used as they are).
+        #[arg(long)]
+        manifest: Option<std::path::PathBuf>,
+        /// Replicas of every shard to place (spare workers get more).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), wait until
     /// every worker found every other, print the table, stop everything.
@@ -84,6 +91,8 @@ async fn main() -> ExitCode {
             http,
             grpc,
             otlp_endpoint,
+            manifest,
+            replicas,
         } => {
             let telemetry = llama_cluster_shared::telemetry::init(
                 llama_cluster_shared::config::LogFormat::Text,
@@ -95,7 +104,17 @@ async fn main() -> ExitCode {
             );
             match telemetry {
                 Ok(t) => {
-                    let r = openai::serve(&http, &grpc, workers).await;
+                    let r = async {
+                        let placer = match &manifest {
+                            Some(m) => Some(placer::Placer::new(
+                                placer::ManifestInfo::load(m)?,
+                                replicas,
+                            )),
+                            None => None,
+                        };
+                        openai::serve(&http, &grpc, placer::WorkerSet::new(workers), placer).await
+                    }
+                    .await;
                     t.flush();
                     r
                 }

@@ -29,7 +29,7 @@ const MAX_TOKENS_LIMIT: u64 = 1 << 20;
 
 pub struct ApiState {
     /// gRPC addresses of the workers requests may go to.
-    pub workers: Vec<String>,
+    pub workers: crate::placer::WorkerSet,
 }
 
 /// An OpenAI-style error response.
@@ -66,7 +66,9 @@ fn now() -> u64 {
 
 /// Models served by ready shards, with a worker that can drive each.
 async fn models(state: &ApiState) -> Vec<(String, String)> {
-    crate::grpc::cluster_status(&state.workers).await.1
+    crate::grpc::cluster_status(&state.workers.list(), None)
+        .await
+        .1
 }
 
 async fn list_models(State(st): State<Arc<ApiState>>) -> Response {
@@ -422,10 +424,15 @@ pub fn router(state: ApiState) -> Router {
 
 /// Serves the OpenAI API on `http` and the coordinator's gRPC service on
 /// `grpc` until the process ends.
-pub async fn serve(http: &str, grpc: &str, workers: Vec<String>) -> anyhow::Result<()> {
+pub async fn serve(
+    http: &str,
+    grpc: &str,
+    workers: crate::placer::WorkerSet,
+    placer: Option<crate::placer::Placer>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(http).await?;
     let bound = listener.local_addr()?;
-    let (grpc_bound, grpc_server) = crate::grpc::serve(grpc, workers.clone()).await?;
+    let (grpc_bound, grpc_server) = crate::grpc::serve(grpc, workers.clone(), placer).await?;
     println!(
         "LLAMA_CLUSTER_READY {}",
         json!({"role": "coordinator", "http_addr": bound.to_string(), "grpc_addr": grpc_bound.to_string()})

@@ -38,10 +38,12 @@ fn short(peer: &str) -> String {
 pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<22} {:<10} {:<10} {:>5} {:>4} {:>4} {:>5}  {}\n",
+        "{:<22} {:<10} {:<10} {:>7} {:>4} {:>5} {:>4} {:>4} {:>5}  {}\n",
         "WORKER (gRPC)",
         "PEER",
         "CLUSTER",
+        "MEM MiB",
+        "CPUS",
         "PEERS",
         "QUIC",
         "TCP",
@@ -67,10 +69,15 @@ pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
             .filter(|s| s.availability != "LOCAL")
             .count();
         out.push_str(&format!(
-            "{:<22} {:<10} {:<10} {:>5} {:>4} {:>4} {:>5}  {} (+{known} known)\n",
+            "{:<22} {:<10} {:<10} {:>7} {:>4} {:>5} {:>4} {:>4} {:>5}  {} (+{known} known)\n",
             addr,
             short(&st.peer_id),
             st.cluster,
+            st.resources
+                .as_ref()
+                .map(|r| r.memory_budget_bytes >> 20)
+                .unwrap_or(0),
+            st.resources.as_ref().map(|r| r.cpus).unwrap_or(0),
             st.peers.len(),
             quic,
             st.peers.len() - quic,

@@ -93,6 +93,9 @@ pub struct NodeConfig {
     pub seed_manifest: bool,
     /// Prometheus `/metrics` address (`host:port`; empty: off).
     pub metrics_addr: String,
+    /// Memory this worker offers for shards, in MB (0: the machine's total
+    /// memory). The coordinator places shards by it.
+    pub memory_mb: u64,
     /// OTLP/gRPC endpoint receiving traces (`http://host:4317`; empty:
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` if set, else traces off).
     pub otlp_endpoint: String,
@@ -137,6 +140,7 @@ impl Default for NodeConfig {
             cache_dir: String::new(),
             seed_manifest: true,
             metrics_addr: String::new(),
+            memory_mb: 0,
             otlp_endpoint: String::new(),
             trace_decode_every: 1,
             test_corrupt_pieces: false,

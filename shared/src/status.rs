@@ -50,6 +50,20 @@ pub struct PeerStatus {
     pub address: String,
     /// "inbound" or "outbound".
     pub direction: String,
+    /// The peer's gRPC control-plane address, when it told us (empty: unknown).
+    #[serde(default)]
+    pub grpc_addr: String,
+}
+
+/// What a node offers for shards: the coordinator places by it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Physical memory of the machine.
+    pub memory_total_bytes: u64,
+    /// Memory this node offers for shards (`memory_mb`, else the total).
+    pub memory_budget_bytes: u64,
+    /// CPU cores available to llama.cpp.
+    pub cpus: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,4 +116,12 @@ pub struct NodeStatus {
     /// Peer whose SWARM_READY announcement was received last (if ready).
     #[serde(default)]
     pub swarm_ready_by: String,
+    /// This node's gRPC address as others reach it.
+    #[serde(default)]
+    pub grpc_addr: String,
+    /// `worker` or `bootstrap`.
+    #[serde(default)]
+    pub role: String,
+    #[serde(default)]
+    pub resources: Resources,
 }

@@ -190,9 +190,10 @@ async fn one_trace_across_coordinator_and_every_stage() {
                 let t: Vec<Got> = all.into_iter().filter(|s| s.trace_id == root).collect();
                 let has =
                     |name: &str, inst: &str| t.iter().any(|s| s.name == name && s.instance == inst);
-                let ok = t.iter().any(|s| {
-                    s.attrs.contains_key("gen_ai.operation.name") && s.instance == peers[0]
-                }) && peers.iter().all(|p| has("stage", p))
+                let ok = t
+                    .iter()
+                    .any(|s| s.attrs.contains_key("gen_ai.operation.name"))
+                    && peers.iter().all(|p| has("stage", p))
                     && t.iter().filter(|s| s.name == "decode_step").count() >= 3
                     && t.iter()
                         .filter(|s| s.name == "stage" && s.instance == last)
@@ -274,7 +275,12 @@ async fn one_trace_across_coordinator_and_every_stage() {
         "{}",
         inference.name
     );
-    assert_eq!(inference.instance, peers[0]);
+    // The coordinator picked some worker as the driver.
+    assert!(
+        peers.contains(&inference.instance),
+        "{}",
+        inference.instance
+    );
     let mut up = parent_of(inference);
     let mut crossed = false;
     for _ in 0..10 {

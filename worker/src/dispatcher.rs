@@ -59,6 +59,9 @@ struct LoadShardParams {
     shard_id: String,
     #[serde(default)]
     manifest: String,
+    /// The manifest itself, for a worker that has none on disk.
+    #[serde(default)]
+    manifest_json: String,
     #[serde(default)]
     unload: bool,
 }
@@ -445,7 +448,7 @@ impl Dispatcher {
             ))
         } else {
             self.pipeline
-                .load_shard(&p.shard_id, Some(&p.manifest))
+                .load_shard_from(&p.shard_id, &p.manifest, &p.manifest_json)
                 .await
         };
         match r {

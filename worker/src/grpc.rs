@@ -74,10 +74,18 @@ pub fn status_to_proto(s: NodeStatus) -> GetStatusResponse {
                 transport: p.transport.as_str().into(),
                 address: p.address,
                 direction: p.direction,
+                grpc_addr: p.grpc_addr,
             })
             .collect(),
         swarm_ready: s.swarm_ready,
         swarm_ready_by: s.swarm_ready_by,
+        grpc_addr: s.grpc_addr,
+        role: s.role,
+        resources: Some(llama_cluster_proto::v1::Resources {
+            memory_total_bytes: s.resources.memory_total_bytes,
+            memory_budget_bytes: s.resources.memory_budget_bytes,
+            cpus: s.resources.cpus,
+        }),
         torrents: s
             .torrents
             .into_iter()
@@ -130,7 +138,9 @@ impl Worker for WorkerService {
                 "shard_id is required".into(),
             ))
         } else {
-            pipeline.load_shard(&r.shard_id, Some(&r.manifest)).await
+            pipeline
+                .load_shard_from(&r.shard_id, &r.manifest, &r.manifest_json)
+                .await
         }
         .map_err(pipeline_status)?;
         Ok(Response::new(LoadShardResponse {
@@ -343,10 +353,45 @@ fn stats_to_proto(s: GenStats) -> InferenceStats {
 /// grpc.health.v1 service name that is SERVING while the process answers.
 pub const LIVENESS: &str = "liveness";
 
-/// Binds the gRPC listener (port 0 picks a free one) and returns its address
-/// and the serving future.
+/// Binds the gRPC listener (port 0 picks a free one).
+pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    let sock: SocketAddr = addr.parse().context("grpc_addr")?;
+    TcpListener::bind(sock)
+        .await
+        .with_context(|| format!("cannot bind gRPC address {sock}"))
+}
+
+/// The gRPC address peers and the coordinator can reach: the bound one,
+/// with an unspecified IP (`0.0.0.0`) replaced by the first external or
+/// P2P address's IP.
+pub fn advertised(bound: SocketAddr, external: &[String], p2p_host: &str) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let from_multiaddr = external.iter().find_map(|a| {
+        a.parse::<libp2p::Multiaddr>()
+            .ok()?
+            .iter()
+            .find_map(|p| match p {
+                libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+                libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+                _ => None,
+            })
+    });
+    let ip = from_multiaddr
+        .or_else(|| {
+            p2p_host
+                .parse()
+                .ok()
+                .filter(|ip: &std::net::IpAddr| !ip.is_unspecified())
+        })
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    SocketAddr::new(ip, bound.port()).to_string()
+}
+
+/// Serves the gRPC API on `listener`; returns its address and the serving future.
 pub async fn serve(
-    addr: &str,
+    listener: TcpListener,
     dispatcher: Dispatcher,
     net: NetHandle,
     peer_id: PeerId,
@@ -354,10 +399,6 @@ pub async fn serve(
     SocketAddr,
     impl std::future::Future<Output = anyhow::Result<()>>,
 )> {
-    let sock: SocketAddr = addr.parse().context("grpc_addr")?;
-    let listener = TcpListener::bind(sock)
-        .await
-        .with_context(|| format!("cannot bind gRPC address {sock}"))?;
     let bound = listener.local_addr()?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // "liveness": SERVING while the process answers (Kubernetes liveness probe).

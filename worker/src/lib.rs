@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod pipeline;
+pub mod resources;
 pub mod state;
 pub mod torrent;
 

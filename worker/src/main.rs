@@ -165,6 +165,9 @@ struct NodeArgs {
     /// Prometheus /metrics address host:port (empty: off).
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Memory offered for shards, in MB (0: the machine's total).
+    #[arg(long)]
+    memory_mb: Option<String>,
     /// OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317 (empty: off
     /// unless OTEL_EXPORTER_OTLP_ENDPOINT is set).
     #[arg(long)]
@@ -209,6 +212,7 @@ impl NodeArgs {
         opt("cache_dir", &self.cache_dir);
         opt("metrics_addr", &self.metrics_addr);
         opt("otlp_endpoint", &self.otlp_endpoint);
+        opt("memory_mb", &self.memory_mb);
         opt("trace_decode_every", &self.trace_decode_every);
         opt("test_piece_delay_ms", &self.test_piece_delay_ms);
         opt("n_ctx", &self.n_ctx);
@@ -306,7 +310,14 @@ fn main() -> ExitCode {
 }
 
 async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
-    let cfg = args.load()?;
+    let mut cfg = args.load()?;
+    // Bound before the node starts, so its status names a reachable address.
+    let grpc_listener = grpc::bind(&cfg.grpc_addr).await?;
+    cfg.grpc_addr = grpc::advertised(
+        grpc_listener.local_addr()?,
+        &cfg.external_addrs,
+        &cfg.p2p_host,
+    );
     let keypair = llama_worker::identity::load_or_create(&cfg.identity_file)?;
     let telemetry = telemetry::init(
         cfg.log_format,
@@ -319,7 +330,6 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
             instance: keypair.public().to_peer_id().to_string(),
         },
     )?;
-    let grpc_addr = cfg.grpc_addr.clone();
     let cluster = cfg.cluster.clone();
     let startup_shard =
         (!cfg.shard_id.is_empty() && !cfg.manifest.is_empty()).then(|| cfg.shard_id.clone());
@@ -339,7 +349,7 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
         }
     });
     let (bound, server) = grpc::serve(
-        &grpc_addr,
+        grpc_listener,
         running.dispatcher.clone(),
         running.net.clone(),
         running.peer_id,

@@ -150,6 +150,10 @@ impl Node {
             debug!("[MSG] unreadable status from {peer}");
             return;
         };
+        if !status.grpc_addr.is_empty() {
+            let addr = status.grpc_addr.clone();
+            self.state.write(|s| s.peer_grpc.insert(peer, addr));
+        }
         for s in status.shards {
             if s.peer_id == peer.to_string() {
                 self.learn_shard(

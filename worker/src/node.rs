@@ -299,6 +299,10 @@ pub async fn start(
         swarm.add_external_address(addr.clone());
     }
     let state = SharedState::new(peer_id, &cfg.cluster, role, cfg.quic);
+    state.write(|s| {
+        s.grpc_addr = cfg.grpc_addr.clone();
+        s.resources = crate::resources::detect(cfg.memory_mb, cfg.threads);
+    });
     if let Some((start, end)) = cfg.layer_range()? {
         state.write(|s| {
             s.local_shard = Some(ShardRecord {
@@ -725,7 +729,14 @@ impl Node {
     /// id announces it to every connected worker and in the DHT under
     /// `/llama-cluster/<cluster>/swarm-ready` (and withdraws it the same way).
     fn check_swarm_ready(&mut self) {
-        let Some((model, n_layer)) = self.coverage_target.clone() else {
+        // The model of the loaded shard (placement may have changed it),
+        // else the configured manifest's.
+        let target = self
+            .pipeline
+            .loaded()
+            .map(|l| (l.model.clone(), l.model_layers))
+            .or_else(|| self.coverage_target.clone());
+        let Some((model, n_layer)) = target else {
             return;
         };
         let snapshot = self.state.snapshot();

@@ -41,6 +41,12 @@ pub struct StateInner {
     pub swarm_ready: bool,
     /// The last SWARM_READY announcement received: (from, model, ready).
     pub swarm_announcement: Option<(String, String, bool)>,
+    /// This node's advertised gRPC address.
+    pub grpc_addr: String,
+    /// gRPC addresses peers reported in their status.
+    pub peer_grpc: HashMap<PeerId, String>,
+    /// What this node offers for shards.
+    pub resources: llama_cluster_shared::status::Resources,
 }
 
 /// Cheaply clonable handle on the node state.
@@ -62,6 +68,9 @@ impl SharedState {
             local_shard: None,
             swarm_ready: false,
             swarm_announcement: None,
+            grpc_addr: String::new(),
+            peer_grpc: HashMap::new(),
+            resources: Default::default(),
         })))
     }
 
@@ -114,6 +123,7 @@ impl SharedState {
                         transport: c.transport,
                         address: c.address.to_string(),
                         direction: if c.outbound { "outbound" } else { "inbound" }.into(),
+                        grpc_addr: s.peer_grpc.get(peer).cloned().unwrap_or_default(),
                     })
                 })
                 .collect();
@@ -173,6 +183,9 @@ impl SharedState {
                     .filter(|a| a.2)
                     .map(|a| a.0.clone())
                     .unwrap_or_default(),
+                grpc_addr: s.grpc_addr.clone(),
+                role: s.role.as_str().into(),
+                resources: s.resources.clone(),
             }
         })
     }

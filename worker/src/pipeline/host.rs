@@ -83,6 +83,53 @@ impl Pipeline {
             })
     }
 
+    /// Keeps a manifest sent by the coordinator (JSON) in the cache and
+    /// returns its path; its files are fetched through the swarm on load.
+    pub fn adopt_manifest(&self, json: &str) -> Result<PathBuf, PipelineError> {
+        let m: Manifest = serde_json::from_str(json)
+            .map_err(|e| PipelineError::InvalidArgument(format!("manifest_json: {e}")))?;
+        m.check()
+            .map_err(|e| PipelineError::InvalidArgument(format!("manifest_json: {e}")))?;
+        let id = blake3::hash(json.as_bytes()).to_hex();
+        let dir = self
+            .0
+            .torrents
+            .store()
+            .root()
+            .join("manifests")
+            .join(format!("{}-{}", m.model, &id[..16]));
+        let path = dir.join("manifest.json");
+        if !path.is_file() {
+            let tmp = dir.join("manifest.json.tmp");
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::write(&tmp, json))
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| {
+                    PipelineError::Internal(format!(
+                        "keeping the manifest in {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+        }
+        Ok(path)
+    }
+
+    /// Loads `shard_id` of the manifest sent inline (`manifest_json`), else
+    /// of the manifest at `manifest` on this disk, else of the configured one.
+    pub async fn load_shard_from(
+        &self,
+        shard_id: &str,
+        manifest: &str,
+        manifest_json: &str,
+    ) -> Result<LoadOutcome, PipelineError> {
+        if manifest_json.is_empty() {
+            return self.load_shard(shard_id, Some(manifest)).await;
+        }
+        let path = self.adopt_manifest(manifest_json)?;
+        self.load_shard(shard_id, Some(&path.display().to_string()))
+            .await
+    }
+
     /// Seeds every file of the configured manifest that is on this disk.
     pub async fn seed_manifest_files(&self) {
         let Some(mpath) = self.0.cfg.manifest.clone() else {
@@ -137,10 +184,17 @@ impl Pipeline {
                     "this worker has no model manifest (--manifest); send the request to a worker that has one".into(),
                 )
             })?;
-        let info = tokio::task::spawn_blocking(move || -> Result<ModelInfo, PipelineError> {
+        let info = tokio::task::spawn_blocking(move || -> Result<_, PipelineError> {
             let manifest =
                 Manifest::load(&path).map_err(|e| PipelineError::Unavailable(e.to_string()))?;
-            let head = Manifest::path_of(&path, &manifest.head.file);
+            Ok((manifest, path))
+        })
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))??;
+        let (manifest, path) = info;
+        // The head (tokenizer) comes through the swarm when it is not here.
+        let head = self.local_file(&path, &manifest.head).await?;
+        let info = tokio::task::spawn_blocking(move || -> Result<ModelInfo, PipelineError> {
             let vocab =
                 Vocab::load(&head).map_err(|e| PipelineError::Unavailable(e.to_string()))?;
             Ok(ModelInfo {
@@ -244,8 +298,16 @@ impl Pipeline {
             }
         };
         let load_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        // A new manifest: the model this worker drives may have changed.
+        {
+            let mut cached = self.0.model.lock().unwrap_or_else(|e| e.into_inner());
+            if cached.as_ref().is_some_and(|c| c.manifest_path != mpath) {
+                *cached = None;
+            }
+        }
         *self.0.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(LoadedShard {
             model: m.model.clone(),
+            model_layers: m.n_layer,
             entry: entry.clone(),
             manifest_path: mpath,
             engine,

@@ -71,6 +71,8 @@ impl PipelineConfig {
 /// The shard this worker runs.
 pub struct LoadedShard {
     pub model: String,
+    /// Layers of the whole model.
+    pub model_layers: u32,
     pub entry: ShardEntry,
     pub manifest_path: PathBuf,
     pub engine: StageEngine,

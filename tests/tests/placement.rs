@@ -1,0 +1,285 @@
+//! The coordinator places a model end to end: it is given one worker's
+//! address and a 2-shard split, finds the other workers through the swarm,
+//! plans by memory, sends LoadShard with the manifest inline, the workers
+//! fetch their shards through the swarm (only one holds the files), the
+//! cluster reaches SWARM_READY, and a completion streamed through the
+//! coordinator equals single-node llama.cpp. A worker that leaves makes
+//! SWARM_READY drop and re-placement brings it back; a worker that joins
+//! gets work on the next round.
+
+use std::time::Duration;
+
+use llama_cluster_engine::EngineSettings;
+use llama_cluster_engine::baseline::Baseline;
+use llama_cluster_proto::v1::coordinator_client::CoordinatorClient;
+use llama_cluster_proto::v1::inference_response::Event;
+use llama_cluster_proto::v1::{
+    GetClusterStatusRequest, GetClusterStatusResponse, InferenceRequest,
+};
+use llama_cluster_tests::{NodeProc, model_path, split_with_cli, test_dir, wait_for, worker_args};
+use tonic::transport::Channel;
+
+const N_GEN: u32 = 16;
+const WAIT: Duration = Duration::from_secs(120);
+
+fn start_worker(
+    dir: &std::path::Path,
+    name: &str,
+    host: &str,
+    boot: &str,
+    memory_mb: u32,
+    manifest: Option<&std::path::Path>,
+) -> NodeProc {
+    let mut args = worker_args(host, &[boot], None);
+    args.extend([
+        "--memory-mb".into(),
+        memory_mb.to_string(),
+        "--threads".into(),
+        "1".into(),
+    ]);
+    if let Some(m) = manifest {
+        args.extend(["--manifest".into(), m.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    NodeProc::start(dir, name, &args).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+}
+
+async fn cluster(c: &mut CoordinatorClient<Channel>) -> GetClusterStatusResponse {
+    c.get_cluster_status(GetClusterStatusRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .unwrap_or_default()
+}
+
+/// The worker at `addr` has `shard` loaded and ready.
+fn serves(st: &GetClusterStatusResponse, addr: &str, shard: &str) -> bool {
+    st.workers.iter().any(|w| {
+        w.grpc_addr == addr
+            && w.status.as_ref().is_some_and(|s| {
+                s.shards
+                    .iter()
+                    .any(|x| x.availability == "LOCAL" && x.shard_id == shard && x.state == "ready")
+            })
+    })
+}
+
+async fn complete(c: &mut CoordinatorClient<Channel>) -> Vec<i32> {
+    let mut stream = c
+        .inference(InferenceRequest {
+            prompt: "The capital of France is".into(),
+            max_tokens: N_GEN,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tokens = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(Event::Chunk(c)) = m.event {
+            tokens.extend(c.token_ids);
+        }
+    }
+    tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_places_shards_by_memory_and_replans_on_leave_and_join() {
+    let dir = test_dir("placement");
+    let manifest = split_with_cli(&dir.join("split"), 2).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let ids: Vec<String> = m["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    let size = |i: usize| m["shards"][i]["size"].as_u64().unwrap();
+    // The shard with the output head is the larger one.
+    let (big, small) = if size(1) >= size(0) {
+        (ids[1].clone(), ids[0].clone())
+    } else {
+        (ids[0].clone(), ids[1].clone())
+    };
+    let boot = llama_cluster_tests::start_bootstrap(&dir).unwrap();
+    let b = boot.addr("quic-v1");
+    // Only the seeder has the split; the others start with nothing.
+    let seeder = start_worker(&dir, "seeder", "127.0.0.160", &b, 4000, Some(&manifest));
+    let mut w1 = start_worker(&dir, "w1", "127.0.0.161", &b, 2000, None);
+    let w2 = start_worker(&dir, "w2", "127.0.0.162", &b, 1000, None);
+    // The coordinator knows one worker; it finds the rest through it.
+    let coord = NodeProc::start_bin(
+        &dir,
+        "coordinator",
+        "llama-coordinator",
+        &[
+            "serve",
+            "--workers",
+            &seeder.grpc_addr,
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--manifest",
+            &manifest.display().to_string(),
+            "--replicas",
+            "1",
+        ],
+        &[],
+    )
+    .unwrap();
+    let mut c = CoordinatorClient::connect(format!(
+        "http://{}",
+        coord.ready["grpc_addr"].as_str().unwrap()
+    ))
+    .await
+    .unwrap();
+
+    // Placement: the big shard on the biggest worker, the small one on the
+    // next, the spare worker a replica; everyone ready; SWARM_READY.
+    let st = wait_for("placement and SWARM_READY", WAIT, || {
+        let mut c = c.clone();
+        let (s, a, b2) = (
+            seeder.grpc_addr.clone(),
+            w1.grpc_addr.clone(),
+            w2.grpc_addr.clone(),
+        );
+        let (big, small) = (big.clone(), small.clone());
+        async move {
+            let st = cluster(&mut c).await;
+            (st.swarm_ready
+                && serves(&st, &s, &big)
+                && serves(&st, &a, &small)
+                && serves(&st, &b2, &big))
+            .then_some(st)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", coord.log()));
+    let p = st.placement.clone().expect("placement status");
+    assert!(p.error.is_empty(), "{}", p.error);
+    assert_eq!(p.assignment.len(), 3, "{p:?}");
+    assert_eq!(st.workers.len(), 3, "the bootstrap is no worker");
+    for w in &st.workers {
+        let r = w.status.as_ref().unwrap().resources.unwrap();
+        assert!(r.memory_total_bytes > 0 && r.cpus >= 1, "{r:?}");
+    }
+    // The shards came through the swarm, not from disk.
+    for w in [&w1, &w2] {
+        let s = w.status().await.unwrap();
+        let fetched: u64 = s.torrents.iter().map(|t| t.fetched_bytes).sum();
+        assert!(fetched > 0, "{} fetched nothing", w.name);
+    }
+    // A completion through the coordinator equals single-node llama.cpp.
+    let base = Baseline::load(
+        &model_path(),
+        EngineSettings {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let want = base
+        .greedy(&base.tokenize("The capital of France is"), N_GEN as usize)
+        .unwrap()
+        .tokens;
+    let got = complete(&mut c).await;
+    assert!(!got.is_empty());
+    assert_eq!(got[..], want[..got.len()], "tokens differ from llama.cpp");
+
+    // Leave: the only holder of the small shard goes; SWARM_READY drops …
+    let w1_addr = w1.grpc_addr.clone();
+    w1.kill();
+    let st = cluster(&mut c).await;
+    assert!(
+        !st.swarm_ready,
+        "SWARM_READY must drop with the small shard gone"
+    );
+    // … and re-placement (a replica of the big shard moves) brings it back.
+    let st = wait_for("SWARM_READY again after re-placement", WAIT, || {
+        let mut c = c.clone();
+        let small = small.clone();
+        let w1_addr = w1_addr.clone();
+        async move {
+            let st = cluster(&mut c).await;
+            (st.swarm_ready
+                && st
+                    .workers
+                    .iter()
+                    .any(|w| w.grpc_addr != w1_addr && serves(&st, &w.grpc_addr, &small)))
+            .then_some(st)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", coord.log()));
+    assert!(st.placement.unwrap().loads_sent >= 4);
+    let got = complete(&mut c).await;
+    assert_eq!(got[..], want[..got.len()], "tokens after re-placement");
+
+    // Join: a new worker is found through the swarm and gets a shard.
+    let w3 = start_worker(&dir, "w3", "127.0.0.163", &b, 1500, None);
+    let w3_addr = w3.grpc_addr.clone();
+    wait_for("the joiner to get work", WAIT, || {
+        let mut c = c.clone();
+        let (w3_addr, ids) = (w3_addr.clone(), ids.clone());
+        async move {
+            let st = cluster(&mut c).await;
+            (st.swarm_ready && ids.iter().any(|id| serves(&st, &w3_addr, id))).then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", coord.log(), w3.log()));
+    assert!(coord.log().contains("[PLACEMENT]"));
+}
+
+/// A model that cannot fit is refused with what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_does_not_fit_is_refused_with_a_reason() {
+    let dir = test_dir("placement-nofit");
+    let manifest = split_with_cli(&dir.join("split"), 2).unwrap();
+    let boot = llama_cluster_tests::start_bootstrap(&dir).unwrap();
+    let b = boot.addr("quic-v1");
+    // Two workers offering 80 MiB each: no shard fits (each needs > 80 MiB).
+    let a = start_worker(&dir, "a", "127.0.0.170", &b, 80, Some(&manifest));
+    let _b = start_worker(&dir, "b", "127.0.0.171", &b, 80, None);
+    let coord = NodeProc::start_bin(
+        &dir,
+        "coordinator",
+        "llama-coordinator",
+        &[
+            "serve",
+            "--workers",
+            &a.grpc_addr,
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--manifest",
+            &manifest.display().to_string(),
+        ],
+        &[],
+    )
+    .unwrap();
+    let mut c = CoordinatorClient::connect(format!(
+        "http://{}",
+        coord.ready["grpc_addr"].as_str().unwrap()
+    ))
+    .await
+    .unwrap();
+    let err = wait_for("a placement error", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move {
+            let st = cluster(&mut c).await;
+            let e = st.placement?.error;
+            (e.contains("offers") && st.workers.len() == 2).then_some(e)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        err.contains("needs") && err.contains("MiB") && err.contains("80 MiB"),
+        "{err}"
+    );
+    let st = cluster(&mut c).await;
+    assert!(!st.swarm_ready);
+    assert_eq!(st.placement.unwrap().loads_sent, 0);
+}
