@@ -1,8 +1,10 @@
 //! `llama-coordinator demo`: the whole thing on one machine. Splits the
-//! model (cached), starts a bootstrap node and one worker per shard as
-//! separate processes on 127.0.0.x, waits until they found each other and
-//! loaded their shards, streams the answer to a prompt through the pipeline,
-//! prints the cluster table and timings, and stops every process.
+//! model (cached), starts a bootstrap node and the workers as separate
+//! processes on 127.0.0.x (only worker 0 has the split), places the shards
+//! with the coordinator's placement (workers fetch them through the swarm),
+//! waits for SWARM_READY, streams the answer to a prompt through the
+//! pipeline, prints the cluster table, the placement and timings, and stops
+//! every process.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -10,10 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use llama_cluster_proto::v1::InferenceRequest;
 use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_proto::v1::worker_client::WorkerClient;
+use llama_cluster_proto::v1::{GetStatusResponse, InferenceRequest};
 
+use crate::grpc::cluster_status;
+use crate::placer::{ManifestInfo, Placer, WorkerSet, assignment_lines};
 use crate::status_table::{fetch_status, render};
 
 /// Ready-line prefix printed by `llama-worker` (kept in sync with the worker crate).
@@ -24,6 +28,8 @@ const READY_PREFIX: &str = "LLAMA_CLUSTER_READY ";
 pub struct DemoOptions {
     pub model: Option<PathBuf>,
     pub workers: usize,
+    pub shards: usize,
+    pub replicas: usize,
     pub prompt: String,
     pub max_tokens: u32,
     pub keep_running: bool,
@@ -155,6 +161,18 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
     if o.workers == 0 || o.workers > 30 {
         bail!("--workers must be between 1 and 30");
     }
+    if o.shards == 0 || o.shards > 30 {
+        bail!("--shards must be between 1 and 30");
+    }
+    if o.replicas == 0 || o.shards * o.replicas > o.workers {
+        bail!(
+            "{} shards x {} replicas need at least {} workers; --workers is {}",
+            o.shards,
+            o.replicas,
+            o.shards * o.replicas.max(1),
+            o.workers
+        );
+    }
     let bin = worker_binary()?;
     let cache = cache_dir()?;
     let model = match &o.model {
@@ -170,7 +188,7 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
     let logs = cache.join("demo-logs");
     std::fs::create_dir_all(&logs)?;
     let t_split = Instant::now();
-    let (manifest, shard_ids) = split_cached(&bin, &model, o.workers, &cache)?;
+    let (manifest, _) = split_cached(&bin, &model, o.shards, &cache)?;
     let split_time = t_split.elapsed();
 
     let t0 = Instant::now();
@@ -200,39 +218,27 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
     let mut procs = Vec::new();
     let workers_dir = cache.join("demo-workers");
     let _ = std::fs::remove_dir_all(&workers_dir);
-    for (i, id) in shard_ids.iter().enumerate() {
-        // Worker 0 holds the split and seeds it; the others get only the
-        // manifest and fetch their shard through the swarm.
-        let manifest = if i == 0 {
-            manifest.clone()
-        } else {
-            let d = workers_dir.join(format!("worker{i}-model"));
-            std::fs::create_dir_all(&d)?;
-            std::fs::copy(&manifest, d.join("manifest.json"))?;
-            d.join("manifest.json")
-        };
-        let args: Vec<String> = [
+    for i in 0..o.workers {
+        // Worker 0 holds the split and seeds it; the others start with
+        // nothing and get their shard from the coordinator's placement,
+        // fetched through the swarm.
+        let mut args: Vec<String> = [
             "--p2p-host",
             &format!("127.0.0.{}", i + 2),
             "--grpc-addr",
             "127.0.0.1:0",
             "--bootstrap",
             &boot.quic_addr,
-            "--manifest",
-            &manifest.display().to_string(),
-            "--shard-id",
-            id,
             "--threads",
             &threads.to_string(),
             "--cache-dir",
-            &cache
-                .join("demo-workers")
-                .join(format!("worker{i}"))
-                .display()
-                .to_string(),
+            &workers_dir.join(format!("worker{i}")).display().to_string(),
         ]
         .map(String::from)
         .to_vec();
+        if i == 0 {
+            args.extend(["--manifest".into(), manifest.display().to_string()]);
+        }
         procs.push(spawn(
             &bin,
             &args,
@@ -242,16 +248,22 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
     }
     let started = t0.elapsed();
 
-    // Wait (bounded) for discovery, then for every shard to be ready.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Placement rounds (bounded) until every shard is ready somewhere.
+    println!(
+        "placing {} shards x {} replica(s) on {} workers …",
+        o.shards, o.replicas, o.workers
+    );
+    let workers = WorkerSet::new(procs.iter().map(|p| p.grpc_addr.clone()));
+    let placer = Placer::new(ManifestInfo::load(&manifest)?, o.replicas);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut discovered = None;
-    let table = loop {
-        let mut statuses = Vec::new();
-        for p in &procs {
-            if let Ok(st) = fetch_status(&p.grpc_addr).await {
-                statuses.push((p.grpc_addr.clone(), st));
-            }
-        }
+    let (table, driver) = loop {
+        let (st, served) = cluster_status(&workers.list(), Some(&placer)).await;
+        let statuses: Vec<(String, GetStatusResponse)> = st
+            .workers
+            .iter()
+            .filter_map(|w| w.status.clone().map(|s| (w.grpc_addr.clone(), s)))
+            .collect();
         let connected = statuses.len() == procs.len()
             && statuses.iter().all(|(_, st)| {
                 procs
@@ -262,28 +274,35 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         if connected && discovered.is_none() {
             discovered = Some(t0.elapsed());
         }
-        let ready = connected
-            && statuses.iter().all(|(_, st)| {
-                st.swarm_ready
-                    && shard_ids.iter().all(|id| {
-                        st.shards
-                            .iter()
-                            .any(|s| &s.shard_id == id && s.state == "ready")
-                    })
-            });
-        if ready {
-            break render(&statuses);
+        if connected
+            && st.swarm_ready
+            && let Some((_, driver)) = served.first()
+        {
+            break (render(&statuses), driver.clone());
         }
         if Instant::now() > deadline {
+            let why = placer.status().error;
             bail!(
-                "the cluster did not become ready within 60 s:\n{}",
+                "the cluster did not become ready within 120 s{}:\n{}",
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({why})")
+                },
                 render(&statuses)
             );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if connected {
+            placer.round(&statuses);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let ready_at = t0.elapsed();
     println!("\n{table}");
+    println!("placement:");
+    for line in assignment_lines(&placer.status()) {
+        println!("  {line}");
+    }
     let mut fetched = Vec::new();
     for (i, p) in procs.iter().enumerate() {
         if let Ok(st) = fetch_status(&p.grpc_addr).await {
@@ -294,15 +313,11 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         }
     }
     if !fetched.is_empty() {
-        println!(
-            "shards fetched through the swarm from worker 0: {}",
-            fetched.join(", ")
-        );
+        println!("shards fetched through the swarm: {}", fetched.join(", "));
     }
 
     // The prompt, through the pipeline, streamed.
-    let driver = &procs[0];
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", driver.grpc_addr))?
+    let ch = tonic::transport::Channel::from_shared(format!("http://{driver}"))?
         .connect()
         .await?;
     let mut client = WorkerClient::new(ch);
@@ -346,7 +361,7 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         discovered.unwrap_or(ready_at).as_secs_f64() * 1000.0
     );
     println!(
-        "  all shards ready (SWARM_READY)     {:>8.0} ms",
+        "  placed, fetched, loaded: SWARM_READY {:>6.0} ms",
         ready_at.as_secs_f64() * 1000.0
     );
     println!(
@@ -358,10 +373,7 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         s.tokens_per_second, s.prompt_tokens, s.generated_tokens, s.finish_reason
     );
     if o.keep_running {
-        println!(
-            "cluster running (gRPC of worker 0: {}); Ctrl-C to stop",
-            driver.grpc_addr
-        );
+        println!("cluster running (gRPC of the driving worker: {driver}); Ctrl-C to stop");
         let _ = tokio::signal::ctrl_c().await;
     }
     drop(client);

@@ -47,12 +47,19 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         replicas: usize,
     },
-    /// Start a local cluster (bootstrap + workers on 127.0.0.x), wait until
-    /// every worker found every other, print the table, stop everything.
+    /// Start a local cluster (bootstrap + workers on 127.0.0.x), place a
+    /// split model with the coordinator's placement (shards travel through
+    /// the swarm), answer a prompt, print table and timings, stop everything.
     Demo {
-        /// Number of workers (one shard each).
+        /// Number of workers.
         #[arg(long, default_value_t = 3)]
         workers: usize,
+        /// Shards the model is split into.
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+        /// Replicas of every shard (spare workers get more).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
         /// GGUF model (default: the cached SmolLM2-135M-Instruct).
         #[arg(long)]
         model: Option<std::path::PathBuf>,
@@ -123,6 +130,8 @@ async fn main() -> ExitCode {
         }
         Cmd::Demo {
             workers,
+            shards,
+            replicas,
             model,
             prompt,
             max_tokens,
@@ -131,6 +140,8 @@ async fn main() -> ExitCode {
             demo::run(demo::DemoOptions {
                 model,
                 workers,
+                shards,
+                replicas,
                 prompt,
                 max_tokens,
                 keep_running,
