@@ -21,8 +21,12 @@ enum Cmd {
     /// Print the status of workers (by gRPC address) as one table.
     Status {
         /// Worker gRPC addresses, host:port (comma-separated or repeated).
-        #[arg(long, required = true, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', required_unless_present = "coordinator")]
         workers: Vec<String>,
+        /// Ask a coordinator (its gRPC host:port) instead: the whole cluster,
+        /// SWARM_READY and the placement.
+        #[arg(long, conflicts_with = "workers")]
+        coordinator: Option<String>,
     },
     /// Serve the OpenAI-compatible HTTP API in front of workers.
     Serve {
@@ -82,7 +86,11 @@ enum Cmd {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
-        Cmd::Status { workers } => {
+        Cmd::Status {
+            workers,
+            coordinator: Some(addr),
+        } if workers.is_empty() => status_table::print_cluster(&addr).await,
+        Cmd::Status { workers, .. } => {
             async {
                 let mut rows = Vec::new();
                 for w in &workers {

@@ -38,7 +38,7 @@ fn short(peer: &str) -> String {
 pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<22} {:<10} {:<10} {:>7} {:>4} {:>5} {:>4} {:>4} {:>5}  {}\n",
+        "{:<22} {:<10} {:<10} {:>7} {:>4} {:>5} {:>4} {:>4} {:>5} {:>8} {:>4}  {}\n",
         "WORKER (gRPC)",
         "PEER",
         "CLUSTER",
@@ -48,6 +48,8 @@ pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
         "QUIC",
         "TCP",
         "READY",
+        "FETCHING",
+        "SEED",
         "LOCAL SHARD (id layers state)"
     ));
     for (addr, st) in statuses {
@@ -68,8 +70,23 @@ pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
             .iter()
             .filter(|s| s.availability != "LOCAL")
             .count();
+        // Downloads under way: pieces done of total, summed.
+        let dl: Vec<_> = st
+            .torrents
+            .iter()
+            .filter(|t| t.state != "seeding")
+            .collect();
+        let fetching = if dl.is_empty() {
+            "-".to_string()
+        } else {
+            format!(
+                "{}/{}",
+                dl.iter().map(|t| t.pieces_done).sum::<u32>(),
+                dl.iter().map(|t| t.pieces_total).sum::<u32>()
+            )
+        };
         out.push_str(&format!(
-            "{:<22} {:<10} {:<10} {:>7} {:>4} {:>5} {:>4} {:>4} {:>5}  {} (+{known} known)\n",
+            "{:<22} {:<10} {:<10} {:>7} {:>4} {:>5} {:>4} {:>4} {:>5} {:>8} {:>4}  {} (+{known} known)\n",
             addr,
             short(&st.peer_id),
             st.cluster,
@@ -82,6 +99,8 @@ pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
             quic,
             st.peers.len() - quic,
             if st.swarm_ready { "yes" } else { "no" },
+            fetching,
+            st.torrents.iter().filter(|t| t.state == "seeding").count(),
             if local.is_empty() {
                 "-".to_string()
             } else {
@@ -90,4 +109,54 @@ pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
         ));
     }
     out
+}
+
+/// Prints a coordinator's view: the table, unreachable workers, SWARM_READY,
+/// models and the placement.
+pub async fn print_cluster(coordinator: &str) -> anyhow::Result<()> {
+    let ch = Channel::from_shared(format!("http://{coordinator}"))
+        .with_context(|| format!("bad coordinator address {coordinator:?}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {coordinator}"))?;
+    let st = llama_cluster_proto::v1::coordinator_client::CoordinatorClient::new(ch)
+        .get_cluster_status(llama_cluster_proto::v1::GetClusterStatusRequest {})
+        .await
+        .context("GetClusterStatus")?
+        .into_inner();
+    let rows: Vec<(String, GetStatusResponse)> = st
+        .workers
+        .iter()
+        .filter_map(|w| w.status.clone().map(|s| (w.grpc_addr.clone(), s)))
+        .collect();
+    print!("{}", render(&rows));
+    for w in st.workers.iter().filter(|w| !w.reachable) {
+        println!("{:<22} unreachable: {}", w.grpc_addr, w.error);
+    }
+    println!(
+        "SWARM_READY: {}; models: {}",
+        if st.swarm_ready { "yes" } else { "no" },
+        if st.models.is_empty() {
+            "-".to_string()
+        } else {
+            st.models.join(", ")
+        }
+    );
+    if let Some(p) = &st.placement {
+        println!(
+            "placement of {} ({} replica(s) asked, {} LoadShard sent):",
+            p.model, p.replicas, p.loads_sent
+        );
+        for line in crate::placer::assignment_lines(p) {
+            println!("  {line}");
+        }
+        if !p.short.is_empty() {
+            println!("  fewer replicas than asked: {}", p.short.join(", "));
+        }
+        if !p.error.is_empty() {
+            println!("  cannot place: {}", p.error);
+        }
+    }
+    Ok(())
 }

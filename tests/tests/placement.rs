@@ -229,6 +229,28 @@ async fn coordinator_places_shards_by_memory_and_replans_on_leave_and_join() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}\n{}", coord.log(), w3.log()));
     assert!(coord.log().contains("[PLACEMENT]"));
+
+    // The CLI table through the coordinator: resources, placement, readiness.
+    let out = std::process::Command::new(llama_cluster_tests::binary("llama-coordinator"))
+        .args([
+            "status",
+            "--coordinator",
+            coord.ready["grpc_addr"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for needle in [
+        "MEM MiB",
+        "FETCHING",
+        "SWARM_READY: yes",
+        "placement of smollm2-135m-instruct",
+        &w3_addr,
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
+    }
+    assert!(text.contains("unreachable"), "the worker that left: {text}");
 }
 
 /// A model that cannot fit is refused with what is missing.

@@ -586,6 +586,7 @@ impl Node {
                     }
                 };
                 let transport = transport_of(&address);
+                self.state.clear_suspect(&peer_id);
                 if num_established.get() == 1 {
                     info!(
                         "[CONNECT] connected to {peer_id} via {} ({}, {address}, {:.0} ms)",

@@ -47,7 +47,13 @@ pub struct StateInner {
     pub peer_grpc: HashMap<PeerId, String>,
     /// What this node offers for shards.
     pub resources: llama_cluster_shared::status::Resources,
+    /// Peers that did not answer a request, and since when.
+    pub suspects: HashMap<PeerId, Instant>,
 }
+
+/// How long a peer that did not answer stays out of routes (unless it
+/// connects again first).
+pub const SUSPECT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Cheaply clonable handle on the node state.
 #[derive(Debug, Clone)]
@@ -71,6 +77,7 @@ impl SharedState {
             grpc_addr: String::new(),
             peer_grpc: HashMap::new(),
             resources: Default::default(),
+            suspects: HashMap::new(),
         })))
     }
 
@@ -95,14 +102,37 @@ impl SharedState {
     pub fn upsert_shard(&self, rec: ShardRecord) -> bool {
         self.write(|s| {
             let key = (rec.shard_id.clone(), rec.peer_id.clone());
-            match s.shards.get(&key) {
-                Some(old) if old.updated_at > rec.updated_at || *old == rec => false,
-                _ => {
-                    s.shards.insert(key, rec);
-                    true
-                }
+            if s.shards.get(&key) == Some(&rec) {
+                return false;
             }
+            // A worker serves one shard: its newest record wins, whatever
+            // the shard (a stale copy of a shard it left is refused).
+            let newest = s
+                .shards
+                .values()
+                .filter(|r| r.peer_id == rec.peer_id)
+                .map(|r| r.updated_at)
+                .max();
+            if newest.is_some_and(|t| t > rec.updated_at) {
+                return false;
+            }
+            s.shards.retain(|(_, peer), _| *peer != rec.peer_id);
+            s.shards.insert(key, rec);
+            true
         })
+    }
+
+    /// Marks `peer` as not answering: its shards count as offline until it
+    /// connects again or [`SUSPECT_FOR`] passes.
+    pub fn suspect(&self, peer: PeerId) {
+        self.write(|s| s.suspects.insert(peer, Instant::now()));
+    }
+
+    /// `peer` answered or connected again.
+    pub fn clear_suspect(&self, peer: &PeerId) {
+        if self.read(|s| s.suspects.contains_key(peer)) {
+            self.write(|s| s.suspects.remove(peer));
+        }
     }
 
     /// The status report shared by GET_STATUS and gRPC GetStatus.
@@ -136,11 +166,12 @@ impl SharedState {
                 .map(|r| {
                     let availability = if r.peer_id == me {
                         Availability::Local
-                    } else if r
-                        .peer_id
-                        .parse::<PeerId>()
-                        .is_ok_and(|p| s.connections.contains_key(&p))
-                    {
+                    } else if r.peer_id.parse::<PeerId>().is_ok_and(|p| {
+                        s.connections.contains_key(&p)
+                            && s.suspects
+                                .get(&p)
+                                .is_none_or(|since| since.elapsed() > SUSPECT_FOR)
+                    }) {
                         Availability::Online
                     } else {
                         Availability::Offline
@@ -208,6 +239,38 @@ mod tests {
             updated_at: at,
             load: 0,
         }
+    }
+
+    #[test]
+    fn a_worker_has_one_shard_its_newest_and_suspects_are_offline() {
+        let me = PeerId::random();
+        let other = PeerId::random();
+        let st = SharedState::new(me, "c", Role::Worker, true);
+        let o = other.to_string();
+        assert!(st.upsert_shard(rec("s1", &o, 10)));
+        // It moved to s0: the s1 record goes …
+        assert!(st.upsert_shard(rec("s0", &o, 20)));
+        assert_eq!(st.read(|s| s.shards.len()), 1);
+        // … and a stale copy of it (from the DHT) is refused.
+        assert!(!st.upsert_shard(rec("s1", &o, 15)));
+        assert_eq!(st.snapshot().shards[0].shard_id, "s0");
+        // Connected, then suspected: offline until it connects again.
+        st.write(|s| {
+            s.connections.insert(
+                other,
+                vec![ConnInfo {
+                    id: libp2p::swarm::ConnectionId::new_unchecked(1),
+                    transport: Transport::Quic,
+                    address: "/ip4/127.0.0.1/udp/1/quic-v1".parse().unwrap(),
+                    outbound: true,
+                }],
+            )
+        });
+        assert_eq!(st.snapshot().shards[0].availability, Availability::Online);
+        st.suspect(other);
+        assert_eq!(st.snapshot().shards[0].availability, Availability::Offline);
+        st.clear_suspect(&other);
+        assert_eq!(st.snapshot().shards[0].availability, Availability::Online);
     }
 
     #[test]

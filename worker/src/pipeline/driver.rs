@@ -56,6 +56,30 @@ pub struct GenStats {
     pub total_ms: f64,
 }
 
+/// Routes tried for one request when stages turn out dead before the first token.
+const ROUTE_ATTEMPTS: u32 = 3;
+
+/// Why a session failed, and whether another route may do better.
+struct Failure {
+    error: PipelineError,
+    retryable: bool,
+}
+
+impl From<PipelineError> for Failure {
+    fn from(error: PipelineError) -> Self {
+        Failure {
+            error,
+            retryable: false,
+        }
+    }
+}
+
+/// The peer named by a "stage … on <peer> did not answer" error.
+fn unreachable_peer(msg: &str) -> Option<libp2p::PeerId> {
+    let (before, _) = msg.split_once(" did not answer")?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
 fn step_error(resp: &ActivationResponse) -> Option<PipelineError> {
     let (code, msg) = resp.error.clone()?;
     Some(match code {
@@ -196,7 +220,7 @@ impl Pipeline {
                 "max_tokens {max_tokens} exceeds the context of {n_ctx} tokens"
             )));
         }
-        let session = new_session_id();
+        let mut session = new_session_id();
         let span = info_span!(
             "inference",
             otel.name = format_args!("{} {}", if req.chat || !req.messages.is_empty() { "chat" } else { "text_completion" }, m.model),
@@ -214,43 +238,48 @@ impl Pipeline {
             route = tracing::field::Empty,
             stages = tracing::field::Empty,
         );
-        let hops = {
-            let _plan = info_span!(parent: &span, "route_planning", layers = m.n_layer).entered();
-            route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer)
-                .map_err(PipelineError::Unavailable)?
-        };
-        let route_names: Vec<String> = hops
-            .iter()
-            .map(|h| format!("{}@{}", h.shard_id, h.peer))
-            .collect();
-        span.record("route", route_names.join(" -> ").as_str());
-        span.record("stages", hops.len());
-        info!(parent: &span, "[PIPELINE] session {session:016x}: {} prompt tokens over {}", prompt.len(), route_names.join(" -> "));
-        let result = self
-            .run_session(&req, &hops, session, &prompt, max_tokens, n_ctx, tx, t0)
-            .instrument(span.clone())
-            .await;
-        // Free the session's contexts along the route, whatever happened.
-        let close = ActivationRequest {
-            kind: FrameKind::Close,
-            session,
-            pos0: 0,
-            want_logits: false,
-            sample: false,
-            budget_ms: 5_000,
-            trace: String::new(),
-            route: hops.clone(),
-            sampling: None,
-            history: vec![],
-            payload: Payload::None,
-        };
-        let me = self.clone();
-        tokio::spawn(
-            async move {
-                let _ = me.send(close).await;
+        // A stage found dead before the first token: another route, bounded.
+        let mut attempt = 0;
+        let (result, route_names) = loop {
+            attempt += 1;
+            let hops = {
+                let _plan =
+                    info_span!(parent: &span, "route_planning", layers = m.n_layer).entered();
+                route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer)
+                    .map_err(PipelineError::Unavailable)?
+            };
+            let route_names: Vec<String> = hops
+                .iter()
+                .map(|h| format!("{}@{}", h.shard_id, h.peer))
+                .collect();
+            span.record("route", route_names.join(" -> ").as_str());
+            span.record("stages", hops.len());
+            info!(parent: &span, "[PIPELINE] session {session:016x}: {} prompt tokens over {}", prompt.len(), route_names.join(" -> "));
+            let result = self
+                .run_session(
+                    &req,
+                    &hops,
+                    session,
+                    &prompt,
+                    max_tokens,
+                    n_ctx,
+                    tx.clone(),
+                    t0,
+                )
+                .instrument(span.clone())
+                .await;
+            self.close_session(session, hops, &span);
+            match result {
+                Err(f) if f.retryable && attempt < ROUTE_ATTEMPTS => {
+                    if let Some(p) = unreachable_peer(&f.error.to_string()) {
+                        self.0.state.suspect(p);
+                    }
+                    tracing::warn!(parent: &span, "[PIPELINE] session {session:016x}: {} before the first token; trying another route", f.error);
+                    session = new_session_id();
+                }
+                r => break (r.map_err(|f| f.error), route_names),
             }
-            .instrument(info_span!(parent: &span, "close_session")),
-        );
+        };
         match &result {
             Ok(s) => {
                 span.record("gen_ai.usage.output_tokens", s.generated_tokens);
@@ -269,6 +298,30 @@ impl Pipeline {
         Ok(stats)
     }
 
+    /// Frees a session's contexts along its route, in the background.
+    fn close_session(&self, session: u64, hops: Vec<Hop>, span: &tracing::Span) {
+        let close = ActivationRequest {
+            kind: FrameKind::Close,
+            session,
+            pos0: 0,
+            want_logits: false,
+            sample: false,
+            budget_ms: 5_000,
+            trace: String::new(),
+            route: hops,
+            sampling: None,
+            history: vec![],
+            payload: Payload::None,
+        };
+        let me = self.clone();
+        tokio::spawn(
+            async move {
+                let _ = me.send(close).await;
+            }
+            .instrument(info_span!(parent: span, "close_session")),
+        );
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn run_session(
         &self,
@@ -280,7 +333,7 @@ impl Pipeline {
         n_ctx: usize,
         tx: mpsc::Sender<Chunk>,
         t0: Instant,
-    ) -> Result<GenStats, PipelineError> {
+    ) -> Result<GenStats, Failure> {
         let info = self.model_info().await?;
         let budget_ms = self.0.cfg.step_timeout.as_millis().min(u32::MAX as u128) as u32;
         let frame =
@@ -309,7 +362,15 @@ impl Pipeline {
                 .instrument(prefill.clone())
                 .await;
             if let Some(e) = step_error(&resp) {
-                return Err(e);
+                // Nothing streamed yet: a dead or stale stage may be routed around.
+                let retryable = matches!(
+                    e,
+                    PipelineError::Unavailable(_) | PipelineError::DeadlineExceeded(_)
+                );
+                return Err(Failure {
+                    error: e,
+                    retryable,
+                });
             }
             pos += c.len() as u32;
         }
@@ -373,7 +434,7 @@ impl Pipeline {
                 .await;
             m.token_latency.observe(t_step.elapsed().as_secs_f64());
             if let Some(e) = step_error(&r) {
-                return Err(e);
+                return Err(e.into());
             }
             bytes_per_hop = r
                 .hops
@@ -418,6 +479,15 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peer_of_an_unanswered_step_is_named() {
+        let p = libp2p::PeerId::random();
+        let msg = format!("stage m-L0-9 on {p} did not answer: request failed: Timeout");
+        assert_eq!(unreachable_peer(&msg), Some(p));
+        assert_eq!(unreachable_peer(&format!("unavailable: {msg}")), Some(p));
+        assert_eq!(unreachable_peer("no route to layers 10-19"), None);
+    }
 
     #[test]
     fn stop_strings_hold_back_and_cut() {

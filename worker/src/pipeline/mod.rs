@@ -515,6 +515,7 @@ impl Pipeline {
             .await
         {
             Ok(b) => {
+                self.0.state.clear_suspect(&peer);
                 tracing::Span::current().record("bytes_back", b.len() as u64);
                 ActivationResponse::decode(&b).unwrap_or_else(|e| {
                     ActivationResponse::error(
@@ -523,14 +524,18 @@ impl Pipeline {
                     )
                 })
             }
-            Err(e) => ActivationResponse::error(
-                if e.contains("within") {
-                    codes::TIMEOUT
-                } else {
-                    codes::UNAVAILABLE
-                },
-                format!("stage {} on {peer} did not answer: {e}", hop.shard_id),
-            ),
+            Err(e) => {
+                // Out of routes until it answers or reconnects.
+                self.0.state.suspect(peer);
+                ActivationResponse::error(
+                    if e.contains("within") {
+                        codes::TIMEOUT
+                    } else {
+                        codes::UNAVAILABLE
+                    },
+                    format!("stage {} on {peer} did not answer: {e}", hop.shard_id),
+                )
+            }
         }
     }
 }
