@@ -362,11 +362,9 @@ impl Pipeline {
                 .instrument(prefill.clone())
                 .await;
             if let Some(e) = step_error(&resp) {
-                // Nothing streamed yet: a dead or stale stage may be routed around.
-                let retryable = matches!(
-                    e,
-                    PipelineError::Unavailable(_) | PipelineError::DeadlineExceeded(_)
-                );
+                // Nothing streamed yet: a dead (connection lost) or stale
+                // stage may be routed around; a slow one is reported as such.
+                let retryable = matches!(e, PipelineError::Unavailable(_));
                 return Err(Failure {
                     error: e,
                     retryable,

@@ -68,6 +68,9 @@ impl PipelineConfig {
     }
 }
 
+/// Extra wait on a hop beyond the step budget passed on to it.
+const HOP_MARGIN: Duration = Duration::from_millis(300);
+
 /// The shard this worker runs.
 pub struct LoadedShard {
     pub model: String,
@@ -499,7 +502,9 @@ impl Pipeline {
                 );
             }
         };
-        let budget = Duration::from_millis(req.budget_ms as u64);
+        // A little longer than the budget the next hop gets: a stage further
+        // down that times out reports first, and names the stage at fault.
+        let budget = Duration::from_millis(req.budget_ms as u64) + HOP_MARGIN;
         let bytes = req.encode();
         tracing::Span::current().record("bytes_out", bytes.len() as u64);
         debug!(
