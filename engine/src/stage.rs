@@ -96,6 +96,8 @@ pub struct StageEngine {
     thread: Option<std::thread::JoinHandle<()>>,
     info: StageInfo,
     sessions: Arc<AtomicUsize>,
+    /// Forward steps waiting for or running on the stage thread.
+    queued: Arc<AtomicUsize>,
 }
 
 struct Session {
@@ -179,6 +181,7 @@ impl StageEngine {
             thread: Some(thread),
             info,
             sessions,
+            queued: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -201,9 +204,22 @@ impl StageEngine {
 
     /// Runs one step (async).
     pub async fn forward(&self, req: ForwardRequest) -> Result<ForwardResult> {
+        struct Queued<'a>(&'a AtomicUsize);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let _queued = Queued(&self.queued);
         let (tx, rx) = oneshot::channel();
         self.send(Job::Forward(Box::new(req), tx))?;
         rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Forward steps waiting for or running on the stage thread.
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Runs one step (blocking; not for async contexts).

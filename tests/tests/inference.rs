@@ -161,6 +161,24 @@ async fn three_worker_processes_match_single_node_llama_cpp() {
         );
     }
     assert!(llama_cluster_tests::metric(&after, "llama_cluster_peers_connected").is_some());
+    assert_eq!(
+        llama_cluster_tests::metric(&after, "llama_cluster_stage_queue_depth"),
+        Some(0.0),
+        "nothing waits on the stage once the request is done"
+    );
+    // libp2p's own metrics on the same page, which ends once.
+    for name in [
+        "libp2p_bandwidth_bytes_total",
+        "libp2p_swarm_connections_established_total",
+        "libp2p_identify_received_total",
+    ] {
+        assert!(
+            llama_cluster_tests::metric(&after, name).is_some(),
+            "{name} missing:\n{after}"
+        );
+    }
+    assert_eq!(after.matches("# EOF").count(), 1);
+    assert!(after.trim_end().ends_with("# EOF"));
     let middle = llama_cluster_tests::scrape(&cluster.workers[1]).unwrap();
     assert!(
         llama_cluster_tests::metric(&middle, "llama_cluster_hop_bytes_in_total").unwrap() > 0.0,

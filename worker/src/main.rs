@@ -362,6 +362,7 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
         let refresh = move || {
             let m = llama_worker::metrics::metrics();
             m.active_sessions.set(pipeline.active_sessions() as i64);
+            m.queue_depth.set(pipeline.queue_depth() as i64);
             let snap = state.snapshot();
             m.dht_shard_records.set(snap.shards.len() as i64);
             for t in ["QUIC", "TCP"] {

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub stage_forward: Histogram,
     pub hop_bytes_in: Counter,
     pub active_sessions: Gauge,
+    pub queue_depth: Gauge,
     pub peers: Family<TransportLabel, Gauge>,
     pub dht_shard_records: Gauge,
     pub torrent_bytes_in: Counter,
@@ -45,6 +46,7 @@ impl Metrics {
             stage_forward: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             hop_bytes_in: Counter::default(),
             active_sessions: Gauge::default(),
+            queue_depth: Gauge::default(),
             peers: Family::default(),
             dht_shard_records: Gauge::default(),
             torrent_bytes_in: Counter::default(),
@@ -88,6 +90,11 @@ impl Metrics {
             m.active_sessions.clone(),
         );
         registry.register(
+            "stage_queue_depth",
+            "Forward steps waiting for or running on this worker's llama.cpp thread",
+            m.queue_depth.clone(),
+        );
+        registry.register(
             "peers_connected",
             "Connected peers by transport",
             m.peers.clone(),
@@ -116,11 +123,27 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    /// This registry and libp2p's, as one Prometheus text page.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
+        // One "# EOF" at the very end.
+        if let Some(cut) = out.rfind("# EOF") {
+            out.truncate(cut);
+        }
+        let _ = encode(
+            &mut out,
+            &libp2p_registry().lock().unwrap_or_else(|e| e.into_inner()),
+        );
         out
     }
+}
+
+/// libp2p's own metrics (bandwidth per transport, connections, Kademlia,
+/// identify, ping); they name themselves `libp2p_…`.
+pub fn libp2p_registry() -> &'static std::sync::Mutex<Registry> {
+    static R: OnceLock<std::sync::Mutex<Registry>> = OnceLock::new();
+    R.get_or_init(|| std::sync::Mutex::new(Registry::default()))
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();

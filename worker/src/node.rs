@@ -201,6 +201,8 @@ pub(crate) type PendingFrames = HashMap<(FrameProto, OutboundRequestId), Outboun
 /// The swarm task's state.
 pub struct Node {
     pub(crate) swarm: Swarm<NodeBehaviour>,
+    /// libp2p's own metrics (connections, Kademlia, identify, ping).
+    pub(crate) p2p_metrics: libp2p::metrics::Metrics,
     pub(crate) cfg: NodeConfig,
     pub(crate) role: Role,
     pub(crate) state: SharedState,
@@ -359,6 +361,11 @@ pub async fn start(
         closing: Vec::new(),
         reprovide_at: None,
         coverage_target: None,
+        p2p_metrics: libp2p::metrics::Metrics::new(
+            &mut crate::metrics::libp2p_registry()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        ),
     };
     if let Some(m) = node
         .pipeline
@@ -542,16 +549,24 @@ impl Node {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<NodeBehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        self.p2p_metrics.record(&event);
         match event {
             SwarmEvent::Behaviour(ev) => match ev {
-                NodeBehaviourEvent::Identify(ev) => self.on_identify(ev),
-                NodeBehaviourEvent::Kad(ev) => self.on_kad(ev),
+                NodeBehaviourEvent::Identify(ev) => {
+                    self.p2p_metrics.record(&ev);
+                    self.on_identify(ev)
+                }
+                NodeBehaviourEvent::Kad(ev) => {
+                    self.p2p_metrics.record(&ev);
+                    self.on_kad(ev)
+                }
                 NodeBehaviourEvent::RendezvousClient(ev) => self.on_rendezvous_client(ev),
                 NodeBehaviourEvent::RendezvousServer(ev) => self.on_rendezvous_server(ev),
                 NodeBehaviourEvent::Messaging(ev) => self.on_messaging(ev),
                 NodeBehaviourEvent::Activation(ev) => self.on_frames(FrameProto::Activation, ev),
                 NodeBehaviourEvent::Torrent(ev) => self.on_frames(FrameProto::Torrent, ev),
-                NodeBehaviourEvent::Ping(_) => {}
+                NodeBehaviourEvent::Ping(ev) => self.p2p_metrics.record(&ev),
             },
             SwarmEvent::NewListenAddr { address, .. } => {
                 let full = address.clone().with(Protocol::P2p(self.local_peer_id()));

@@ -81,6 +81,11 @@ pub fn build_swarm(
             yamux::Config::default,
         )?
         .with_quic()
+        .with_bandwidth_metrics(
+            &mut crate::metrics::libp2p_registry()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
         .with_behaviour(move |key| {
             let peer_id = key.public().to_peer_id();
             let mut kad_cfg = kad::Config::new(kad_proto);

@@ -169,6 +169,13 @@ impl Pipeline {
             .clone()
     }
 
+    /// Forward steps waiting for or running on this worker's stage.
+    pub fn queue_depth(&self) -> u32 {
+        self.loaded()
+            .map(|l| l.engine.queue_depth() as u32)
+            .unwrap_or(0)
+    }
+
     /// Open sessions on this worker's stage.
     pub fn active_sessions(&self) -> u32 {
         self.loaded()
