@@ -274,8 +274,20 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         if connected && discovered.is_none() {
             discovered = Some(t0.elapsed());
         }
+        // Settled: every worker with work has its shard ready.
+        let placed = placer.status();
+        let settled = !placed.assignment.is_empty()
+            && placed.assignment.iter().all(|(addr, shard)| {
+                statuses.iter().any(|(a, st)| {
+                    a == addr
+                        && st.shards.iter().any(|s| {
+                            s.availability == "LOCAL" && &s.shard_id == shard && s.state == "ready"
+                        })
+                })
+            });
         if connected
             && st.swarm_ready
+            && settled
             && let Some((_, driver)) = served.first()
         {
             break (render(&statuses), driver.clone());

@@ -73,6 +73,7 @@ impl LocalChain {
                 history: vec![],
                 want_logits,
                 sample: i + 1 == n,
+                span: tracing::Span::none(),
             })?;
             if i + 1 == n {
                 return Ok((r.token, r.logits));

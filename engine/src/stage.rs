@@ -72,6 +72,9 @@ pub struct ForwardRequest {
     pub want_logits: bool,
     /// Sample a token (last stage; false for prompt chunks before the last).
     pub sample: bool,
+    /// Parent of the `llama.decode` and `sampling` spans recorded on the
+    /// stage thread (`Span::none()`: none).
+    pub span: tracing::Span,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -402,7 +405,9 @@ impl Worker {
             }
         };
         let t0 = Instant::now();
+        let decode = tracing::info_span!(parent: &req.span, "llama.decode", last).entered();
         let r = session.ctx.decode(input, !last);
+        drop(decode);
         if let Err(e) = r {
             warn!("session {:016x}: {e}", req.session);
             self.sessions.remove(&req.session);
@@ -412,6 +417,7 @@ impl Worker {
         if last {
             let logits = session.ctx.last_logits()?;
             if req.sample {
+                let _sampling = tracing::info_span!(parent: &req.span, "sampling").entered();
                 let s = session
                     .sampler
                     .as_mut()

@@ -28,6 +28,7 @@ fn req(session: u64, pos0: u32, input: StageInput) -> ForwardRequest {
         history: vec![],
         want_logits: false,
         sample: false,
+        span: tracing::Span::none(),
     }
 }
 

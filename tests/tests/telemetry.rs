@@ -332,6 +332,16 @@ async fn one_trace_across_coordinator_and_every_stage() {
     );
     assert!(inference.attrs.contains_key("gen_ai.request.model"));
     assert!(inference.attrs.contains_key("gen_ai.usage.input_tokens"));
+    // llama.cpp work and sampling are spans on the stage threads: one
+    // sampling per sampled step (prefill + 3 traced decode steps), under the
+    // last stage's spans.
+    let sampling: Vec<_> = t.iter().filter(|s| s.name == "sampling").collect();
+    assert_eq!(sampling.len(), 4, "{sampling:?}");
+    for s in &sampling {
+        assert_eq!(s.instance, last);
+        assert_eq!(parent_of(s).map(|p| p.name.as_str()), Some("stage"));
+    }
+    assert!(t.iter().filter(|s| s.name == "llama.decode").count() >= 3 * 4);
     // Hops carry their bytes and latency.
     let hop = t.iter().find(|s| s.name == "hop").expect("hop span");
     assert!(hop.attrs.contains_key("bytes_out") && hop.attrs.contains_key("latency_us"));

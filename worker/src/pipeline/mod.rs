@@ -395,6 +395,7 @@ impl Pipeline {
                 history: req.history.clone(),
                 want_logits: req.want_logits,
                 sample: req.sample,
+                span: tracing::Span::current(),
             })
             .await;
         let out = match out {
