@@ -30,14 +30,24 @@ enum Cmd {
     },
     /// Serve the OpenAI-compatible HTTP API in front of workers.
     Serve {
-        /// Worker gRPC addresses, host:port (comma-separated or repeated).
-        #[arg(long, required = true, value_delimiter = ',')]
+        /// Worker gRPC addresses, host:port (comma-separated or repeated);
+        /// one is enough, the others are found through it.
+        #[arg(
+            long,
+            env = "LLAMA_COORDINATOR_WORKERS",
+            required = true,
+            value_delimiter = ','
+        )]
         workers: Vec<String>,
-        /// HTTP address of the OpenAI API (port 0: any).
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// HTTP address of the OpenAI API and /metrics (port 0: any).
+        #[arg(long, env = "LLAMA_COORDINATOR_HTTP", default_value = "127.0.0.1:8080")]
         http: String,
         /// gRPC address of the coordinator service (port 0: any).
-        #[arg(long, default_value = "127.0.0.1:50060")]
+        #[arg(
+            long,
+            env = "LLAMA_COORDINATOR_GRPC",
+            default_value = "127.0.0.1:50060"
+        )]
         grpc: String,
         /// OTLP/gRPC endpoint for traces, e.g. http://127.0.0.1:4317 (empty:
         /// off unless OTEL_EXPORTER_OTLP_ENDPOINT is set).
@@ -45,10 +55,10 @@ enum Cmd {
         otlp_endpoint: String,
         /// Split manifest of the model to place on the workers (none: the
         /// workers' own shards are used as they are).
-        #[arg(long)]
+        #[arg(long, env = "LLAMA_COORDINATOR_MANIFEST")]
         manifest: Option<std::path::PathBuf>,
         /// Replicas of every shard to place (spare workers get more).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, env = "LLAMA_COORDINATOR_REPLICAS", default_value_t = 1)]
         replicas: usize,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), place a
@@ -120,6 +130,9 @@ async fn main() -> ExitCode {
             match telemetry {
                 Ok(t) => {
                     let r = async {
+                        if replicas == 0 {
+                            anyhow::bail!("--replicas must be at least 1");
+                        }
                         let placer = match &manifest {
                             Some(m) => Some(placer::Placer::new(
                                 placer::ManifestInfo::load(m)?,
