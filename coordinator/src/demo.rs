@@ -1,10 +1,10 @@
 //! `llama-coordinator demo`: the whole thing on one machine. Splits the
-//! model (cached), starts a bootstrap node and the workers as separate
-//! processes on 127.0.0.x (only worker 0 has the split), places the shards
-//! with the coordinator's placement (workers fetch them through the swarm),
-//! waits for SWARM_READY, streams the answer to a prompt through the
-//! pipeline, prints the cluster table, the placement and timings, and stops
-//! every process.
+//! model (cached), starts a bootstrap node, the workers (only worker 0 has
+//! the split) and `llama-coordinator serve` as separate processes on
+//! 127.0.0.x; the coordinator places the shards (workers fetch them through
+//! the swarm); once SWARM_READY, the answer to a prompt streams through the
+//! coordinator and the pipeline; prints the cluster table, the placement and
+//! timings, and stops every process.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -12,12 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use llama_cluster_proto::v1::GetClusterStatusRequest;
+use llama_cluster_proto::v1::coordinator_client::CoordinatorClient;
 use llama_cluster_proto::v1::inference_response::Event;
-use llama_cluster_proto::v1::worker_client::WorkerClient;
 use llama_cluster_proto::v1::{GetStatusResponse, InferenceRequest};
 
-use crate::grpc::cluster_status;
-use crate::placer::{ManifestInfo, Placer, WorkerSet, assignment_lines};
+use crate::placer::assignment_lines;
 use crate::status_table::{fetch_status, render};
 
 /// Ready-line prefix printed by `llama-worker` (kept in sync with the worker crate).
@@ -41,6 +41,7 @@ struct Proc {
     peer_id: String,
     grpc_addr: String,
     quic_addr: String,
+    http_addr: String,
 }
 
 impl Drop for Proc {
@@ -76,7 +77,7 @@ fn spawn(bin: &Path, args: &[String], log: &Path, timeout: Duration) -> anyhow::
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log)?)
         .spawn()
-        .context("starting llama-worker")?;
+        .with_context(|| format!("starting {}", bin.display()))?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -92,7 +93,8 @@ fn spawn(bin: &Path, args: &[String], log: &Path, timeout: Duration) -> anyhow::
             let _ = child.kill();
             let _ = child.wait();
             bail!(
-                "llama-worker did not start within {timeout:?}; see {}",
+                "{} did not start within {timeout:?}; see {}",
+                bin.display(),
                 log.display()
             );
         }
@@ -110,6 +112,7 @@ fn spawn(bin: &Path, args: &[String], log: &Path, timeout: Duration) -> anyhow::
     Ok(Proc {
         peer_id: v["peer_id"].as_str().unwrap_or_default().to_string(),
         grpc_addr: v["grpc_addr"].as_str().unwrap_or_default().to_string(),
+        http_addr: v["http_addr"].as_str().unwrap_or_default().to_string(),
         quic_addr,
         child,
     })
@@ -248,24 +251,59 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
     }
     let started = t0.elapsed();
 
-    // Placement rounds (bounded) until every shard is ready somewhere.
+    // The coordinator, as its own process: it knows worker 0, finds the
+    // others through it, places the split and serves the APIs.
+    let coordinator = spawn(
+        &std::env::current_exe()?,
+        &[
+            "serve".to_string(),
+            "--workers".into(),
+            procs[0].grpc_addr.clone(),
+            "--manifest".into(),
+            manifest.display().to_string(),
+            "--replicas".into(),
+            o.replicas.to_string(),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+            "--grpc".into(),
+            "127.0.0.1:0".into(),
+            "--poll-ms".into(),
+            "250".into(),
+        ],
+        &logs.join("coordinator.log"),
+        Duration::from_secs(30),
+    )?;
     println!(
-        "placing {} shards x {} replica(s) on {} workers …",
-        o.shards, o.replicas, o.workers
+        "coordinator: OpenAI API on http://{}/v1, gRPC on {}; placing {} shards x {} replica(s) on {} workers …",
+        coordinator.http_addr, coordinator.grpc_addr, o.shards, o.replicas, o.workers
     );
-    let workers = WorkerSet::new(procs.iter().map(|p| p.grpc_addr.clone()));
-    let placer = Placer::new(ManifestInfo::load(&manifest)?, o.replicas);
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", coordinator.grpc_addr))?
+        .connect()
+        .await
+        .context("connecting to the coordinator")?;
+    let mut coord = CoordinatorClient::new(ch);
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut discovered = None;
-    let (table, driver) = loop {
-        let (st, served) = cluster_status(&workers.list(), Some(&placer)).await;
+    let (mut discovered, mut transferred) = (None, None);
+    let (table, placement) = loop {
+        let st = coord
+            .get_cluster_status(GetClusterStatusRequest {})
+            .await
+            .context("GetClusterStatus")?
+            .into_inner();
         let statuses: Vec<(String, GetStatusResponse)> = st
             .workers
             .iter()
             .filter_map(|w| w.status.clone().map(|s| (w.grpc_addr.clone(), s)))
             .collect();
-        let connected = statuses.len() == procs.len()
-            && statuses.iter().all(|(_, st)| {
+        // Discovery as the workers see it (each connected to every other).
+        let mut direct = Vec::new();
+        for p in &procs {
+            if let Ok(st) = fetch_status(&p.grpc_addr).await {
+                direct.push(st);
+            }
+        }
+        let connected = direct.len() == procs.len()
+            && direct.iter().all(|st| {
                 procs
                     .iter()
                     .filter(|p| p.peer_id != st.peer_id)
@@ -274,26 +312,39 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         if connected && discovered.is_none() {
             discovered = Some(t0.elapsed());
         }
-        // Settled: every worker with work has its shard ready.
-        let placed = placer.status();
-        let settled = !placed.assignment.is_empty()
-            && placed.assignment.iter().all(|(addr, shard)| {
-                statuses.iter().any(|(a, st)| {
-                    a == addr
-                        && st.shards.iter().any(|s| {
-                            s.availability == "LOCAL" && &s.shard_id == shard && s.state == "ready"
-                        })
+        let placement = st.placement.clone().unwrap_or_default();
+        // Every placed worker has its shard (loading or ready): transferred;
+        // all ready: settled.
+        let placed = |states: &[&str]| {
+            !placement.assignment.is_empty()
+                && placement.assignment.iter().all(|(addr, shard)| {
+                    statuses.iter().any(|(a, st)| {
+                        a == addr
+                            && st.shards.iter().any(|s| {
+                                s.availability == "LOCAL"
+                                    && &s.shard_id == shard
+                                    && states.contains(&s.state.as_str())
+                            })
+                    })
                 })
-            });
+        };
+        let fetching = statuses
+            .iter()
+            .any(|(_, st)| st.torrents.iter().any(|t| t.state != "seeding"));
+        if transferred.is_none() && !fetching && placed(&["loading", "ready"]) {
+            transferred = Some(t0.elapsed());
+        }
+        // Ready: the coordinator's view and every worker's own SWARM_READY.
         if connected
             && st.swarm_ready
-            && settled
-            && let Some((_, driver)) = served.first()
+            && placed(&["ready"])
+            && statuses.len() == procs.len()
+            && statuses.iter().all(|(_, s)| s.swarm_ready)
         {
-            break (render(&statuses), driver.clone());
+            break (render(&statuses), placement);
         }
         if Instant::now() > deadline {
-            let why = placer.status().error;
+            let why = placement.error;
             bail!(
                 "the cluster did not become ready within 120 s{}:\n{}",
                 if why.is_empty() {
@@ -304,15 +355,12 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
                 render(&statuses)
             );
         }
-        if connected {
-            placer.round(&statuses);
-        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let ready_at = t0.elapsed();
     println!("\n{table}");
     println!("placement:");
-    for line in assignment_lines(&placer.status()) {
+    for line in assignment_lines(&placement) {
         println!("  {line}");
     }
     let mut fetched = Vec::new();
@@ -329,10 +377,6 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
     }
 
     // The prompt, through the pipeline, streamed.
-    let ch = tonic::transport::Channel::from_shared(format!("http://{driver}"))?
-        .connect()
-        .await?;
-    let mut client = WorkerClient::new(ch);
     print!("prompt: {}\nanswer: ", o.prompt);
     let req = InferenceRequest {
         prompt: o.prompt.clone(),
@@ -340,7 +384,7 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         max_tokens: o.max_tokens,
         ..Default::default()
     };
-    let mut stream = client
+    let mut stream = coord
         .inference(req)
         .await
         .context("Inference")?
@@ -373,7 +417,11 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         discovered.unwrap_or(ready_at).as_secs_f64() * 1000.0
     );
     println!(
-        "  placed, fetched, loaded: SWARM_READY {:>6.0} ms",
+        "  shards placed and fetched          {:>8.0} ms",
+        transferred.unwrap_or(ready_at).as_secs_f64() * 1000.0
+    );
+    println!(
+        "  shards loaded: SWARM_READY         {:>8.0} ms",
         ready_at.as_secs_f64() * 1000.0
     );
     println!(
@@ -385,10 +433,14 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
         s.tokens_per_second, s.prompt_tokens, s.generated_tokens, s.finish_reason
     );
     if o.keep_running {
-        println!("cluster running (gRPC of the driving worker: {driver}); Ctrl-C to stop");
+        println!(
+            "cluster running: OpenAI API on http://{}/v1, coordinator gRPC on {}; Ctrl-C to stop",
+            coordinator.http_addr, coordinator.grpc_addr
+        );
         let _ = tokio::signal::ctrl_c().await;
     }
-    drop(client);
+    drop(coord);
+    drop(coordinator);
     drop(procs);
     drop(boot);
     println!("stopped every process");

@@ -149,15 +149,13 @@ impl Coordinator for CoordinatorService {
     }
 }
 
-/// How often the coordinator polls its workers' status.
-const POLL: Duration = Duration::from_secs(2);
-
 /// Polls the workers: the metrics' cluster gauges, and the health status,
 /// SERVING exactly while the cluster is SWARM_READY with a model served.
 async fn watch_cluster(
     workers: WorkerSet,
     placer: Option<Placer>,
     health: tonic_health::server::HealthReporter,
+    poll: Duration,
 ) {
     let mut last = None;
     loop {
@@ -197,7 +195,7 @@ async fn watch_cluster(
             }
             last = Some(ready);
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll).await;
     }
 }
 
@@ -206,6 +204,7 @@ pub async fn serve(
     addr: &str,
     workers: WorkerSet,
     placer: Option<Placer>,
+    poll: Duration,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
     impl std::future::Future<Output = anyhow::Result<()>>,
@@ -226,7 +225,7 @@ pub async fn serve(
     health
         .set_service_status("liveness", ServingStatus::Serving)
         .await;
-    tokio::spawn(watch_cluster(workers.clone(), placer.clone(), health));
+    tokio::spawn(watch_cluster(workers.clone(), placer.clone(), health, poll));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(llama_cluster_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -60,6 +60,11 @@ enum Cmd {
         /// Replicas of every shard to place (spare workers get more).
         #[arg(long, env = "LLAMA_COORDINATOR_REPLICAS", default_value_t = 1)]
         replicas: usize,
+        /// Milliseconds between status polls of the workers (placement
+        /// rounds, readiness, worker discovery).
+        #[arg(long, env = "LLAMA_COORDINATOR_POLL_MS", default_value_t = 2000,
+              value_parser = clap::value_parser!(u64).range(100..=600_000))]
+        poll_ms: u64,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), place a
     /// split model with the coordinator's placement (shards travel through
@@ -118,6 +123,7 @@ async fn main() -> ExitCode {
             otlp_endpoint,
             manifest,
             replicas,
+            poll_ms,
         } => {
             let telemetry = llama_cluster_shared::telemetry::init(
                 llama_cluster_shared::config::LogFormat::Text,
@@ -140,7 +146,14 @@ async fn main() -> ExitCode {
                             )),
                             None => None,
                         };
-                        openai::serve(&http, &grpc, placer::WorkerSet::new(workers), placer).await
+                        openai::serve(
+                            &http,
+                            &grpc,
+                            placer::WorkerSet::new(workers),
+                            placer,
+                            std::time::Duration::from_millis(poll_ms),
+                        )
+                        .await
                     }
                     .await;
                     t.flush();

@@ -429,10 +429,11 @@ pub async fn serve(
     grpc: &str,
     workers: crate::placer::WorkerSet,
     placer: Option<crate::placer::Placer>,
+    poll: Duration,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(http).await?;
     let bound = listener.local_addr()?;
-    let (grpc_bound, grpc_server) = crate::grpc::serve(grpc, workers.clone(), placer).await?;
+    let (grpc_bound, grpc_server) = crate::grpc::serve(grpc, workers.clone(), placer, poll).await?;
     println!(
         "LLAMA_CLUSTER_READY {}",
         json!({"role": "coordinator", "http_addr": bound.to_string(), "grpc_addr": grpc_bound.to_string()})

@@ -1,8 +1,8 @@
 //! The README's main command: `llama-coordinator demo` on a fresh cache
-//! starts a bootstrap node and 3 workers, places a 2-shard split with the
-//! coordinator's placement (two workers fetch their shard through the
-//! swarm), answers a prompt, prints the table, placement and timings, and
-//! leaves no process behind.
+//! starts a bootstrap node, 3 workers and the coordinator as processes; the
+//! coordinator places a 2-shard split (two workers fetch their shard through
+//! the swarm), the answer comes through it; the table, placement and timings
+//! are printed, and no process is left behind.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,6 +40,8 @@ fn the_demo_answers_through_placed_shards_and_cleans_up() {
     assert!(!answer.trim().is_empty(), "{stdout}");
     for needle in [
         "placing 2 shards x 1 replica(s) on 3 workers",
+        "coordinator: OpenAI API on http://",
+        "shards placed and fetched",
         "placement:",
         "shards fetched through the swarm: ",
         "SWARM_READY",
