@@ -18,6 +18,10 @@ pub struct FileEntry {
     pub size: u64,
     /// Hex BLAKE3 of the file's bytes.
     pub hash: String,
+    /// Pins the file's torrent metadata: hex BLAKE3 over its piece size and
+    /// piece hashes (written by `llama-worker split`; empty: not pinned).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pieces_hash: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +69,15 @@ impl Manifest {
         })?;
         m.check()?;
         Ok(m)
+    }
+
+    /// Writes the manifest to `path` (pretty JSON, atomically).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| EngineError::Load(e.to_string()))?;
+        let tmp = path.with_extension("json.part");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
     }
 
     /// Checks that the shards cover layers 0..n_layer contiguously.

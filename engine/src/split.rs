@@ -553,7 +553,12 @@ pub fn split_model(
             index: si as u32,
             layer_start: a,
             layer_end: b,
-            file: FileEntry { file, size, hash },
+            file: FileEntry {
+                file,
+                size,
+                hash,
+                pieces_hash: String::new(),
+            },
         });
     }
     let (head_size, head_hash) = hash_file(&out_dir.join(&head_name))?;
@@ -569,20 +574,17 @@ pub fn split_model(
             file: file_name,
             size: src_size,
             hash: src_hash,
+            pieces_hash: String::new(),
         },
         head: FileEntry {
             file: head_name,
             size: head_size,
             hash: head_hash,
+            pieces_hash: String::new(),
         },
         shards,
     };
-    let json =
-        serde_json::to_vec_pretty(&manifest).map_err(|e| EngineError::Load(e.to_string()))?;
-    let mpath = out_dir.join(MANIFEST_FILE);
-    let tmp = mpath.with_extension("json.part");
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, &mpath)?;
+    manifest.save(&out_dir.join(MANIFEST_FILE))?;
     Ok(manifest)
 }
 

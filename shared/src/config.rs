@@ -104,6 +104,8 @@ pub struct NodeConfig {
     pub trace_decode_every: u32,
     /// Test only: serve corrupted pieces.
     pub test_corrupt_pieces: bool,
+    /// Test only: serve corrupted pieces with metadata that matches them.
+    pub test_lying_meta: bool,
     /// Test only: delay every served piece by this many milliseconds.
     pub test_piece_delay_ms: u64,
 }
@@ -144,6 +146,7 @@ impl Default for NodeConfig {
             otlp_endpoint: String::new(),
             trace_decode_every: 1,
             test_corrupt_pieces: false,
+            test_lying_meta: false,
             test_piece_delay_ms: 0,
         }
     }

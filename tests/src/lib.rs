@@ -84,9 +84,29 @@ impl NodeProc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<NodeProc> {
+        Self::start_wrapped(dir, name, &[], bin, args, env)
+    }
+
+    /// Starts `wrapper… <bin> <args>` (for example `setpriv …` to run the
+    /// node with fewer privileges); an empty wrapper runs `bin` itself.
+    pub fn start_wrapped(
+        dir: &Path,
+        name: &str,
+        wrapper: &[&str],
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProc> {
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let mut cmd = Command::new(binary(bin));
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(binary(bin)),
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(binary(bin));
+                c
+            }
+        };
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

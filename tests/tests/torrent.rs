@@ -240,6 +240,130 @@ async fn a_seeder_sending_bad_pieces_is_dropped_and_the_download_completes() {
     );
 }
 
+/// A cache the worker may not write to ends the download with a clear
+/// "permission denied" error and no file under the final name. Root ignores
+/// file modes, so as root the leecher runs without CAP_DAC_OVERRIDE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_without_write_permission_ends_the_download_with_a_clear_error() {
+    let dir = test_dir("torrent-permission");
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let seeder = start(&dir, "seeder", "127.0.0.135", &b, &s.manifest, &[]);
+    wait_for("seeding", WAIT, || async {
+        seeding(&seeder, &s.hash).await.then_some(())
+    })
+    .await
+    .unwrap();
+    let mf = bare_manifest(&dir, "leech", &s.manifest);
+    let mut args = worker_args("127.0.0.136", &[&b], None);
+    args.extend(["--manifest".into(), mf.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let as_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let wrapper: &[&str] = if as_root {
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+            "--inh-caps",
+            "-all",
+            "--",
+        ]
+    } else {
+        &[]
+    };
+    let leech = NodeProc::start_wrapped(&dir, "leech", wrapper, "llama-worker", &args, &[])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // The store exists; its download directory is made read-only.
+    let partial = leech
+        .log_path
+        .with_file_name("leech.cache")
+        .join("torrents/partial");
+    assert!(partial.is_dir(), "{}", partial.display());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let e = load(&leech, &s.shard_id).await.unwrap_err();
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let msg = e.message().to_lowercase();
+    assert!(msg.contains("permission denied"), "{e:?}\n{}", leech.log());
+    assert!(!stored_file(&leech, &s.hash).exists());
+    assert!(
+        std::fs::read_dir(&partial).unwrap().next().is_none(),
+        "nothing half-written"
+    );
+    // With the permission back, the same request works.
+    let r = load(&leech, &s.shard_id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
+    assert_eq!(r.state, "ready");
+    assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+}
+
+/// A seeder that lies about piece hashes (its metadata matches the corrupt
+/// pieces it serves) is refused up front: the split manifest pins every
+/// file's metadata (`pieces_hash`). With only the liar, loading fails with a
+/// clear error and nothing is written; with an honest seeder too, it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_that_does_not_match_the_manifest_is_refused() {
+    let dir = test_dir("torrent-lying-meta");
+    let s = split(&dir);
+    let m: Value = serde_json::from_slice(&std::fs::read(&s.manifest).unwrap()).unwrap();
+    let pin = m["shards"][1]["pieces_hash"].as_str().unwrap_or_default();
+    assert_eq!(pin.len(), 64, "split pins the metadata: {}", m["shards"][1]);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let liar = start(
+        &dir,
+        "liar",
+        "127.0.0.130",
+        &b,
+        &s.manifest,
+        &["--test-lying-meta"],
+    );
+    wait_for("the liar seeding", WAIT, || async {
+        seeding(&liar, &s.hash).await.then_some(())
+    })
+    .await
+    .unwrap();
+    let mf = bare_manifest(&dir, "leech", &s.manifest);
+    let leech = start(&dir, "leech", "127.0.0.131", &b, &mf, &[]);
+    let e = load(&leech, &s.shard_id).await.unwrap_err();
+    assert!(
+        e.message().contains("does not match the manifest"),
+        "{e:?}\n{}",
+        leech.log()
+    );
+    assert!(
+        leech.log().contains(&format!("not using {}", liar.peer_id)),
+        "the liar is named:\n{}",
+        leech.log()
+    );
+    assert!(!stored_file(&leech, &s.hash).exists());
+    let st = leech.status().await.unwrap();
+    assert_eq!(
+        torrent(&st, &s.hash).map(|t| t.verified_bytes).unwrap_or(0),
+        0,
+        "no piece was taken from the liar"
+    );
+    // An honest seeder joins: the same request now succeeds.
+    let honest = start(&dir, "honest", "127.0.0.132", &b, &s.manifest, &[]);
+    wait_for("the honest seeder seeding", WAIT, || async {
+        seeding(&honest, &s.hash).await.then_some(())
+    })
+    .await
+    .unwrap();
+    let r = wait_for("a load with an honest seeder", WAIT, || async {
+        load(&leech, &s.shard_id).await.ok()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
+    assert_eq!(r.state, "ready");
+    assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_fast_seeder_mid_download_still_completes() {
     let dir = test_dir("torrent-kill-seeder");

@@ -181,6 +181,9 @@ struct NodeArgs {
     /// Test only: serve corrupted pieces.
     #[arg(long, hide = true)]
     test_corrupt_pieces: bool,
+    /// Test only: serve corrupted pieces with metadata that matches them.
+    #[arg(long, hide = true)]
+    test_lying_meta: bool,
     /// Test only: delay each served piece (ms).
     #[arg(long, hide = true)]
     test_piece_delay_ms: Option<String>,
@@ -227,6 +230,9 @@ impl NodeArgs {
         }
         if self.no_seed_manifest {
             v.push(("seed_manifest", "false".into()));
+        }
+        if self.test_lying_meta {
+            v.push(("test_lying_meta", "true".into()));
         }
         if self.test_corrupt_pieces {
             v.push(("test_corrupt_pieces", "true".into()));
@@ -477,8 +483,24 @@ async fn split(a: SplitArgs) -> anyhow::Result<()> {
     };
     let out = a.out.clone();
     let name = a.name.clone();
-    let m = tokio::task::spawn_blocking(move || split_model(&model, &out, &plan, name.as_deref()))
-        .await??;
+    let m = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut m = split_model(&model, &out, &plan, name.as_deref())?;
+        // Pin every file's torrent metadata: a peer that lies about piece
+        // hashes is refused before any piece is fetched from it.
+        let pin = |f: &mut llama_cluster_engine::manifest::FileEntry| -> anyhow::Result<()> {
+            let meta =
+                llama_worker::torrent::meta::TorrentMeta::from_file(&out.join(&f.file), &f.file)?;
+            f.pieces_hash = meta.pieces_hash();
+            Ok(())
+        };
+        pin(&mut m.head)?;
+        for s in &mut m.shards {
+            pin(&mut s.file)?;
+        }
+        m.save(&out.join(llama_cluster_engine::manifest::MANIFEST_FILE))?;
+        Ok(m)
+    })
+    .await??;
     println!(
         "model {} ({}, {} layers) split into {} shards in {}:",
         m.model,

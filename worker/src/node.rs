@@ -326,7 +326,8 @@ pub async fn start(
     let store = crate::torrent::store::Store::open(&store_dir)
         .with_context(|| format!("cannot open the file store {}", store_dir.display()))?;
     let hooks = crate::torrent::TestHooks {
-        corrupt_pieces: cfg.test_corrupt_pieces,
+        corrupt_pieces: cfg.test_corrupt_pieces || cfg.test_lying_meta,
+        lying_meta: cfg.test_lying_meta,
         piece_delay: Duration::from_millis(cfg.test_piece_delay_ms),
     };
     let torrents = Torrents::new(store, net.clone(), state.clone(), hooks);

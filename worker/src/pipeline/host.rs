@@ -72,7 +72,7 @@ impl Pipeline {
         );
         self.0
             .torrents
-            .fetch(&entry.hash)
+            .fetch_pinned(&entry.hash, &entry.pieces_hash)
             .await
             .map_err(|e| match e {
                 TorrentError::NoProvider(_) => PipelineError::NotFound(format!(
@@ -261,6 +261,7 @@ impl Pipeline {
         let (shard_path, head_path) = match files.await {
             Ok(f) => f,
             Err(e) => {
+                warn!("[SHARD] {} cannot be loaded: {e}", entry.id);
                 self.set_record(Some(record(ShardState::Failed)));
                 return Err(e);
             }

@@ -86,6 +86,18 @@ impl TorrentMeta {
         blake3::hash(&self.encode()).to_hex().to_string()
     }
 
+    /// Hex BLAKE3 over the piece size and the piece hashes: what a manifest
+    /// pins (`pieces_hash`), independent of the name a seeder uses.
+    pub fn pieces_hash(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.size.to_le_bytes());
+        h.update(&self.piece_size.to_le_bytes());
+        for p in &self.pieces {
+            h.update(p.as_bytes());
+        }
+        h.finalize().to_hex().to_string()
+    }
+
     /// Checks that the description is self-consistent and within limits.
     pub fn validate(&self) -> Result<(), String> {
         if !is_hex_hash(&self.file_hash) {

@@ -58,6 +58,8 @@ pub enum TorrentError {
 #[derive(Debug, Clone, Default)]
 pub struct TestHooks {
     pub corrupt_pieces: bool,
+    /// Metadata whose piece hashes match the corrupted pieces.
+    pub lying_meta: bool,
     pub piece_delay: Duration,
 }
 
@@ -237,6 +239,26 @@ impl Torrents {
                 TorrentResponse::Error(format!("malformed request: {e}"))
             }
             Ok(TorrentRequest::Meta { file_hash }) => match self.0.store.seed(&file_hash) {
+                Some(s) if self.0.hooks.lying_meta => {
+                    let me = self.clone();
+                    let meta = tokio::task::spawn_blocking(move || {
+                        let mut m = s.meta.clone();
+                        for i in 0..m.n_pieces() {
+                            if let Ok(mut d) = me.0.store.read_piece(&m.file_hash, i) {
+                                if let Some(b) = d.first_mut() {
+                                    *b ^= 0xff;
+                                }
+                                m.pieces[i as usize] = blake3::hash(&d).to_hex().to_string();
+                            }
+                        }
+                        m
+                    })
+                    .await;
+                    match meta {
+                        Ok(m) => TorrentResponse::Meta(m.encode()),
+                        Err(e) => TorrentResponse::Error(e.to_string()),
+                    }
+                }
                 Some(s) => TorrentResponse::Meta(s.meta.encode()),
                 None => TorrentResponse::Error(format!("no complete file {file_hash} here")),
             },
@@ -287,6 +309,7 @@ impl Torrents {
         &self,
         providers: &[PeerId],
         file_hash: &str,
+        pin: &str,
     ) -> Result<TorrentMeta, TorrentError> {
         let mut last = String::from("no provider answered");
         for &p in providers {
@@ -300,6 +323,20 @@ impl Torrents {
                 .await
             {
                 Ok(TorrentResponse::Meta(b)) => match serde_json::from_slice::<TorrentMeta>(&b) {
+                    Ok(m)
+                        if m.file_hash == file_hash
+                            && m.validate().is_ok()
+                            && !pin.is_empty()
+                            && m.pieces_hash() != pin =>
+                    {
+                        warn!(
+                            "[TORRENT] {p} sent metadata for {} whose piece hashes do not match the manifest; not using {p}",
+                            m.name
+                        );
+                        last = format!(
+                            "{p} sent metadata that does not match the manifest's pieces hash"
+                        );
+                    }
                     Ok(m) if m.file_hash == file_hash && m.validate().is_ok() => return Ok(m),
                     Ok(_) => last = format!("{p} sent metadata for another or an invalid file"),
                     Err(e) => last = format!("{p} sent unreadable metadata: {e}"),
@@ -317,6 +354,16 @@ impl Torrents {
     /// Returns the local path of file `file_hash`, downloading it from the
     /// swarm first when it is not here.
     pub async fn fetch(&self, file_hash: &str) -> Result<PathBuf, TorrentError> {
+        self.fetch_pinned(file_hash, "").await
+    }
+
+    /// Like [`Torrents::fetch`], accepting only metadata whose pieces hash
+    /// is `pieces_hash` (from the manifest; empty: any self-consistent one).
+    pub async fn fetch_pinned(
+        &self,
+        file_hash: &str,
+        pieces_hash: &str,
+    ) -> Result<PathBuf, TorrentError> {
         if let Some(s) = self.0.store.seed(file_hash) {
             return Ok(s.path);
         }
@@ -333,7 +380,7 @@ impl Torrents {
             let _guard = lock.lock().await;
             match self.0.store.seed(file_hash) {
                 Some(s) => Ok(s.path),
-                None => self.download(file_hash).await,
+                None => self.download(file_hash, pieces_hash).await,
             }
         };
         let mut locks = self.0.locks.lock().unwrap_or_else(|e| e.into_inner());
@@ -345,7 +392,7 @@ impl Torrents {
 
     /// Downloads one file, in a `torrent.download` span with one
     /// `torrent.peer` child per provider used (pieces, bytes, bad pieces).
-    async fn download(&self, file_hash: &str) -> Result<PathBuf, TorrentError> {
+    async fn download(&self, file_hash: &str, pin: &str) -> Result<PathBuf, TorrentError> {
         let span = tracing::info_span!(
             "torrent.download",
             file_hash,
@@ -360,7 +407,7 @@ impl Torrents {
         );
         let mut peers = PeerSpans::default();
         let r = self
-            .download_in_span(file_hash, &span, &mut peers)
+            .download_in_span(file_hash, pin, &span, &mut peers)
             .instrument(span.clone())
             .await;
         peers.finish();
@@ -373,6 +420,7 @@ impl Torrents {
     async fn download_in_span(
         &self,
         file_hash: &str,
+        pin: &str,
         span: &tracing::Span,
         peers: &mut PeerSpans,
     ) -> Result<PathBuf, TorrentError> {
@@ -392,7 +440,7 @@ impl Torrents {
         }
         // Ask connected providers first: a stale record must not cost a dial timeout.
         providers.sort_by_key(|p| !self.0.state.read(|s| s.connections.contains_key(p)));
-        let meta = self.fetch_meta(&providers, file_hash).await?;
+        let meta = self.fetch_meta(&providers, file_hash, pin).await?;
         let m2 = meta.clone();
         let me = self.clone();
         let mut partial = tokio::task::spawn_blocking(move || me.0.store.partial(&m2))
