@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use llama_cluster_engine::EngineSettings;
 use llama_cluster_engine::baseline::Baseline;
+use llama_cluster_engine::chain::LocalChain;
 use llama_cluster_proto::v1::InferenceRequest;
 use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_tests::{NodeProc, PipelineCluster, model_path, split_with_cli, test_dir};
@@ -116,24 +117,75 @@ async fn main() {
         "{:<34} {:>10} {:>7} {:>10} {:>7} {:>12}  RSS per worker (MB)",
         "", "prompt t/s", "ratio", "decode t/s", "ratio", "B/token/hop"
     );
-    println!(
-        "{:<34} {:>10.1} {:>7.2} {:>10.1} {:>7.2} {:>12}  -",
-        "single process (llama-cpp-2)", b.0, 1.0, b.1, 1.0, "-"
-    );
+    // The same model as one in-process stage of the llama-cluster engine
+    // (persistent thread pool): the other single-node reference. Ratios are
+    // against the faster of the two.
+    let dir = test_dir("bench-pipeline-local");
+    let one = split_with_cli(&dir.join("split"), 1).expect("split");
+    let local = |manifest: &std::path::Path, n: usize| {
+        tokio::task::block_in_place(|| local_chain(manifest, n, settings, &toks))
+    };
+    fn local_chain(
+        manifest: &std::path::Path,
+        n: usize,
+        settings: EngineSettings,
+        toks: &[i32],
+    ) -> (f64, f64) {
+        let mut chain =
+            LocalChain::load(manifest, &(0..n).collect::<Vec<_>>(), settings).expect("local chain");
+        let _ = chain.greedy(toks, 8).expect("warm-up");
+        let mut r = (0.0f64, 0.0f64);
+        for _ in 0..2 {
+            let g = chain.greedy(toks, N_GEN as usize).expect("local chain");
+            r.0 = r.0.max(toks.len() as f64 / g.prompt_time.as_secs_f64());
+            r.1 = r.1.max((N_GEN - 1) as f64 / g.decode_time.as_secs_f64());
+        }
+        r
+    }
+    let e = local(&one, 1);
+    let reference = (b.0.max(e.0), b.1.max(e.1));
+    for (name, v) in [
+        ("single process (llama-cpp-2)", b),
+        ("single process (engine, 1 stage)", e),
+    ] {
+        println!(
+            "{:<34} {:>10.1} {:>7.2} {:>10.1} {:>7.2} {:>12}  -",
+            name,
+            v.0,
+            v.0 / reference.0,
+            v.1,
+            v.1 / reference.1,
+            "-"
+        );
+    }
     drop(base);
+    let b = reference;
 
     let thread_arg = threads.to_string();
+    // Extra worker flags, e.g. BENCH_WORKER_ARGS=--no-quic.
+    let extra_env = std::env::var("BENCH_WORKER_ARGS").unwrap_or_default();
+    let mut worker_flags = vec!["--threads", thread_arg.as_str()];
+    worker_flags.extend(extra_env.split_whitespace());
     for n in [1u32, 2, 3] {
         let dir = test_dir(&format!("bench-pipeline{n}"));
         let manifest = split_with_cli(&dir.join("split"), n).expect("split");
-        let cluster = PipelineCluster::start(
-            &dir,
-            &manifest,
-            40 + 10 * n as u8,
-            &["--threads", &thread_arg],
-        )
-        .await
-        .expect("cluster");
+        if n > 1 {
+            // The same stages chained in one process: the cost of splitting
+            // without the network.
+            let l = local(&manifest, n as usize);
+            println!(
+                "{:<34} {:>10.1} {:>7.2} {:>10.1} {:>7.2} {:>12}  -",
+                format!("{n} stages in one process"),
+                l.0,
+                l.0 / b.0,
+                l.1,
+                l.1 / b.1,
+                "-"
+            );
+        }
+        let cluster = PipelineCluster::start(&dir, &manifest, 40 + 10 * n as u8, &worker_flags)
+            .await
+            .expect("cluster");
         let driver = &cluster.workers[0];
         let _ = run_remote(driver, "warm up").await;
         let (pp, tg, _, bytes) = run_remote(driver, &prompt).await;
@@ -155,5 +207,5 @@ async fn main() {
         drop(cluster);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    println!("decode goal: >= 0.95x of the single process");
+    println!("ratios: against the faster single-process reference; decode goal: >= 0.95x");
 }
