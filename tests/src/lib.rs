@@ -206,6 +206,27 @@ impl Drop for NodeProc {
     }
 }
 
+/// `llama-coordinator serve` on free ports (HTTP and gRPC) in front of
+/// `workers` (gRPC addresses, comma-separated), with `extra` flags.
+pub fn start_coordinator(
+    dir: &Path,
+    workers: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<NodeProc> {
+    let mut args = vec![
+        "serve",
+        "--workers",
+        workers,
+        "--http",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    NodeProc::start_bin(dir, "coordinator", "llama-coordinator", &args, env)
+}
+
 /// A bootstrap (rendezvous) node on 127.0.0.1, gRPC on a free port.
 pub fn start_bootstrap(dir: &Path) -> anyhow::Result<NodeProc> {
     NodeProc::start(
@@ -441,6 +462,15 @@ impl PipelineCluster {
             c.wait_ready_from(w).await?;
         }
         Ok(c)
+    }
+
+    /// The workers' gRPC addresses, comma-separated.
+    pub fn grpc_addrs(&self) -> String {
+        self.workers
+            .iter()
+            .map(|w| w.grpc_addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Waits until `node` sees every shard ready and reachable.

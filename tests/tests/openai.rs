@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use llama_cluster_proto::v1::InferenceRequest;
 use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_tests::{
-    NodeProc, PipelineCluster, metric, metric_with, scrape_url, split_with_cli, test_dir, wait_for,
+    PipelineCluster, metric, metric_with, scrape_url, split_with_cli, start_coordinator, test_dir,
+    wait_for,
 };
 use serde_json::Value;
 use tonic_health::pb::HealthCheckRequest;
@@ -86,28 +87,8 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
     let cluster = PipelineCluster::start(&dir, &manifest, 120, &[])
         .await
         .unwrap();
-    let workers = cluster
-        .workers
-        .iter()
-        .map(|w| w.grpc_addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
-    let coord = NodeProc::start_bin(
-        &dir,
-        "coordinator",
-        "llama-coordinator",
-        &[
-            "serve",
-            "--workers",
-            &workers,
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-        ],
-        &[],
-    )
-    .unwrap();
+    let workers = cluster.grpc_addrs();
+    let coord = start_coordinator(&dir, &workers, &[], &[]).unwrap();
     let base = format!("http://{}", coord.ready["http_addr"].as_str().unwrap());
 
     // What the pipeline itself says for the completion prompt (greedy).
@@ -288,43 +269,39 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         2 * chat_tokens + 2 * 16 + 16,
         "2 chats, 2 completions of 16 tokens, 1 gRPC request of 16"
     );
-    assert_eq!(
-        m(
+    type Labels<'a> = &'a [(&'a str, &'a str)];
+    let want: [(&str, Labels, f64); 7] = [
+        (
             "inference_requests_total",
-            &[("api", "openai"), ("outcome", "ok")]
+            &[("api", "openai"), ("outcome", "ok")],
+            4.0,
         ),
-        4.0
-    );
-    assert_eq!(
-        m(
+        (
             "inference_requests_total",
-            &[("api", "grpc"), ("outcome", "ok")]
+            &[("api", "grpc"), ("outcome", "ok")],
+            1.0,
         ),
-        1.0
-    );
-    assert_eq!(m("time_to_first_token_seconds_count", &[]), 5.0);
-    assert_eq!(m("requests_in_flight", &[]), 0.0);
-    assert_eq!(
-        m(
+        ("time_to_first_token_seconds_count", &[], 5.0),
+        ("requests_in_flight", &[], 0.0),
+        (
             "http_responses_total",
-            &[("path", "/v1/completions"), ("status", "400")]
+            &[("path", "/v1/completions"), ("status", "400")],
+            4.0,
         ),
-        4.0
-    );
-    assert_eq!(
-        m(
+        (
             "http_responses_total",
-            &[("path", "/v1/completions"), ("status", "200")]
+            &[("path", "/v1/completions"), ("status", "200")],
+            2.0,
         ),
-        2.0
-    );
-    assert_eq!(
-        m(
+        (
             "http_responses_total",
-            &[("path", "/v1/chat/completions"), ("status", "404")]
+            &[("path", "/v1/chat/completions"), ("status", "404")],
+            2.0,
         ),
-        2.0
-    );
+    ];
+    for (name, labels, value) in want {
+        assert_eq!(m(name, labels), value, "{name} {labels:?}");
+    }
     assert_eq!(m("swarm_ready", &[]), 1.0);
     assert_eq!(m("workers_reachable", &[]), 2.0);
 }
@@ -353,22 +330,7 @@ async fn coordinator_is_not_ready_without_a_serving_cluster() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap().to_string();
     drop(dead);
-    let coord = NodeProc::start_bin(
-        &dir,
-        "coordinator",
-        "llama-coordinator",
-        &[
-            "serve",
-            "--workers",
-            &dead_addr,
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-        ],
-        &[],
-    )
-    .unwrap();
+    let coord = start_coordinator(&dir, &dead_addr, &[], &[]).unwrap();
     let grpc_addr = coord.ready["grpc_addr"].as_str().unwrap().to_string();
     let base = format!("http://{}", coord.ready["http_addr"].as_str().unwrap());
     // Wait for the first poll to be counted, then check.

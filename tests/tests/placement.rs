@@ -16,7 +16,9 @@ use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_proto::v1::{
     GetClusterStatusRequest, GetClusterStatusResponse, InferenceRequest,
 };
-use llama_cluster_tests::{NodeProc, model_path, split_with_cli, test_dir, wait_for, worker_args};
+use llama_cluster_tests::{
+    NodeProc, model_path, split_with_cli, start_coordinator, test_dir, wait_for, worker_args,
+};
 use tonic::transport::Channel;
 
 const N_GEN: u32 = 16;
@@ -42,6 +44,13 @@ fn start_worker(
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     NodeProc::start(dir, name, &args).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+}
+
+async fn client_of(coord: &NodeProc) -> CoordinatorClient<Channel> {
+    let addr = coord.ready["grpc_addr"].as_str().unwrap_or_default();
+    CoordinatorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
 }
 
 async fn cluster(c: &mut CoordinatorClient<Channel>) -> GetClusterStatusResponse {
@@ -107,18 +116,10 @@ async fn coordinator_places_shards_by_memory_and_replans_on_leave_and_join() {
     let mut w1 = start_worker(&dir, "w1", "127.0.0.161", &b, 2000, None);
     let w2 = start_worker(&dir, "w2", "127.0.0.162", &b, 1000, None);
     // The coordinator knows one worker; it finds the rest through it.
-    let coord = NodeProc::start_bin(
+    let coord = start_coordinator(
         &dir,
-        "coordinator",
-        "llama-coordinator",
+        &seeder.grpc_addr,
         &[
-            "serve",
-            "--workers",
-            &seeder.grpc_addr,
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
             "--manifest",
             &manifest.display().to_string(),
             "--replicas",
@@ -127,12 +128,7 @@ async fn coordinator_places_shards_by_memory_and_replans_on_leave_and_join() {
         &[],
     )
     .unwrap();
-    let mut c = CoordinatorClient::connect(format!(
-        "http://{}",
-        coord.ready["grpc_addr"].as_str().unwrap()
-    ))
-    .await
-    .unwrap();
+    let mut c = client_of(&coord).await;
 
     // Placement: the big shard on the biggest worker, the small one on the
     // next, the spare worker a replica; everyone ready; SWARM_READY.
@@ -263,30 +259,14 @@ async fn a_model_that_does_not_fit_is_refused_with_a_reason() {
     // Two workers offering 80 MiB each: no shard fits (each needs > 80 MiB).
     let a = start_worker(&dir, "a", "127.0.0.170", &b, 80, Some(&manifest));
     let _b = start_worker(&dir, "b", "127.0.0.171", &b, 80, None);
-    let coord = NodeProc::start_bin(
+    let coord = start_coordinator(
         &dir,
-        "coordinator",
-        "llama-coordinator",
-        &[
-            "serve",
-            "--workers",
-            &a.grpc_addr,
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--manifest",
-            &manifest.display().to_string(),
-        ],
+        &a.grpc_addr,
+        &["--manifest", &manifest.display().to_string()],
         &[],
     )
     .unwrap();
-    let mut c = CoordinatorClient::connect(format!(
-        "http://{}",
-        coord.ready["grpc_addr"].as_str().unwrap()
-    ))
-    .await
-    .unwrap();
+    let mut c = client_of(&coord).await;
     let err = wait_for("a placement error", Duration::from_secs(30), || {
         let mut c = c.clone();
         async move {

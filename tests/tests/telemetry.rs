@@ -13,7 +13,7 @@ use llama_cluster_proto::v1::InferenceRequest;
 use llama_cluster_proto::v1::coordinator_client::CoordinatorClient;
 use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_tests::{
-    NodeProc, PipelineCluster, split_with_cli, test_dir, wait_for, worker_args,
+    NodeProc, PipelineCluster, split_with_cli, start_coordinator, test_dir, wait_for, worker_args,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -121,30 +121,8 @@ async fn one_trace_across_coordinator_and_every_stage() {
     )
     .await
     .unwrap();
-    let workers = cluster
-        .workers
-        .iter()
-        .map(|w| w.grpc_addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
-    let coord = NodeProc::start_bin(
-        &dir,
-        "coordinator",
-        "llama-coordinator",
-        &[
-            "serve",
-            "--workers",
-            &workers,
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--otlp-endpoint",
-            &endpoint,
-        ],
-        &env,
-    )
-    .unwrap();
+    let workers = cluster.grpc_addrs();
+    let coord = start_coordinator(&dir, &workers, &["--otlp-endpoint", &endpoint], &env).unwrap();
 
     // One request through the coordinator: 8 tokens, greedy.
     let grpc = coord.ready["grpc_addr"].as_str().unwrap().to_string();
