@@ -38,10 +38,11 @@ pub async fn cluster_status(
     .await;
     let mut out = GetClusterStatusResponse::default();
     let mut served: Vec<(String, String)> = Vec::new();
+    let mut peers = std::collections::HashSet::new();
     for (addr, r) in answers {
         match r {
-            // The bootstrap node is no worker.
-            Ok(st) if st.role == "bootstrap" => {}
+            // The bootstrap node is no worker; one worker is listed once.
+            Ok(st) if st.role == "bootstrap" || !peers.insert(st.peer_id.clone()) => {}
             Ok(st) => {
                 for s in st
                     .shards
@@ -165,7 +166,13 @@ async fn watch_cluster(
             .iter()
             .filter_map(|w| w.status.clone().map(|s| (w.grpc_addr.clone(), s)))
             .collect();
-        workers.learn(&statuses);
+        let unreachable: Vec<String> = st
+            .workers
+            .iter()
+            .filter(|w| !w.reachable)
+            .map(|w| w.grpc_addr.clone())
+            .collect();
+        workers.learn(&statuses, &unreachable);
         if let Some(p) = &placer {
             p.round(&statuses);
         }

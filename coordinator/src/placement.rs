@@ -37,6 +37,9 @@ pub struct WorkerView {
     pub budget: u64,
     /// Shard of this model it serves or is loading, if any.
     pub serving: Option<String>,
+    /// Not to be changed now (it missed a poll, or its last load failed):
+    /// keeps what it serves, gets nothing new, gives nothing away.
+    pub frozen: bool,
 }
 
 /// A worker told to load a shard.
@@ -90,7 +93,42 @@ fn mib(b: u64) -> u64 {
 }
 
 /// Plans `replicas` copies of every shard on `workers` with the fewest moves.
+/// When keeping every current assignment leaves no way to cover the model,
+/// it plans again from scratch (a swap may fit where moves one by one do not).
 pub fn plan(
+    shards: &[ShardSpec],
+    workers: &[WorkerView],
+    replicas: usize,
+) -> Result<Plan, PlanError> {
+    let first = plan_keeping(shards, workers, replicas);
+    if first.is_ok() || workers.iter().all(|w| w.serving.is_none() || w.frozen) {
+        return first;
+    }
+    let fresh: Vec<WorkerView> = workers
+        .iter()
+        .map(|w| WorkerView {
+            serving: if w.frozen { w.serving.clone() } else { None },
+            ..w.clone()
+        })
+        .collect();
+    match plan_keeping(shards, &fresh, replicas) {
+        Ok(mut p) => {
+            // Moves relative to what the workers serve now.
+            p.moves.retain_mut(|m| {
+                let now = workers
+                    .iter()
+                    .find(|w| w.addr == m.addr)
+                    .and_then(|w| w.serving.clone());
+                m.from = now.clone();
+                now.as_deref() != Some(m.to.as_str())
+            });
+            Ok(p)
+        }
+        Err(_) => first,
+    }
+}
+
+fn plan_keeping(
     shards: &[ShardSpec],
     workers: &[WorkerView],
     replicas: usize,
@@ -107,10 +145,11 @@ pub fn plan(
     let mut free: Vec<&WorkerView> = Vec::new();
     for w in workers {
         match w.serving.as_deref().and_then(spec) {
-            Some(s) if fits(w, s) => {
+            Some(s) if fits(w, s) || w.frozen => {
                 plan.assignment.insert(w.addr.clone(), s.id.clone());
                 *count.entry(s.id.clone()).or_default() += 1;
             }
+            _ if w.frozen => {}
             _ => free.push(w),
         }
     }
@@ -142,7 +181,7 @@ pub fn plan(
         // Take a surplus replica of another shard (largest offer first).
         let donor = workers
             .iter()
-            .filter(|w| fits(w, s))
+            .filter(|w| !w.frozen && fits(w, s))
             .filter(|w| {
                 plan.assignment
                     .get(&w.addr)
@@ -187,7 +226,11 @@ pub fn plan(
             shard: s.id.clone(),
             layers: format!("{}-{}", s.layer_start, s.layer_end),
             need_mib: mib(required_bytes(s.size)),
-            largest_mib: mib(free.first().map(|w| w.budget).unwrap_or(0)),
+            largest_mib: mib(free
+                .first()
+                .map(|w| w.budget)
+                .or_else(|| workers.iter().map(|w| w.budget).max())
+                .unwrap_or(0)),
         });
     }
 
@@ -237,6 +280,7 @@ mod tests {
             addr: addr.into(),
             budget: mb * MIB,
             serving: serving.map(String::from),
+            frozen: false,
         }
     }
 
@@ -334,6 +378,40 @@ mod tests {
             "{msg}"
         );
         assert_eq!(plan(&s, &[], 1).unwrap_err(), PlanError::NoWorkers(3));
+    }
+
+    #[test]
+    fn a_swap_covers_what_moves_one_by_one_cannot() {
+        // The big worker keeps the small shard; the small worker cannot
+        // take the big one: swap them rather than refuse.
+        let s = shards(&[20, 600]);
+        let ws = [w("big", 1000, Some("s0")), w("small", 200, None)];
+        let p = plan(&s, &ws, 1).unwrap();
+        assert_eq!(p.assignment["big"], "s1");
+        assert_eq!(p.assignment["small"], "s0");
+        assert_eq!(p.moves.len(), 2);
+        assert_eq!(
+            p.moves
+                .iter()
+                .find(|m| m.addr == "big")
+                .unwrap()
+                .from
+                .as_deref(),
+            Some("s0")
+        );
+    }
+
+    #[test]
+    fn frozen_workers_keep_their_shard_and_get_nothing() {
+        let s = shards(&[20, 60]);
+        let mut missed = w("a", 1000, Some("s0"));
+        missed.frozen = true;
+        let mut failed = w("c", 1000, None);
+        failed.frozen = true;
+        let ws = [missed, w("b", 1000, Some("s1")), failed];
+        let p = plan(&s, &ws, 1).unwrap();
+        assert!(p.moves.is_empty(), "{p:?}");
+        assert_eq!(p.assignment.get("c"), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,40 +25,85 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a worker whose LoadShard failed is left out of placement.
 const FAILED_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Polls a worker may miss before placement treats it as gone (until then
+/// it keeps its shard and gets no new one).
+const GRACE_POLLS: u32 = 3;
+
+/// Polls a discovered worker may miss in a row before it is forgotten.
+const FORGET_AFTER_MISSES: u32 = 5;
+
 /// The workers the coordinator talks to: configured, then discovered.
 #[derive(Clone, Default)]
-pub struct WorkerSet(Arc<RwLock<(BTreeSet<String>, BTreeSet<String>)>>);
+pub struct WorkerSet(Arc<RwLock<Known>>);
+
+#[derive(Default)]
+struct Known {
+    /// Configured addresses: always polled.
+    seeds: BTreeSet<String>,
+    /// Addresses learned from workers' peers.
+    found: BTreeSet<String>,
+    /// Not workers (the bootstrap) or a second address of a known worker.
+    ignored: BTreeSet<String>,
+    /// Polls missed in a row, per found address.
+    misses: HashMap<String, u32>,
+}
 
 impl WorkerSet {
     pub fn new(seed: impl IntoIterator<Item = String>) -> Self {
-        WorkerSet(Arc::new(RwLock::new((
-            seed.into_iter().collect(),
-            BTreeSet::new(),
-        ))))
+        WorkerSet(Arc::new(RwLock::new(Known {
+            seeds: seed.into_iter().collect(),
+            ..Default::default()
+        })))
     }
 
-    /// Worker gRPC addresses, sorted.
+    /// Worker gRPC addresses, sorted (configured and found).
     pub fn list(&self) -> Vec<String> {
         let g = self.0.read().unwrap_or_else(|e| e.into_inner());
-        g.0.iter().cloned().collect()
+        g.seeds.union(&g.found).cloned().collect()
     }
 
-    /// Learns the workers named in `statuses` (their peers' gRPC addresses)
-    /// and forgets nodes that turned out not to be workers (the bootstrap).
-    pub fn learn(&self, statuses: &[(String, GetStatusResponse)]) {
+    /// One poll's outcome: learns the workers named in `statuses` (their
+    /// peers' gRPC addresses, unless that peer already answered under
+    /// another address), drops nodes that are not workers (the bootstrap)
+    /// and second addresses of one worker, and forgets found addresses that
+    /// stopped answering.
+    pub fn learn(&self, statuses: &[(String, GetStatusResponse)], unreachable: &[String]) {
         let mut g = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut seen: HashMap<&str, &str> = HashMap::new();
         for (addr, st) in statuses {
-            if st.role == "bootstrap" {
-                g.0.remove(addr);
-                g.1.insert(addr.clone());
+            g.misses.remove(addr);
+            let duplicate = seen.insert(st.peer_id.as_str(), addr.as_str()).is_some();
+            // A duplicate found address goes; a bootstrap address goes from
+            // wherever it was learned.
+            let found_dup = duplicate && g.found.remove(addr);
+            if st.role == "bootstrap" || found_dup {
+                g.found.remove(addr);
+                g.ignored.insert(addr.clone());
+            }
+        }
+        for addr in unreachable {
+            if g.found.contains(addr) {
+                let n = g.misses.entry(addr.clone()).or_default();
+                *n += 1;
+                if *n >= FORGET_AFTER_MISSES {
+                    g.misses.remove(addr);
+                    g.found.remove(addr);
+                    info!(
+                        "[DISCOVERY] worker {addr} forgotten: no answer in {FORGET_AFTER_MISSES} polls"
+                    );
+                }
             }
         }
         for (_, st) in statuses {
             for p in &st.peers {
-                if !p.grpc_addr.is_empty()
-                    && !g.1.contains(&p.grpc_addr)
-                    && g.0.insert(p.grpc_addr.clone())
+                if p.grpc_addr.is_empty()
+                    || seen.contains_key(p.peer_id.as_str())
+                    || g.ignored.contains(&p.grpc_addr)
+                    || g.seeds.contains(&p.grpc_addr)
                 {
+                    continue;
+                }
+                if g.found.insert(p.grpc_addr.clone()) {
                     info!(
                         "[DISCOVERY] worker {} found through {}",
                         p.grpc_addr, st.peer_id
@@ -121,8 +167,11 @@ pub struct Placer(Arc<PlacerInner>);
 struct PlacerInner {
     manifest: ManifestInfo,
     replicas: usize,
-    /// LoadShard calls under way: worker → (shard, since).
-    pending: Mutex<HashMap<String, (String, Instant)>>,
+    /// LoadShard calls under way: worker → (shard, since, generation).
+    pending: Mutex<HashMap<String, (String, Instant, u64)>>,
+    generation: AtomicU64,
+    /// Last status of every worker and the polls it missed since.
+    last_seen: Mutex<HashMap<String, (GetStatusResponse, u32)>>,
     /// Workers whose last LoadShard failed, left alone until then.
     backoff: Mutex<HashMap<String, Instant>>,
     status: Mutex<Placement>,
@@ -140,6 +189,8 @@ impl Placer {
             replicas: replicas.max(1),
             pending: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            last_seen: Mutex::new(HashMap::new()),
             status: Mutex::new(status),
         }))
     }
@@ -174,13 +225,27 @@ impl Placer {
     pub fn round(&self, statuses: &[(String, GetStatusResponse)]) {
         let m = &self.0.manifest;
         let mut pending = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.retain(|_, (_, since)| since.elapsed() < LOAD_TIMEOUT);
+        pending.retain(|_, (_, since, _)| since.elapsed() < LOAD_TIMEOUT);
         let mut backoff = self.0.backoff.lock().unwrap_or_else(|e| e.into_inner());
         backoff.retain(|_, until| *until > Instant::now());
-        let views: Vec<WorkerView> = statuses
+        // A worker that missed a poll or two keeps its shard (frozen) rather
+        // than having it placed elsewhere at once.
+        let mut last = self.0.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (addr, st) in statuses {
+            last.insert(addr.clone(), (st.clone(), 0));
+        }
+        let answered: std::collections::HashSet<&String> =
+            statuses.iter().map(|(a, _)| a).collect();
+        for (addr, (_, misses)) in last.iter_mut() {
+            if !answered.contains(addr) {
+                *misses += 1;
+            }
+        }
+        last.retain(|_, (_, misses)| *misses < GRACE_POLLS);
+        let views: Vec<WorkerView> = last
             .iter()
-            .filter(|(addr, st)| st.role != "bootstrap" && !backoff.contains_key(addr))
-            .map(|(addr, st)| {
+            .filter(|(_, (st, _))| st.role != "bootstrap")
+            .map(|(addr, (st, misses))| {
                 let local = st.shards.iter().find(|s| {
                     s.availability == "LOCAL"
                         && s.model == m.model
@@ -195,8 +260,9 @@ impl Placer {
                         .unwrap_or(0),
                     serving: pending
                         .get(addr)
-                        .map(|(s, _)| s.clone())
+                        .map(|(s, _, _)| s.clone())
                         .or_else(|| local.map(|s| s.shard_id.clone())),
+                    frozen: *misses > 0 || backoff.contains_key(addr),
                 }
             })
             .collect();
@@ -224,17 +290,20 @@ impl Placer {
                         mv.to,
                         mv.from.as_deref().unwrap_or("idle")
                     );
-                    pending.insert(mv.addr.clone(), (mv.to.clone(), Instant::now()));
+                    let generation = self.0.generation.fetch_add(1, Ordering::Relaxed);
+                    pending.insert(mv.addr.clone(), (mv.to.clone(), Instant::now(), generation));
                     let me = self.clone();
                     let span =
                         info_span!("placement.load_shard", worker = %mv.addr, shard = %mv.to);
-                    tokio::spawn(async move { me.load(mv.addr, mv.to).await }.instrument(span));
+                    tokio::spawn(
+                        async move { me.load(mv.addr, mv.to, generation).await }.instrument(span),
+                    );
                 }
             }
         }
     }
 
-    async fn load(&self, addr: String, shard: String) {
+    async fn load(&self, addr: String, shard: String, generation: u64) {
         let r = async {
             let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
                 .connect_timeout(Duration::from_secs(5))
@@ -266,11 +335,11 @@ impl Placer {
                     .insert(addr.clone(), Instant::now() + FAILED_BACKOFF);
             }
         }
-        self.0
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&addr);
+        // Only this load's entry: a newer LoadShard to the same worker stays.
+        let mut pending = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.get(&addr).is_some_and(|(_, _, g)| *g == generation) {
+            pending.remove(&addr);
+        }
     }
 }
 
@@ -287,4 +356,73 @@ pub fn assignment_lines(p: &Placement) -> Vec<String> {
         .into_iter()
         .map(|(s, ws)| format!("{s}: {}", ws.join(", ")))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llama_cluster_proto::v1::PeerInfo;
+
+    fn status(peer: &str, role: &str, peers: &[(&str, &str)]) -> GetStatusResponse {
+        GetStatusResponse {
+            peer_id: peer.into(),
+            role: role.into(),
+            peers: peers
+                .iter()
+                .map(|(id, addr)| PeerInfo {
+                    peer_id: id.to_string(),
+                    grpc_addr: addr.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn workers_are_found_once_and_forgotten_when_gone() {
+        let set = WorkerSet::new(["seed:1".to_string()]);
+        // The seed names two peers: a worker and the bootstrap; it also
+        // reports itself under another address (an alias), which is skipped.
+        set.learn(
+            &[(
+                "seed:1".into(),
+                status(
+                    "P0",
+                    "worker",
+                    &[("P1", "w1:1"), ("B", "boot:1"), ("P0", "alias:1")],
+                ),
+            )],
+            &[],
+        );
+        assert_eq!(set.list(), vec!["boot:1", "seed:1", "w1:1"]);
+        set.learn(
+            &[
+                ("seed:1".into(), status("P0", "worker", &[])),
+                ("boot:1".into(), status("B", "bootstrap", &[])),
+            ],
+            &["w1:1".into()],
+        );
+        assert_eq!(
+            set.list(),
+            vec!["seed:1", "w1:1"],
+            "the bootstrap is no worker"
+        );
+        for _ in 1..FORGET_AFTER_MISSES {
+            set.learn(
+                &[("seed:1".into(), status("P0", "worker", &[]))],
+                &["w1:1".into()],
+            );
+        }
+        assert_eq!(
+            set.list(),
+            vec!["seed:1"],
+            "gone after {FORGET_AFTER_MISSES} misses"
+        );
+        // A configured address is never forgotten.
+        for _ in 0..10 {
+            set.learn(&[], &["seed:1".into()]);
+        }
+        assert_eq!(set.list(), vec!["seed:1"]);
+    }
 }

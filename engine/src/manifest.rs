@@ -82,6 +82,28 @@ impl Manifest {
 
     /// Checks that the shards cover layers 0..n_layer contiguously.
     pub fn check(&self) -> Result<()> {
+        // File names are plain names next to the manifest: never a path.
+        let plain = |f: &str| {
+            !f.is_empty()
+                && !f.starts_with('.')
+                && !f.contains(['/', '\\', '\0'])
+                && Path::new(f).is_relative()
+        };
+        let files = std::iter::once(&self.head).chain(self.shards.iter().map(|s| &s.file));
+        for f in files {
+            if !plain(&f.file) {
+                return Err(EngineError::Load(format!(
+                    "manifest of {}: file name {:?} is not a plain file name",
+                    self.model, f.file
+                )));
+            }
+            if f.hash.len() != 64 || !f.hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(EngineError::Load(format!(
+                    "manifest of {}: {} has no BLAKE3 hash",
+                    self.model, f.file
+                )));
+            }
+        }
         let mut next = 0;
         for s in &self.shards {
             if s.layer_start != next || s.layer_end < s.layer_start {
@@ -121,4 +143,50 @@ pub fn hash_file(path: &Path) -> Result<(u64, String)> {
     hasher.update_reader(f)?;
     let size = std::fs::metadata(path)?.len();
     Ok((size, hasher.finalize().to_hex().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(file: &str) -> FileEntry {
+        FileEntry {
+            file: file.into(),
+            size: 1,
+            hash: "a".repeat(64),
+            pieces_hash: String::new(),
+        }
+    }
+
+    fn manifest(head: &str) -> Manifest {
+        Manifest {
+            format: 1,
+            model: "m".into(),
+            architecture: "llama".into(),
+            n_layer: 2,
+            n_embd: 8,
+            n_vocab: 10,
+            hash_algorithm: HASH_ALGORITHM.into(),
+            source: entry("m.gguf"),
+            head: entry(head),
+            shards: vec![ShardEntry {
+                id: "m-L0-1".into(),
+                index: 0,
+                layer_start: 0,
+                layer_end: 1,
+                file: entry("m.L0-1.gguf"),
+            }],
+        }
+    }
+
+    #[test]
+    fn file_names_must_be_plain_names() {
+        assert!(manifest("m.head.gguf").check().is_ok());
+        for bad in ["../x", "/etc/passwd", "a/b", ".hidden", "", "a\\b"] {
+            assert!(manifest(bad).check().is_err(), "{bad:?} accepted");
+        }
+        let mut m = manifest("m.head.gguf");
+        m.shards[0].file.hash = "zz".into();
+        assert!(m.check().is_err());
+    }
 }

@@ -363,7 +363,8 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
 
 /// The gRPC address peers and the coordinator can reach: the bound one,
 /// with an unspecified IP (`0.0.0.0`) replaced by the first external or
-/// P2P address's IP.
+/// P2P address's IP; empty when none is known (others then cannot learn it,
+/// rather than learn a loopback address that means another machine).
 pub fn advertised(bound: SocketAddr, external: &[String], p2p_host: &str) -> String {
     if !bound.ip().is_unspecified() {
         return bound.to_string();
@@ -378,15 +379,15 @@ pub fn advertised(bound: SocketAddr, external: &[String], p2p_host: &str) -> Str
                 _ => None,
             })
     });
-    let ip = from_multiaddr
+    from_multiaddr
         .or_else(|| {
             p2p_host
                 .parse()
                 .ok()
                 .filter(|ip: &std::net::IpAddr| !ip.is_unspecified())
         })
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
-    SocketAddr::new(ip, bound.port()).to_string()
+        .map(|ip| SocketAddr::new(ip, bound.port()).to_string())
+        .unwrap_or_default()
 }
 
 /// Serves the gRPC API on `listener`; returns its address and the serving future.
@@ -453,4 +454,20 @@ pub async fn serve(
             .context("gRPC server")
     };
     Ok((bound, fut))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_address_is_reachable_or_empty() {
+        let bound: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(advertised(bound, &[], "0.0.0.0"), "127.0.0.1:5000");
+        let any: SocketAddr = "0.0.0.0:5000".parse().unwrap();
+        let ext = vec!["/ip4/10.1.2.3/udp/9000/quic-v1".to_string()];
+        assert_eq!(advertised(any, &ext, "0.0.0.0"), "10.1.2.3:5000");
+        assert_eq!(advertised(any, &[], "192.168.1.7"), "192.168.1.7:5000");
+        assert_eq!(advertised(any, &[], "0.0.0.0"), "", "no loopback guess");
+    }
 }

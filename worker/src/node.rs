@@ -754,6 +754,13 @@ impl Node {
             .map(|l| (l.model.clone(), l.model_layers))
             .or_else(|| self.coverage_target.clone());
         let Some((model, n_layer)) = target else {
+            // No model any more (a shard being replaced): not ready.
+            if self
+                .state
+                .write(|s| std::mem::replace(&mut s.swarm_ready, false))
+            {
+                info!("[STATUS] SWARM_READY withdrawn: no model loaded");
+            }
             return;
         };
         let snapshot = self.state.snapshot();

@@ -9,7 +9,7 @@ use llama_cluster_engine::manifest::{FileEntry, Manifest, hash_file};
 use llama_cluster_engine::stage::{StageEngine, StageSpec};
 use llama_cluster_engine::vocab::Vocab;
 use llama_cluster_shared::dht_keys::{ShardRecord, ShardState};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::{LoadedShard, ModelInfo, Pipeline};
 use crate::torrent::TorrentError;
@@ -64,7 +64,19 @@ impl Pipeline {
     ) -> Result<PathBuf, PipelineError> {
         let beside = Manifest::path_of(manifest_path, &entry.file);
         if std::fs::metadata(&beside).map(|m| m.len()).ok() == Some(entry.size) {
-            return Ok(beside);
+            // Only the file the manifest names: its hash is checked too.
+            let (path, want) = (beside.clone(), entry.hash.clone());
+            let ok =
+                tokio::task::spawn_blocking(move || hash_file(&path).is_ok_and(|(_, h)| h == want))
+                    .await
+                    .unwrap_or(false);
+            if ok {
+                return Ok(beside);
+            }
+            warn!(
+                "[SHARD] {} beside the manifest does not match its hash; fetching it",
+                entry.file
+            );
         }
         info!(
             "[SHARD] {} is not on this disk; fetching it from the swarm",
@@ -90,6 +102,7 @@ impl Pipeline {
             .map_err(|e| PipelineError::InvalidArgument(format!("manifest_json: {e}")))?;
         m.check()
             .map_err(|e| PipelineError::InvalidArgument(format!("manifest_json: {e}")))?;
+        // Named by the content hash only: nothing from the sender in a path.
         let id = blake3::hash(json.as_bytes()).to_hex();
         let dir = self
             .0
@@ -97,7 +110,7 @@ impl Pipeline {
             .store()
             .root()
             .join("manifests")
-            .join(format!("{}-{}", m.model, &id[..16]));
+            .join(&id[..32]);
         let path = dir.join("manifest.json");
         if !path.is_file() {
             let tmp = dir.join("manifest.json.tmp");
@@ -122,12 +135,18 @@ impl Pipeline {
         manifest: &str,
         manifest_json: &str,
     ) -> Result<LoadOutcome, PipelineError> {
-        if manifest_json.is_empty() {
-            return self.load_shard(shard_id, Some(manifest)).await;
-        }
-        let path = self.adopt_manifest(manifest_json)?;
-        self.load_shard(shard_id, Some(&path.display().to_string()))
+        let path = if manifest_json.is_empty() {
+            manifest.to_string()
+        } else {
+            self.adopt_manifest(manifest_json)?.display().to_string()
+        };
+        // The load runs to its end (ready or failed) even when the caller
+        // goes away: a dropped request must not leave the shard "loading".
+        let me = self.clone();
+        let shard_id = shard_id.to_string();
+        tokio::spawn(async move { me.load_shard(&shard_id, Some(&path)).await }.in_current_span())
             .await
+            .map_err(|e| PipelineError::Internal(format!("shard load task: {e}")))?
     }
 
     /// Seeds every file of the configured manifest that is on this disk.
@@ -206,7 +225,14 @@ impl Pipeline {
         .await
         .map_err(|e| PipelineError::Internal(e.to_string()))??;
         let info = Arc::new(info);
-        *self.0.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
+        // Kept only if the manifest did not change meanwhile (a new shard).
+        let current = self
+            .loaded()
+            .map(|l| l.manifest_path.clone())
+            .or_else(|| self.0.cfg.manifest.clone());
+        if current.as_ref() == Some(&info.manifest_path) {
+            *self.0.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
+        }
         Ok(info)
     }
 

@@ -431,8 +431,13 @@ impl Pipeline {
                 hops: vec![stats],
             };
         }
+        // What is left, minus the margin this worker waits beyond the
+        // budget it passes on: the stage further down times out first.
         let spent = started.elapsed().as_millis() as u32;
-        let budget_ms = req.budget_ms.saturating_sub(spent);
+        let budget_ms = req
+            .budget_ms
+            .saturating_sub(spent)
+            .saturating_sub(HOP_MARGIN.as_millis() as u32);
         if budget_ms == 0 {
             return ActivationResponse::error(
                 codes::TIMEOUT,
@@ -538,10 +543,14 @@ impl Pipeline {
                 })
             }
             Err(e) => {
-                // Out of routes until it answers or reconnects.
-                self.0.state.suspect(peer);
+                let timeout = e.contains("within");
+                if !timeout {
+                    // Connection lost: out of routes until it answers or
+                    // reconnects. (A slow stage is not suspected.)
+                    self.0.state.suspect(peer);
+                }
                 ActivationResponse::error(
-                    if e.contains("within") {
+                    if timeout {
                         codes::TIMEOUT
                     } else {
                         codes::UNAVAILABLE
