@@ -262,67 +262,57 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
     .unwrap();
     let driver = &cluster.workers[0];
 
-    let e = code(
-        infer(
-            driver,
+    // Bad requests: (request, code, a word the message must contain).
+    let bad = [
+        (
             InferenceRequest {
                 prompt: "  ".into(),
                 ..Default::default()
             },
-        )
-        .await,
-    );
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("empty"));
-    let huge = "The quick brown fox jumps over the lazy dog. ".repeat(400);
-    let e = code(
-        infer(
-            driver,
+            tonic::Code::InvalidArgument,
+            "empty",
+        ),
+        (
             InferenceRequest {
-                prompt: huge,
+                prompt: "The quick brown fox jumps over the lazy dog. ".repeat(400),
                 ..Default::default()
             },
-        )
-        .await,
-    );
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("context"), "{}", e.message());
-    let e = code(
-        infer(
-            driver,
+            tonic::Code::InvalidArgument,
+            "context",
+        ),
+        (
             InferenceRequest {
                 prompt: "hi".into(),
                 model: "gpt-9".into(),
                 ..Default::default()
             },
-        )
-        .await,
-    );
-    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
-    let e = code(
-        infer(
-            driver,
+            tonic::Code::NotFound,
+            "",
+        ),
+        (
             InferenceRequest {
                 prompt: "hi".into(),
                 max_tokens: 1_000_000,
                 ..Default::default()
             },
-        )
-        .await,
-    );
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    let e = code(
-        infer(
-            driver,
+            tonic::Code::InvalidArgument,
+            "",
+        ),
+        (
             InferenceRequest {
                 prompt: "hi".into(),
                 temperature: -1.0,
                 ..Default::default()
             },
-        )
-        .await,
-    );
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            tonic::Code::InvalidArgument,
+            "",
+        ),
+    ];
+    for (req, want, word) in bad {
+        let e = code(infer(driver, req).await);
+        assert_eq!(e.code(), want, "{e:?}");
+        assert!(e.message().contains(word), "{}", e.message());
+    }
 
     // Sessions are bounded: a second request while one runs is refused.
     let long = InferenceRequest {

@@ -67,6 +67,15 @@ except Exception as e:
 print(json.dumps(out))
 "#;
 
+/// The completion request both the pipeline and the API are asked.
+fn capital_of_france() -> InferenceRequest {
+    InferenceRequest {
+        prompt: "The capital of France is".into(),
+        max_tokens: 16,
+        ..Default::default()
+    }
+}
+
 /// The text of an Inference stream (chunks concatenated).
 async fn text_of(
     mut stream: tonic::Streaming<llama_cluster_proto::v1::InferenceResponse>,
@@ -94,11 +103,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
     // What the pipeline itself says for the completion prompt (greedy).
     let mut client = cluster.workers[0].client().await.unwrap();
     let stream = client
-        .inference(InferenceRequest {
-            prompt: "The capital of France is".into(),
-            max_tokens: 16,
-            ..Default::default()
-        })
+        .inference(capital_of_france())
         .await
         .unwrap()
         .into_inner();
@@ -223,11 +228,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
     assert!(cs.swarm_ready, "{cs:?}");
     assert_eq!(cs.models, vec!["smollm2-135m-instruct".to_string()]);
     let stream = cc
-        .inference(InferenceRequest {
-            prompt: "The capital of France is".into(),
-            max_tokens: 16,
-            ..Default::default()
-        })
+        .inference(capital_of_france())
         .await
         .unwrap()
         .into_inner();
