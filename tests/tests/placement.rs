@@ -284,4 +284,21 @@ async fn a_model_that_does_not_fit_is_refused_with_a_reason() {
     let st = cluster(&mut c).await;
     assert!(!st.swarm_ready);
     assert_eq!(st.placement.unwrap().loads_sent, 0);
+
+    // A manifest sent inline is checked before anything is written or
+    // fetched: not JSON, or naming a file outside the worker's cache.
+    let mut w = a.client().await.unwrap();
+    let load = |json: String| llama_cluster_proto::v1::LoadShardRequest {
+        shard_id: "smollm2-135m-instruct-L0-14".into(),
+        manifest_json: json,
+        ..Default::default()
+    };
+    let e = w.load_shard(load("{not json".into())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    m["shards"][0]["file"] = "../../../../tmp/evil.gguf".into();
+    let e = w.load_shard(load(m.to_string())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("not a plain file name"), "{e:?}");
 }
