@@ -118,7 +118,7 @@ impl Coordinator for CoordinatorService {
         req: Request<InferenceRequest>,
     ) -> Result<Response<InferenceStream>, Status> {
         let req = req.into_inner();
-        let (_, served) = cluster_status(&self.workers.list(), None).await;
+        let served = self.workers.served().await;
         let worker = if req.model.is_empty() {
             served.first()
         } else {
@@ -173,6 +173,7 @@ async fn watch_cluster(
             .map(|w| w.grpc_addr.clone())
             .collect();
         workers.learn(&statuses, &unreachable);
+        workers.set_served(served.clone());
         if let Some(p) = &placer {
             p.round(&statuses);
         }

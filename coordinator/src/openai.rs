@@ -66,9 +66,7 @@ fn now() -> u64 {
 
 /// Models served by ready shards, with a worker that can drive each.
 async fn models(state: &ApiState) -> Vec<(String, String)> {
-    crate::grpc::cluster_status(&state.workers.list(), None)
-        .await
-        .1
+    state.workers.served().await
 }
 
 async fn list_models(State(st): State<Arc<ApiState>>) -> Response {

@@ -46,7 +46,13 @@ struct Known {
     ignored: BTreeSet<String>,
     /// Polls missed in a row, per found address.
     misses: HashMap<String, u32>,
+    /// (model, worker driving it) from the last poll, and when.
+    served: Option<(Instant, Vec<(String, String)>)>,
 }
+
+/// How old the last poll's view of who serves what may be for routing a
+/// request; older, the workers are asked again.
+const SERVED_FRESH: Duration = Duration::from_secs(5);
 
 impl WorkerSet {
     pub fn new(seed: impl IntoIterator<Item = String>) -> Self {
@@ -54,6 +60,32 @@ impl WorkerSet {
             seeds: seed.into_iter().collect(),
             ..Default::default()
         })))
+    }
+
+    /// Remembers who serves which model (from a poll).
+    pub fn set_served(&self, served: Vec<(String, String)>) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).served = Some((Instant::now(), served));
+    }
+
+    /// Who serves which model: the last poll's answer when it is fresh and
+    /// names someone, else the workers asked now (requests do not wait on
+    /// every worker's status each time).
+    pub async fn served(&self) -> Vec<(String, String)> {
+        let cached = self
+            .0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .served
+            .clone()
+            .filter(|(at, s)| at.elapsed() < SERVED_FRESH && !s.is_empty());
+        match cached {
+            Some((_, s)) => s,
+            None => {
+                let s = crate::grpc::cluster_status(&self.list(), None).await.1;
+                self.set_served(s.clone());
+                s
+            }
+        }
     }
 
     /// Worker gRPC addresses, sorted (configured and found).
