@@ -146,14 +146,19 @@ async fn main() -> ExitCode {
                             )),
                             None => None,
                         };
-                        openai::serve(
+                        let serving = openai::serve(
                             &http,
                             &grpc,
                             placer::WorkerSet::new(workers),
                             placer,
                             std::time::Duration::from_millis(poll_ms),
-                        )
-                        .await
+                        );
+                        // Ctrl-C or SIGTERM (Kubernetes) ends it cleanly, so
+                        // the spans still buffered are sent.
+                        tokio::select! {
+                            r = serving => r,
+                            _ = shutdown_signal() => Ok(()),
+                        }
                     }
                     .await;
                     t.flush();
@@ -190,4 +195,20 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
