@@ -138,7 +138,11 @@ impl Coordinator for CoordinatorService {
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
-            .map_err(|e| Status::unavailable(format!("worker {worker}: {e}")))?;
+            .map_err(|e| {
+                // The view was stale: the next request asks the workers again.
+                self.workers.set_served(vec![]);
+                Status::unavailable(format!("worker {worker}: {e}"))
+            })?;
         let stream =
             WorkerClient::with_interceptor(ch, llama_cluster_shared::telemetry::inject_grpc)
                 .inference(req)

@@ -261,6 +261,8 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
     let ch = match ch.connect().await {
         Ok(c) => c,
         Err(e) => {
+            // The view was stale: the next request asks the workers again.
+            st.workers.set_served(vec![]);
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
