@@ -27,7 +27,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::LogFormat;
 
 /// Default filter when `RUST_LOG` is not set.
-pub const DEFAULT_FILTER: &str = "info,libp2p_swarm=warn,libp2p_kad=warn,libp2p_quic=warn,libp2p_tcp=warn,libp2p_rendezvous=warn,h2=warn,tower=warn,opentelemetry_sdk=warn,opentelemetry-otlp=warn";
+pub const DEFAULT_FILTER: &str = "info,libp2p_swarm=warn,libp2p_kad=warn,libp2p_quic=warn,libp2p_tcp=warn,libp2p_rendezvous=warn,h2=warn,tower=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn";
 
 /// The standard environment variable naming an OTLP endpoint.
 pub const OTEL_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
