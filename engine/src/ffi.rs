@@ -113,12 +113,16 @@ unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, ud: *mut c_
         if hit {
             if (*t).type_ != sys::GGML_TYPE_F32 {
                 cap.failed = true;
-                return true;
+                return false;
             }
             let n = sys::ggml_nbytes(t);
             let old = cap.rows.len();
             cap.rows.resize(old + n / 4, 0.0); // one call per ubatch: append
             sys::ggml_backend_tensor_get(t, cap.rows.as_mut_ptr().add(old) as *mut c_void, 0, n);
+            // Nothing after the last layer is needed from a stage that is
+            // not the last (its output norm and one-row head): stop the
+            // graph here, which saves a second pass of the thread pool.
+            return false;
         }
         true
     }

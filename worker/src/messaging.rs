@@ -77,12 +77,10 @@ impl Node {
                 Message::Request {
                     request, channel, ..
                 } => {
-                    let pipeline = self.pipeline.clone();
                     let torrents = self.torrents.clone();
                     let responses = self.frame_responses.clone();
                     tokio::spawn(async move {
                         let body = match proto {
-                            FrameProto::Activation => pipeline.handle_inbound(peer, request).await,
                             FrameProto::Torrent => torrents.serve(peer, request).await,
                         };
                         let _ = responses.send((proto, channel, body)).await;

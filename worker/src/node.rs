@@ -20,7 +20,9 @@ use tracing::{debug, info, warn};
 
 use crate::dispatcher::Dispatcher;
 use crate::network::behaviour::{NodeBehaviour, NodeBehaviourEvent, Role, build_swarm};
+use crate::network::links::Links;
 use crate::network::{json_codec::JsonRequest, transport_of};
+use crate::pipeline::frame::{ACTIVATION_PROTOCOL, MAX_FRAME as MAX_ACTIVATION_FRAME};
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::state::{ConnInfo, SharedState};
 use crate::torrent::Torrents;
@@ -58,8 +60,6 @@ pub enum NetCommand {
 /// The binary request-response protocols (length-prefixed frames).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FrameProto {
-    /// Hidden states between pipeline stages.
-    Activation,
     /// Shard file pieces.
     Torrent,
 }
@@ -68,6 +68,8 @@ pub enum FrameProto {
 #[derive(Debug, Clone)]
 pub struct NetHandle {
     tx: mpsc::Sender<NetCommand>,
+    /// Persistent streams for activation frames.
+    links: Links,
 }
 
 impl NetHandle {
@@ -124,6 +126,17 @@ impl NetHandle {
         .await
     }
 
+    /// Sends an activation frame to `peer` over a persistent stream,
+    /// waiting at most `timeout` (a timeout's error says "within").
+    pub async fn activation(
+        &self,
+        peer: PeerId,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        self.links.call(peer, body, timeout).await
+    }
+
     /// Providers of `key` in the DHT (bounded by the query timeout).
     pub async fn get_providers(&self, key: String) -> Vec<PeerId> {
         let (reply, rx) = oneshot::channel();
@@ -151,8 +164,17 @@ impl NetHandle {
     }
 
     /// A handle on a channel nobody serves (unit tests of other modules).
+    /// A connection to `peer` closed (see [`Links::connection_closed`]).
+    pub(crate) fn connection_closed(&self, peer: &PeerId) {
+        self.links.connection_closed(peer);
+    }
+
     pub fn for_tests(tx: mpsc::Sender<NetCommand>) -> Self {
-        NetHandle { tx }
+        let control = libp2p_stream::Behaviour::new().new_control();
+        NetHandle {
+            tx,
+            links: Links::new(control, ACTIVATION_PROTOCOL, MAX_ACTIVATION_FRAME),
+        }
     }
 
     /// Asks the swarm task to re-publish this node's records.
@@ -321,7 +343,11 @@ pub async fn start(
         });
     }
     let (tx, mut rx) = mpsc::channel(1024);
-    let net = NetHandle { tx };
+    let control = swarm.behaviour().streams.new_control();
+    let net = NetHandle {
+        tx,
+        links: Links::new(control.clone(), ACTIVATION_PROTOCOL, MAX_ACTIVATION_FRAME),
+    };
     let store_dir = crate::torrent::cache_dir(&cfg).join("torrents");
     let store = crate::torrent::store::Store::open(&store_dir)
         .with_context(|| format!("cannot open the file store {}", store_dir.display()))?;
@@ -337,6 +363,18 @@ pub async fn start(
         PipelineConfig::from_node(&cfg),
         torrents.clone(),
     );
+    {
+        let pipeline = pipeline.clone();
+        crate::network::links::serve(
+            control,
+            ACTIVATION_PROTOCOL,
+            MAX_ACTIVATION_FRAME,
+            move |peer, req| {
+                let pipeline = pipeline.clone();
+                async move { pipeline.handle_inbound(peer, req).await }
+            },
+        )?;
+    }
     let dispatcher = Dispatcher::new(state.clone(), pipeline.clone(), cfg.max_message_bytes);
     let (resp_tx, mut resp_rx) = mpsc::channel(256);
     let (frame_tx, mut frame_rx) = mpsc::channel(1024);
@@ -474,7 +512,6 @@ impl Node {
         proto: FrameProto,
     ) -> &mut libp2p::request_response::Behaviour<crate::network::frame_codec::FrameCodec> {
         match proto {
-            FrameProto::Activation => &mut self.swarm.behaviour_mut().activation,
             FrameProto::Torrent => &mut self.swarm.behaviour_mut().torrent,
         }
     }
@@ -565,7 +602,7 @@ impl Node {
                 NodeBehaviourEvent::RendezvousClient(ev) => self.on_rendezvous_client(ev),
                 NodeBehaviourEvent::RendezvousServer(ev) => self.on_rendezvous_server(ev),
                 NodeBehaviourEvent::Messaging(ev) => self.on_messaging(ev),
-                NodeBehaviourEvent::Activation(ev) => self.on_frames(FrameProto::Activation, ev),
+                NodeBehaviourEvent::Streams(()) => {}
                 NodeBehaviourEvent::Torrent(ev) => self.on_frames(FrameProto::Torrent, ev),
                 NodeBehaviourEvent::Ping(ev) => self.p2p_metrics.record(&ev),
             },
@@ -649,6 +686,7 @@ impl Node {
                 cause,
                 ..
             } => {
+                self.pipeline.net().connection_closed(&peer_id);
                 self.state.write(|s| {
                     if let Some(conns) = s.connections.get_mut(&peer_id) {
                         conns.retain(|c| c.id != connection_id);

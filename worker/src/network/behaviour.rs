@@ -17,7 +17,6 @@ use llama_cluster_shared::protocol::JSON_PROTOCOL;
 
 use super::frame_codec::FrameCodec;
 use super::json_codec::JsonCodec;
-use crate::pipeline::frame::{ACTIVATION_PROTOCOL, MAX_FRAME as MAX_ACTIVATION_FRAME};
 use crate::torrent::protocol::{MAX_FRAME as MAX_TORRENT_FRAME, TORRENT_PROTOCOL};
 
 /// What a node is for.
@@ -58,7 +57,8 @@ pub struct NodeBehaviour {
     pub rendezvous_server: Toggle<rendezvous::server::Behaviour>,
     pub rendezvous_client: Toggle<rendezvous::client::Behaviour>,
     pub messaging: request_response::Behaviour<JsonCodec>,
-    pub activation: request_response::Behaviour<FrameCodec>,
+    /// Persistent activation streams between stages (see `links`).
+    pub streams: libp2p_stream::Behaviour,
     pub torrent: request_response::Behaviour<FrameCodec>,
 }
 
@@ -131,17 +131,6 @@ pub fn build_swarm(
                 ),
                 Role::Worker => (None, Some(rendezvous::client::Behaviour::new(key.clone()))),
             };
-            // Step deadlines are enforced by the pipeline itself (budgets).
-            let activation = request_response::Behaviour::with_codec(
-                FrameCodec::new(MAX_ACTIVATION_FRAME),
-                [(
-                    StreamProtocol::new(ACTIVATION_PROTOCOL),
-                    request_response::ProtocolSupport::Full,
-                )],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(3600))
-                    .with_max_concurrent_streams(1024),
-            );
             let torrent = request_response::Behaviour::with_codec(
                 FrameCodec::new(MAX_TORRENT_FRAME),
                 [(
@@ -154,7 +143,7 @@ pub fn build_swarm(
             );
             NodeBehaviour {
                 torrent,
-                activation,
+                streams: libp2p_stream::Behaviour::new(),
                 identify,
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
@@ -164,7 +153,10 @@ pub fn build_swarm(
             }
         })?
         // Connections stay up between workers; they carry the pipeline.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(24 * 3600))
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }

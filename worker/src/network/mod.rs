@@ -3,6 +3,7 @@
 pub mod behaviour;
 pub mod frame_codec;
 pub mod json_codec;
+pub mod links;
 
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;

@@ -27,7 +27,7 @@ use llama_cluster_engine::{EngineError, EngineSettings};
 use llama_cluster_shared::config::NodeConfig;
 use tracing::{Instrument, debug, info_span};
 
-use crate::node::{FrameProto, NetHandle};
+use crate::node::NetHandle;
 use crate::state::SharedState;
 use crate::torrent::Torrents;
 use frame::{ActivationRequest, ActivationResponse, FrameKind, Hop, HopStats, Payload, codes};
@@ -470,7 +470,7 @@ impl Pipeline {
     }
 
     /// Sends a frame to its first hop: in-process when that is this worker,
-    /// else over `/llama-cluster/activation/1.0`.
+    /// else over `/llama-cluster/activation/1.0` (a persistent stream).
     pub(crate) fn send(&self, req: ActivationRequest) -> BoxFuture<'static, ActivationResponse> {
         let me = self.clone();
         async move { me.send_step(req).await }.boxed()
@@ -526,12 +526,7 @@ impl Pipeline {
             hop.shard_id,
             peer
         );
-        match self
-            .0
-            .net
-            .frame(FrameProto::Activation, peer, bytes, budget)
-            .await
-        {
+        match self.0.net.activation(peer, &bytes, budget).await {
             Ok(b) => {
                 self.0.state.clear_suspect(&peer);
                 tracing::Span::current().record("bytes_back", b.len() as u64);
