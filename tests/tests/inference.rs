@@ -135,6 +135,26 @@ async fn three_worker_processes_match_single_node_llama_cpp() {
         );
     }
 
+    // Concurrent sessions through the same stages (as many as a stage
+    // allows), driven from every worker at once: each is token-identical to
+    // the single-node run. Frames of the sessions share the stages' streams.
+    let raw = "The capital of France is";
+    let want = base.greedy(&base.tokenize(raw), N_GEN as usize).unwrap();
+    let answers = futures::future::join_all((0..4).map(|i| {
+        let driver = &cluster.workers[i % cluster.workers.len()];
+        async move { infer(driver, greedy(raw, false)).await }
+    }))
+    .await;
+    for (i, a) in answers.into_iter().enumerate() {
+        let a = a.unwrap_or_else(|e| panic!("concurrent request {i}: {e}"));
+        assert!(!a.tokens.is_empty());
+        assert_eq!(
+            a.tokens[..],
+            want.tokens[..a.tokens.len()],
+            "concurrent request {i}"
+        );
+    }
+
     // Prometheus metrics: the driver counted exactly the tokens it streamed.
     let driver = &cluster.workers[0];
     let before = llama_cluster_tests::scrape(driver).unwrap();

@@ -22,9 +22,11 @@ use tracing::debug;
 /// Idle streams kept per peer; more are closed after use.
 const MAX_IDLE_PER_PEER: usize = 16;
 
-/// Times a frame is sent again because its stream died under it (a pooled
-/// stream on a closed connection, or a connection closed mid-exchange).
-const MAX_ATTEMPTS: usize = 3;
+/// Times a frame is tried: again when its stream died under it (a pooled
+/// stream on a closed connection, a connection closed mid-exchange, or a new
+/// stream the receiver dropped: libp2p-stream queues one inbound stream per
+/// protocol and drops others that arrive at the same instant).
+const MAX_ATTEMPTS: usize = 5;
 
 /// An inbound stream with no frame for this long is closed (its sender
 /// opens a new one when it needs it).
@@ -229,6 +231,28 @@ impl Links {
                     debug!("[LINK] stream to {peer} died ({e}); sending the frame again");
                     last_err = e.to_string();
                     self.forget(&peer);
+                }
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    // A new stream closed before any answer: the receiver
+                    // dropped it. Streams opened together retry apart.
+                    debug!("[LINK] {peer} dropped a new stream; sending the frame again");
+                    last_err = e.to_string();
+                    let jitter = Duration::from_micros(
+                        1000 + (std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.subsec_nanos())
+                            .unwrap_or(0)
+                            % 9000) as u64,
+                    );
+                    let pause = tokio::time::Instant::now() + jitter;
+                    tokio::time::sleep_until(pause.min(deadline)).await;
                 }
                 Ok(Err(e)) => return Err(format!("request to {peer} failed: {e}")),
             }
