@@ -78,6 +78,10 @@ pub struct NodeConfig {
     pub n_ubatch: u32,
     /// llama.cpp threads (0: all cores).
     pub threads: u32,
+    /// Threads of the async runtime (networking, gRPC; 0: one per core).
+    /// llama.cpp runs on its own threads; one runtime thread gives the
+    /// lowest per-token latency between stages.
+    pub runtime_threads: u32,
     /// Concurrent inference sessions per worker; more are refused.
     pub max_sessions: usize,
     /// Sessions idle this long are evicted.
@@ -135,6 +139,7 @@ impl Default for NodeConfig {
             n_batch: 512,
             n_ubatch: 512,
             threads: 0,
+            runtime_threads: 1,
             max_sessions: 4,
             session_idle_secs: 300,
             stage_timeout_secs: 60,
@@ -311,6 +316,12 @@ impl NodeConfig {
             return Err(ConfigError::invalid(
                 "n_ubatch",
                 "must be between 1 and n_batch",
+            ));
+        }
+        if self.runtime_threads > 1024 {
+            return Err(ConfigError::invalid(
+                "runtime_threads",
+                "must be between 0 (one per core) and 1024",
             ));
         }
         if !(1..=1024).contains(&self.max_sessions) {

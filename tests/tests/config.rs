@@ -58,6 +58,9 @@ fn bad_values_name_the_field_and_exit_non_zero() {
     let (code, err) = run_failing(&with(&base, &["--bootstrap", "not-an-address"]), &[]);
     assert_ne!(code, 0);
     assert!(err.contains("bootstrap"), "{err}");
+    let (code, err) = run_failing(&with(&base, &["--runtime-threads", "5000"]), &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("runtime_threads"), "{err}");
     let dir = test_dir("config-file");
     let file = dir.join("bad.toml");
     std::fs::write(&file, "clutser = \"typo\"\n").unwrap();
@@ -114,4 +117,29 @@ async fn flags_beat_env_which_beats_the_file() {
     let st = n.status().await.unwrap();
     assert_eq!(st.cluster, "from-flag");
     assert_eq!(st.shards[0].layer_start, 4);
+    assert!(n.log().contains("async runtime threads: 1"), "{}", n.log());
+    assert!(runtime_threads(&n) >= 1);
+    drop(n);
+
+    // The runtime is sized from the configuration (here the environment).
+    let n = NodeProc::start_with_env(
+        &dir,
+        "runtime",
+        &common,
+        &[("LLAMA_CLUSTER_RUNTIME_THREADS", "3")],
+    )
+    .unwrap();
+    n.status().await.unwrap();
+    assert!(n.log().contains("async runtime threads: 3"), "{}", n.log());
+    assert!(runtime_threads(&n) >= 3);
+}
+
+/// Threads of a process named by tokio (runtime workers, and blocking-pool
+/// threads if any were started).
+fn runtime_threads(n: &NodeProc) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", n.child.id())).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == "tokio-rt-worker")
+        .count()
 }

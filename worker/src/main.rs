@@ -147,6 +147,9 @@ struct NodeArgs {
     /// llama.cpp threads (0: all cores).
     #[arg(long)]
     threads: Option<String>,
+    /// Async runtime threads: networking and gRPC (0: one per core).
+    #[arg(long)]
+    runtime_threads: Option<String>,
     /// Concurrent sessions per worker.
     #[arg(long)]
     max_sessions: Option<String>,
@@ -222,6 +225,7 @@ impl NodeArgs {
         opt("n_batch", &self.n_batch);
         opt("n_ubatch", &self.n_ubatch);
         opt("threads", &self.threads);
+        opt("runtime_threads", &self.runtime_threads);
         opt("max_sessions", &self.max_sessions);
         opt("session_idle_secs", &self.session_idle_secs);
         opt("stage_timeout_secs", &self.stage_timeout_secs);
@@ -286,10 +290,30 @@ struct SendArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    // A node's configuration is read first: it sizes the runtime.
+    let node = match &cli.command {
+        None => Some((&cli.node, Role::Worker)),
+        Some(Cmd::Run(a)) => Some((a, Role::Worker)),
+        Some(Cmd::Bootstrap(a)) => Some((a, Role::Bootstrap)),
+        _ => None,
+    };
+    let node = match node
+        .map(|(a, role)| a.load().map(|cfg| (cfg, role)))
+        .transpose()
     {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some((cfg, _)) = &node
+        && cfg.runtime_threads > 0
+    {
+        b.worker_threads(cfg.runtime_threads as usize);
+    }
+    let rt = match b.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -297,10 +321,11 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async move {
+        if let Some((cfg, role)) = node {
+            return run_node(cfg, role).await;
+        }
         match cli.command {
-            None => run_node(cli.node, Role::Worker).await,
-            Some(Cmd::Run(a)) => run_node(a, Role::Worker).await,
-            Some(Cmd::Bootstrap(a)) => run_node(a, Role::Bootstrap).await,
+            None | Some(Cmd::Run(_)) | Some(Cmd::Bootstrap(_)) => Ok(()),
             Some(Cmd::Send(a)) => send(a).await,
             Some(Cmd::Split(a)) => split(a).await,
             Some(Cmd::Fetch(a)) => fetch(a).await,
@@ -315,8 +340,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
-    let mut cfg = args.load()?;
+async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
     // Bound before the node starts, so its status names a reachable address.
     let grpc_listener = grpc::bind(&cfg.grpc_addr).await?;
     cfg.grpc_addr = grpc::advertised(
@@ -341,6 +365,10 @@ async fn run_node(args: NodeArgs, role: Role) -> anyhow::Result<()> {
         (!cfg.shard_id.is_empty() && !cfg.manifest.is_empty()).then(|| cfg.shard_id.clone());
     let seed_manifest = cfg.seed_manifest;
     let metrics_addr = cfg.metrics_addr.clone();
+    info!(
+        "[STATUS] async runtime threads: {} (llama.cpp runs on its own)",
+        tokio::runtime::Handle::current().metrics().num_workers()
+    );
     let running = node::start(cfg, role, keypair).await?;
     running.torrents.announce_all();
     let pipeline = running.pipeline.clone();
