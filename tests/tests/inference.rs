@@ -135,6 +135,34 @@ async fn three_worker_processes_match_single_node_llama_cpp() {
         );
     }
 
+    // Frames travel on streams that stay open: a stage opens a handful of
+    // streams (connections replaced at start-up cost a few) for all the
+    // frames it sends.
+    let mut frames_total = 0.0;
+    for w in &cluster.workers {
+        let m = llama_cluster_tests::scrape(w).unwrap();
+        let frames =
+            llama_cluster_tests::metric(&m, "llama_cluster_activation_frames_sent_total").unwrap();
+        let opened =
+            llama_cluster_tests::metric(&m, "llama_cluster_activation_streams_opened_total")
+                .unwrap();
+        println!(
+            "{}: {frames} activation frames sent on {opened} streams",
+            w.name
+        );
+        assert!(
+            opened <= 8.0,
+            "{}: {opened} streams for {frames} frames",
+            w.name
+        );
+        frames_total += frames;
+    }
+    assert!(
+        frames_total >= (2 * N_GEN) as f64,
+        "{frames_total} frames for {} requests",
+        cases.len()
+    );
+
     // Concurrent sessions through the same stages (as many as a stage
     // allows), driven from every worker at once: each is token-identical to
     // the single-node run. Frames of the sessions share the stages' streams.

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub token_latency: Histogram,
     pub stage_forward: Histogram,
     pub hop_bytes_in: Counter,
+    pub activation_frames_sent: Counter,
+    pub activation_streams_opened: Counter,
     pub active_sessions: Gauge,
     pub queue_depth: Gauge,
     pub peers: Family<TransportLabel, Gauge>,
@@ -45,6 +47,8 @@ impl Metrics {
             token_latency: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             stage_forward: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             hop_bytes_in: Counter::default(),
+            activation_frames_sent: Counter::default(),
+            activation_streams_opened: Counter::default(),
             active_sessions: Gauge::default(),
             queue_depth: Gauge::default(),
             peers: Family::default(),
@@ -83,6 +87,16 @@ impl Metrics {
             "hop_bytes_in",
             "Activation bytes received from the previous stage",
             m.hop_bytes_in.clone(),
+        );
+        registry.register(
+            "activation_frames_sent",
+            "Activation frames sent to other workers",
+            m.activation_frames_sent.clone(),
+        );
+        registry.register(
+            "activation_streams_opened",
+            "Streams opened to other workers for activation frames (kept open and reused)",
+            m.activation_streams_opened.clone(),
         );
         registry.register(
             "active_sessions",

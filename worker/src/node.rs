@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::dispatcher::Dispatcher;
 use crate::network::behaviour::{NodeBehaviour, NodeBehaviourEvent, Role, build_swarm};
-use crate::network::links::Links;
+use crate::network::links::{LinkCounters, Links};
 use crate::network::{json_codec::JsonRequest, transport_of};
 use crate::pipeline::frame::{ACTIVATION_PROTOCOL, MAX_FRAME as MAX_ACTIVATION_FRAME};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -173,7 +173,12 @@ impl NetHandle {
         let control = libp2p_stream::Behaviour::new().new_control();
         NetHandle {
             tx,
-            links: Links::new(control, ACTIVATION_PROTOCOL, MAX_ACTIVATION_FRAME),
+            links: Links::new(
+                control,
+                ACTIVATION_PROTOCOL,
+                MAX_ACTIVATION_FRAME,
+                LinkCounters::default(),
+            ),
         }
     }
 
@@ -346,7 +351,15 @@ pub async fn start(
     let control = swarm.behaviour().streams.new_control();
     let net = NetHandle {
         tx,
-        links: Links::new(control.clone(), ACTIVATION_PROTOCOL, MAX_ACTIVATION_FRAME),
+        links: Links::new(
+            control.clone(),
+            ACTIVATION_PROTOCOL,
+            MAX_ACTIVATION_FRAME,
+            LinkCounters {
+                frames_sent: crate::metrics::metrics().activation_frames_sent.clone(),
+                streams_opened: crate::metrics::metrics().activation_streams_opened.clone(),
+            },
+        ),
     };
     let store_dir = crate::torrent::cache_dir(&cfg).join("torrents");
     let store = crate::torrent::store::Store::open(&store_dir)

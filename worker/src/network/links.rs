@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
+use prometheus_client::metrics::counter::Counter;
 use tracing::debug;
 
 /// Idle streams kept per peer; more are closed after use.
@@ -45,6 +46,15 @@ pub struct Links {
     /// (the receiver answers a repeated frame without running it twice).
     closed: Arc<Mutex<HashMap<PeerId, u64>>>,
     closed_tx: Arc<tokio::sync::watch::Sender<u64>>,
+    counters: LinkCounters,
+}
+
+/// What a [`Links`] counts: frames sent and streams opened (the second
+/// stays small when streams are reused).
+#[derive(Clone, Default)]
+pub struct LinkCounters {
+    pub frames_sent: Counter,
+    pub streams_opened: Counter,
 }
 
 async fn read_frame(s: &mut Stream, max: usize) -> io::Result<Vec<u8>> {
@@ -86,8 +96,14 @@ impl std::fmt::Debug for Links {
 }
 
 impl Links {
-    pub fn new(control: libp2p_stream::Control, protocol: &'static str, max_frame: usize) -> Self {
+    pub fn new(
+        control: libp2p_stream::Control,
+        protocol: &'static str,
+        max_frame: usize,
+        counters: LinkCounters,
+    ) -> Self {
         Links {
+            counters,
             control,
             protocol: StreamProtocol::new(protocol),
             max_frame,
@@ -202,11 +218,15 @@ impl Links {
                             tokio::time::sleep_until(pause.min(deadline)).await;
                             continue;
                         }
-                        Ok(Ok(s)) => (s, false),
+                        Ok(Ok(s)) => {
+                            self.counters.streams_opened.inc();
+                            (s, false)
+                        }
                     }
                 }
             };
             let max = self.max_frame;
+            self.counters.frames_sent.inc();
             let exchange = async {
                 write_frame(&mut stream, body, max).await?;
                 read_frame(&mut stream, max).await
