@@ -23,6 +23,9 @@ use tracing::debug;
 /// Idle streams kept per peer; more are closed after use.
 const MAX_IDLE_PER_PEER: usize = 16;
 
+/// How long opening a stream may take (a dial to a peer that is gone).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Times a frame is tried: again when its stream died under it (a pooled
 /// stream on a closed connection, a connection closed mid-exchange, or a new
 /// stream the receiver dropped: libp2p-stream queues one inbound stream per
@@ -67,8 +70,15 @@ async fn read_frame(s: &mut Stream, max: usize) -> io::Result<Vec<u8>> {
             format!("frame of {len} bytes exceeds {max}"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf).await?;
+    // The buffer grows as bytes arrive, not from the peer's say-so.
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
+    (&mut *s).take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame ended after {} of {len} bytes", buf.len()),
+        ));
+    }
     Ok(buf)
 }
 
@@ -184,8 +194,9 @@ impl Links {
     /// Sends one frame to `peer` and returns its answer, within `timeout`.
     /// Errors are readable sentences; a timeout's says "within". A frame
     /// whose stream dies under it (a pooled stream on a replaced connection,
-    /// or a connection closed while it waits) is sent again on a new stream,
-    /// a bounded number of times: the receiver answers a repeated frame
+    /// a connection closed while it waits, a new stream the receiver
+    /// dropped) is sent again on a new stream after a short random pause, a
+    /// bounded number of times: the receiver answers a repeated frame
     /// without running it twice.
     pub async fn call(
         &self,
@@ -193,18 +204,35 @@ impl Links {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, String> {
+        if body.len() > self.max_frame {
+            return Err(format!(
+                "frame of {} bytes exceeds {} (not sent to {peer})",
+                body.len(),
+                self.max_frame
+            ));
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last_err = String::new();
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                self.pause_before_retry(deadline).await;
+            }
             let seen = self.closed_count(&peer);
             let (mut stream, pooled) = match self.take(&peer) {
                 Some(s) => (s, true),
                 None => {
                     let mut control = self.control.clone();
                     let open = control.open_stream(peer, self.protocol.clone());
-                    match tokio::time::timeout_at(deadline, open).await {
-                        Err(_) => {
+                    let open_by = (tokio::time::Instant::now() + OPEN_TIMEOUT).min(deadline);
+                    match tokio::time::timeout_at(open_by, open).await {
+                        Err(_) if open_by == deadline => {
                             return Err(format!("no answer from {peer} within {timeout:?}"));
+                        }
+                        // A dial that does not complete: the peer is gone.
+                        Err(_) => {
+                            return Err(format!(
+                                "could not open a stream to {peer} in {OPEN_TIMEOUT:?}"
+                            ));
                         }
                         Ok(Err(e @ libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
                             return Err(format!("request to {peer} failed: {e}"));
@@ -214,8 +242,6 @@ impl Links {
                         Ok(Err(e)) => {
                             debug!("[LINK] cannot open a stream to {peer} ({e}); trying again");
                             last_err = e.to_string();
-                            let pause = tokio::time::Instant::now() + Duration::from_millis(50);
-                            tokio::time::sleep_until(pause.min(deadline)).await;
                             continue;
                         }
                         Ok(Ok(s)) => {
@@ -244,41 +270,46 @@ impl Links {
                 // be read as the answer to another frame.
                 Err(_) => return Err(format!("no answer from {peer} within {timeout:?}")),
                 Ok(Ok(answer)) => {
-                    self.put(peer, stream);
+                    // Not pooled when a connection to the peer closed
+                    // meanwhile: it may have been this stream's.
+                    if self.closed_count(&peer) == seen {
+                        self.put(peer, stream);
+                    }
                     return Ok(answer);
                 }
-                Ok(Err(e)) if pooled || self.closed_count(&peer) != seen => {
+                Ok(Err(e)) if pooled || self.closed_count(&peer) != seen || stream_died(&e) => {
                     debug!("[LINK] stream to {peer} died ({e}); sending the frame again");
                     last_err = e.to_string();
-                    self.forget(&peer);
-                }
-                Ok(Err(e))
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::UnexpectedEof
-                            | io::ErrorKind::ConnectionReset
-                            | io::ErrorKind::BrokenPipe
-                    ) =>
-                {
-                    // A new stream closed before any answer: the receiver
-                    // dropped it. Streams opened together retry apart.
-                    debug!("[LINK] {peer} dropped a new stream; sending the frame again");
-                    last_err = e.to_string();
-                    let jitter = Duration::from_micros(
-                        1000 + (std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.subsec_nanos())
-                            .unwrap_or(0)
-                            % 9000) as u64,
-                    );
-                    let pause = tokio::time::Instant::now() + jitter;
-                    tokio::time::sleep_until(pause.min(deadline)).await;
+                    if pooled {
+                        self.forget(&peer);
+                    }
                 }
                 Ok(Err(e)) => return Err(format!("request to {peer} failed: {e}")),
             }
         }
         Err(format!("request to {peer} failed: {last_err}"))
     }
+
+    /// A random pause of 1–10 ms (never past `deadline`), so that frames
+    /// retried together (libp2p-stream queues one new inbound stream at a
+    /// time and drops the others) open their streams apart.
+    async fn pause_before_retry(&self, deadline: tokio::time::Instant) {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(self.counters.frames_sent.get());
+        let jitter = Duration::from_micros(1000 + h.finish() % 9000);
+        tokio::time::sleep_until((tokio::time::Instant::now() + jitter).min(deadline)).await;
+    }
+}
+
+/// Whether an I/O error ended the stream rather than the exchange: resets,
+/// closed or lost connections, a stream the receiver dropped. Malformed or
+/// oversized frames, and a peer that does not speak the protocol, are not.
+fn stream_died(e: &io::Error) -> bool {
+    !matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::Other
+    )
 }
 
 /// Inbound side: answers every frame on every stream of `protocol` with
