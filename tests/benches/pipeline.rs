@@ -15,6 +15,11 @@ use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_tests::{NodeProc, PipelineCluster, model_path, split_with_cli, test_dir};
 
 const N_PROMPT: usize = 128;
+
+/// Workers log as they do by default (the tests' harness asks for debug
+/// lines on every step, which a benchmark should not pay for).
+const WORKER_ENV: &[(&str, &str)] =
+    &[("RUST_LOG", llama_cluster_shared::telemetry::DEFAULT_FILTER)];
 const N_GEN: u32 = 128;
 
 fn rss_mb(pid: u32) -> f64 {
@@ -151,9 +156,15 @@ async fn main() {
     {
         let dir = test_dir(&format!("bench-pipeline{n}"));
         let manifest = split_with_cli(&dir.join("split"), n).expect("split");
-        let cluster = PipelineCluster::start(&dir, &manifest, 40 + 10 * n as u8, &worker_flags)
-            .await
-            .expect("cluster");
+        let cluster = PipelineCluster::start_with_env(
+            &dir,
+            &manifest,
+            40 + 10 * n as u8,
+            &worker_flags,
+            WORKER_ENV,
+        )
+        .await
+        .expect("cluster");
         let t0 = std::time::Instant::now();
         while t0.elapsed() < std::time::Duration::from_secs(60) {
             let (_, tg, _, _) = run_remote(&cluster.workers[0], &prompt).await;
@@ -170,9 +181,15 @@ async fn main() {
         .expect("local chain");
         let _ = tokio::task::block_in_place(|| chain.greedy(&toks, 8)).expect("warm-up");
         chains.push(chain);
-        let cluster = PipelineCluster::start(&dir, &manifest, 40 + 10 * n as u8, &worker_flags)
-            .await
-            .expect("cluster");
+        let cluster = PipelineCluster::start_with_env(
+            &dir,
+            &manifest,
+            40 + 10 * n as u8,
+            &worker_flags,
+            WORKER_ENV,
+        )
+        .await
+        .expect("cluster");
         let _ = run_remote(&cluster.workers[0], "warm up").await;
         clusters.push(cluster);
     }
