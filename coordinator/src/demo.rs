@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use llama_cluster_proto::v1::GetClusterStatusRequest;
+use llama_cluster_proto::v1::InferenceRequest;
 use llama_cluster_proto::v1::coordinator_client::CoordinatorClient;
 use llama_cluster_proto::v1::inference_response::Event;
-use llama_cluster_proto::v1::{GetStatusResponse, InferenceRequest};
 
 use crate::placer::assignment_lines;
-use crate::status_table::{fetch_status, render};
+use crate::status_table::{fetch_status, render, status_rows};
 
 /// Ready-line prefix printed by `llama-worker` (kept in sync with the worker crate).
 const READY_PREFIX: &str = "LLAMA_CLUSTER_READY ";
@@ -290,11 +290,7 @@ pub async fn run(o: DemoOptions) -> anyhow::Result<()> {
             .await
             .context("GetClusterStatus")?
             .into_inner();
-        let statuses: Vec<(String, GetStatusResponse)> = st
-            .workers
-            .iter()
-            .filter_map(|w| w.status.clone().map(|s| (w.grpc_addr.clone(), s)))
-            .collect();
+        let statuses = status_rows(&st);
         // Discovery as the workers see it (each connected to every other).
         let mut direct = Vec::new();
         for p in &procs {

@@ -34,6 +34,17 @@ fn short(peer: &str) -> String {
     }
 }
 
+/// The table rows of a coordinator's view: (gRPC address, status) of every
+/// worker that answered.
+pub fn status_rows(
+    st: &llama_cluster_proto::v1::GetClusterStatusResponse,
+) -> Vec<(String, GetStatusResponse)> {
+    st.workers
+        .iter()
+        .filter_map(|w| w.status.clone().map(|s| (w.grpc_addr.clone(), s)))
+        .collect()
+}
+
 /// Renders statuses as a plain-text table.
 pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
     let mut out = String::new();
@@ -125,12 +136,7 @@ pub async fn print_cluster(coordinator: &str) -> anyhow::Result<()> {
         .await
         .context("GetClusterStatus")?
         .into_inner();
-    let rows: Vec<(String, GetStatusResponse)> = st
-        .workers
-        .iter()
-        .filter_map(|w| w.status.clone().map(|s| (w.grpc_addr.clone(), s)))
-        .collect();
-    print!("{}", render(&rows));
+    print!("{}", render(&status_rows(&st)));
     for w in st.workers.iter().filter(|w| !w.reachable) {
         println!("{:<22} unreachable: {}", w.grpc_addr, w.error);
     }

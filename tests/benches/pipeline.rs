@@ -72,6 +72,23 @@ async fn run_remote(driver: &NodeProc, prompt: &str) -> (f64, f64, u32, u64) {
     best
 }
 
+/// An n-way split of the default model and an n-stage pipeline of worker
+/// processes serving it (on 127.0.0.{40 + 10n}..).
+async fn start_pipeline(n: u32, worker_flags: &[&str]) -> (std::path::PathBuf, PipelineCluster) {
+    let dir = test_dir(&format!("bench-pipeline{n}"));
+    let manifest = split_with_cli(&dir.join("split"), n).expect("split");
+    let cluster = PipelineCluster::start_with_env(
+        &dir,
+        &manifest,
+        40 + 10 * n as u8,
+        worker_flags,
+        WORKER_ENV,
+    )
+    .await
+    .expect("cluster");
+    (manifest, cluster)
+}
+
 /// Rounds over every configuration; each figure is the best of its rounds.
 /// The configurations take turns, so a slow spell of the machine (this VM
 /// varies by about ±10 %) hits all of them rather than one.
@@ -154,17 +171,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
     {
-        let dir = test_dir(&format!("bench-pipeline{n}"));
-        let manifest = split_with_cli(&dir.join("split"), n).expect("split");
-        let cluster = PipelineCluster::start_with_env(
-            &dir,
-            &manifest,
-            40 + 10 * n as u8,
-            &worker_flags,
-            WORKER_ENV,
-        )
-        .await
-        .expect("cluster");
+        let (_, cluster) = start_pipeline(n, &worker_flags).await;
         let t0 = std::time::Instant::now();
         while t0.elapsed() < std::time::Duration::from_secs(60) {
             let (_, tg, _, _) = run_remote(&cluster.workers[0], &prompt).await;
@@ -173,23 +180,13 @@ async fn main() {
         return;
     }
     for n in [1u32, 2, 3] {
-        let dir = test_dir(&format!("bench-pipeline{n}"));
-        let manifest = split_with_cli(&dir.join("split"), n).expect("split");
+        let (manifest, cluster) = start_pipeline(n, &worker_flags).await;
         let mut chain = tokio::task::block_in_place(|| {
             LocalChain::load(&manifest, &(0..n as usize).collect::<Vec<_>>(), settings)
         })
         .expect("local chain");
         let _ = tokio::task::block_in_place(|| chain.greedy(&toks, 8)).expect("warm-up");
         chains.push(chain);
-        let cluster = PipelineCluster::start_with_env(
-            &dir,
-            &manifest,
-            40 + 10 * n as u8,
-            &worker_flags,
-            WORKER_ENV,
-        )
-        .await
-        .expect("cluster");
         let _ = run_remote(&cluster.workers[0], "warm up").await;
         clusters.push(cluster);
     }
