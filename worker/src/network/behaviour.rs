@@ -153,10 +153,7 @@ pub fn build_swarm(
             }
         })?
         // Connections stay up between workers; they carry the pipeline.
-        .with_swarm_config(|c| {
-            c.with_idle_connection_timeout(Duration::from_secs(24 * 3600))
-                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
-        })
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
         .build();
     Ok(swarm)
 }
