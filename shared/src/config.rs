@@ -95,6 +95,9 @@ pub struct NodeConfig {
     pub cache_dir: String,
     /// Seed the files of the configured manifest that are on this disk.
     pub seed_manifest: bool,
+    /// Upload rate limit for seeding, in MB/s (10^6 bytes) over all peers
+    /// (0: unlimited).
+    pub upload_limit_mb_per_sec: f64,
     /// Prometheus `/metrics` address (`host:port`; empty: off).
     pub metrics_addr: String,
     /// Memory this worker offers for shards, in MB (0: the machine's total
@@ -146,6 +149,7 @@ impl Default for NodeConfig {
             activation_f16: false,
             cache_dir: String::new(),
             seed_manifest: true,
+            upload_limit_mb_per_sec: 0.0,
             metrics_addr: String::new(),
             memory_mb: 0,
             otlp_endpoint: String::new(),
@@ -316,6 +320,14 @@ impl NodeConfig {
             return Err(ConfigError::invalid(
                 "n_ubatch",
                 "must be between 1 and n_batch",
+            ));
+        }
+        if !(self.upload_limit_mb_per_sec == 0.0
+            || (1.0..=1e6).contains(&self.upload_limit_mb_per_sec))
+        {
+            return Err(ConfigError::invalid(
+                "upload_limit_mb_per_sec",
+                "must be 0 (unlimited) or between 1 and 1000000 MB/s (a slower limit would let pieces time out)",
             ));
         }
         if self.runtime_threads > 1024 {
@@ -495,6 +507,23 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.otlp_endpoint, "http://127.0.0.1:4317");
         assert_eq!(cfg.trace_decode_every, 4);
+        for bad in ["0.5", "-1", "nan"] {
+            let err = NodeConfig::load(
+                None,
+                &env(&[("LLAMA_CLUSTER_UPLOAD_LIMIT_MB_PER_SEC", bad)]),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("upload_limit_mb_per_sec"), "{bad}: {err}");
+        }
+        let cfg = NodeConfig::load(
+            None,
+            &env(&[("LLAMA_CLUSTER_UPLOAD_LIMIT_MB_PER_SEC", "12.5")]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.upload_limit_mb_per_sec, 12.5);
     }
 
     #[test]

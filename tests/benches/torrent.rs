@@ -1,7 +1,10 @@
 //! Shard transfer benchmark (printed, not asserted): the largest shard file
 //! of the default model (2-shard split) downloaded by a fresh worker from 1
 //! seeder and from 3 seeders over loopback, against `curl` fetching the same
-//! file from `python3 -m http.server`, in one run, as throughput ratios.
+//! file from `python3 -m http.server`, in one run, as throughput ratios;
+//! then the same with every seeder's upload capped at 100 MB/s (about a
+//! gigabit link each), where 3 seeders against 1 shows what the swarm adds
+//! when the links, not this machine's two cores, are the limit.
 //!
 //! cargo build --release --workspace --bins && cargo bench -p llama-cluster-tests --bench torrent
 
@@ -12,7 +15,10 @@ use std::time::{Duration, Instant};
 use llama_cluster_tests::{NodeProc, binary, split_with_cli, test_dir, wait_for, worker_args};
 use serde_json::Value;
 
-const ROUNDS: usize = 3;
+/// Rounds per configuration (`BENCH_ROUNDS`), the best one counts.
+const ROUNDS: usize = 5;
+/// Upload cap of each seeder in the capped runs: about a gigabit link.
+const CAP_MB_S: u32 = 100;
 
 fn use_release_binaries() {
     if std::env::var_os("LLAMA_CLUSTER_BIN_DIR").is_none() {
@@ -100,6 +106,11 @@ fn best2(v: &[(f64, f64)]) -> (f64, f64) {
 #[tokio::main]
 async fn main() {
     use_release_binaries();
+    let rounds = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(ROUNDS);
     let dir = test_dir("bench-torrent");
     let manifest = split_with_cli(&dir.join("split"), 2).expect("split");
     let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
@@ -135,7 +146,7 @@ async fn main() {
         .expect("python3 http.server");
     std::thread::sleep(Duration::from_millis(800));
     let http_s = best(
-        &(0..ROUNDS)
+        &(0..rounds)
             .map(|_| http_round(&dir, &file, port))
             .collect::<Vec<_>>(),
     );
@@ -144,61 +155,89 @@ async fn main() {
 
     let boot = llama_cluster_tests::start_bootstrap(&dir).unwrap();
     let b = boot.addr("quic-v1");
-    let mut seeders: Vec<NodeProc> = Vec::new();
+    // Uncapped seeders (what this machine's CPUs allow), then seeders whose
+    // uploads are capped like a gigabit link each (`upload_limit_mb_per_sec`),
+    // where the swarm's point shows: several seeders at once.
     let mut results = Vec::new();
-    for n in [1usize, 3] {
-        while seeders.len() < n {
-            let i = seeders.len();
-            let mut args = worker_args(&format!("127.0.0.{}", 2 + i), &[&b], None);
-            args.extend(["--manifest".into(), manifest.display().to_string()]);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let s = NodeProc::start(&dir, &format!("seeder{i}"), &args).unwrap();
-            wait_for("seeding", Duration::from_secs(60), || async {
-                s.status()
-                    .await
-                    .ok()?
-                    .torrents
-                    .iter()
-                    .any(|t| t.file_hash == hash)
-                    .then_some(())
-            })
-            .await
-            .unwrap();
-            seeders.push(s);
+    for (cap, base) in [(None, 2u8), (Some(CAP_MB_S), 5)] {
+        let mut seeders: Vec<NodeProc> = Vec::new();
+        for n in [1usize, 3] {
+            while seeders.len() < n {
+                let i = seeders.len();
+                let mut args = worker_args(&format!("127.0.0.{}", base + i as u8), &[&b], None);
+                args.extend(["--manifest".into(), manifest.display().to_string()]);
+                if let Some(c) = cap {
+                    args.extend(["--upload-limit-mb-per-sec".into(), c.to_string()]);
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let name = format!("seeder{}-{i}", if cap.is_some() { "capped" } else { "" });
+                let s = NodeProc::start(&dir, &name, &args).unwrap();
+                wait_for("seeding", Duration::from_secs(60), || async {
+                    s.status()
+                        .await
+                        .ok()?
+                        .torrents
+                        .iter()
+                        .any(|t| t.file_hash == hash)
+                        .then_some(())
+                })
+                .await
+                .unwrap();
+                seeders.push(s);
+            }
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let tag = if cap.is_some() { "c" } else { "u" };
+            let secs = best2(
+                &(0..rounds)
+                    .map(|r| fetch_round(&dir, &format!("{tag}{n}-{r}"), &b, &hash))
+                    .collect::<Vec<_>>(),
+            );
+            results.push((cap, n, secs));
         }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let secs = best2(
-            &(0..ROUNDS)
-                .map(|r| fetch_round(&dir, &format!("{n}-{r}"), &b, &hash))
-                .collect::<Vec<_>>(),
-        );
-        results.push((n, secs));
+        // The next scenario's leecher must not find these.
+        drop(seeders);
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    println!("shard transfer benchmark: {file} ({mb:.1} MB), loopback, best of {ROUNDS}");
-    println!("{:<44} {:>9} {:>9} {:>8}", "", "seconds", "MB/s", "ratio");
+    println!("shard transfer benchmark: {file} ({mb:.1} MB), loopback, best of {rounds}");
+    println!("{:<52} {:>9} {:>9} {:>8}", "", "seconds", "MB/s", "ratio");
     println!(
-        "{:<44} {:>9.3} {:>9.1} {:>8.2}",
+        "{:<52} {:>9.3} {:>9.1} {:>8.2}",
         "curl from python3 http.server",
         http_s,
         mb / http_s,
         1.0
     );
-    for (n, (total, transfer)) in &results {
+    for (cap, n, (total, transfer)) in &results {
+        let who = match cap {
+            None => format!("{n} seeder(s)"),
+            Some(c) => format!("{n} seeder(s) at {c} MB/s"),
+        };
         println!(
-            "{:<44} {:>9.3} {:>9.1} {:>8.2}",
-            format!("llama-cluster, {n} seeder(s), pieces only"),
+            "{:<52} {:>9.3} {:>9.1} {:>8.2}",
+            format!("llama-cluster, {who}, pieces only"),
             transfer,
             mb / transfer,
             http_s / transfer
         );
         println!(
-            "{:<44} {:>9.3} {:>9.1} {:>8.2}",
-            format!("llama-cluster, {n} seeder(s), end to end"),
+            "{:<52} {:>9.3} {:>9.1} {:>8.2}",
+            format!("llama-cluster, {who}, end to end"),
             total,
             mb / total,
             http_s / total
         );
     }
+    let pieces = |cap: Option<u32>, n: usize| {
+        results
+            .iter()
+            .find(|r| r.0 == cap && r.1 == n)
+            .map_or(f64::NAN, |r| r.2.1)
+    };
+    println!(
+        "3 seeders vs 1, pieces: {:.2}x uncapped, {:.2}x capped at {CAP_MB_S} MB/s each",
+        pieces(None, 1) / pieces(None, 3),
+        pieces(Some(CAP_MB_S), 1) / pieces(Some(CAP_MB_S), 3)
+    );
     println!("(end to end: provider lookup, metadata, pieces, whole-file hash, fsync and rename)");
     println!("targets: 1 seeder >= 0.80x HTTP; 3 seeders faster than 1");
 }

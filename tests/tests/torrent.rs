@@ -595,7 +595,7 @@ async fn malformed_piece_requests_get_errors_and_the_seeder_keeps_serving() {
                 }) = swarm.select_next_some().await
                     && request_id == id
                 {
-                    return TorrentResponse::decode(&response).unwrap();
+                    return TorrentResponse::decode(response).unwrap();
                 }
             }
         })

@@ -510,8 +510,13 @@ mod tests {
         let net = crate::node::NetHandle::for_tests(tx);
         let dir = std::env::temp_dir().join(format!("llama-dispatch-{}", std::process::id()));
         let store = crate::torrent::store::Store::open(&dir).unwrap();
-        let torrents =
-            crate::torrent::Torrents::new(store, net.clone(), state.clone(), Default::default());
+        let torrents = crate::torrent::Torrents::new(
+            store,
+            net.clone(),
+            state.clone(),
+            Default::default(),
+            None,
+        );
         let pipeline = Pipeline::new(
             state.clone(),
             net,

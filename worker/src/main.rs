@@ -181,6 +181,9 @@ struct NodeArgs {
     /// Do not seed the manifest's files found on this disk.
     #[arg(long)]
     no_seed_manifest: bool,
+    /// Upload rate limit for seeding, MB/s over all peers (0: unlimited).
+    #[arg(long)]
+    upload_limit_mb_per_sec: Option<String>,
     /// Test only: serve corrupted pieces.
     #[arg(long, hide = true)]
     test_corrupt_pieces: bool,
@@ -226,6 +229,7 @@ impl NodeArgs {
         opt("n_ubatch", &self.n_ubatch);
         opt("threads", &self.threads);
         opt("runtime_threads", &self.runtime_threads);
+        opt("upload_limit_mb_per_sec", &self.upload_limit_mb_per_sec);
         opt("max_sessions", &self.max_sessions);
         opt("session_idle_secs", &self.session_idle_secs);
         opt("stage_timeout_secs", &self.stage_timeout_secs);
@@ -581,6 +585,9 @@ async fn fetch(a: FetchArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // This process exits after the copy: it must not announce itself as a
+    // provider that will be gone in a moment.
+    running.torrents.set_seed_downloads(false);
     let torrents = running.torrents.clone();
     let hash = a.hash.clone();
     let bar = indicatif::ProgressBar::new(0);

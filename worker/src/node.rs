@@ -369,7 +369,13 @@ pub async fn start(
         lying_meta: cfg.test_lying_meta,
         piece_delay: Duration::from_millis(cfg.test_piece_delay_ms),
     };
-    let torrents = Torrents::new(store, net.clone(), state.clone(), hooks);
+    let torrents = Torrents::new(
+        store,
+        net.clone(),
+        state.clone(),
+        hooks,
+        crate::torrent::upload_limit::UploadLimit::new(cfg.upload_limit_mb_per_sec),
+    );
     let pipeline = Pipeline::new(
         state.clone(),
         net.clone(),

@@ -3,12 +3,14 @@
 //! - [`meta`]: content addressing (BLAKE3 pieces and whole file);
 //! - [`store`]: complete files, resumable partial downloads, seeds;
 //! - [`protocol`]: the binary piece protocol;
+//! - [`upload_limit`]: the seeder's upload rate limit;
 //! - this module: serving pieces, announcing files as DHT providers,
 //!   downloading from several providers at once, catalog exchange.
 
 pub mod meta;
 pub mod protocol;
 pub mod store;
+pub mod upload_limit;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -24,8 +26,9 @@ use tracing::{Instrument, debug, info, warn};
 use crate::node::{FrameProto, NetHandle};
 use crate::state::SharedState;
 use meta::TorrentMeta;
-use protocol::{TorrentRequest, TorrentResponse};
+use protocol::{PIECE_HEADER, TorrentRequest, TorrentResponse};
 use store::Store;
+use upload_limit::UploadLimit;
 
 /// The node's cache directory (`cache_dir`, else `$LLAMA_CLUSTER_CACHE`,
 /// else `~/.cache/llama-cluster`, else a directory under /tmp).
@@ -37,7 +40,7 @@ pub fn cache_dir(cfg: &llama_cluster_shared::config::NodeConfig) -> PathBuf {
 }
 
 /// Pieces requested from one peer at a time.
-const PER_PEER_IN_FLIGHT: usize = 16;
+const PER_PEER_IN_FLIGHT: usize = 4;
 /// Extra provider lookups (one second apart) before a download gives up.
 const PROVIDER_RETRIES: usize = 4;
 /// Time one piece may take.
@@ -62,6 +65,15 @@ pub struct TestHooks {
     pub lying_meta: bool,
     pub piece_delay: Duration,
 }
+
+/// A piece checked and written on a blocking thread: who sent it, its
+/// index and length, and whether it matched its hash (or the write error).
+type Checked = (
+    PeerId,
+    u32,
+    u64,
+    Result<std::io::Result<bool>, tokio::task::JoinError>,
+);
 
 /// What a request of the download loop was for.
 enum Job {
@@ -101,6 +113,9 @@ struct Inner {
     state: SharedState,
     me: PeerId,
     hooks: TestHooks,
+    upload_limit: Option<UploadLimit>,
+    /// Announce finished downloads as a provider (off for a one-shot `fetch`).
+    seed_downloads: std::sync::atomic::AtomicBool,
     progress: Mutex<HashMap<String, DownloadProgress>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -109,17 +124,36 @@ struct Inner {
 pub struct Torrents(Arc<Inner>);
 
 impl Torrents {
-    pub fn new(store: Store, net: NetHandle, state: SharedState, hooks: TestHooks) -> Self {
+    pub fn new(
+        store: Store,
+        net: NetHandle,
+        state: SharedState,
+        hooks: TestHooks,
+        upload_limit: Option<UploadLimit>,
+    ) -> Self {
         let me = state.peer_id();
+        if let Some(l) = &upload_limit {
+            info!("[TORRENT] uploads limited to {} MB/s", l.mb_per_sec());
+        }
         Torrents(Arc::new(Inner {
             store,
             net,
             state,
             me,
             hooks,
+            upload_limit,
+            seed_downloads: std::sync::atomic::AtomicBool::new(true),
             progress: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Whether finished downloads are announced in the DHT (a process that
+    /// exits right after its download must not leave a record behind).
+    pub fn set_seed_downloads(&self, on: bool) {
+        self.0
+            .seed_downloads
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn store(&self) -> &Store {
@@ -266,19 +300,30 @@ impl Torrents {
                 if !self.0.hooks.piece_delay.is_zero() {
                     tokio::time::sleep(self.0.hooks.piece_delay).await;
                 }
+                // The piece is read straight into the response frame.
                 let me = self.clone();
-                let r =
-                    tokio::task::spawn_blocking(move || me.0.store.read_piece(&file_hash, index))
-                        .await;
+                let r = tokio::task::spawn_blocking(move || {
+                    let len =
+                        me.0.store
+                            .seed(&file_hash)
+                            .map_or(0, |s| s.meta.piece_len(index) as usize);
+                    let mut frame = TorrentResponse::piece_frame(index, len);
+                    me.0.store
+                        .read_piece_into(&file_hash, index, &mut frame)
+                        .map(|_| frame)
+                })
+                .await;
                 match r {
-                    Ok(Ok(mut data)) => {
-                        crate::metrics::metrics()
-                            .torrent_bytes_out
-                            .inc_by(data.len() as u64);
-                        if self.0.hooks.corrupt_pieces && !data.is_empty() {
-                            data[0] ^= 0xff;
+                    Ok(Ok(mut frame)) => {
+                        let n = frame.len() - PIECE_HEADER;
+                        crate::metrics::metrics().torrent_bytes_out.inc_by(n as u64);
+                        if self.0.hooks.corrupt_pieces && n > 0 {
+                            frame[PIECE_HEADER] ^= 0xff;
                         }
-                        TorrentResponse::Piece { index, data }
+                        if let Some(l) = &self.0.upload_limit {
+                            l.take(frame.len()).await;
+                        }
+                        return frame;
                     }
                     Ok(Err(e)) => TorrentResponse::Error(e),
                     Err(e) => TorrentResponse::Error(e.to_string()),
@@ -294,7 +339,24 @@ impl Torrents {
             .net
             .frame(FrameProto::Torrent, peer, req.encode(), PIECE_TIMEOUT)
             .await?;
-        TorrentResponse::decode(&bytes)
+        TorrentResponse::decode(bytes)
+    }
+
+    /// Counts and reports a piece that failed its hash check.
+    fn bad_piece(
+        &self,
+        prog: &mut DownloadProgress,
+        peers: &mut PeerSpans,
+        span: &tracing::Span,
+        peer: &PeerId,
+        i: u32,
+        name: &str,
+    ) {
+        prog.bad_pieces += 1;
+        peers.bad(span, peer);
+        crate::metrics::metrics().torrent_bad_pieces.inc();
+        self.set_progress(prog);
+        warn!("[TORRENT] {peer} sent a bad piece {i} of {name}; dropping it from this download");
     }
 
     async fn providers(&self, file_hash: &str) -> Vec<PeerId> {
@@ -305,23 +367,27 @@ impl Torrents {
         found
     }
 
+    /// Asks every provider for the file's metadata at once and takes the
+    /// first valid answer (a dead provider costs no more than a live one's
+    /// answer time); the error lists what each provider did.
     async fn fetch_meta(
         &self,
         providers: &[PeerId],
         file_hash: &str,
         pin: &str,
     ) -> Result<TorrentMeta, TorrentError> {
-        let mut last = String::from("no provider answered");
-        for &p in providers {
-            match self
-                .ask(
-                    p,
-                    TorrentRequest::Meta {
-                        file_hash: file_hash.to_string(),
-                    },
-                )
-                .await
-            {
+        let mut asks: FuturesUnordered<_> = providers
+            .iter()
+            .map(|&p| {
+                let req = TorrentRequest::Meta {
+                    file_hash: file_hash.to_string(),
+                };
+                async move { (p, self.ask(p, req).await) }
+            })
+            .collect();
+        let mut failures: Vec<String> = Vec::new();
+        while let Some((p, answer)) = asks.next().await {
+            match answer {
                 Ok(TorrentResponse::Meta(b)) => match serde_json::from_slice::<TorrentMeta>(&b) {
                     Ok(m)
                         if m.file_hash == file_hash
@@ -333,21 +399,27 @@ impl Torrents {
                             "[TORRENT] {p} sent metadata for {} whose piece hashes do not match the manifest; not using {p}",
                             m.name
                         );
-                        last = format!(
+                        failures.push(format!(
                             "{p} sent metadata that does not match the manifest's pieces hash"
-                        );
+                        ));
                     }
                     Ok(m) if m.file_hash == file_hash && m.validate().is_ok() => return Ok(m),
-                    Ok(_) => last = format!("{p} sent metadata for another or an invalid file"),
-                    Err(e) => last = format!("{p} sent unreadable metadata: {e}"),
+                    Ok(_) => {
+                        failures.push(format!("{p} sent metadata for another or an invalid file"))
+                    }
+                    Err(e) => failures.push(format!("{p} sent unreadable metadata: {e}")),
                 },
-                Ok(TorrentResponse::Error(e)) => last = format!("{p}: {e}"),
-                Ok(_) => last = format!("{p} answered out of turn"),
-                Err(e) => last = format!("{p}: {e}"),
+                Ok(TorrentResponse::Error(e)) => failures.push(format!("{p}: {e}")),
+                Ok(_) => failures.push(format!("{p} answered out of turn")),
+                Err(e) => failures.push(format!("{p}: {e}")),
             }
         }
+        if failures.is_empty() {
+            failures.push("no provider answered".into());
+        }
         Err(TorrentError::Failed(format!(
-            "no usable metadata for {file_hash}: {last}"
+            "no usable metadata for {file_hash}: {}",
+            failures.join("; ")
         )))
     }
 
@@ -425,22 +497,35 @@ impl Torrents {
         peers: &mut PeerSpans,
     ) -> Result<PathBuf, TorrentError> {
         let t0 = Instant::now();
+        // A node that just joined may not see the announcements yet, and the
+        // providers found may all be gone (records outlive their nodes): look
+        // again a few times (bounded), asking only providers not tried yet.
         let mut providers = self.providers(file_hash).await;
-        // A node that just joined may not see the announcements yet: retry a
-        // few times (bounded) before giving up.
-        for _ in 0..PROVIDER_RETRIES {
-            if !providers.is_empty() {
-                break;
+        let mut tried: HashSet<PeerId> = HashSet::new();
+        let mut last_err = None;
+        let mut lookups = 0;
+        let meta = loop {
+            let fresh: Vec<PeerId> = providers
+                .iter()
+                .filter(|p| !tried.contains(p))
+                .copied()
+                .collect();
+            if !fresh.is_empty() {
+                tried.extend(fresh.iter().copied());
+                match self.fetch_meta(&fresh, file_hash, pin).await {
+                    Ok(m) => break m,
+                    Err(e) => last_err = Some(e),
+                }
             }
+            if lookups >= PROVIDER_RETRIES {
+                return Err(
+                    last_err.unwrap_or_else(|| TorrentError::NoProvider(file_hash.to_string()))
+                );
+            }
+            lookups += 1;
             tokio::time::sleep(Duration::from_secs(1)).await;
             providers = self.providers(file_hash).await;
-        }
-        if providers.is_empty() {
-            return Err(TorrentError::NoProvider(file_hash.to_string()));
-        }
-        // Ask connected providers first: a stale record must not cost a dial timeout.
-        providers.sort_by_key(|p| !self.0.state.read(|s| s.connections.contains_key(p)));
-        let meta = self.fetch_meta(&providers, file_hash, pin).await?;
+        };
         let m2 = meta.clone();
         let me = self.clone();
         let mut partial = tokio::task::spawn_blocking(move || me.0.store.partial(&m2))
@@ -507,6 +592,12 @@ impl Torrents {
         let mut dropped: HashSet<PeerId> = HashSet::new();
         let mut refreshed = false;
         let mut remaining = queue.len();
+        // Pieces are verified and written on blocking threads while the
+        // transfer goes on; `checking` holds the ones being verified.
+        let shared_meta = Arc::new(meta.clone());
+        let writer = partial.writer();
+        let mut verifying = FuturesUnordered::new();
+        let mut checking: HashSet<u32> = HashSet::new();
         while remaining > 0 {
             // Hand out pieces round robin, a few per peer; once nothing is
             // queued, idle peers duplicate pieces still in flight (endgame).
@@ -516,11 +607,21 @@ impl Torrents {
                     if n_in >= PER_PEER_IN_FLIGHT {
                         break;
                     }
-                    let next = queue.pop_front().or_else(|| {
+                    let mut next = None;
+                    while let Some(i) = queue.pop_front() {
+                        if !done[i as usize] && !checking.contains(&i) {
+                            next = Some(i);
+                            break;
+                        }
+                    }
+                    let next = next.or_else(|| {
                         requested
                             .iter()
                             .filter(|(i, who)| {
-                                !done[**i as usize] && !who.contains(&p) && who.len() < 2
+                                !done[**i as usize]
+                                    && !checking.contains(*i)
+                                    && !who.contains(&p)
+                                    && who.len() < 2
                             })
                             .map(|(i, _)| *i)
                             .min()
@@ -549,7 +650,7 @@ impl Torrents {
                     );
                 }
             }
-            if running.is_empty() {
+            if running.is_empty() && verifying.is_empty() {
                 if !refreshed {
                     // Everybody we knew failed: look for providers again, once.
                     refreshed = true;
@@ -569,8 +670,46 @@ impl Torrents {
                     meta.name
                 )));
             }
-            let Some((peer, job, r)) = running.next().await else {
-                continue;
+            let (peer, job, r) = tokio::select! {
+                Some(answer) = running.next(), if !running.is_empty() => answer,
+                Some(checked) = verifying.next(), if !verifying.is_empty() => {
+                    let (peer, i, len, r): Checked = checked;
+                    checking.remove(&i);
+                    match r {
+                        Ok(Ok(true)) => {
+                            if !done[i as usize] {
+                                partial.mark_written(i);
+                                done[i as usize] = true;
+                                remaining -= 1;
+                                requested.remove(&i);
+                                prog.fetched_bytes += len;
+                                crate::metrics::metrics().torrent_bytes_in.inc_by(len);
+                                prog.verified_bytes += len;
+                                prog.pieces_done += 1;
+                                peers.piece(span, &peer, len);
+                                prog.peers =
+                                    active.iter().filter(|p| !dropped.contains(p)).count() as u32;
+                                self.set_progress(&prog);
+                            }
+                        }
+                        Ok(Ok(false)) => {
+                            self.bad_piece(&mut prog, peers, span, &peer, i, &meta.name);
+                            dropped.insert(peer);
+                            if !done[i as usize] && requested.get(&i).is_none_or(|w| w.is_empty()) {
+                                queue.push_back(i);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            return Err(TorrentError::Failed(format!(
+                                "writing {} failed: {e} (download stopped, resumable)",
+                                meta.name
+                            )));
+                        }
+                        Err(e) => return Err(TorrentError::Failed(e.to_string())),
+                    }
+                    continue;
+                }
+                else => continue,
             };
             let i = match job {
                 Job::Probe => {
@@ -591,40 +730,30 @@ impl Torrents {
                 who.remove(&peer);
             }
             let ok = match r {
-                Ok(TorrentResponse::Piece { index, data })
-                    if index == i && meta.check_piece(i, &data) =>
-                {
-                    if !done[i as usize] {
-                        partial.write_piece(i, &data).map_err(|e| {
-                            TorrentError::Failed(format!(
-                                "writing {} failed: {e} (download stopped, resumable)",
-                                meta.name
-                            ))
-                        })?;
-                        done[i as usize] = true;
-                        remaining -= 1;
-                        requested.remove(&i);
-                        prog.fetched_bytes += data.len() as u64;
-                        crate::metrics::metrics()
-                            .torrent_bytes_in
-                            .inc_by(data.len() as u64);
-                        prog.verified_bytes += data.len() as u64;
-                        prog.pieces_done += 1;
-                        peers.piece(span, &peer, data.len() as u64);
-                        prog.peers = active.iter().filter(|p| !dropped.contains(p)).count() as u32;
-                        self.set_progress(&prog);
+                Ok(TorrentResponse::Piece { index, data }) if index == i => {
+                    // A second copy (endgame) of a piece already here or
+                    // being verified is not needed.
+                    if !done[i as usize] && checking.insert(i) {
+                        let (m, w) = (shared_meta.clone(), writer.clone());
+                        verifying.push(
+                            async move {
+                                let len = data.len() as u64;
+                                let r = tokio::task::spawn_blocking(move || {
+                                    if !m.check_piece(i, &data) {
+                                        return Ok(false);
+                                    }
+                                    w.write(i, &data).map(|_| true)
+                                })
+                                .await;
+                                (peer, i, len, r)
+                            }
+                            .boxed(),
+                        );
                     }
                     true
                 }
                 Ok(TorrentResponse::Piece { .. }) => {
-                    prog.bad_pieces += 1;
-                    peers.bad(span, &peer);
-                    crate::metrics::metrics().torrent_bad_pieces.inc();
-                    self.set_progress(&prog);
-                    warn!(
-                        "[TORRENT] {peer} sent a bad piece {i} of {}; dropping it from this download",
-                        meta.name
-                    );
+                    self.bad_piece(&mut prog, peers, span, &peer, i, &meta.name);
                     false
                 }
                 Ok(TorrentResponse::Error(e)) => {
@@ -643,12 +772,16 @@ impl Torrents {
             };
             if !ok {
                 dropped.insert(peer);
-                if !done[i as usize] && requested.get(&i).is_none_or(|w| w.is_empty()) {
+                if !done[i as usize]
+                    && !checking.contains(&i)
+                    && requested.get(&i).is_none_or(|w| w.is_empty())
+                {
                     queue.push_back(i);
                 }
             }
         }
         drop(running);
+        drop(writer);
         span.record("bytes_fetched", prog.fetched_bytes);
         span.record("bad_pieces", prog.bad_pieces);
         let transfer = t_transfer.elapsed();
@@ -660,17 +793,24 @@ impl Torrents {
             .map_err(|e| TorrentError::Failed(format!("finishing {name}: {e}")))?;
         prog.done = true;
         self.set_progress(&prog);
-        self.0.net.provide(file_hash.to_string());
+        let seeding = self
+            .0
+            .seed_downloads
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if seeding {
+            self.0.net.provide(file_hash.to_string());
+        }
         let secs = t0.elapsed().as_secs_f64();
         let tsecs = transfer.as_secs_f64();
         info!(
-            "[TORRENT] {} complete and verified: {} bytes fetched in {:.3} s ({:.1} MB/s), pieces transferred in {:.3} s ({:.1} MB/s), seeding",
+            "[TORRENT] {} complete and verified: {} bytes fetched in {:.3} s ({:.1} MB/s), pieces transferred in {:.3} s ({:.1} MB/s){}",
             meta.name,
             prog.fetched_bytes,
             secs,
             prog.fetched_bytes as f64 / secs.max(1e-9) / 1e6,
             tsecs,
-            prog.fetched_bytes as f64 / tsecs.max(1e-9) / 1e6
+            prog.fetched_bytes as f64 / tsecs.max(1e-9) / 1e6,
+            if seeding { ", seeding" } else { "" }
         );
         Ok(path)
     }

@@ -3,6 +3,8 @@
 //! sides. Requests: metadata of a file, or one piece. Responses: the
 //! metadata, the piece's bytes, or an error.
 
+use bytes::Bytes;
+
 use super::meta::MAX_PIECE;
 
 pub const TORRENT_PROTOCOL: &str = "/llama-cluster/torrent/1.0";
@@ -21,7 +23,11 @@ pub enum TorrentRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TorrentResponse {
     Meta(Vec<u8>),
-    Piece { index: u32, data: Vec<u8> },
+    /// The piece's bytes, a view into the received frame (not copied).
+    Piece {
+        index: u32,
+        data: Bytes,
+    },
     Error(String),
 }
 
@@ -61,7 +67,19 @@ impl TorrentRequest {
     }
 }
 
+/// Bytes before a piece's data in a piece response frame.
+pub const PIECE_HEADER: usize = 5;
+
 impl TorrentResponse {
+    /// The start of a piece response frame, with room for `len` bytes of
+    /// data to be appended (the seeder reads the piece straight into it).
+    pub fn piece_frame(index: u32, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(PIECE_HEADER + len);
+        v.push(2);
+        v.extend_from_slice(&index.to_le_bytes());
+        v
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::new();
         match self {
@@ -70,8 +88,7 @@ impl TorrentResponse {
                 v.extend_from_slice(m);
             }
             TorrentResponse::Piece { index, data } => {
-                v.push(2);
-                v.extend_from_slice(&index.to_le_bytes());
+                v = Self::piece_frame(*index, data.len());
                 v.extend_from_slice(data);
             }
             TorrentResponse::Error(e) => {
@@ -82,14 +99,15 @@ impl TorrentResponse {
         v
     }
 
-    pub fn decode(b: &[u8]) -> Result<Self, String> {
+    /// Decodes a response frame; a piece's data stays in the frame's buffer.
+    pub fn decode(b: Vec<u8>) -> Result<Self, String> {
         let (&kind, rest) = b.split_first().ok_or("empty response")?;
         match kind {
             1 if rest.len() <= MAX_META => Ok(TorrentResponse::Meta(rest.to_vec())),
             1 => Err("metadata too large".into()),
             2 if rest.len() >= 4 => Ok(TorrentResponse::Piece {
                 index: u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]),
-                data: rest[4..].to_vec(),
+                data: Bytes::from(b).slice(PIECE_HEADER..),
             }),
             3 => Ok(TorrentResponse::Error(
                 String::from_utf8_lossy(rest).into_owned(),
@@ -121,15 +139,15 @@ mod tests {
             TorrentResponse::Meta(b"{}".to_vec()),
             TorrentResponse::Piece {
                 index: 3,
-                data: vec![1, 2, 3],
+                data: Bytes::from_static(&[1, 2, 3]),
             },
             TorrentResponse::Error("nope".into()),
         ] {
-            assert_eq!(TorrentResponse::decode(&r.encode()).unwrap(), r);
+            assert_eq!(TorrentResponse::decode(r.encode()).unwrap(), r);
         }
         assert!(TorrentRequest::decode(b"").is_err());
         assert!(TorrentRequest::decode(b"\x02\x40short").is_err());
         assert!(TorrentRequest::decode(b"\x09\x00\x00\x00\x00\x00").is_err());
-        assert!(TorrentResponse::decode(b"\x02\x01").is_err());
+        assert!(TorrentResponse::decode(b"\x02\x01".to_vec()).is_err());
     }
 }

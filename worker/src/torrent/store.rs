@@ -6,10 +6,10 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use super::meta::TorrentMeta;
 
@@ -90,6 +90,14 @@ impl Store {
 
     /// Reads piece `i` of a seeded file (blocking).
     pub fn read_piece(&self, hash: &str, i: u32) -> Result<Vec<u8>, String> {
+        let mut buf = Vec::new();
+        self.read_piece_into(hash, i, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Appends piece `i` of file `hash` to `out` (a response frame being
+    /// built, so the piece is copied once, from the page cache).
+    pub fn read_piece_into(&self, hash: &str, i: u32, out: &mut Vec<u8>) -> Result<(), String> {
         let seed = self
             .seed(hash)
             .ok_or_else(|| format!("no complete file {hash} here"))?;
@@ -99,12 +107,20 @@ impl Store {
                 seed.meta.n_pieces()
             ));
         }
-        let len = seed.meta.piece_len(i) as usize;
-        let mut buf = vec![0u8; len];
-        let f = File::open(&seed.path).map_err(|e| format!("{}: {e}", seed.path.display()))?;
-        f.read_exact_at(&mut buf, i as u64 * seed.meta.piece_size)
-            .map_err(|e| format!("{}: {e}", seed.path.display()))?;
-        Ok(buf)
+        let len = seed.meta.piece_len(i);
+        let err = |e: io::Error| format!("{}: {e}", seed.path.display());
+        let mut f = File::open(&seed.path).map_err(err)?;
+        f.seek(SeekFrom::Start(i as u64 * seed.meta.piece_size))
+            .map_err(err)?;
+        out.reserve_exact(len as usize);
+        let n = f.take(len).read_to_end(out).map_err(err)?;
+        if n as u64 != len {
+            return Err(format!(
+                "{}: piece {i} is short ({n} of {len} bytes): the file changed on disk",
+                seed.path.display()
+            ));
+        }
+        Ok(())
     }
 
     /// Opens (or resumes) the download of `meta`.
@@ -134,7 +150,7 @@ impl Store {
 /// killed at any point resumes from exactly the pieces that reached the disk.
 pub struct Partial {
     pub meta: TorrentMeta,
-    file: File,
+    file: Arc<File>,
     have: Vec<bool>,
     part_path: PathBuf,
 }
@@ -167,7 +183,7 @@ impl Partial {
         }
         Ok(Partial {
             meta: meta.clone(),
-            file,
+            file: Arc::new(file),
             have,
             part_path,
         })
@@ -188,10 +204,25 @@ impl Partial {
 
     /// Writes a piece that was already checked against its hash.
     pub fn write_piece(&mut self, i: u32, data: &[u8]) -> io::Result<()> {
-        self.file
-            .write_all_at(data, i as u64 * self.meta.piece_size)?;
-        self.have[i as usize] = true;
+        self.writer().write(i, data)?;
+        self.mark_written(i);
         Ok(())
+    }
+
+    /// A handle that writes pieces from another thread (verification and
+    /// writing run off the async runtime); [`Partial::mark_written`] records
+    /// each piece once its write returned.
+    pub fn writer(&self) -> PieceWriter {
+        PieceWriter {
+            file: self.file.clone(),
+            piece_size: self.meta.piece_size,
+        }
+    }
+
+    pub fn mark_written(&mut self, i: u32) {
+        if let Some(h) = self.have.get_mut(i as usize) {
+            *h = true;
+        }
     }
 
     fn finish(self, final_path: &Path) -> io::Result<()> {
@@ -221,5 +252,18 @@ impl Partial {
             ));
         }
         std::fs::rename(&self.part_path, final_path)
+    }
+}
+
+/// Writes pieces of one download; see [`Partial::writer`].
+#[derive(Clone)]
+pub struct PieceWriter {
+    file: Arc<File>,
+    piece_size: u64,
+}
+
+impl PieceWriter {
+    pub fn write(&self, i: u32, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, i as u64 * self.piece_size)
     }
 }
