@@ -435,6 +435,68 @@ async fn killing_the_fast_seeder_mid_download_still_completes() {
     assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
 }
 
+/// Seeders that are gone leave provider records and routing entries
+/// behind; a download still finds the live seeder at once (bounded lookups,
+/// connected peers asked too), and that seeder keeps to its upload limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_departed_seeders_do_not_stop_a_download_and_uploads_keep_to_their_limit() {
+    const LIMIT_MB_S: f64 = 10.0;
+    let dir = test_dir("torrent-departed");
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    for (i, host) in ["127.0.0.185", "127.0.0.186"].iter().enumerate() {
+        let mut gone = start(&dir, &format!("gone{i}"), host, &b, &s.manifest, &[]);
+        wait_for("seeding", WAIT, || async {
+            seeding(&gone, &s.hash).await.then_some(())
+        })
+        .await
+        .unwrap();
+        // Its provider record reaches the bootstrap node before it dies.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        gone.kill();
+    }
+    let live = start(
+        &dir,
+        "live",
+        "127.0.0.187",
+        &b,
+        &s.manifest,
+        &["--upload-limit-mb-per-sec", &LIMIT_MB_S.to_string()],
+    );
+    wait_for("seeding", WAIT, || async {
+        seeding(&live, &s.hash).await.then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(live.log().contains("uploads limited to 10 MB/s"));
+    let m = bare_manifest(&dir, "leech", &s.manifest);
+    let leech = start(&dir, "leech", "127.0.0.188", &b, &m, &[]);
+    let r = load(&leech, &s.shard_id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
+    assert_eq!(r.state, "ready");
+    assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+    // The transfer cannot beat the limit: a lower bound (less the 10 ms
+    // burst), not a speed goal.
+    let log = leech.log();
+    let secs: f64 = log
+        .lines()
+        .find_map(|l| {
+            l.split(" transferred in ")
+                .nth(1)
+                .and_then(|r| r.split(" s ").next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no transfer time in the log\n{log}"));
+    let floor = s.size as f64 / (LIMIT_MB_S * 1e6) - 0.05;
+    assert!(
+        secs >= floor,
+        "{secs} s for {} bytes at {LIMIT_MB_S} MB/s",
+        s.size
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_leecher_resumes_from_verified_pieces() {
     let dir = test_dir("torrent-resume");

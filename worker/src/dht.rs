@@ -157,9 +157,11 @@ impl Node {
                         && let Ok(GetProvidersOk::FoundProviders { providers, .. }) = r
                     {
                         q.found.extend(providers);
-                        if !q.found.is_empty() && q.answer_at.is_none() {
-                            q.answer_at =
-                                Some(tokio::time::Instant::now() + Duration::from_millis(100));
+                        if !q.found.is_empty() {
+                            // A moment more for other answers, never later
+                            // than the lookup's bound.
+                            let soon = tokio::time::Instant::now() + Duration::from_millis(100);
+                            q.answer_at = Some(q.answer_at.map_or(soon, |at| at.min(soon)));
                         }
                     }
                     if finished

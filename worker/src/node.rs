@@ -48,9 +48,10 @@ pub enum NetCommand {
     },
     /// Re-publish this node's records now (its shard changed state).
     Publish,
-    /// Find the providers of a DHT key.
+    /// Find the providers of a DHT key, answering within `bound`.
     GetProviders {
         key: String,
+        bound: Duration,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
     /// Announce this node as a provider of a DHT key.
@@ -137,12 +138,14 @@ impl NetHandle {
         self.links.call(peer, body, timeout).await
     }
 
-    /// Providers of `key` in the DHT (bounded by the query timeout).
-    pub async fn get_providers(&self, key: String) -> Vec<PeerId> {
+    /// Providers of `key` in the DHT: the ones found by `bound` (peers
+    /// that are gone cost a dial timeout each, so a lookup can take long),
+    /// or a moment after the first ones were found.
+    pub async fn get_providers(&self, key: String, bound: Duration) -> Vec<PeerId> {
         let (reply, rx) = oneshot::channel();
         if self
             .tx
-            .send(NetCommand::GetProviders { key, reply })
+            .send(NetCommand::GetProviders { key, bound, reply })
             .await
             .is_err()
         {
@@ -577,7 +580,7 @@ impl Node {
                 );
             }
             NetCommand::Publish => self.publish_local_records(),
-            NetCommand::GetProviders { key, reply } => {
+            NetCommand::GetProviders { key, bound, reply } => {
                 let id = self
                     .swarm
                     .behaviour_mut()
@@ -588,7 +591,7 @@ impl Node {
                     ProviderQuery {
                         found: HashSet::new(),
                         reply: Some(reply),
-                        answer_at: None,
+                        answer_at: Some(tokio::time::Instant::now() + bound),
                     },
                 );
             }

@@ -43,6 +43,8 @@ pub fn cache_dir(cfg: &llama_cluster_shared::config::NodeConfig) -> PathBuf {
 const PER_PEER_IN_FLIGHT: usize = 4;
 /// Extra provider lookups (one second apart) before a download gives up.
 const PROVIDER_RETRIES: usize = 4;
+/// Connected peers asked for a file's metadata besides its DHT providers.
+const MAX_CONNECTED_ASKED: usize = 32;
 /// Time one piece may take.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -359,23 +361,26 @@ impl Torrents {
         warn!("[TORRENT] {peer} sent a bad piece {i} of {name}; dropping it from this download");
     }
 
-    async fn providers(&self, file_hash: &str) -> Vec<PeerId> {
-        let mut found: Vec<PeerId> = self.0.net.get_providers(file_hash.to_string()).await;
+    /// Providers of a file in the DHT; lookup `attempt` (from 0) may take
+    /// longer than the one before (2 s, 4 s, ... at most 10 s).
+    async fn providers(&self, file_hash: &str, attempt: u32) -> Vec<PeerId> {
+        let bound = Duration::from_secs((2 * (attempt as u64 + 1)).min(10));
+        let mut found: Vec<PeerId> = self.0.net.get_providers(file_hash.to_string(), bound).await;
         found.retain(|p| *p != self.0.me);
         found.sort();
         found.dedup();
         found
     }
 
-    /// Asks every provider for the file's metadata at once and takes the
-    /// first valid answer (a dead provider costs no more than a live one's
-    /// answer time); the error lists what each provider did.
+    /// Asks every candidate for the file's metadata at once and takes the
+    /// first valid answer and who sent it (a dead provider costs no more than
+    /// a live one's answer time); the error lists what each peer did.
     async fn fetch_meta(
         &self,
         providers: &[PeerId],
         file_hash: &str,
         pin: &str,
-    ) -> Result<TorrentMeta, TorrentError> {
+    ) -> Result<(TorrentMeta, PeerId), TorrentError> {
         let mut asks: FuturesUnordered<_> = providers
             .iter()
             .map(|&p| {
@@ -403,7 +408,7 @@ impl Torrents {
                             "{p} sent metadata that does not match the manifest's pieces hash"
                         ));
                     }
-                    Ok(m) if m.file_hash == file_hash && m.validate().is_ok() => return Ok(m),
+                    Ok(m) if m.file_hash == file_hash && m.validate().is_ok() => return Ok((m, p)),
                     Ok(_) => {
                         failures.push(format!("{p} sent metadata for another or an invalid file"))
                     }
@@ -497,34 +502,53 @@ impl Torrents {
         peers: &mut PeerSpans,
     ) -> Result<PathBuf, TorrentError> {
         let t0 = Instant::now();
-        // A node that just joined may not see the announcements yet, and the
-        // providers found may all be gone (records outlive their nodes): look
-        // again a few times (bounded), asking only providers not tried yet.
-        let mut providers = self.providers(file_hash).await;
+        // A node that just joined may not see the announcements yet, a new
+        // seeder's announcement may still be on its way, and the providers
+        // found may all be gone (records outlive their nodes): the peers this
+        // node is connected to are asked too, and the DHT is asked again a
+        // few times (bounded), each peer once.
+        let mut providers = self.providers(file_hash, 0).await;
         let mut tried: HashSet<PeerId> = HashSet::new();
         let mut last_err = None;
         let mut lookups = 0;
+        let mut dht_found_any = !providers.is_empty();
         let meta = loop {
-            let fresh: Vec<PeerId> = providers
-                .iter()
-                .filter(|p| !tried.contains(p))
-                .copied()
-                .collect();
+            let connected: Vec<PeerId> = self.0.state.read(|s| {
+                s.connections
+                    .keys()
+                    .filter(|p| **p != self.0.me)
+                    .take(MAX_CONNECTED_ASKED)
+                    .copied()
+                    .collect()
+            });
+            let mut fresh: Vec<PeerId> = Vec::new();
+            for p in providers.iter().chain(connected.iter()) {
+                if tried.insert(*p) {
+                    fresh.push(*p);
+                }
+            }
             if !fresh.is_empty() {
-                tried.extend(fresh.iter().copied());
                 match self.fetch_meta(&fresh, file_hash, pin).await {
-                    Ok(m) => break m,
+                    Ok((m, from)) => {
+                        if !providers.contains(&from) {
+                            providers.push(from);
+                        }
+                        break m;
+                    }
                     Err(e) => last_err = Some(e),
                 }
             }
             if lookups >= PROVIDER_RETRIES {
-                return Err(
-                    last_err.unwrap_or_else(|| TorrentError::NoProvider(file_hash.to_string()))
-                );
+                // Nobody announced the file and no connected peer had it.
+                return Err(match last_err {
+                    Some(e) if dht_found_any => e,
+                    _ => TorrentError::NoProvider(file_hash.to_string()),
+                });
             }
             lookups += 1;
             tokio::time::sleep(Duration::from_secs(1)).await;
-            providers = self.providers(file_hash).await;
+            providers = self.providers(file_hash, lookups as u32).await;
+            dht_found_any |= !providers.is_empty();
         };
         let m2 = meta.clone();
         let me = self.clone();
@@ -655,7 +679,7 @@ impl Torrents {
                     // Everybody we knew failed: look for providers again, once.
                     refreshed = true;
                     let fresh: Vec<PeerId> = self
-                        .providers(file_hash)
+                        .providers(file_hash, 1)
                         .await
                         .into_iter()
                         .filter(|p| !dropped.contains(p) && !active.contains(p))
