@@ -590,7 +590,18 @@ impl Torrents {
             .filter(|p| is_connected(p))
             .collect();
         let mut running = FuturesUnordered::new();
-        for &p in providers.iter().filter(|p| !is_connected(p)) {
+        // Connected peers the DHT did not name (their announcements may be
+        // on the way) are probed as well: any that has the file joins in.
+        let unnamed: Vec<PeerId> = tried
+            .iter()
+            .filter(|p| !providers.contains(p) && is_connected(p))
+            .copied()
+            .collect();
+        for &p in providers
+            .iter()
+            .filter(|p| !is_connected(p))
+            .chain(unnamed.iter())
+        {
             let me = self.clone();
             let hash = file_hash.to_string();
             running.push(
