@@ -115,6 +115,8 @@ pub struct NodeConfig {
     pub test_lying_meta: bool,
     /// Test only: delay every served piece by this many milliseconds.
     pub test_piece_delay_ms: u64,
+    /// Test only: answer the first this many piece requests with busy.
+    pub test_busy_pieces: u32,
 }
 
 impl Default for NodeConfig {
@@ -157,6 +159,7 @@ impl Default for NodeConfig {
             test_corrupt_pieces: false,
             test_lying_meta: false,
             test_piece_delay_ms: 0,
+            test_busy_pieces: 0,
         }
     }
 }
@@ -327,7 +330,7 @@ impl NodeConfig {
         {
             return Err(ConfigError::invalid(
                 "upload_limit_mb_per_sec",
-                "must be 0 (unlimited) or between 1 and 1000000 MB/s (a slower limit would let pieces time out)",
+                "must be 0 (unlimited) or between 1 and 1000000 MB/s",
             ));
         }
         if self.runtime_threads > 1024 {

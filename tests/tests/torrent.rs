@@ -437,7 +437,8 @@ async fn killing_the_fast_seeder_mid_download_still_completes() {
 
 /// Seeders that are gone leave provider records and routing entries
 /// behind; a download still finds the live seeder at once (bounded lookups,
-/// connected peers asked too), and that seeder keeps to its upload limit.
+/// connected peers asked too), waits out its busy answers without dropping
+/// it (it is the only one), and that seeder keeps to its upload limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_of_departed_seeders_do_not_stop_a_download_and_uploads_keep_to_their_limit() {
     const LIMIT_MB_S: f64 = 10.0;
@@ -462,7 +463,12 @@ async fn records_of_departed_seeders_do_not_stop_a_download_and_uploads_keep_to_
         "127.0.0.187",
         &b,
         &s.manifest,
-        &["--upload-limit-mb-per-sec", &LIMIT_MB_S.to_string()],
+        &[
+            "--upload-limit-mb-per-sec",
+            &LIMIT_MB_S.to_string(),
+            "--test-busy-pieces",
+            "6",
+        ],
     );
     wait_for("seeding", WAIT, || async {
         seeding(&live, &s.hash).await.then_some(())
@@ -477,9 +483,14 @@ async fn records_of_departed_seeders_do_not_stop_a_download_and_uploads_keep_to_
         .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
     assert_eq!(r.state, "ready");
     assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+    let log = leech.log();
+    assert!(log.contains("is busy"), "{log}");
+    assert!(
+        !log.contains("dropping it"),
+        "a busy seeder is not dropped\n{log}"
+    );
     // The transfer cannot beat the limit: a lower bound (less the 10 ms
     // burst), not a speed goal.
-    let log = leech.log();
     let secs: f64 = log
         .lines()
         .find_map(|l| {

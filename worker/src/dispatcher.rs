@@ -516,6 +516,7 @@ mod tests {
             state.clone(),
             Default::default(),
             None,
+            true,
         );
         let pipeline = Pipeline::new(
             state.clone(),

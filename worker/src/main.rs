@@ -193,6 +193,9 @@ struct NodeArgs {
     /// Test only: delay each served piece (ms).
     #[arg(long, hide = true)]
     test_piece_delay_ms: Option<String>,
+    /// Test only: answer the first N piece requests with busy.
+    #[arg(long, hide = true)]
+    test_busy_pieces: Option<String>,
 }
 
 impl NodeArgs {
@@ -224,6 +227,7 @@ impl NodeArgs {
         opt("memory_mb", &self.memory_mb);
         opt("trace_decode_every", &self.trace_decode_every);
         opt("test_piece_delay_ms", &self.test_piece_delay_ms);
+        opt("test_busy_pieces", &self.test_busy_pieces);
         opt("n_ctx", &self.n_ctx);
         opt("n_batch", &self.n_batch);
         opt("n_ubatch", &self.n_ubatch);
@@ -576,7 +580,9 @@ async fn fetch(a: FetchArgs) -> anyhow::Result<()> {
         anyhow::bail!("give --bootstrap: the address of any node of the cluster");
     }
     let keypair = llama_worker::identity::load_or_create(&cfg.identity_file)?;
-    let running = node::start(cfg, Role::Worker, keypair).await?;
+    // This process exits after the copy: it must not announce itself as a
+    // provider that will be gone in a moment.
+    let running = node::start_with(cfg, Role::Worker, keypair, false).await?;
     // Bounded wait for the swarm.
     let t0 = std::time::Instant::now();
     while running.state.read(|s| s.connections.is_empty()) {
@@ -585,9 +591,6 @@ async fn fetch(a: FetchArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // This process exits after the copy: it must not announce itself as a
-    // provider that will be gone in a moment.
-    running.torrents.set_seed_downloads(false);
     let torrents = running.torrents.clone();
     let hash = a.hash.clone();
     let bar = indicatif::ProgressBar::new(0);

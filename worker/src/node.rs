@@ -316,6 +316,17 @@ pub async fn start(
     role: Role,
     keypair: libp2p::identity::Keypair,
 ) -> anyhow::Result<RunningNode> {
+    start_with(cfg, role, keypair, true).await
+}
+
+/// [`start`], choosing whether the node announces its files in the DHT (a
+/// one-shot `fetch` that exits after its download does not).
+pub async fn start_with(
+    cfg: NodeConfig,
+    role: Role,
+    keypair: libp2p::identity::Keypair,
+    announce_files: bool,
+) -> anyhow::Result<RunningNode> {
     let bootstrap_addrs = parse_addr_list("bootstrap", &cfg.bootstrap)?;
     let external_addrs = parse_addr_list("external_addrs", &cfg.external_addrs)?;
     let peer_id = keypair.public().to_peer_id();
@@ -371,6 +382,7 @@ pub async fn start(
         corrupt_pieces: cfg.test_corrupt_pieces || cfg.test_lying_meta,
         lying_meta: cfg.test_lying_meta,
         piece_delay: Duration::from_millis(cfg.test_piece_delay_ms),
+        busy_pieces: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(cfg.test_busy_pieces)),
     };
     let torrents = Torrents::new(
         store,
@@ -378,6 +390,7 @@ pub async fn start(
         state.clone(),
         hooks,
         crate::torrent::upload_limit::UploadLimit::new(cfg.upload_limit_mb_per_sec),
+        announce_files,
     );
     let pipeline = Pipeline::new(
         state.clone(),
@@ -748,6 +761,9 @@ impl Node {
             .is_some_and(|at| at <= tokio::time::Instant::now())
         {
             self.reprovide_at = None;
+            if !self.torrents.announces() {
+                return;
+            }
             for m in self.torrents.store().catalog() {
                 let _ = self
                     .swarm

@@ -47,6 +47,14 @@ const PROVIDER_RETRIES: usize = 4;
 const MAX_CONNECTED_ASKED: usize = 32;
 /// Time one piece may take.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pieces received and waiting for (or in) verification; no more are asked
+/// for meanwhile, so a slow disk bounds the memory a download holds.
+const MAX_CHECKING: usize = 8;
+/// How long a seeder that answered busy is left alone.
+const BUSY_BACKOFF: Duration = Duration::from_secs(1);
+/// Waits with every provider busy and nothing in flight before a download
+/// gives up (resumable).
+const MAX_BUSY_WAITS: u32 = 120;
 
 /// Why a download failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +67,16 @@ pub enum TorrentError {
     Io(#[from] std::io::Error),
 }
 
-/// Test hooks (never on in production): serve corrupted pieces, serve slowly.
+/// Test hooks (never on in production): serve corrupted pieces, serve
+/// slowly, answer busy.
 #[derive(Debug, Clone, Default)]
 pub struct TestHooks {
     pub corrupt_pieces: bool,
     /// Metadata whose piece hashes match the corrupted pieces.
     pub lying_meta: bool,
     pub piece_delay: Duration,
+    /// Piece requests still to be answered busy.
+    pub busy_pieces: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// A piece checked and written on a blocking thread: who sent it, its
@@ -76,6 +87,10 @@ type Checked = (
     u64,
     Result<std::io::Result<bool>, tokio::task::JoinError>,
 );
+
+/// No peer asked gave usable metadata: what each peer did, and whether it
+/// only said that it does not have the file.
+struct MetaFailure(Vec<(PeerId, String, bool)>);
 
 /// What a request of the download loop was for.
 enum Job {
@@ -116,8 +131,8 @@ struct Inner {
     me: PeerId,
     hooks: TestHooks,
     upload_limit: Option<UploadLimit>,
-    /// Announce finished downloads as a provider (off for a one-shot `fetch`).
-    seed_downloads: std::sync::atomic::AtomicBool,
+    /// Announce files as their provider (off for a one-shot `fetch`).
+    announce: bool,
     progress: Mutex<HashMap<String, DownloadProgress>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -132,6 +147,7 @@ impl Torrents {
         state: SharedState,
         hooks: TestHooks,
         upload_limit: Option<UploadLimit>,
+        announce: bool,
     ) -> Self {
         let me = state.peer_id();
         if let Some(l) = &upload_limit {
@@ -144,18 +160,16 @@ impl Torrents {
             me,
             hooks,
             upload_limit,
-            seed_downloads: std::sync::atomic::AtomicBool::new(true),
+            announce,
             progress: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
         }))
     }
 
-    /// Whether finished downloads are announced in the DHT (a process that
-    /// exits right after its download must not leave a record behind).
-    pub fn set_seed_downloads(&self, on: bool) {
-        self.0
-            .seed_downloads
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+    /// Whether this node announces its files in the DHT (a process that
+    /// exits right after a download must not leave records behind).
+    pub fn announces(&self) -> bool {
+        self.0.announce
     }
 
     pub fn store(&self) -> &Store {
@@ -262,6 +276,9 @@ impl Torrents {
 
     /// Announces every complete file of the store (at start).
     pub fn announce_all(&self) {
+        if !self.0.announce {
+            return;
+        }
         for m in self.0.store.catalog() {
             self.0.net.provide(m.file_hash);
         }
@@ -302,13 +319,41 @@ impl Torrents {
                 if !self.0.hooks.piece_delay.is_zero() {
                     tokio::time::sleep(self.0.hooks.piece_delay).await;
                 }
+                let len = self
+                    .0
+                    .store
+                    .seed(&file_hash)
+                    .filter(|s| index < s.meta.n_pieces())
+                    .map_or(0, |s| s.meta.piece_len(index) as usize);
+                if self
+                    .0
+                    .hooks
+                    .busy_pieces
+                    .fetch_update(
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok()
+                {
+                    return TorrentResponse::Busy("test: busy".into()).encode();
+                }
+                // Under an upload limit the piece waits its turn before it is
+                // read (no piece sits in memory while it waits).
+                if let Some(l) = &self.0.upload_limit
+                    && let Err(wait) = l.take_in_line(len).await
+                {
+                    debug!("[TORRENT] busy: piece {index} for {from} would wait {wait:.1?}");
+                    return TorrentResponse::Busy(format!(
+                        "upload limit of {} MB/s: {:.0} s of pieces in line",
+                        l.mb_per_sec(),
+                        wait.as_secs_f64()
+                    ))
+                    .encode();
+                }
                 // The piece is read straight into the response frame.
                 let me = self.clone();
                 let r = tokio::task::spawn_blocking(move || {
-                    let len =
-                        me.0.store
-                            .seed(&file_hash)
-                            .map_or(0, |s| s.meta.piece_len(index) as usize);
                     let mut frame = TorrentResponse::piece_frame(index, len);
                     me.0.store
                         .read_piece_into(&file_hash, index, &mut frame)
@@ -321,9 +366,6 @@ impl Torrents {
                         crate::metrics::metrics().torrent_bytes_out.inc_by(n as u64);
                         if self.0.hooks.corrupt_pieces && n > 0 {
                             frame[PIECE_HEADER] ^= 0xff;
-                        }
-                        if let Some(l) = &self.0.upload_limit {
-                            l.take(frame.len()).await;
                         }
                         return frame;
                     }
@@ -373,14 +415,15 @@ impl Torrents {
     }
 
     /// Asks every candidate for the file's metadata at once and takes the
-    /// first valid answer and who sent it (a dead provider costs no more than
-    /// a live one's answer time); the error lists what each peer did.
+    /// first valid answer and who sent it (while any peer answers, a dead
+    /// one costs nothing; when all are dead, the request timeout); the error
+    /// lists what each peer did.
     async fn fetch_meta(
         &self,
         providers: &[PeerId],
         file_hash: &str,
         pin: &str,
-    ) -> Result<(TorrentMeta, PeerId), TorrentError> {
+    ) -> Result<(TorrentMeta, PeerId), MetaFailure> {
         let mut asks: FuturesUnordered<_> = providers
             .iter()
             .map(|&p| {
@@ -390,9 +433,9 @@ impl Torrents {
                 async move { (p, self.ask(p, req).await) }
             })
             .collect();
-        let mut failures: Vec<String> = Vec::new();
+        let mut failures: Vec<(PeerId, String, bool)> = Vec::new();
         while let Some((p, answer)) = asks.next().await {
-            match answer {
+            let failure = match answer {
                 Ok(TorrentResponse::Meta(b)) => match serde_json::from_slice::<TorrentMeta>(&b) {
                     Ok(m)
                         if m.file_hash == file_hash
@@ -404,28 +447,22 @@ impl Torrents {
                             "[TORRENT] {p} sent metadata for {} whose piece hashes do not match the manifest; not using {p}",
                             m.name
                         );
-                        failures.push(format!(
-                            "{p} sent metadata that does not match the manifest's pieces hash"
-                        ));
+                        "sent metadata that does not match the manifest's pieces hash".to_string()
                     }
                     Ok(m) if m.file_hash == file_hash && m.validate().is_ok() => return Ok((m, p)),
-                    Ok(_) => {
-                        failures.push(format!("{p} sent metadata for another or an invalid file"))
-                    }
-                    Err(e) => failures.push(format!("{p} sent unreadable metadata: {e}")),
+                    Ok(_) => "sent metadata for another or an invalid file".to_string(),
+                    Err(e) => format!("sent unreadable metadata: {e}"),
                 },
-                Ok(TorrentResponse::Error(e)) => failures.push(format!("{p}: {e}")),
-                Ok(_) => failures.push(format!("{p} answered out of turn")),
-                Err(e) => failures.push(format!("{p}: {e}")),
-            }
+                Ok(TorrentResponse::Error(e)) => {
+                    failures.push((p, e, true));
+                    continue;
+                }
+                Ok(_) => "answered out of turn".to_string(),
+                Err(e) => e,
+            };
+            failures.push((p, failure, false));
         }
-        if failures.is_empty() {
-            failures.push("no provider answered".into());
-        }
-        Err(TorrentError::Failed(format!(
-            "no usable metadata for {file_hash}: {}",
-            failures.join("; ")
-        )))
+        Err(MetaFailure(failures))
     }
 
     /// Returns the local path of file `file_hash`, downloading it from the
@@ -509,7 +546,8 @@ impl Torrents {
         // few times (bounded), each peer once.
         let mut providers = self.providers(file_hash, 0).await;
         let mut tried: HashSet<PeerId> = HashSet::new();
-        let mut last_err = None;
+        // What each peer asked last did (refusals: "I do not have it").
+        let mut failures: HashMap<PeerId, (String, bool)> = HashMap::new();
         let mut lookups = 0;
         let mut dht_found_any = !providers.is_empty();
         let meta = loop {
@@ -535,15 +573,35 @@ impl Torrents {
                         }
                         break m;
                     }
-                    Err(e) => last_err = Some(e),
+                    Err(MetaFailure(f)) => {
+                        for (p, why, refused) in f {
+                            // A peer that said it lacks the file may have it
+                            // by the next round (a seeder still hashing).
+                            if refused {
+                                tried.remove(&p);
+                            }
+                            failures.insert(p, (why, refused));
+                        }
+                    }
                 }
             }
             if lookups >= PROVIDER_RETRIES {
-                // Nobody announced the file and no connected peer had it.
-                return Err(match last_err {
-                    Some(e) if dht_found_any => e,
-                    _ => TorrentError::NoProvider(file_hash.to_string()),
-                });
+                // NotFound only when nobody announced the file and every
+                // peer asked said it does not have it; gone or misbehaving
+                // providers are a failure of the download.
+                if !dht_found_any && failures.values().all(|(_, refused)| *refused) {
+                    return Err(TorrentError::NoProvider(file_hash.to_string()));
+                }
+                let mut list: Vec<(&PeerId, &(String, bool))> = failures.iter().collect();
+                list.sort_by_key(|(p, (_, refused))| (*refused, **p));
+                let list: Vec<String> = list
+                    .into_iter()
+                    .map(|(p, (why, _))| format!("{p}: {why}"))
+                    .collect();
+                return Err(TorrentError::Failed(format!(
+                    "no usable metadata for {file_hash}: {}",
+                    list.join("; ")
+                )));
             }
             lookups += 1;
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -633,13 +691,21 @@ impl Torrents {
         let writer = partial.writer();
         let mut verifying = FuturesUnordered::new();
         let mut checking: HashSet<u32> = HashSet::new();
+        // Seeders that answered busy, and until when they are left alone.
+        let mut busy_until: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
+        let mut busy_waits = 0u32;
         while remaining > 0 {
+            let now = tokio::time::Instant::now();
+            busy_until.retain(|_, t| *t > now);
             // Hand out pieces round robin, a few per peer; once nothing is
             // queued, idle peers duplicate pieces still in flight (endgame).
-            for &p in active.iter().filter(|p| !dropped.contains(p)) {
+            for &p in active
+                .iter()
+                .filter(|p| !dropped.contains(p) && !busy_until.contains_key(p))
+            {
                 loop {
                     let n_in = in_flight.get(&p).copied().unwrap_or(0);
-                    if n_in >= PER_PEER_IN_FLIGHT {
+                    if n_in >= PER_PEER_IN_FLIGHT || checking.len() >= MAX_CHECKING {
                         break;
                     }
                     let mut next = None;
@@ -685,7 +751,20 @@ impl Torrents {
                     );
                 }
             }
+            let next_free = busy_until.values().min().copied();
             if running.is_empty() && verifying.is_empty() {
+                if let Some(at) = next_free {
+                    // Every provider left is busy: wait for the first (bounded).
+                    busy_waits += 1;
+                    if busy_waits > MAX_BUSY_WAITS {
+                        return Err(TorrentError::Failed(format!(
+                            "download of {} stalled: every provider stayed busy, {remaining} pieces missing (resumable)",
+                            meta.name
+                        )));
+                    }
+                    tokio::time::sleep_until(at).await;
+                    continue;
+                }
                 if !refreshed {
                     // Everybody we knew failed: look for providers again, once.
                     refreshed = true;
@@ -725,6 +804,7 @@ impl Torrents {
                                 prog.peers =
                                     active.iter().filter(|p| !dropped.contains(p)).count() as u32;
                                 self.set_progress(&prog);
+                                busy_waits = 0;
                             }
                         }
                         Ok(Ok(false)) => {
@@ -735,6 +815,9 @@ impl Torrents {
                             }
                         }
                         Ok(Err(e)) => {
+                            // Writes already started on other blocking threads
+                            // may still land in the .part file: they hold
+                            // verified bytes, and a resume checks every piece.
                             return Err(TorrentError::Failed(format!(
                                 "writing {} failed: {e} (download stopped, resumable)",
                                 meta.name
@@ -744,6 +827,8 @@ impl Torrents {
                     }
                     continue;
                 }
+                // A busy seeder's pause ended: hand it pieces again.
+                _ = tokio::time::sleep_until(next_free.unwrap_or(now)), if next_free.is_some() => continue,
                 else => continue,
             };
             let i = match job {
@@ -795,6 +880,19 @@ impl Torrents {
                     debug!("[TORRENT] {peer} could not send piece {i}: {e}");
                     false
                 }
+                Ok(TorrentResponse::Busy(e)) => {
+                    // Not the peer's fault: leave it alone for a moment and
+                    // put the piece first in line (someone may be free).
+                    debug!("[TORRENT] {peer} is busy ({e}); piece {i} goes back in line");
+                    busy_until.insert(peer, tokio::time::Instant::now() + BUSY_BACKOFF);
+                    if !done[i as usize]
+                        && !checking.contains(&i)
+                        && requested.get(&i).is_none_or(|w| w.is_empty())
+                    {
+                        queue.push_front(i);
+                    }
+                    true
+                }
                 Ok(_) => false,
                 Err(e) => {
                     warn!(
@@ -828,10 +926,7 @@ impl Torrents {
             .map_err(|e| TorrentError::Failed(format!("finishing {name}: {e}")))?;
         prog.done = true;
         self.set_progress(&prog);
-        let seeding = self
-            .0
-            .seed_downloads
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let seeding = self.0.announce;
         if seeding {
             self.0.net.provide(file_hash.to_string());
         }

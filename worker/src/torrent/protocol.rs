@@ -1,7 +1,7 @@
 //! The piece protocol, `/llama-cluster/torrent/1.0`: binary request-response,
 //! one length-prefixed frame each way, sizes bounded and checked on both
 //! sides. Requests: metadata of a file, or one piece. Responses: the
-//! metadata, the piece's bytes, or an error.
+//! metadata, the piece's bytes, an error, or busy (ask again later).
 
 use bytes::Bytes;
 
@@ -29,6 +29,9 @@ pub enum TorrentResponse {
         data: Bytes,
     },
     Error(String),
+    /// The seeder has the piece but cannot send it soon (its upload limit's
+    /// line is long): ask again later, the peer is not at fault.
+    Busy(String),
 }
 
 impl TorrentRequest {
@@ -95,6 +98,10 @@ impl TorrentResponse {
                 v.push(3);
                 v.extend_from_slice(e.as_bytes());
             }
+            TorrentResponse::Busy(e) => {
+                v.push(4);
+                v.extend_from_slice(e.as_bytes());
+            }
         }
         v
     }
@@ -110,6 +117,9 @@ impl TorrentResponse {
                 data: Bytes::from(b).slice(PIECE_HEADER..),
             }),
             3 => Ok(TorrentResponse::Error(
+                String::from_utf8_lossy(rest).into_owned(),
+            )),
+            4 => Ok(TorrentResponse::Busy(
                 String::from_utf8_lossy(rest).into_owned(),
             )),
             k => Err(format!("bad response kind {k}")),
@@ -142,6 +152,7 @@ mod tests {
                 data: Bytes::from_static(&[1, 2, 3]),
             },
             TorrentResponse::Error("nope".into()),
+            TorrentResponse::Busy("later".into()),
         ] {
             assert_eq!(TorrentResponse::decode(r.encode()).unwrap(), r);
         }

@@ -202,13 +202,6 @@ impl Partial {
             .sum()
     }
 
-    /// Writes a piece that was already checked against its hash.
-    pub fn write_piece(&mut self, i: u32, data: &[u8]) -> io::Result<()> {
-        self.writer().write(i, data)?;
-        self.mark_written(i);
-        Ok(())
-    }
-
     /// A handle that writes pieces from another thread (verification and
     /// writing run off the async runtime); [`Partial::mark_written`] records
     /// each piece once its write returned.

@@ -1,20 +1,41 @@
 //! The seeder's upload rate limit (`upload_limit_mb_per_sec`): every piece
-//! waits for its bytes' worth of budget before it is sent, whoever asked for
-//! it, so a worker seeding over a home uplink leaves room for everything
-//! else. Pacing is the GCRA of the `governor` crate, counted in KiB.
+//! waits in line for its bytes' worth of budget before it is read and sent,
+//! whoever asked for it, so a worker seeding over a home uplink leaves room
+//! for everything else. A piece that would wait longer than [`BUSY_AFTER`]
+//! is refused at once as busy (the leecher asks again a moment later or asks
+//! another seeder) rather than left to time out. Pacing is the GCRA of the
+//! `governor` crate, counted in KiB.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 /// Bytes per unit of budget.
 const CELL: u64 = 1024;
+/// Longest wait in line before a piece is refused as busy (well inside the
+/// leecher's piece timeout).
+pub const BUSY_AFTER: Duration = Duration::from_secs(10);
 
 pub struct UploadLimit {
     limiter: DefaultDirectRateLimiter,
     /// Largest number of cells one wait may ask for (the burst).
     burst: u32,
     mb_per_sec: f64,
+    /// Pieces wait their turn in order (tokio's mutex is fair).
+    line: tokio::sync::Mutex<()>,
+    /// Bytes waiting in line or being paced.
+    queued: AtomicU64,
+}
+
+/// Takes a piece's bytes out of the line however its wait ends.
+struct InLine<'a>(&'a AtomicU64, u64);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
 }
 
 impl UploadLimit {
@@ -36,15 +57,33 @@ impl UploadLimit {
             limiter: RateLimiter::direct(quota),
             burst,
             mb_per_sec,
+            line: tokio::sync::Mutex::new(()),
+            queued: AtomicU64::new(0),
         })
+    }
+
+    /// Waits in line until `bytes` may be sent; `Err(wait)` without waiting
+    /// when the line ahead would take longer than [`BUSY_AFTER`].
+    pub async fn take_in_line(&self, bytes: usize) -> Result<(), Duration> {
+        let bytes = bytes as u64;
+        let ahead = self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let guard = InLine(&self.queued, bytes);
+        let wait = Duration::from_secs_f64(ahead as f64 / (self.mb_per_sec * 1e6));
+        if wait > BUSY_AFTER {
+            return Err(wait);
+        }
+        let _turn = self.line.lock().await;
+        self.take(bytes as usize).await;
+        drop(guard);
+        Ok(())
     }
 
     pub fn mb_per_sec(&self) -> f64 {
         self.mb_per_sec
     }
 
-    /// Waits until `bytes` may be sent.
-    pub async fn take(&self, bytes: usize) {
+    /// Waits until `bytes` may be sent (not in line).
+    async fn take(&self, bytes: usize) {
         let mut cells = (bytes as u64).div_ceil(CELL);
         while cells > 0 {
             let n = cells.min(self.burst as u64) as u32;
@@ -83,5 +122,25 @@ mod tests {
         let took = t.elapsed();
         assert!(took >= Duration::from_millis(490), "{took:?}");
         assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_line_longer_than_the_busy_bound_is_refused_at_once() {
+        // 1 MB/s: 8 MB in line is 8 s of budget, 4 MB more would be 12 s.
+        let l = std::sync::Arc::new(UploadLimit::new(1.0).unwrap());
+        let waiting: Vec<_> = (0..8)
+            .map(|_| {
+                let l = l.clone();
+                tokio::spawn(async move { l.take_in_line(1_000_000).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = std::time::Instant::now();
+        let wait = l.take_in_line(4_000_000).await.unwrap_err();
+        assert!(wait > BUSY_AFTER, "{wait:?}");
+        assert!(t.elapsed() < Duration::from_millis(100));
+        for w in waiting {
+            w.abort();
+        }
     }
 }
