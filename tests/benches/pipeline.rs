@@ -17,9 +17,13 @@ use llama_cluster_tests::{NodeProc, PipelineCluster, model_path, split_with_cli,
 const N_PROMPT: usize = 128;
 
 /// Workers log as they do by default (the tests' harness asks for debug
-/// lines on every step, which a benchmark should not pay for).
-const WORKER_ENV: &[(&str, &str)] =
-    &[("RUST_LOG", llama_cluster_shared::telemetry::DEFAULT_FILTER)];
+/// lines on every step, which a benchmark should not pay for);
+/// `BENCH_WORKER_LOG` sets another filter, e.g.
+/// `info,llama_worker::pipeline::driver=debug` for where decode time goes.
+fn worker_log() -> String {
+    std::env::var("BENCH_WORKER_LOG")
+        .unwrap_or_else(|_| llama_cluster_shared::telemetry::DEFAULT_FILTER.to_string())
+}
 const N_GEN: u32 = 128;
 
 fn rss_mb(pid: u32) -> f64 {
@@ -77,12 +81,13 @@ async fn run_remote(driver: &NodeProc, prompt: &str) -> (f64, f64, u32, u64) {
 async fn start_pipeline(n: u32, worker_flags: &[&str]) -> (std::path::PathBuf, PipelineCluster) {
     let dir = test_dir(&format!("bench-pipeline{n}"));
     let manifest = split_with_cli(&dir.join("split"), n).expect("split");
+    let log = worker_log();
     let cluster = PipelineCluster::start_with_env(
         &dir,
         &manifest,
         40 + 10 * n as u8,
         worker_flags,
-        WORKER_ENV,
+        &[("RUST_LOG", log.as_str())],
     )
     .await
     .expect("cluster");
@@ -194,6 +199,10 @@ async fn main() {
     let mut local = [Best::default(); 3];
     let mut remote = [Best::default(); 3];
     let mut bytes = [0u64; 3];
+    // Decode ratios of each configuration against a run of the reference
+    // (the engine as 1 stage) made just before it, per round: pipelines of
+    // 1, 2, 3 processes, then 2 and 3 stages in one process.
+    let mut paired: [Vec<f64>; 5] = Default::default();
     let rounds = rounds();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
@@ -209,10 +218,22 @@ async fn main() {
             }
         });
         for (i, cluster) in clusters.iter().enumerate() {
+            let (rpp, rtg) = tokio::task::block_in_place(|| local_chain_run(&mut chains[0], &toks));
+            local[0].add(rpp, rtg);
             let (pp, tg, _, b) = run_remote(&cluster.workers[0], &prompt).await;
             remote[i].add(pp, tg);
             bytes[i] = b;
+            paired[i].push(tg / rtg);
         }
+        tokio::task::block_in_place(|| {
+            for n in 1..3 {
+                let (rpp, rtg) = local_chain_run(&mut chains[0], &toks);
+                local[0].add(rpp, rtg);
+                let (pp, tg) = local_chain_run(&mut chains[n], &toks);
+                local[n].add(pp, tg);
+                paired[2 + n].push(tg / rtg);
+            }
+        });
     }
     let reference = Best(baseline.0.max(local[0].0), baseline.1.max(local[0].1));
     println!(
@@ -273,5 +294,21 @@ async fn main() {
         );
     }
     println!("ratios: against the faster single-process reference; decode goal: >= 0.95x");
+    println!(
+        "decode, paired with a run of the engine as 1 stage just before it (median of {rounds} rounds, [lowest, highest]):"
+    );
+    let names = [
+        "1-stage pipeline",
+        "2-stage pipeline",
+        "3-stage pipeline",
+        "2 stages in one process",
+        "3 stages in one process",
+    ];
+    for (name, mut r) in names.iter().zip(paired) {
+        r.sort_by(f64::total_cmp);
+        if let (Some(lo), Some(hi)) = (r.first(), r.last()) {
+            println!("  {name:<32} {:.2}  [{lo:.2}, {hi:.2}]", r[r.len() / 2]);
+        }
+    }
     drop(clusters);
 }

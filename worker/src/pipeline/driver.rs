@@ -8,7 +8,7 @@ use std::time::Instant;
 use llama_cluster_engine::sampling::SamplingParams;
 use llama_cluster_engine::vocab::TextStream;
 use tokio::sync::mpsc;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, debug, info, info_span};
 
 use super::Pipeline;
 use super::frame::{ActivationRequest, ActivationResponse, FrameKind, Hop, Payload, codes};
@@ -389,6 +389,9 @@ impl Pipeline {
             sent: 0,
         };
         let mut bytes_per_hop = 0u64;
+        // Where decode time goes: llama.cpp time per hop against step time.
+        let mut step_us = 0u64;
+        let mut hop_compute_us: Vec<u64> = Vec::new();
         let t_decode = Instant::now();
         let finish = loop {
             if !req.ignore_eos && info.vocab.is_eog(next) {
@@ -434,6 +437,11 @@ impl Pipeline {
             if let Some(e) = step_error(&r) {
                 return Err(e.into());
             }
+            step_us += t_step.elapsed().as_micros() as u64;
+            hop_compute_us.resize(hop_compute_us.len().max(r.hops.len()), 0);
+            for (sum, h) in hop_compute_us.iter_mut().zip(&r.hops) {
+                *sum += h.compute_us;
+            }
             bytes_per_hop = r
                 .hops
                 .iter()
@@ -456,6 +464,16 @@ impl Pipeline {
                 .await;
         }
         let decode = t_decode.elapsed().as_secs_f64();
+        let steps = (generated as u64).saturating_sub(1).max(1);
+        let compute: u64 = hop_compute_us.iter().sum();
+        debug!(
+            "[PIPELINE] decode: {} steps of {} us, llama.cpp {} us (per stage {:?}), the rest {} us",
+            steps,
+            step_us / steps,
+            compute / steps,
+            hop_compute_us.iter().map(|c| c / steps).collect::<Vec<_>>(),
+            step_us.saturating_sub(compute) / steps
+        );
         Ok(GenStats {
             prompt_tokens: prompt.len() as u32,
             generated_tokens: generated as u32,
