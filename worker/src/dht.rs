@@ -160,7 +160,7 @@ impl Node {
                         if !q.found.is_empty() {
                             // A moment more for other answers, never later
                             // than the lookup's bound.
-                            let soon = tokio::time::Instant::now() + Duration::from_millis(100);
+                            let soon = tokio::time::Instant::now() + Duration::from_millis(25);
                             q.answer_at = Some(q.answer_at.map_or(soon, |at| at.min(soon)));
                         }
                     }

@@ -47,6 +47,8 @@ const PROVIDER_RETRIES: usize = 4;
 const MAX_CONNECTED_ASKED: usize = 32;
 /// Time one piece may take.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a metadata request (or a probe) may take, dial included.
+const META_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pieces received and waiting for (or in) verification; no more are asked
 /// for meanwhile, so a slow disk bounds the memory a download holds.
 const MAX_CHECKING: usize = 8;
@@ -87,6 +89,40 @@ type Checked = (
     u64,
     Result<std::io::Result<bool>, tokio::task::JoinError>,
 );
+
+/// A peer's answer to a metadata request: the metadata when it is valid
+/// (and matches the manifest's `pin`, when there is one), else what the peer
+/// did and whether it only said that it does not have the file.
+fn check_meta(
+    p: PeerId,
+    answer: Result<TorrentResponse, String>,
+    file_hash: &str,
+    pin: &str,
+) -> Result<TorrentMeta, (String, bool)> {
+    let why = match answer {
+        Ok(TorrentResponse::Meta(b)) => match serde_json::from_slice::<TorrentMeta>(&b) {
+            Ok(m)
+                if m.file_hash == file_hash
+                    && m.validate().is_ok()
+                    && !pin.is_empty()
+                    && m.pieces_hash() != pin =>
+            {
+                warn!(
+                    "[TORRENT] {p} sent metadata for {} whose piece hashes do not match the manifest; not using {p}",
+                    m.name
+                );
+                "sent metadata that does not match the manifest's pieces hash".to_string()
+            }
+            Ok(m) if m.file_hash == file_hash && m.validate().is_ok() => return Ok(m),
+            Ok(_) => "sent metadata for another or an invalid file".to_string(),
+            Err(e) => format!("sent unreadable metadata: {e}"),
+        },
+        Ok(TorrentResponse::Error(e)) => return Err((e, true)),
+        Ok(_) => "answered out of turn".to_string(),
+        Err(e) => e,
+    };
+    Err((why, false))
+}
 
 /// No peer asked gave usable metadata: what each peer did, and whether it
 /// only said that it does not have the file.
@@ -378,10 +414,16 @@ impl Torrents {
     }
 
     async fn ask(&self, peer: PeerId, req: TorrentRequest) -> Result<TorrentResponse, String> {
+        // Metadata is small: a peer that cannot answer it quickly (a record
+        // of a node that is gone costs a dial timeout) is passed over.
+        let timeout = match req {
+            TorrentRequest::Meta { .. } => META_TIMEOUT,
+            TorrentRequest::Piece { .. } => PIECE_TIMEOUT,
+        };
         let bytes = self
             .0
             .net
-            .frame(FrameProto::Torrent, peer, req.encode(), PIECE_TIMEOUT)
+            .frame(FrameProto::Torrent, peer, req.encode(), timeout)
             .await?;
         TorrentResponse::decode(bytes)
     }
@@ -403,6 +445,18 @@ impl Torrents {
         warn!("[TORRENT] {peer} sent a bad piece {i} of {name}; dropping it from this download");
     }
 
+    /// Peers this node is connected to (at most [`MAX_CONNECTED_ASKED`]).
+    fn connected_peers(&self) -> Vec<PeerId> {
+        self.0.state.read(|s| {
+            s.connections
+                .keys()
+                .filter(|p| **p != self.0.me)
+                .take(MAX_CONNECTED_ASKED)
+                .copied()
+                .collect()
+        })
+    }
+
     /// Providers of a file in the DHT; lookup `attempt` (from 0) may take
     /// longer than the one before (2 s, 4 s, ... at most 10 s).
     async fn providers(&self, file_hash: &str, attempt: u32) -> Vec<PeerId> {
@@ -416,8 +470,8 @@ impl Torrents {
 
     /// Asks every candidate for the file's metadata at once and takes the
     /// first valid answer and who sent it (while any peer answers, a dead
-    /// one costs nothing; when all are dead, the request timeout); the error
-    /// lists what each peer did.
+    /// one costs nothing; when all are dead, the metadata timeout); the
+    /// error lists what each peer did.
     async fn fetch_meta(
         &self,
         providers: &[PeerId],
@@ -426,43 +480,28 @@ impl Torrents {
     ) -> Result<(TorrentMeta, PeerId), MetaFailure> {
         let mut asks: FuturesUnordered<_> = providers
             .iter()
-            .map(|&p| {
-                let req = TorrentRequest::Meta {
-                    file_hash: file_hash.to_string(),
-                };
-                async move { (p, self.ask(p, req).await) }
-            })
+            .map(|&p| self.ask_meta(p, file_hash))
             .collect();
         let mut failures: Vec<(PeerId, String, bool)> = Vec::new();
         while let Some((p, answer)) = asks.next().await {
-            let failure = match answer {
-                Ok(TorrentResponse::Meta(b)) => match serde_json::from_slice::<TorrentMeta>(&b) {
-                    Ok(m)
-                        if m.file_hash == file_hash
-                            && m.validate().is_ok()
-                            && !pin.is_empty()
-                            && m.pieces_hash() != pin =>
-                    {
-                        warn!(
-                            "[TORRENT] {p} sent metadata for {} whose piece hashes do not match the manifest; not using {p}",
-                            m.name
-                        );
-                        "sent metadata that does not match the manifest's pieces hash".to_string()
-                    }
-                    Ok(m) if m.file_hash == file_hash && m.validate().is_ok() => return Ok((m, p)),
-                    Ok(_) => "sent metadata for another or an invalid file".to_string(),
-                    Err(e) => format!("sent unreadable metadata: {e}"),
-                },
-                Ok(TorrentResponse::Error(e)) => {
-                    failures.push((p, e, true));
-                    continue;
-                }
-                Ok(_) => "answered out of turn".to_string(),
-                Err(e) => e,
-            };
-            failures.push((p, failure, false));
+            match check_meta(p, answer, file_hash, pin) {
+                Ok(m) => return Ok((m, p)),
+                Err((why, refused)) => failures.push((p, why, refused)),
+            }
         }
         Err(MetaFailure(failures))
+    }
+
+    fn ask_meta(
+        &self,
+        p: PeerId,
+        file_hash: &str,
+    ) -> futures::future::BoxFuture<'static, (PeerId, Result<TorrentResponse, String>)> {
+        let me = self.clone();
+        let req = TorrentRequest::Meta {
+            file_hash: file_hash.to_string(),
+        };
+        async move { (p, me.ask(p, req).await) }.boxed()
     }
 
     /// Returns the local path of file `file_hash`, downloading it from the
@@ -543,22 +582,83 @@ impl Torrents {
         // seeder's announcement may still be on its way, and the providers
         // found may all be gone (records outlive their nodes): the peers this
         // node is connected to are asked too, and the DHT is asked again a
-        // few times (bounded), each peer once.
-        let mut providers = self.providers(file_hash, 0).await;
+        // few times (bounded), each peer once per round.
         let mut tried: HashSet<PeerId> = HashSet::new();
         // What each peer asked last did (refusals: "I do not have it").
         let mut failures: HashMap<PeerId, (String, bool)> = HashMap::new();
+        let mut first_refused: Vec<PeerId> = Vec::new();
+        // Connected peers are asked while the DHT is looked up: in a small
+        // cluster a seeder is usually among them, and the download starts
+        // without waiting for the lookup (providers it finds join later).
+        let mut early = None;
+        let mut providers = {
+            let mut asks = FuturesUnordered::new();
+            for p in self.connected_peers() {
+                if tried.insert(p) {
+                    asks.push(self.ask_meta(p, file_hash));
+                }
+            }
+            let mut lookup = std::pin::pin!(self.providers(file_hash, 0));
+            let mut found: Option<Vec<PeerId>> = None;
+            // Peers that connect meanwhile (discovery is still running for a
+            // node that just started) are asked as they come.
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let started = Instant::now();
+            loop {
+                tokio::select! {
+                    Some((p, answer)) = asks.next(), if !asks.is_empty() => {
+                        match check_meta(p, answer, file_hash, pin) {
+                            Ok(m) => {
+                                early = Some((m, p));
+                                break;
+                            }
+                            Err((why, refused)) => {
+                                if refused {
+                                    first_refused.push(p);
+                                }
+                                failures.insert(p, (why, refused));
+                            }
+                        }
+                    }
+                    ps = &mut lookup, if found.is_none() => {
+                        for &p in &ps {
+                            if tried.insert(p) {
+                                asks.push(self.ask_meta(p, file_hash));
+                            }
+                        }
+                        found = Some(ps);
+                    }
+                    _ = tick.tick() => {
+                        for p in self.connected_peers() {
+                            if tried.insert(p) {
+                                asks.push(self.ask_meta(p, file_hash));
+                            }
+                        }
+                    }
+                }
+                // Done when the lookup answered and every peer asked did;
+                // with nobody found, discovery gets a moment to connect the
+                // peers it is dialing (a node that just started).
+                let nobody = found.as_ref().is_some_and(|f| f.is_empty());
+                if found.is_some()
+                    && asks.is_empty()
+                    && (!nobody || started.elapsed() >= Duration::from_millis(500))
+                {
+                    break;
+                }
+            }
+            found.unwrap_or_default()
+        };
         let mut lookups = 0;
         let mut dht_found_any = !providers.is_empty();
         let meta = loop {
-            let connected: Vec<PeerId> = self.0.state.read(|s| {
-                s.connections
-                    .keys()
-                    .filter(|p| **p != self.0.me)
-                    .take(MAX_CONNECTED_ASKED)
-                    .copied()
-                    .collect()
-            });
+            if let Some((m, from)) = early.take() {
+                if !providers.contains(&from) {
+                    providers.push(from);
+                }
+                break m;
+            }
+            let connected = self.connected_peers();
             let mut fresh: Vec<PeerId> = Vec::new();
             for p in providers.iter().chain(connected.iter()) {
                 if tried.insert(*p) {
@@ -603,8 +703,20 @@ impl Torrents {
                     list.join("; ")
                 )));
             }
+            // Peers that refused in the first round are asked again from the
+            // next one on.
+            for p in first_refused.drain(..) {
+                tried.remove(&p);
+            }
             lookups += 1;
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // A second before the next round, cut short when a peer not
+            // asked yet connects.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if self.connected_peers().iter().any(|p| !tried.contains(p)) {
+                    break;
+                }
+            }
             providers = self.providers(file_hash, lookups as u32).await;
             dht_found_any |= !providers.is_empty();
         };
@@ -655,24 +767,31 @@ impl Torrents {
             .filter(|p| !providers.contains(p) && is_connected(p))
             .copied()
             .collect();
+        let probe = |p: PeerId| {
+            let me = self.clone();
+            let hash = file_hash.to_string();
+            async move {
+                (
+                    p,
+                    Job::Probe,
+                    me.ask(p, TorrentRequest::Meta { file_hash: hash }).await,
+                )
+            }
+            .boxed()
+        };
+        let mut probed: HashSet<PeerId> = HashSet::new();
         for &p in providers
             .iter()
             .filter(|p| !is_connected(p))
             .chain(unnamed.iter())
         {
-            let me = self.clone();
-            let hash = file_hash.to_string();
-            running.push(
-                async move {
-                    (
-                        p,
-                        Job::Probe,
-                        me.ask(p, TorrentRequest::Meta { file_hash: hash }).await,
-                    )
-                }
-                .boxed(),
-            );
+            probed.insert(p);
+            running.push(probe(p));
         }
+        // The first lookup answered as soon as it found someone; a longer
+        // one runs alongside the transfer, and providers it adds are probed.
+        let mut late_lookup = std::pin::pin!(self.providers(file_hash, 1));
+        let mut late_done = false;
         let t_transfer = Instant::now();
         let n = meta.n_pieces() as usize;
         let mut done = vec![true; n];
@@ -829,6 +948,16 @@ impl Torrents {
                 }
                 // A busy seeder's pause ended: hand it pieces again.
                 _ = tokio::time::sleep_until(next_free.unwrap_or(now)), if next_free.is_some() => continue,
+                found = &mut late_lookup, if !late_done => {
+                    late_done = true;
+                    for p in found {
+                        if !active.contains(&p) && !dropped.contains(&p) && probed.insert(p) {
+                            debug!("[TORRENT] the DHT names {p} as well; probing it");
+                            running.push(probe(p));
+                        }
+                    }
+                    continue;
+                }
                 else => continue,
             };
             let i = match job {
