@@ -31,8 +31,9 @@ impl Node {
             rec.load = load;
             Some(rec.clone())
         });
+        let announce = self.announce;
         let kad = &mut self.swarm.behaviour_mut().kad;
-        if let Err(e) = kad.start_providing(RecordKey::new(&members_key(&cluster))) {
+        if announce && let Err(e) = kad.start_providing(RecordKey::new(&members_key(&cluster))) {
             debug!("[DHT] cannot announce membership: {e}");
         }
         if let Some(rec) = record {

@@ -194,10 +194,12 @@ impl Node {
     fn rendezvous_register_and_discover(&mut self, point: PeerId) {
         let Some(ns) = self.namespace() else { return };
         let cookie = self.rendezvous_points.get(&point).cloned().flatten();
+        let announce = self.announce;
         let Some(client) = self.swarm.behaviour_mut().rendezvous_client.as_mut() else {
             return;
         };
-        if let Err(e) = client.register(ns.clone(), point, None) {
+        // A one-shot node only looks: its registration would outlive it.
+        if announce && let Err(e) = client.register(ns.clone(), point, None) {
             warn!("[DISCOVERY] cannot register at rendezvous {point}: {e}");
         }
         client.discover(Some(ns), cookie, None, point);

@@ -231,6 +231,9 @@ pub(crate) type PendingFrames = HashMap<(FrameProto, OutboundRequestId), Outboun
 /// The swarm task's state.
 pub struct Node {
     pub(crate) swarm: Swarm<NodeBehaviour>,
+    /// Whether this node announces itself: rendezvous registration, DHT
+    /// membership and provider records (a one-shot `fetch` does not).
+    pub(crate) announce: bool,
     /// libp2p's own metrics (connections, Kademlia, identify, ping).
     pub(crate) p2p_metrics: libp2p::metrics::Metrics,
     pub(crate) cfg: NodeConfig,
@@ -319,8 +322,9 @@ pub async fn start(
     start_with(cfg, role, keypair, true).await
 }
 
-/// [`start`], choosing whether the node announces its files in the DHT (a
-/// one-shot `fetch` that exits after its download does not).
+/// [`start`], choosing whether the node announces itself and its files
+/// (rendezvous registration, DHT membership, provider records); a one-shot
+/// `fetch` that exits after its download does not.
 pub async fn start_with(
     cfg: NodeConfig,
     role: Role,
@@ -414,6 +418,7 @@ pub async fn start_with(
     let (resp_tx, mut resp_rx) = mpsc::channel(256);
     let (frame_tx, mut frame_rx) = mpsc::channel(1024);
     let mut node = Node {
+        announce: announce_files,
         swarm,
         cfg,
         role,
