@@ -77,14 +77,7 @@ fn fetch_round(dir: &Path, round: &str, boot: &str, hash: &str) -> (f64, f64) {
     assert!(st.success(), "fetch failed, see {}", log.display());
     let text = std::fs::read_to_string(&log).unwrap();
     let grab = |marker: &str| {
-        text.lines()
-            .find_map(|l| {
-                l.split(marker)
-                    .nth(1)
-                    .and_then(|r| r.split(" s ").next())
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-            .expect("times in the log")
+        llama_cluster_tests::log_value::<f64>(&text, marker, " s ").expect("times in the log")
     };
     let secs = (grab(" fetched in "), grab(" transferred in "));
     let _ = std::fs::remove_dir_all(cache);

@@ -494,3 +494,14 @@ impl PipelineCluster {
         .map_err(|e| anyhow!("{e}\n{}", node.log()))
     }
 }
+
+/// The first value in `log` that stands between `after` and `before` on one
+/// line (e.g. `log_value(log, " transferred in ", " s ")`).
+pub fn log_value<T: std::str::FromStr>(log: &str, after: &str, before: &str) -> Option<T> {
+    log.lines().find_map(|l| {
+        l.split(after)
+            .nth(1)
+            .and_then(|r| r.split(before).next())
+            .and_then(|v| v.parse().ok())
+    })
+}

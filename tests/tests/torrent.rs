@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use llama_cluster_proto::v1::{GetStatusResponse, LoadShardRequest, SyncTorrentsRequest};
-use llama_cluster_tests::{NodeProc, split_with_cli, test_dir, wait_for, worker_args};
+use llama_cluster_tests::{NodeProc, log_value, split_with_cli, test_dir, wait_for, worker_args};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -491,14 +491,7 @@ async fn records_of_departed_seeders_do_not_stop_a_download_and_uploads_keep_to_
     );
     // The transfer cannot beat the limit: a lower bound (less the 10 ms
     // burst), not a speed goal.
-    let secs: f64 = log
-        .lines()
-        .find_map(|l| {
-            l.split(" transferred in ")
-                .nth(1)
-                .and_then(|r| r.split(" s ").next())
-                .and_then(|v| v.parse().ok())
-        })
+    let secs: f64 = log_value(&log, " transferred in ", " s ")
         .unwrap_or_else(|| panic!("no transfer time in the log\n{log}"));
     let floor = s.size as f64 / (LIMIT_MB_S * 1e6) - 0.05;
     assert!(
@@ -571,15 +564,7 @@ async fn a_restarted_leecher_resumes_from_verified_pieces() {
     let fetched = torrent(&st, &s.hash).unwrap().fetched_bytes;
     // What the restarted worker found verified on disk when it resumed.
     let log = leech.log();
-    let resumed_pieces: u64 = log
-        .lines()
-        .find_map(|l| {
-            l.split(" bytes, ")
-                .nth(1)
-                .and_then(|r| r.split(" of ").next())
-                .and_then(|n| n.parse().ok())
-        })
-        .expect("resume line in the log");
+    let resumed_pieces: u64 = log_value(&log, " bytes, ", " of ").expect("resume line in the log");
     let piece = 1u64 << 20;
     let resumed = (resumed_pieces * piece).min(s.size);
     let missing = s.size - resumed;

@@ -766,7 +766,7 @@ impl Node {
             .is_some_and(|at| at <= tokio::time::Instant::now())
         {
             self.reprovide_at = None;
-            if !self.torrents.announces() {
+            if !self.announce {
                 return;
             }
             for m in self.torrents.store().catalog() {

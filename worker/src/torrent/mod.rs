@@ -202,12 +202,6 @@ impl Torrents {
         }))
     }
 
-    /// Whether this node announces its files in the DHT (a process that
-    /// exits right after a download must not leave records behind).
-    pub fn announces(&self) -> bool {
-        self.0.announce
-    }
-
     pub fn store(&self) -> &Store {
         &self.0.store
     }
@@ -355,12 +349,7 @@ impl Torrents {
                 if !self.0.hooks.piece_delay.is_zero() {
                     tokio::time::sleep(self.0.hooks.piece_delay).await;
                 }
-                let len = self
-                    .0
-                    .store
-                    .seed(&file_hash)
-                    .filter(|s| index < s.meta.n_pieces())
-                    .map_or(0, |s| s.meta.piece_len(index) as usize);
+                let len = self.0.store.piece_len(&file_hash, index).unwrap_or(0) as usize;
                 if self
                     .0
                     .hooks
@@ -768,16 +757,9 @@ impl Torrents {
             .copied()
             .collect();
         let probe = |p: PeerId| {
-            let me = self.clone();
-            let hash = file_hash.to_string();
-            async move {
-                (
-                    p,
-                    Job::Probe,
-                    me.ask(p, TorrentRequest::Meta { file_hash: hash }).await,
-                )
-            }
-            .boxed()
+            self.ask_meta(p, file_hash)
+                .map(|(p, r)| (p, Job::Probe, r))
+                .boxed()
         };
         let mut probed: HashSet<PeerId> = HashSet::new();
         for &p in providers

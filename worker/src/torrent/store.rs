@@ -76,6 +76,16 @@ impl Store {
             .cloned()
     }
 
+    /// Length of piece `i` of a complete file here (no copy of its metadata).
+    pub fn piece_len(&self, hash: &str, i: u32) -> Option<u64> {
+        self.seeds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .filter(|s| i < s.meta.n_pieces())
+            .map(|s| s.meta.piece_len(i))
+    }
+
     pub fn catalog(&self) -> Vec<TorrentMeta> {
         let mut v: Vec<TorrentMeta> = self
             .seeds
