@@ -137,6 +137,12 @@ impl TorrentMeta {
             data.len() as u64 == self.piece_len(i) && blake3::hash(data).to_hex().as_str() == h
         })
     }
+
+    /// Piece `i`'s part of the whole-file hash (see [`super::tree_hash`]);
+    /// valid metadata has pieces that allow it.
+    pub fn piece_value(&self, i: u32, data: &[u8]) -> blake3::hazmat::ChainingValue {
+        super::tree_hash::piece_value(data, i, self.piece_size, self.size)
+    }
 }
 
 #[cfg(test)]

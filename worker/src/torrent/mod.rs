@@ -3,6 +3,7 @@
 //! - [`meta`]: content addressing (BLAKE3 pieces and whole file);
 //! - [`store`]: complete files, resumable partial downloads, seeds;
 //! - [`protocol`]: the binary piece protocol;
+//! - [`tree_hash`]: the whole-file hash merged from the pieces' hashes;
 //! - [`upload_limit`]: the seeder's upload rate limit;
 //! - this module: serving pieces, announcing files as DHT providers,
 //!   downloading from several providers at once, catalog exchange.
@@ -10,6 +11,7 @@
 pub mod meta;
 pub mod protocol;
 pub mod store;
+pub mod tree_hash;
 pub mod upload_limit;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -82,12 +84,13 @@ pub struct TestHooks {
 }
 
 /// A piece checked and written on a blocking thread: who sent it, its
-/// index and length, and whether it matched its hash (or the write error).
+/// index and length, and its part of the whole-file hash when it matched
+/// its hash, `None` when it did not (or the write error).
 type Checked = (
     PeerId,
     u32,
     u64,
-    Result<std::io::Result<bool>, tokio::task::JoinError>,
+    Result<std::io::Result<Option<blake3::hazmat::ChainingValue>>, tokio::task::JoinError>,
 );
 
 /// A peer's answer to a metadata request: the metadata when it is valid
@@ -891,9 +894,9 @@ impl Torrents {
                     let (peer, i, len, r): Checked = checked;
                     checking.remove(&i);
                     match r {
-                        Ok(Ok(true)) => {
+                        Ok(Ok(Some(value))) => {
                             if !done[i as usize] {
-                                partial.mark_written(i);
+                                partial.mark_written(i, value);
                                 done[i as usize] = true;
                                 remaining -= 1;
                                 requested.remove(&i);
@@ -908,7 +911,7 @@ impl Torrents {
                                 busy_waits = 0;
                             }
                         }
-                        Ok(Ok(false)) => {
+                        Ok(Ok(None)) => {
                             self.bad_piece(&mut prog, peers, span, &peer, i, &meta.name);
                             dropped.insert(peer);
                             if !done[i as usize] && requested.get(&i).is_none_or(|w| w.is_empty()) {
@@ -971,9 +974,10 @@ impl Torrents {
                                 let len = data.len() as u64;
                                 let r = tokio::task::spawn_blocking(move || {
                                     if !m.check_piece(i, &data) {
-                                        return Ok(false);
+                                        return Ok(None);
                                     }
-                                    w.write(i, &data).map(|_| true)
+                                    let value = m.piece_value(i, &data);
+                                    w.write(i, &data).map(|_| Some(value))
                                 })
                                 .await;
                                 (peer, i, len, r)
