@@ -115,6 +115,42 @@ fn cipher_round(data: &[u8]) -> f64 {
     secs
 }
 
+/// `python3 -m http.server` serving `dir` on 127.0.0.1, once it accepts
+/// connections: a port taken by someone else makes it exit, and the next
+/// port is tried (bounded).
+fn start_http(dir: &Path) -> (std::process::Child, u16) {
+    let first = 18000 + (std::process::id() % 1000) as u16;
+    for port in first..first + 20 {
+        let mut child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .arg("--directory")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 http.server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                break;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (child, port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("python3 http.server did not start on any of 20 ports from {first}");
+}
+
 fn best(v: &[f64]) -> f64 {
     v.iter().cloned().fold(f64::MAX, f64::min)
 }
@@ -151,23 +187,8 @@ async fn main() {
     );
     let mb = size as f64 / 1e6;
 
-    // HTTP baseline.
-    let port = 18000 + (std::process::id() % 1000) as u16;
-    let mut http = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            &port.to_string(),
-            "--directory",
-        ])
-        .arg(manifest.parent().unwrap())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 http.server");
-    std::thread::sleep(Duration::from_millis(800));
+    // HTTP baseline, on a free port, once it accepts connections.
+    let (mut http, port) = start_http(manifest.parent().unwrap());
     let http_s = best(
         &(0..rounds)
             .map(|_| http_round(&dir, &file, port))
