@@ -2,6 +2,7 @@
 //! answers JSON commands over `/json-message/1.0`, publishes its shard in the
 //! Kademlia DHT and serves the gRPC control plane.
 
+pub mod allocator;
 pub mod client;
 pub mod dht;
 pub mod discovery;

@@ -297,6 +297,7 @@ struct SendArgs {
 }
 
 fn main() -> ExitCode {
+    llama_worker::allocator::tune();
     let cli = Cli::parse();
     // A node's configuration is read first: it sizes the runtime.
     let node = match &cli.command {
