@@ -123,6 +123,77 @@ fn local_chain_run(chain: &mut LocalChain, toks: &[i32]) -> (f64, f64) {
     )
 }
 
+/// What a pipeline step pays at every stage beyond the compute, timed on
+/// this machine with the same shape: a thread that just computed for 3 ms
+/// (a stage's share of a decode step) wakes another that was idle meanwhile
+/// and waits for its answer, through a channel (a hand-off between the async
+/// runtime and a stage thread) and through a UDP datagram of an activation's
+/// size over loopback (a hop). Medians in microseconds, each round trip being
+/// two wake-ups. On a VM an idle virtual CPU is halted, and waking a thread
+/// there costs far more than on bare metal.
+fn wake_costs() -> (f64, f64) {
+    const N: usize = 200;
+    let spin = |d: std::time::Duration| {
+        let t = std::time::Instant::now();
+        while t.elapsed() < d {
+            std::hint::spin_loop();
+        }
+    };
+    let idle = std::time::Duration::from_millis(3);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (to_tx, to_rx) = std::sync::mpsc::channel::<()>();
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<()>();
+    let echo = std::thread::spawn(move || {
+        while to_rx.recv().is_ok() {
+            if back_tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut handoff = Vec::with_capacity(N);
+    for _ in 0..N {
+        spin(idle);
+        let t = std::time::Instant::now();
+        to_tx.send(()).expect("echo thread");
+        back_rx.recv().expect("echo thread");
+        handoff.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(to_tx);
+    let _ = echo.join();
+    let a = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let b_addr = b.local_addr().expect("udp");
+    a.connect(b_addr).expect("udp");
+    b.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("udp");
+    a.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("udp");
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        for _ in 0..N {
+            let Ok((n, from)) = b.recv_from(&mut buf) else {
+                break;
+            };
+            let _ = b.send_to(&buf[..n], from);
+        }
+    });
+    let msg = [7u8; 2458];
+    let mut buf = [0u8; 4096];
+    let mut udp = Vec::with_capacity(N);
+    for _ in 0..N {
+        spin(idle);
+        let t = std::time::Instant::now();
+        a.send(&msg).expect("udp send");
+        a.recv(&mut buf).expect("udp echo");
+        udp.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let _ = echo.join();
+    (median(handoff), median(udp))
+}
+
 #[tokio::main]
 async fn main() {
     // Same thread count everywhere (LLAMA_CLUSTER_BENCH_THREADS, default 2).
@@ -294,6 +365,10 @@ async fn main() {
         );
     }
     println!("ratios: against the faster single-process reference; decode goal: >= 0.95x");
+    let (handoff_us, udp_us) = wake_costs();
+    println!(
+        "this machine, after 3 ms of compute: thread hand-off round trip {handoff_us:.0} us, loopback UDP round trip {udp_us:.0} us (each stage adds two hand-offs per step, and a hop each way)"
+    );
     println!(
         "decode, paired with a run of the engine as 1 stage just before it (median of {rounds} rounds, [lowest, highest]):"
     );
