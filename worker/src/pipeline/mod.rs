@@ -325,11 +325,25 @@ impl Pipeline {
                 );
                 Err(f.clone())
             } else {
+                // The step runs as its own task and the shared future only
+                // awaits it: the stage thread's answer then wakes that task
+                // directly. (Awaited inside `Shared`, it woke the runtime
+                // while holding `Shared`'s waker lock, and the runtime thread,
+                // woken at once, blocked on that lock: an extra sleep and
+                // wake-up on every stage of every step.)
                 let me = self.clone();
                 let l = l.clone();
-                let f = async move { me.compute_step(req, &l, bytes_in, started).await }
-                    .boxed()
-                    .shared();
+                let step = tokio::spawn(
+                    async move { me.compute_step(req, &l, bytes_in, started).await }
+                        .in_current_span(),
+                );
+                let f = async move {
+                    step.await.unwrap_or_else(|e| {
+                        ActivationResponse::error(codes::INTERNAL, format!("step task failed: {e}"))
+                    })
+                }
+                .boxed()
+                .shared();
                 inflight.insert((session, pos0), f.clone());
                 Ok(f)
             }
