@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use futures::future::{BoxFuture, Shared};
+use futures::future::BoxFuture;
 use libp2p::PeerId;
 use llama_cluster_engine::manifest::{Manifest, ShardEntry};
 use llama_cluster_engine::stage::{ForwardRequest, StageEngine, StageInput};
@@ -105,8 +105,26 @@ struct Inner {
     inflight: Mutex<HashMap<(u64, u32), RunningStep>>,
 }
 
-/// A step being computed, awaitable by a duplicate of its frame.
-type RunningStep = Shared<BoxFuture<'static, ActivationResponse>>;
+/// A step being computed: a duplicate of its frame waits here for its answer.
+type RunningStep = tokio::sync::watch::Receiver<Option<ActivationResponse>>;
+
+/// Marks a step as running until dropped (also when its future is dropped
+/// half way, so that no entry outlives its step).
+struct RunningEntry<'a> {
+    pipeline: &'a Pipeline,
+    key: (u64, u32),
+}
+
+impl Drop for RunningEntry<'_> {
+    fn drop(&mut self) {
+        self.pipeline
+            .0
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
 
 struct Answered {
     pos0: u32,
@@ -319,45 +337,41 @@ impl Pipeline {
         // for the original's answer.
         let running = {
             let mut inflight = self.0.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(f) = inflight.get(&(session, pos0)) {
+            if let Some(rx) = inflight.get(&(session, pos0)) {
                 debug!(
                     "[PIPELINE] step {pos0} of session {session:016x} delivered twice while running"
                 );
-                Err(f.clone())
+                Err(rx.clone())
             } else {
-                // The step runs as its own task and the shared future only
-                // awaits it: the stage thread's answer then wakes that task
-                // directly. (Awaited inside `Shared`, it woke the runtime
-                // while holding `Shared`'s waker lock, and the runtime thread,
-                // woken at once, blocked on that lock: an extra sleep and
-                // wake-up on every stage of every step.)
-                let me = self.clone();
-                let l = l.clone();
-                let step = tokio::spawn(
-                    async move { me.compute_step(req, &l, bytes_in, started).await }
-                        .in_current_span(),
-                );
-                let f = async move {
-                    step.await.unwrap_or_else(|e| {
-                        ActivationResponse::error(codes::INTERNAL, format!("step task failed: {e}"))
-                    })
-                }
-                .boxed()
-                .shared();
-                inflight.insert((session, pos0), f.clone());
-                Ok(f)
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                inflight.insert((session, pos0), rx);
+                Ok(tx)
             }
         };
-        let f = match running {
-            Err(original) => return original.await,
-            Ok(f) => f,
+        let tx = match running {
+            Err(mut original) => {
+                return match original.wait_for(Option::is_some).await {
+                    Ok(answer) => answer.clone().unwrap_or_else(|| {
+                        ActivationResponse::error(codes::INTERNAL, "empty answer to a step")
+                    }),
+                    Err(_) => ActivationResponse::error(
+                        codes::UNAVAILABLE,
+                        format!(
+                            "the first delivery of step {pos0} of session {session:016x} was abandoned before its answer"
+                        ),
+                    ),
+                };
+            }
+            Ok(tx) => tx,
         };
-        let resp = f.await;
-        self.0
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(session, pos0));
+        // The step is computed right here (no task or shared future in
+        // between): the stage thread's answer wakes this task directly, and
+        // the hand-off to the stage thread happens before this task yields.
+        let running = RunningEntry {
+            pipeline: self,
+            key: (session, pos0),
+        };
+        let resp = self.compute_step(req, &l, bytes_in, started).await;
         if resp.error.is_none() {
             let idle = self.0.cfg.session_idle;
             let mut answered = self.0.answered.lock().unwrap_or_else(|e| e.into_inner());
@@ -370,6 +384,12 @@ impl Pipeline {
                     resp: resp.clone(),
                 },
             );
+        }
+        // Answered first, then no longer running: a duplicate finds one or
+        // the other. Duplicates already waiting get a copy.
+        drop(running);
+        if tx.receiver_count() > 0 {
+            let _ = tx.send(Some(resp.clone()));
         }
         resp
     }
