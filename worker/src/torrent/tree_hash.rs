@@ -20,11 +20,11 @@ pub fn usable(piece_size: u64) -> bool {
 
 /// What piece `index` (`data`) contributes to the root of a file of `size`
 /// bytes cut in pieces of `piece_size` bytes: its chaining value, or, when
-/// the file is this one piece, the file's hash itself. `piece_size` must
-/// be [`usable`].
+/// the file is this one piece, the file's hash itself. With a piece size
+/// that is not [`usable`] (valid metadata never has one) it is the piece's
+/// plain hash, and [`root`] refuses the pieces.
 pub fn piece_value(data: &[u8], index: u32, piece_size: u64, size: u64) -> ChainingValue {
-    debug_assert!(usable(piece_size));
-    if size <= piece_size {
+    if size <= piece_size || !usable(piece_size) {
         return *blake3::hash(data).as_bytes();
     }
     let mut h = blake3::Hasher::new();
