@@ -337,6 +337,18 @@ impl Pipeline {
         // for the original's answer.
         let running = {
             let mut inflight = self.0.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            // Looked up again under this lock: the original may have been
+            // answered (and left `inflight`) since the look-up above.
+            if let Some(a) = self
+                .0
+                .answered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&session)
+                .filter(|a| a.pos0 == pos0)
+            {
+                return a.resp.clone();
+            }
             if let Some(rx) = inflight.get(&(session, pos0)) {
                 debug!(
                     "[PIPELINE] step {pos0} of session {session:016x} delivered twice while running"
@@ -385,8 +397,9 @@ impl Pipeline {
                 },
             );
         }
-        // Answered first, then no longer running: a duplicate finds one or
-        // the other. Duplicates already waiting get a copy.
+        // Answered first, then no longer running: a duplicate, which looks
+        // at `answered` again while it holds the `inflight` lock, finds one
+        // or the other. Duplicates already waiting get a copy.
         drop(running);
         if tx.receiver_count() > 0 {
             let _ = tx.send(Some(resp.clone()));

@@ -178,7 +178,15 @@ pub struct Partial {
 
 impl Partial {
     fn open(dir: &Path, meta: &TorrentMeta) -> io::Result<Partial> {
-        let part_path = dir.join(format!("{}.part", meta.file_hash));
+        // Named by the pieces too: writes of an attempt with other metadata
+        // for the same file (a peer's lying piece hashes) that were still
+        // running when it ended cannot land in this one, whose pieces are
+        // trusted once verified (the whole-file hash is merged from them).
+        let part_path = dir.join(format!(
+            "{}-{}.part",
+            meta.file_hash,
+            &meta.pieces_hash()[..16]
+        ));
         let existed = part_path.exists();
         let file = OpenOptions::new()
             .read(true)
