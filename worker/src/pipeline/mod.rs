@@ -318,27 +318,13 @@ impl Pipeline {
                 ),
             );
         }
-        if let Some(a) = self
-            .0
-            .answered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&req.session)
-            && a.pos0 == req.pos0
-        {
-            debug!(
-                "[PIPELINE] step {} of session {:016x} delivered twice; same answer",
-                req.pos0, req.session
-            );
-            return a.resp.clone();
-        }
         let (session, pos0) = (req.session, req.pos0);
-        // A duplicate that arrives while the original is still running waits
-        // for the original's answer.
+        // A frame delivered again gets the answer of its first delivery: at
+        // once when that was answered, else once it is. Both are looked up
+        // under the `inflight` lock (the original leaves `inflight` only
+        // after it is in `answered`).
         let running = {
             let mut inflight = self.0.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            // Looked up again under this lock: the original may have been
-            // answered (and left `inflight`) since the look-up above.
             if let Some(a) = self
                 .0
                 .answered
@@ -347,6 +333,9 @@ impl Pipeline {
                 .get(&session)
                 .filter(|a| a.pos0 == pos0)
             {
+                debug!(
+                    "[PIPELINE] step {pos0} of session {session:016x} delivered twice; same answer"
+                );
                 return a.resp.clone();
             }
             if let Some(rx) = inflight.get(&(session, pos0)) {
@@ -397,9 +386,8 @@ impl Pipeline {
                 },
             );
         }
-        // Answered first, then no longer running: a duplicate, which looks
-        // at `answered` again while it holds the `inflight` lock, finds one
-        // or the other. Duplicates already waiting get a copy.
+        // Answered first, then no longer running: a duplicate finds one or
+        // the other. Duplicates already waiting get a copy.
         drop(running);
         if tx.receiver_count() > 0 {
             let _ = tx.send(Some(resp.clone()));
