@@ -16,9 +16,8 @@ fn start(dir: &std::path::Path, name: &str, args: Vec<String>) -> NodeProc {
     NodeProc::start(dir, name, &args).expect("node starts")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    llama_cluster_tests::median_range(v).0
 }
 
 #[tokio::main]

@@ -140,10 +140,7 @@ fn wake_costs() -> (f64, f64) {
         }
     };
     let idle = std::time::Duration::from_millis(3);
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |v: Vec<f64>| llama_cluster_tests::median_range(v).0;
     let (to_tx, to_rx) = std::sync::mpsc::channel::<()>();
     let (back_tx, back_rx) = std::sync::mpsc::channel::<()>();
     let echo = std::thread::spawn(move || {
@@ -379,10 +376,10 @@ async fn main() {
         "2 stages in one process",
         "3 stages in one process",
     ];
-    for (name, mut r) in names.iter().zip(paired) {
-        r.sort_by(f64::total_cmp);
-        if let (Some(lo), Some(hi)) = (r.first(), r.last()) {
-            println!("  {name:<32} {:.2}  [{lo:.2}, {hi:.2}]", r[r.len() / 2]);
+    for (name, r) in names.iter().zip(paired) {
+        if !r.is_empty() {
+            let (mid, lo, hi) = llama_cluster_tests::median_range(r);
+            println!("  {name:<32} {mid:.2}  [{lo:.2}, {hi:.2}]");
         }
     }
     drop(clusters);

@@ -343,9 +343,8 @@ async fn main() {
     );
     // Ratios within each round, then their median and range.
     let paired = |f: &dyn Fn(usize) -> f64| {
-        let mut v: Vec<f64> = (0..rounds).map(f).collect();
-        v.sort_by(f64::total_cmp);
-        format!("{:.2} [{:.2}, {:.2}]", v[v.len() / 2], v[0], v[v.len() - 1])
+        let (mid, lo, hi) = llama_cluster_tests::median_range((0..rounds).map(f).collect());
+        format!("{mid:.2} [{lo:.2}, {hi:.2}]")
     };
     let pieces_of = |i: usize, r: usize| scenarios[i].rounds[r].1;
     println!("paired within each round (median of {rounds} [lowest, highest]):");

@@ -505,3 +505,13 @@ pub fn log_value<T: std::str::FromStr>(log: &str, after: &str, before: &str) -> 
             .and_then(|v| v.parse().ok())
     })
 }
+
+/// Median, lowest and highest of `v` (benchmarks' spread over rounds);
+/// NaNs when `v` is empty.
+pub fn median_range(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    match (v.first(), v.last()) {
+        (Some(&lo), Some(&hi)) => (v[v.len() / 2], lo, hi),
+        _ => (f64::NAN, f64::NAN, f64::NAN),
+    }
+}
