@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use libp2p::core::transport::OptionalTransport;
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, SwarmBuilder, identify, kad, noise, ping, rendezvous, request_response,
-    tcp, yamux,
+    StreamProtocol, Swarm, SwarmBuilder, identify, kad, noise, ping, quic, rendezvous,
+    request_response, tcp, yamux,
 };
 use llama_cluster_shared::config::NodeConfig;
 use llama_cluster_shared::protocol::JSON_PROTOCOL;
@@ -73,6 +74,7 @@ pub fn build_swarm(
     let discovery_interval = Duration::from_secs(cfg.discovery_interval_secs);
     let request_timeout = Duration::from_secs(cfg.request_timeout_secs);
     let max_message = cfg.max_message_bytes;
+    let quic = cfg.quic;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -80,7 +82,16 @@ pub fn build_swarm(
             noise::Config::new,
             yamux::Config::default,
         )?
-        .with_quic()
+        // `--no-quic` leaves QUIC out of the transport entirely: such a node
+        // neither listens on nor dials a QUIC address, whichever behaviour
+        // asks (Kademlia and request-response dial the addresses they know).
+        .with_other_transport(|key| {
+            if quic {
+                OptionalTransport::some(quic::tokio::Transport::new(quic::Config::new(key)))
+            } else {
+                OptionalTransport::none()
+            }
+        })?
         .with_bandwidth_metrics(
             &mut crate::metrics::libp2p_registry()
                 .lock()
@@ -156,4 +167,24 @@ pub fn build_swarm(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
         .build();
     Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_node_without_quic_has_no_quic_transport() {
+        let quic_addr: libp2p::Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
+        let tcp_addr: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        for quic in [true, false] {
+            let cfg = NodeConfig {
+                quic,
+                ..NodeConfig::default()
+            };
+            let mut swarm = build_swarm(Keypair::generate_ed25519(), &cfg, Role::Worker).unwrap();
+            assert_eq!(swarm.listen_on(quic_addr.clone()).is_ok(), quic);
+            assert!(swarm.listen_on(tcp_addr.clone()).is_ok());
+        }
+    }
 }
