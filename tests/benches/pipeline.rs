@@ -14,6 +14,9 @@ use llama_cluster_proto::v1::InferenceRequest;
 use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_tests::{NodeProc, PipelineCluster, model_path, split_with_cli, test_dir};
 
+#[path = "pipeline/floor.rs"]
+mod floor;
+
 const N_PROMPT: usize = 128;
 
 /// Workers log as they do by default (the tests' harness asks for debug
@@ -191,13 +194,32 @@ fn wake_costs() -> (f64, f64) {
     (median(handoff), median(udp))
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     // Same thread count everywhere (LLAMA_CLUSTER_BENCH_THREADS, default 2).
     let threads: i32 = std::env::var("LLAMA_CLUSTER_BENCH_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
+    // A stage of the floor chain (see `floor`): no async runtime at all.
+    if std::env::var_os(floor::STAGE_ENV).is_some() {
+        let settings = EngineSettings {
+            threads,
+            ..Default::default()
+        };
+        if let Err(e) = floor::serve_from_env(settings) {
+            eprintln!("floor stage: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run(threads));
+}
+
+async fn run(threads: i32) {
     // Release binaries when they are there (cargo build --release --bins).
     if std::env::var_os("LLAMA_CLUSTER_BIN_DIR").is_none() {
         let rel = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
@@ -238,6 +260,9 @@ async fn main() {
     // in one process (the cost of splitting without any network).
     let mut chains = Vec::new();
     let mut clusters = Vec::new();
+    // The floor (see `floor`): 1 stage (its reference), then 2 and 3
+    // stages on one thread and as processes over blocking TCP.
+    let mut floors: Vec<(String, floor::FloorChain)> = Vec::new();
     // BENCH_PROFILE=N: only run the N-stage pipeline, over and over for a
     // minute (for a profiler), and print nothing else.
     if let Some(n) = std::env::var("BENCH_PROFILE")
@@ -262,6 +287,22 @@ async fn main() {
         chains.push(chain);
         let _ = run_remote(&cluster.workers[0], "warm up").await;
         clusters.push(cluster);
+        let modes: &[(bool, String)] = if n == 1 {
+            &[(false, "1 stage, one thread".to_string())]
+        } else {
+            &[
+                (false, format!("{n} stages, one thread")),
+                (true, format!("{n} processes, blocking TCP")),
+            ]
+        };
+        for (processes, name) in modes {
+            let f = tokio::task::block_in_place(|| {
+                floor::FloorChain::load(&manifest, settings, *processes)
+            })
+            .expect("floor chain");
+            let _ = tokio::task::block_in_place(|| f.run(&toks, 8)).expect("floor warm-up");
+            floors.push((name.clone(), f));
+        }
     }
     let mut baseline = Best::default();
     let mut local = [Best::default(); 3];
@@ -271,6 +312,11 @@ async fn main() {
     // (the engine as 1 stage) made just before it, per round: pipelines of
     // 1, 2, 3 processes, then 2 and 3 stages in one process.
     let mut paired: [Vec<f64>; 5] = Default::default();
+    // The floor's decode against its 1 stage run just before it, per round;
+    // and whether every floor configuration gave the 1 stage's tokens.
+    let mut floor_paired: Vec<Vec<f64>> = vec![Vec::new(); floors.len()];
+    let mut floor_best = vec![0f64; floors.len()];
+    let mut floor_mismatch: Vec<String> = Vec::new();
     let rounds = rounds();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
@@ -300,6 +346,18 @@ async fn main() {
                 let (pp, tg) = local_chain_run(&mut chains[n], &toks);
                 local[n].add(pp, tg);
                 paired[2 + n].push(tg / rtg);
+            }
+            // Three pairs per configuration and round: the floor's runs
+            // are short, and this VM's speed drifts by ±20 %.
+            for i in (1..floors.len()).cycle().take(3 * (floors.len() - 1)) {
+                let (_, rtg, rtoks) = floors[0].1.run(&toks, N_GEN as usize).expect("floor");
+                floor_best[0] = floor_best[0].max(rtg);
+                let (_, tg, ftoks) = floors[i].1.run(&toks, N_GEN as usize).expect("floor");
+                floor_best[i] = floor_best[i].max(tg);
+                floor_paired[i].push(tg / rtg);
+                if ftoks != rtoks {
+                    floor_mismatch.push(floors[i].0.clone());
+                }
             }
         });
     }
@@ -382,5 +440,17 @@ async fn main() {
             println!("  {name:<32} {mid:.2}  [{lo:.2}, {hi:.2}]");
         }
     }
+    println!(
+        "the floor: the same decode with llama.cpp alone, greedy, and between processes a blocking TCP socket on the computing thread (no runtime, no hand-off, no libp2p); 1 stage: {:.1} tok/s; paired with 1 stage just before it:",
+        floor_best[0]
+    );
+    for ((name, _), r) in floors.iter().zip(floor_paired).skip(1) {
+        let (mid, lo, hi) = llama_cluster_tests::median_range(r);
+        println!("  {name:<32} {mid:.2}  [{lo:.2}, {hi:.2}]");
+    }
+    if !floor_mismatch.is_empty() {
+        println!("WARNING: tokens differ from 1 stage in: {floor_mismatch:?}");
+    }
+    drop(floors);
     drop(clusters);
 }
