@@ -333,6 +333,13 @@ impl NodeConfig {
                 "must be 0 (unlimited) or between 1 and 1000000 MB/s",
             ));
         }
+        let is_quic = |a: &str| a.contains("/quic");
+        if !self.quic && !self.bootstrap.is_empty() && self.bootstrap.iter().all(|a| is_quic(a)) {
+            return Err(ConfigError::invalid(
+                "bootstrap",
+                "every bootstrap address is a QUIC address, but QUIC is disabled (quic = false, --no-quic): give a TCP address (/ip4/…/tcp/…)",
+            ));
+        }
         if self.runtime_threads > 1024 {
             return Err(ConfigError::invalid(
                 "runtime_threads",
@@ -527,6 +534,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.upload_limit_mb_per_sec, 12.5);
+        // Without QUIC, a QUIC bootstrap address cannot be dialed.
+        let quic_boot = "/ip4/127.0.0.1/udp/4001/quic-v1";
+        let tcp_boot = "/ip4/127.0.0.1/tcp/4001";
+        let no_quic = ("quic", "false".into());
+        let err = NodeConfig::load(
+            None,
+            &env(&[]),
+            &[no_quic.clone(), ("bootstrap", quic_boot.into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bootstrap") && err.contains("QUIC"), "{err}");
+        for ok in [tcp_boot.to_string(), format!("{quic_boot},{tcp_boot}")] {
+            NodeConfig::load(None, &env(&[]), &[no_quic.clone(), ("bootstrap", ok)]).unwrap();
+        }
+        NodeConfig::load(None, &env(&[]), &[("bootstrap", quic_boot.into())]).unwrap();
     }
 
     #[test]

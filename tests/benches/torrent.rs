@@ -53,6 +53,14 @@ fn http_round(dir: &Path, file: &str, port: u16) -> f64 {
     s
 }
 
+/// Extra flags for the fetching node (`BENCH_FETCH_ARGS`, e.g. `--no-quic`).
+fn fetch_args() -> Vec<String> {
+    std::env::var("BENCH_FETCH_ARGS")
+        .ok()
+        .map(|a| a.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 /// (seconds end to end, seconds of piece transfer) from the fetching worker's log.
 fn fetch_round(dir: &Path, round: &str, cluster: &str, boot: &str, hash: &str) -> (f64, f64) {
     let cache = dir.join(format!("fetch-{round}.cache"));
@@ -73,13 +81,7 @@ fn fetch_round(dir: &Path, round: &str, cluster: &str, boot: &str, hash: &str) -
             "--cache-dir",
         ])
         .arg(&cache)
-        // Extra flags for the fetching node, e.g. BENCH_FETCH_ARGS=--no-quic.
-        .args(
-            std::env::var("BENCH_FETCH_ARGS")
-                .ok()
-                .map(|a| a.split_whitespace().map(String::from).collect::<Vec<_>>())
-                .unwrap_or_default(),
-        )
+        .args(fetch_args())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .status()
@@ -290,7 +292,13 @@ async fn run() {
             cap,
             n: hosts.len(),
             cluster,
-            boot_addr: b,
+            // A fetching node without QUIC (BENCH_FETCH_ARGS=--no-quic)
+            // needs the bootstrap node's TCP address.
+            boot_addr: if fetch_args().iter().any(|a| a == "--no-quic") {
+                boot.addr("tcp")
+            } else {
+                b
+            },
             _procs: (boot, seeders),
             rounds: Vec::new(),
         });

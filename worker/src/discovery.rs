@@ -27,6 +27,12 @@ impl Node {
     /// Dials every configured bootstrap address (peer id optional).
     pub(crate) fn dial_bootstrap(&mut self) {
         for addr in self.bootstrap_addrs.clone() {
+            if !self.cfg.quic && transport_of(&addr) == Transport::Quic {
+                warn!(
+                    "[DISCOVERY] QUIC is disabled: not dialing bootstrap {addr} (give its TCP address)"
+                );
+                continue;
+            }
             let opts = match peer_id_of(&addr) {
                 Some(peer) if peer == self.local_peer_id() => continue,
                 Some(peer) if self.swarm.is_connected(&peer) => continue,
