@@ -427,7 +427,12 @@ impl PipelineCluster {
             .filter_map(|s| s["id"].as_str().map(String::from))
             .collect();
         let bootstrap = start_bootstrap(dir)?;
-        let b = bootstrap.addr("quic-v1");
+        // Workers without QUIC reach the bootstrap node over TCP.
+        let b = bootstrap.addr(if extra.contains(&"--no-quic") {
+            "tcp"
+        } else {
+            "quic-v1"
+        });
         let mut workers = Vec::new();
         for (i, id) in shard_ids.iter().enumerate() {
             let host = format!("127.0.0.{}", first_host as usize + i);
