@@ -9,10 +9,9 @@
 //! with [`STAGE_ENV`] set); each answers the token of a step upstream, and a
 //! stage in the middle relays it, as the worker pipeline does.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use llama_cluster_engine::ffi::{
     BatchInput, LoadedModel, StageContext, ThreadPool, TokenEmbeddings,
 };
 use llama_cluster_engine::manifest::Manifest;
+use llama_cluster_tests::self_child::SelfChildren;
 
 /// Set in a child process: `<shard file>\n<1 if last>\n<next stage's address or empty>`.
 pub const STAGE_ENV: &str = "LLAMA_CLUSTER_BENCH_FLOOR_STAGE";
@@ -86,6 +86,7 @@ fn connect(addr: &str) -> anyhow::Result<TcpStream> {
 /// A child process's stage: prints its port, then serves one session per
 /// upstream connection until it is killed.
 pub fn serve_from_env(settings: EngineSettings) -> anyhow::Result<()> {
+    llama_cluster_tests::self_child::exit_when_parent_goes();
     let spec = std::env::var(STAGE_ENV)?;
     let mut parts = spec.split('\n');
     let (Some(shard), Some(last), next) = (parts.next(), parts.next(), parts.next()) else {
@@ -122,18 +123,6 @@ pub fn serve_from_env(settings: EngineSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills the child stages when dropped.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// The first stage in this process and the rest either on this thread too
 /// (one thread, one thread pool, no I/O) or in child processes.
 pub struct FloorChain {
@@ -142,7 +131,7 @@ pub struct FloorChain {
     pool: Rc<ThreadPool>,
     settings: EngineSettings,
     next_addr: Option<String>,
-    _children: Children,
+    _children: SelfChildren,
 }
 
 impl FloorChain {
@@ -167,7 +156,7 @@ impl FloorChain {
             .map(|f| LoadedModel::load(f))
             .collect::<Result<Vec<_>, _>>()?;
         // Children from the last stage back, each told where the next is.
-        let mut children = Children(Vec::new());
+        let mut children = SelfChildren::default();
         let mut next_addr: Option<String> = None;
         for (i, file) in files.iter().enumerate().skip(in_here).rev() {
             let spec = format!(
@@ -176,21 +165,10 @@ impl FloorChain {
                 u8::from(i + 1 == files.len()),
                 next_addr.as_deref().unwrap_or("")
             );
-            let mut child = Command::new(std::env::current_exe()?)
-                .env(STAGE_ENV, spec)
-                .env("LLAMA_CLUSTER_BENCH_THREADS", settings.threads.to_string())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-            children.0.push(child);
-            // The child prints its port once its shard is loaded, or exits.
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line)?;
-            let port = line
-                .strip_prefix("port ")
-                .and_then(|p| p.trim().parse::<u16>().ok())
-                .ok_or_else(|| anyhow!("floor stage {i} did not start: {line:?}"))?;
+            let port = children.spawn(&[
+                (STAGE_ENV, spec),
+                ("LLAMA_CLUSTER_BENCH_THREADS", settings.threads.to_string()),
+            ])?;
             next_addr = Some(format!("127.0.0.1:{port}"));
         }
         Ok(FloorChain {

@@ -10,14 +10,14 @@
 //!
 //! Senders are child processes (this bench binary again, with [`SEND_ENV`]).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use llama_cluster_tests::self_child::SelfChildren;
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 
 /// Set in a sender process: `<file>\n<offset>\n<length>`.
@@ -41,6 +41,7 @@ fn nonce(i: u64) -> Nonce {
 /// A sender process: prints its port, then sends its range of the file,
 /// sealed, to every connection until it is killed.
 pub fn serve_from_env() -> anyhow::Result<()> {
+    llama_cluster_tests::self_child::exit_when_parent_goes();
     let spec = std::env::var(SEND_ENV)?;
     let parts: Vec<&str> = spec.split('\n').collect();
     let [file, offset, len] = parts[..] else {
@@ -75,48 +76,25 @@ pub fn serve_from_env() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills the senders when dropped.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Senders of a file's ranges, started once and used every round.
 pub struct FloorTransfer {
     /// (port, offset, length) per sender.
     ranges: Vec<(u16, u64, u64)>,
     size: u64,
-    _children: Children,
+    _children: SelfChildren,
 }
 
 impl FloorTransfer {
     pub fn start(file: &Path, senders: u64) -> anyhow::Result<FloorTransfer> {
         let size = std::fs::metadata(file)?.len();
         let share = size.div_ceil(senders).div_ceil(RECORD as u64) * RECORD as u64;
-        let mut children = Children(Vec::new());
+        let mut children = SelfChildren::default();
         let mut ranges = Vec::new();
         for k in 0..senders {
             let offset = (k * share).min(size);
             let len = share.min(size - offset);
-            let mut child = Command::new(std::env::current_exe()?)
-                .env(SEND_ENV, format!("{}\n{offset}\n{len}", file.display()))
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-            children.0.push(child);
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line)?;
-            let port = line
-                .strip_prefix("port ")
-                .and_then(|p| p.trim().parse::<u16>().ok())
-                .ok_or_else(|| anyhow!("floor sender {k} did not start: {line:?}"))?;
+            let spec = format!("{}\n{offset}\n{len}", file.display());
+            let port = children.spawn(&[(SEND_ENV, spec)])?;
             ranges.push((port, offset, len));
         }
         Ok(FloorTransfer {
