@@ -200,23 +200,16 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
-    // A stage of the floor chain (see `floor`): no async runtime at all.
-    if std::env::var_os(floor::STAGE_ENV).is_some() {
-        let settings = EngineSettings {
-            threads,
-            ..Default::default()
-        };
-        if let Err(e) = floor::serve_from_env(settings) {
-            eprintln!("floor stage: {e:#}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run(threads));
+    // Or a stage of the floor chain (see `floor`): no async runtime at all.
+    let settings = EngineSettings {
+        threads,
+        ..Default::default()
+    };
+    llama_cluster_tests::self_child::main_or_helper(
+        floor::STAGE_ENV,
+        || floor::serve_from_env(settings),
+        || run(threads),
+    );
 }
 
 async fn run(threads: i32) {

@@ -187,19 +187,8 @@ fn best2(v: &[(f64, f64)]) -> (f64, f64) {
 }
 
 fn main() {
-    // A sender of the floor transfer (see `floor`): no async runtime.
-    if std::env::var_os(floor::SEND_ENV).is_some() {
-        if let Err(e) = floor::serve_from_env() {
-            eprintln!("floor sender: {e:#}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run());
+    // Or a sender of the floor transfer (see `floor`): no async runtime.
+    llama_cluster_tests::self_child::main_or_helper(floor::SEND_ENV, floor::serve_from_env, run);
 }
 
 async fn run() {

@@ -567,6 +567,27 @@ pub mod self_child {
         }
     }
 
+    /// A bench's `main`: the helper role when `role_env` is set (no async
+    /// runtime; exits 1 on an error), else `bench` on a multi-thread runtime.
+    pub fn main_or_helper<F: std::future::Future<Output = ()>>(
+        role_env: &str,
+        helper: impl FnOnce() -> anyhow::Result<()>,
+        bench: impl FnOnce() -> F,
+    ) {
+        if std::env::var_os(role_env).is_some() {
+            if let Err(e) = helper() {
+                eprintln!("{role_env}: {e:#}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(bench());
+    }
+
     /// In the child: exits the process once the parent has gone.
     pub fn exit_when_parent_goes() {
         std::thread::spawn(|| {
