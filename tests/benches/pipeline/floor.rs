@@ -21,6 +21,7 @@ use llama_cluster_engine::ffi::{
     BatchInput, LoadedModel, StageContext, ThreadPool, TokenEmbeddings,
 };
 use llama_cluster_engine::manifest::Manifest;
+use llama_cluster_engine::sampling::argmax;
 use llama_cluster_tests::self_child::SelfChildren;
 
 /// Set in a child process: `<shard file>\n<1 if last>\n<next stage's address or empty>`.
@@ -28,16 +29,6 @@ pub const STAGE_ENV: &str = "LLAMA_CLUSTER_BENCH_FLOOR_STAGE";
 
 /// No read or write on a floor socket waits longer than this.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn argmax(logits: &[f32]) -> i32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as i32
-}
 
 fn write_rows(s: &mut TcpStream, rows: &[f32]) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(4 + rows.len() * 4);

@@ -13,7 +13,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -107,7 +107,7 @@ impl FloorTransfer {
     /// Seconds to receive the whole file into `out` (opened, hashed and
     /// written record by record); each range's hash is then checked
     /// against the same bytes of `data`, the file itself.
-    pub fn run(&self, out: &PathBuf, data: &[u8]) -> anyhow::Result<f64> {
+    pub fn run(&self, out: &Path, data: &[u8]) -> anyhow::Result<f64> {
         let file = std::fs::File::create(out)?;
         file.set_len(self.size)?;
         let t0 = Instant::now();
