@@ -117,6 +117,8 @@ pub struct NodeConfig {
     pub test_piece_delay_ms: u64,
     /// Test only: answer the first this many piece requests with busy.
     pub test_busy_pieces: u32,
+    /// Test only: listen on QUIC alone (peers cannot reach it over TCP).
+    pub test_no_tcp_listen: bool,
 }
 
 impl Default for NodeConfig {
@@ -160,6 +162,7 @@ impl Default for NodeConfig {
             test_lying_meta: false,
             test_piece_delay_ms: 0,
             test_busy_pieces: 0,
+            test_no_tcp_listen: false,
         }
     }
 }

@@ -82,6 +82,56 @@ async fn seeding(node: &NodeProc, hash: &str) -> bool {
     })
 }
 
+/// Waits (bounded) until `node` seeds file `hash`.
+async fn wait_seeding(node: &NodeProc, hash: &str) {
+    wait_for(&format!("{} seeding", node.name), WAIT, || async {
+        seeding(node, hash).await.then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// A test's directory, split and bootstrap node (`b`: its QUIC address),
+/// and a worker seeding the split's files.
+struct Seeded {
+    dir: PathBuf,
+    s: Split,
+    _boot: NodeProc,
+    b: String,
+    seeder: NodeProc,
+}
+
+/// [`Seeded`] for test `test`, its seeder at `host` started with `flags`.
+async fn seeded(test: &str, host: &str, flags: &[&str]) -> Seeded {
+    let dir = test_dir(test);
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let seeder = start(&dir, "seeder", host, &b, &s.manifest, flags);
+    wait_seeding(&seeder, &s.hash).await;
+    Seeded {
+        dir,
+        s,
+        _boot: boot,
+        b,
+        seeder,
+    }
+}
+
+/// A worker at `host` with only the manifest, after LoadShard of the
+/// split's shard fetched its file through the swarm (checked: ready, and the
+/// file's hash).
+async fn loaded_leecher(dir: &Path, s: &Split, b: &str, host: &str) -> NodeProc {
+    let m = bare_manifest(dir, "leech", &s.manifest);
+    let leech = start(dir, "leech", host, b, &m, &[]);
+    let r = load(&leech, &s.shard_id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
+    assert_eq!(r.state, "ready");
+    assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+    leech
+}
+
 fn torrent<'a>(
     st: &'a GetStatusResponse,
     hash: &str,
@@ -106,16 +156,13 @@ async fn load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_seeder_three_leechers_end_byte_identical() {
-    let dir = test_dir("torrent-3leech");
-    let s = split(&dir);
-    let boot = bootstrap(&dir);
-    let b = boot.addr("quic-v1");
-    let seeder = start(&dir, "seeder", "127.0.0.60", &b, &s.manifest, &[]);
-    wait_for("seeder seeding", WAIT, || async {
-        seeding(&seeder, &s.hash).await.then_some(())
-    })
-    .await
-    .unwrap();
+    let Seeded {
+        dir,
+        s,
+        _boot,
+        b,
+        seeder,
+    } = seeded("torrent-3leech", "127.0.0.60", &[]).await;
     let leechers: Vec<NodeProc> = (0..3)
         .map(|i| {
             let m = bare_manifest(&dir, &format!("l{i}"), &s.manifest);
@@ -143,6 +190,15 @@ async fn one_seeder_three_leechers_end_byte_identical() {
         assert_eq!(t.state, "seeding", "a complete file is seeded at once");
         assert_eq!((t.pieces_done, t.pieces_total), (22, 22));
         assert!(l.log().contains("complete and verified"));
+        // Workers talk over QUIC, and pieces travel over TCP (from the
+        // seeder or from another leecher).
+        let log = l.log();
+        assert!(log.contains("via QUIC"), "{log}");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("shard file pieces from ") && l.ends_with(" over TCP")),
+            "{log}"
+        );
     }
     // SyncTorrents lists who has what; fetch_missing pulls the rest.
     let mut c = leechers[0].client().await.unwrap();
@@ -198,11 +254,7 @@ async fn a_seeder_sending_bad_pieces_is_dropped_and_the_download_completes() {
         &["--test-corrupt-pieces"],
     );
     for n in [&good, &bad] {
-        wait_for("seeding", WAIT, || async {
-            seeding(n, &s.hash).await.then_some(())
-        })
-        .await
-        .unwrap();
+        wait_seeding(n, &s.hash).await;
     }
     let m = bare_manifest(&dir, "leech", &s.manifest);
     let leech = start(
@@ -245,16 +297,13 @@ async fn a_seeder_sending_bad_pieces_is_dropped_and_the_download_completes() {
 /// file modes, so as root the leecher runs without CAP_DAC_OVERRIDE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_without_write_permission_ends_the_download_with_a_clear_error() {
-    let dir = test_dir("torrent-permission");
-    let s = split(&dir);
-    let boot = bootstrap(&dir);
-    let b = boot.addr("quic-v1");
-    let seeder = start(&dir, "seeder", "127.0.0.135", &b, &s.manifest, &[]);
-    wait_for("seeding", WAIT, || async {
-        seeding(&seeder, &s.hash).await.then_some(())
-    })
-    .await
-    .unwrap();
+    let Seeded {
+        dir,
+        s,
+        _boot,
+        b,
+        seeder: _seeder,
+    } = seeded("torrent-permission", "127.0.0.135", &[]).await;
     let mf = bare_manifest(&dir, "leech", &s.manifest);
     let mut args = worker_args("127.0.0.136", &[&b], None);
     args.extend(["--manifest".into(), mf.display().to_string()]);
@@ -303,11 +352,13 @@ async fn a_cache_without_write_permission_ends_the_download_with_a_clear_error()
 }
 
 /// A seeder that lies about piece hashes (its metadata matches the corrupt
-/// pieces it serves) is refused up front: the split manifest pins every
-/// file's metadata (`pieces_hash`). With only the liar, loading fails with a
-/// clear error and nothing is written; with an honest seeder too, it works.
+/// pieces it serves) is refused up front: piece hashes are nodes of the
+/// file's BLAKE3 tree, and a liar's do not add up to the file's hash (the
+/// split manifest also pins every file's metadata, `pieces_hash`). With only
+/// the liar, loading fails with a clear error and nothing is written; with
+/// an honest seeder too, it works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metadata_that_does_not_match_the_manifest_is_refused() {
+async fn lying_metadata_is_refused() {
     let dir = test_dir("torrent-lying-meta");
     let s = split(&dir);
     let m: Value = serde_json::from_slice(&std::fs::read(&s.manifest).unwrap()).unwrap();
@@ -323,16 +374,13 @@ async fn metadata_that_does_not_match_the_manifest_is_refused() {
         &s.manifest,
         &["--test-lying-meta"],
     );
-    wait_for("the liar seeding", WAIT, || async {
-        seeding(&liar, &s.hash).await.then_some(())
-    })
-    .await
-    .unwrap();
+    wait_seeding(&liar, &s.hash).await;
     let mf = bare_manifest(&dir, "leech", &s.manifest);
     let leech = start(&dir, "leech", "127.0.0.131", &b, &mf, &[]);
     let e = load(&leech, &s.shard_id).await.unwrap_err();
     assert!(
-        e.message().contains("does not match the manifest"),
+        e.message()
+            .contains("piece hashes do not add up to the file's hash"),
         "{e:?}\n{}",
         leech.log()
     );
@@ -350,11 +398,7 @@ async fn metadata_that_does_not_match_the_manifest_is_refused() {
     );
     // An honest seeder joins: the same request now succeeds.
     let honest = start(&dir, "honest", "127.0.0.132", &b, &s.manifest, &[]);
-    wait_for("the honest seeder seeding", WAIT, || async {
-        seeding(&honest, &s.hash).await.then_some(())
-    })
-    .await
-    .unwrap();
+    wait_seeding(&honest, &s.hash).await;
     let r = wait_for("a load with an honest seeder", WAIT, || async {
         load(&leech, &s.shard_id).await.ok()
     })
@@ -362,6 +406,37 @@ async fn metadata_that_does_not_match_the_manifest_is_refused() {
     .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
     assert_eq!(r.state, "ready");
     assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+}
+
+/// Pieces travel over TCP; a seeder that cannot be reached over TCP (it
+/// listens on QUIC alone) still serves them, over QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_go_over_quic_when_the_seeder_cannot_be_reached_over_tcp() {
+    let Seeded {
+        dir,
+        s,
+        _boot,
+        b,
+        seeder,
+    } = seeded("torrent-no-tcp", "127.0.0.190", &["--test-no-tcp-listen"]).await;
+    assert!(
+        !seeder.log().contains("/tcp/"),
+        "the seeder listens on QUIC alone:\n{}",
+        seeder.log()
+    );
+    let leech = loaded_leecher(&dir, &s, &b, "127.0.0.191").await;
+    let log = leech.log();
+    assert!(
+        log.contains(&format!(
+            "{} cannot be reached over TCP; asking it for pieces over its other connections",
+            seeder.peer_id
+        )),
+        "{log}"
+    );
+    assert!(
+        !log.contains("pieces from"),
+        "no piece came over TCP:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,11 +462,7 @@ async fn killing_the_fast_seeder_mid_download_still_completes() {
         &["--test-piece-delay-ms", "400"],
     );
     for n in [&fast, &slow] {
-        wait_for("seeding", WAIT, || async {
-            seeding(n, &s.hash).await.then_some(())
-        })
-        .await
-        .unwrap();
+        wait_seeding(n, &s.hash).await;
     }
     let m = bare_manifest(&dir, "leech", &s.manifest);
     let leech = start(&dir, "leech", "127.0.0.82", &b, &m, &[]);
@@ -448,11 +519,7 @@ async fn records_of_departed_seeders_do_not_stop_a_download_and_uploads_keep_to_
     let b = boot.addr("quic-v1");
     for (i, host) in ["127.0.0.185", "127.0.0.186"].iter().enumerate() {
         let mut gone = start(&dir, &format!("gone{i}"), host, &b, &s.manifest, &[]);
-        wait_for("seeding", WAIT, || async {
-            seeding(&gone, &s.hash).await.then_some(())
-        })
-        .await
-        .unwrap();
+        wait_seeding(&gone, &s.hash).await;
         // Its provider record reaches the bootstrap node before it dies.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         gone.kill();
@@ -470,19 +537,9 @@ async fn records_of_departed_seeders_do_not_stop_a_download_and_uploads_keep_to_
             "6",
         ],
     );
-    wait_for("seeding", WAIT, || async {
-        seeding(&live, &s.hash).await.then_some(())
-    })
-    .await
-    .unwrap();
+    wait_seeding(&live, &s.hash).await;
     assert!(live.log().contains("uploads limited to 10 MB/s"));
-    let m = bare_manifest(&dir, "leech", &s.manifest);
-    let leech = start(&dir, "leech", "127.0.0.188", &b, &m, &[]);
-    let r = load(&leech, &s.shard_id)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
-    assert_eq!(r.state, "ready");
-    assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+    let leech = loaded_leecher(&dir, &s, &b, "127.0.0.188").await;
     let log = leech.log();
     assert!(log.contains("is busy"), "{log}");
     assert!(
@@ -503,23 +560,18 @@ async fn records_of_departed_seeders_do_not_stop_a_download_and_uploads_keep_to_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_leecher_resumes_from_verified_pieces() {
-    let dir = test_dir("torrent-resume");
-    let s = split(&dir);
-    let boot = bootstrap(&dir);
-    let b = boot.addr("quic-v1");
-    let seeder = start(
-        &dir,
-        "seeder",
+    let Seeded {
+        dir,
+        s,
+        _boot,
+        b,
+        seeder: _seeder,
+    } = seeded(
+        "torrent-resume",
         "127.0.0.90",
-        &b,
-        &s.manifest,
         &["--test-piece-delay-ms", "300"],
-    );
-    wait_for("seeding", WAIT, || async {
-        seeding(&seeder, &s.hash).await.then_some(())
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     let m = bare_manifest(&dir, "leech", &s.manifest);
     let mut leech = start(&dir, "leech", "127.0.0.91", &b, &m, &[]);
     let shard = s.shard_id.clone();
@@ -594,16 +646,13 @@ async fn malformed_piece_requests_get_errors_and_the_seeder_keeps_serving() {
         MAX_FRAME, TORRENT_PROTOCOL, TorrentRequest, TorrentResponse,
     };
 
-    let dir = test_dir("torrent-malformed");
-    let s = split(&dir);
-    let boot = bootstrap(&dir);
-    let b = boot.addr("quic-v1");
-    let seeder = start(&dir, "seeder", "127.0.0.100", &b, &s.manifest, &[]);
-    wait_for("seeding", WAIT, || async {
-        seeding(&seeder, &s.hash).await.then_some(())
-    })
-    .await
-    .unwrap();
+    let Seeded {
+        dir,
+        s,
+        _boot,
+        b,
+        seeder,
+    } = seeded("torrent-malformed", "127.0.0.100", &[]).await;
 
     // A raw piece-protocol client.
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
@@ -763,16 +812,13 @@ impl Drop for Tmpfs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_ends_the_download_with_a_clear_error_and_no_final_file() {
-    let dir = test_dir("torrent-disk-full");
-    let s = split(&dir);
-    let boot = bootstrap(&dir);
-    let b = boot.addr("quic-v1");
-    let seeder = start(&dir, "seeder", "127.0.0.110", &b, &s.manifest, &[]);
-    wait_for("seeding", WAIT, || async {
-        seeding(&seeder, &s.hash).await.then_some(())
-    })
-    .await
-    .unwrap();
+    let Seeded {
+        dir,
+        s,
+        _boot,
+        b,
+        seeder: _seeder,
+    } = seeded("torrent-disk-full", "127.0.0.110", &[]).await;
     // The leecher's cache is a 4 MiB file system: the 22 MB shard cannot fit.
     let small = Tmpfs::mount(dir.join("small-disk"), "4m");
     let m = bare_manifest(&dir, "leech", &s.manifest);

@@ -196,6 +196,9 @@ struct NodeArgs {
     /// Test only: answer the first N piece requests with busy.
     #[arg(long, hide = true)]
     test_busy_pieces: Option<String>,
+    /// Test only: listen on QUIC alone (peers cannot reach it over TCP).
+    #[arg(long, hide = true)]
+    test_no_tcp_listen: bool,
 }
 
 impl NodeArgs {
@@ -245,6 +248,9 @@ impl NodeArgs {
         }
         if self.test_lying_meta {
             v.push(("test_lying_meta", "true".into()));
+        }
+        if self.test_no_tcp_listen {
+            v.push(("test_no_tcp_listen", "true".into()));
         }
         if self.test_corrupt_pieces {
             v.push(("test_corrupt_pieces", "true".into()));

@@ -4,7 +4,7 @@
 use libp2p::request_response::{Event, Message, OutboundFailure};
 use llama_cluster_shared::protocol::CommandResponse;
 use llama_cluster_shared::status::NodeStatus;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::network::json_codec::JsonRequest;
 use crate::node::{FrameProto, Node, Outbound, Pending};
@@ -73,15 +73,22 @@ impl Node {
     /// (activations) or the file store (pieces) on their own task.
     pub(crate) fn on_frames(&mut self, proto: FrameProto, ev: Event<Vec<u8>, Vec<u8>>) {
         match ev {
-            Event::Message { peer, message, .. } => match message {
+            Event::Message {
+                peer,
+                message,
+                connection_id,
+            } => match message {
                 Message::Request {
                     request, channel, ..
                 } => {
+                    self.piece_conns.entry(connection_id).or_insert(false);
                     let torrents = self.torrents.clone();
                     let responses = self.frame_responses.clone();
                     tokio::spawn(async move {
                         let body = match proto {
-                            FrameProto::Torrent => torrents.serve(peer, request).await,
+                            FrameProto::Torrent | FrameProto::TorrentTcp => {
+                                torrents.serve(peer, request).await
+                            }
                         };
                         let _ = responses.send((proto, channel, body)).await;
                     });
@@ -90,6 +97,10 @@ impl Node {
                     request_id,
                     response,
                 } => {
+                    let received = self.piece_conns.entry(connection_id).or_insert(false);
+                    if proto == FrameProto::TorrentTcp && !std::mem::replace(received, true) {
+                        info!("[TORRENT] shard file pieces from {peer} over TCP");
+                    }
                     if let Some(out) = self.pending_frames.remove(&(proto, request_id)) {
                         let _ = out.reply.send(Ok(response));
                     }
@@ -101,9 +112,28 @@ impl Node {
                 error,
                 ..
             } => {
-                if let Some(out) = self.pending_frames.remove(&(proto, request_id))
-                    && let Some(out) = self.retry_after_close(peer, &error, out)
+                let Some(out) = self.pending_frames.remove(&(proto, request_id)) else {
+                    return;
+                };
+                // No TCP path to the peer: its pieces go over the others.
+                if proto == FrameProto::TorrentTcp && matches!(error, OutboundFailure::DialFailure)
                 {
+                    if self
+                        .no_tcp
+                        .insert(peer, std::time::Instant::now())
+                        .is_none()
+                    {
+                        info!(
+                            "[TORRENT] {peer} cannot be reached over TCP; asking it for pieces over its other connections"
+                        );
+                    }
+                    let id = self
+                        .frames(FrameProto::Torrent)
+                        .send_request(&peer, out.body.clone());
+                    self.pending_frames.insert((FrameProto::Torrent, id), out);
+                    return;
+                }
+                if let Some(out) = self.retry_after_close(peer, &error, out) {
                     let id = self.frames(proto).send_request(&peer, out.body.clone());
                     self.pending_frames.insert((proto, id), out);
                 }

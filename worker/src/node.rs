@@ -30,6 +30,10 @@ use crate::torrent::Torrents;
 /// How long a TCP connection replaced by QUIC stays open.
 const TCP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// How long pieces for a peer that could not be dialed over TCP go over its
+/// other connections before TCP is tried again.
+const NO_TCP_FOR: Duration = Duration::from_secs(300);
+
 /// Requests other tasks send to the swarm task.
 #[derive(Debug)]
 pub enum NetCommand {
@@ -61,8 +65,12 @@ pub enum NetCommand {
 /// The binary request-response protocols (length-prefixed frames).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FrameProto {
-    /// Shard file pieces.
+    /// Shard file metadata and pieces, over any connection.
     Torrent,
+    /// Shard file pieces, over a TCP connection to the peer (dialed when
+    /// there is none); over any connection when the peer cannot be reached
+    /// over TCP (see `network::tcp_only`).
+    TorrentTcp,
 }
 
 /// Handle on the swarm task.
@@ -265,6 +273,12 @@ pub struct Node {
     pub(crate) reprovide_at: Option<tokio::time::Instant>,
     /// TCP connections replaced by QUIC, closed once in-flight work is done.
     pub(crate) closing: Vec<(tokio::time::Instant, libp2p::swarm::ConnectionId)>,
+    /// Connections that carried shard file pieces (and whether pieces came
+    /// in over them): TCP ones stay open when QUIC comes up (pieces go over
+    /// TCP, see `network::tcp_only`).
+    pub(crate) piece_conns: HashMap<libp2p::swarm::ConnectionId, bool>,
+    /// Peers whose TCP dial for pieces failed, and when.
+    pub(crate) no_tcp: HashMap<PeerId, std::time::Instant>,
 }
 
 /// A started node: its identity and addresses, and the task that runs it.
@@ -294,7 +308,9 @@ fn listen_addrs_for(cfg: &NodeConfig) -> anyhow::Result<Vec<Multiaddr>> {
                 .with(Protocol::QuicV1),
         );
     }
-    addrs.push(base.with(Protocol::Tcp(cfg.p2p_port)));
+    if !(cfg.test_no_tcp_listen && cfg.quic) {
+        addrs.push(base.with(Protocol::Tcp(cfg.p2p_port)));
+    }
     Ok(addrs)
 }
 
@@ -438,6 +454,8 @@ pub async fn start_with(
         discovered: HashSet::new(),
         quic_upgrade_tried: HashSet::new(),
         closing: Vec::new(),
+        piece_conns: HashMap::new(),
+        no_tcp: HashMap::new(),
         reprovide_at: None,
         coverage_target: None,
         p2p_metrics: libp2p::metrics::Metrics::new(
@@ -553,6 +571,23 @@ impl Node {
     ) -> &mut libp2p::request_response::Behaviour<crate::network::frame_codec::FrameCodec> {
         match proto {
             FrameProto::Torrent => &mut self.swarm.behaviour_mut().torrent,
+            FrameProto::TorrentTcp => &mut self.swarm.behaviour_mut().torrent_tcp,
+        }
+    }
+
+    /// The protocol a request of `proto` to `peer` goes by: pieces for a
+    /// peer whose TCP dial failed lately go over any connection.
+    pub(crate) fn route_frame(&mut self, proto: FrameProto, peer: &PeerId) -> FrameProto {
+        if proto != FrameProto::TorrentTcp {
+            return proto;
+        }
+        match self.no_tcp.get(peer) {
+            Some(at) if at.elapsed() < NO_TCP_FOR => FrameProto::Torrent,
+            Some(_) => {
+                self.no_tcp.remove(peer);
+                proto
+            }
+            None => proto,
         }
     }
 
@@ -587,6 +622,7 @@ impl Node {
                 body,
                 reply,
             } => {
+                let proto = self.route_frame(proto, &peer);
                 let id = self.frames(proto).send_request(&peer, body.clone());
                 self.pending_frames.insert(
                     (proto, id),
@@ -644,6 +680,7 @@ impl Node {
                 NodeBehaviourEvent::Messaging(ev) => self.on_messaging(ev),
                 NodeBehaviourEvent::Streams(()) => {}
                 NodeBehaviourEvent::Torrent(ev) => self.on_frames(FrameProto::Torrent, ev),
+                NodeBehaviourEvent::TorrentTcp(ev) => self.on_frames(FrameProto::TorrentTcp, ev),
                 NodeBehaviourEvent::Ping(ev) => self.p2p_metrics.record(&ev),
             },
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -727,6 +764,7 @@ impl Node {
                 ..
             } => {
                 self.pipeline.net().connection_closed(&peer_id);
+                self.piece_conns.remove(&connection_id);
                 self.state.write(|s| {
                     if let Some(conns) = s.connections.get_mut(&peer_id) {
                         conns.retain(|c| c.id != connection_id);
@@ -818,6 +856,10 @@ impl Node {
             .collect();
         self.closing.retain(|(at, _)| *at > now);
         for id in due {
+            if self.piece_conns.contains_key(&id) {
+                debug!("[CONNECT] keeping TCP connection {id}: it carries shard file pieces");
+                continue;
+            }
             self.swarm.close_connection(id);
         }
     }

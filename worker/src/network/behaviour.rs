@@ -18,6 +18,7 @@ use llama_cluster_shared::protocol::JSON_PROTOCOL;
 
 use super::frame_codec::FrameCodec;
 use super::json_codec::JsonCodec;
+use super::tcp_only::TcpOnly;
 use crate::torrent::protocol::{MAX_FRAME as MAX_TORRENT_FRAME, TORRENT_PROTOCOL};
 
 /// What a node is for.
@@ -60,7 +61,11 @@ pub struct NodeBehaviour {
     pub messaging: request_response::Behaviour<JsonCodec>,
     /// Persistent activation streams between stages (see `links`).
     pub streams: libp2p_stream::Behaviour,
+    /// Serves pieces on every connection; asks over QUIC only for a peer
+    /// that cannot be reached over TCP.
     pub torrent: request_response::Behaviour<FrameCodec>,
+    /// Asks for pieces over TCP connections only (see `tcp_only`).
+    pub torrent_tcp: TcpOnly<request_response::Behaviour<FrameCodec>>,
 }
 
 /// Builds the swarm of a node with `keypair`.
@@ -142,18 +147,20 @@ pub fn build_swarm(
                 ),
                 Role::Worker => (None, Some(rendezvous::client::Behaviour::new(key.clone()))),
             };
-            let torrent = request_response::Behaviour::with_codec(
-                FrameCodec::new(MAX_TORRENT_FRAME),
-                [(
-                    StreamProtocol::new(TORRENT_PROTOCOL),
-                    request_response::ProtocolSupport::Full,
-                )],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(60))
-                    .with_max_concurrent_streams(256),
-            );
+            let torrent_behaviour = |support| {
+                request_response::Behaviour::with_codec(
+                    FrameCodec::new(MAX_TORRENT_FRAME),
+                    [(StreamProtocol::new(TORRENT_PROTOCOL), support)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(60))
+                        .with_max_concurrent_streams(256),
+                )
+            };
             NodeBehaviour {
-                torrent,
+                torrent: torrent_behaviour(request_response::ProtocolSupport::Full),
+                torrent_tcp: TcpOnly::new(torrent_behaviour(
+                    request_response::ProtocolSupport::Outbound,
+                )),
                 streams: libp2p_stream::Behaviour::new(),
                 identify,
                 ping: ping::Behaviour::new(ping::Config::new()),

@@ -4,6 +4,7 @@ pub mod behaviour;
 pub mod frame_codec;
 pub mod json_codec;
 pub mod links;
+pub mod tcp_only;
 
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;

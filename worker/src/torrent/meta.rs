@@ -1,11 +1,20 @@
 //! Torrent metadata: a file cut into pieces, every piece and the whole file
 //! identified by BLAKE3 (the hash the split manifest uses), the metadata
 //! itself addressed by the hash of its canonical encoding.
+//!
+//! A piece's hash is its node in the file's BLAKE3 tree (its chaining value,
+//! see [`super::tree_hash`]), so the piece hashes add up to the file's hash:
+//! metadata is checked against the file hash it is asked by before any
+//! piece is fetched, and each piece is hashed once, both to verify it and to
+//! build the whole-file hash.
 
 use std::io::Read;
 use std::path::Path;
 
+use blake3::hazmat::ChainingValue;
 use serde::{Deserialize, Serialize};
+
+use super::tree_hash;
 
 /// Smallest piece size (1 MiB); larger files get larger pieces so that a
 /// file has at most [`MAX_PIECES`] pieces.
@@ -19,7 +28,8 @@ pub struct TorrentMeta {
     pub name: String,
     pub size: u64,
     pub piece_size: u64,
-    /// Hex BLAKE3 of each piece, in order.
+    /// Hex BLAKE3 chaining value of each piece as a subtree of the file's
+    /// tree, in order (the file's hash when the file is one piece).
     pub pieces: Vec<String>,
     /// Hex BLAKE3 of the whole file: the file's identity.
     pub file_hash: String,
@@ -41,28 +51,34 @@ fn is_hex_hash(s: &str) -> bool {
 }
 
 impl TorrentMeta {
-    /// Hashes a file (pieces and whole) in one streaming pass.
+    /// Hashes a file in one streaming pass: its pieces, and the whole-file
+    /// hash merged from them.
     pub fn from_file(path: &Path, name: &str) -> std::io::Result<TorrentMeta> {
         let size = std::fs::metadata(path)?.len();
         let piece_size = piece_size_for(size);
         let mut f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
-        let mut whole = blake3::Hasher::new();
-        let mut pieces = Vec::with_capacity(size.div_ceil(piece_size) as usize);
+        let mut values = Vec::with_capacity(size.div_ceil(piece_size) as usize);
         let mut buf = vec![0u8; piece_size as usize];
         let mut left = size;
         while left > 0 {
             let n = left.min(piece_size) as usize;
             f.read_exact(&mut buf[..n])?;
-            whole.update(&buf[..n]);
-            pieces.push(blake3::hash(&buf[..n]).to_hex().to_string());
+            values.push(tree_hash::piece_value(
+                &buf[..n],
+                values.len() as u32,
+                piece_size,
+                size,
+            ));
             left -= n as u64;
         }
+        let file_hash = tree_hash::root(&values, piece_size, size)
+            .ok_or_else(|| std::io::Error::other("the file changed while it was hashed"))?;
         Ok(TorrentMeta {
             name: name.to_string(),
             size,
             piece_size,
-            pieces,
-            file_hash: whole.finalize().to_hex().to_string(),
+            pieces: values.iter().map(hex).collect(),
+            file_hash: file_hash.to_hex().to_string(),
         })
     }
 
@@ -128,21 +144,39 @@ impl TorrentMeta {
         {
             return Err(format!("file name {:?} is not a plain name", self.name));
         }
+        let values: Option<Vec<ChainingValue>> = self.pieces.iter().map(|p| unhex(p)).collect();
+        let adds_up = values
+            .and_then(|v| tree_hash::root(&v, self.piece_size, self.size))
+            .is_some_and(|root| root.to_hex().as_str() == self.file_hash);
+        if !adds_up {
+            return Err(PIECES_DO_NOT_ADD_UP.into());
+        }
         Ok(())
     }
 
-    /// True when `data` is piece `i`.
-    pub fn check_piece(&self, i: u32, data: &[u8]) -> bool {
-        self.pieces.get(i as usize).is_some_and(|h| {
-            data.len() as u64 == self.piece_len(i) && blake3::hash(data).to_hex().as_str() == h
-        })
+    /// Piece `i`'s part of the whole-file hash when `data` is piece `i`
+    /// (one BLAKE3 pass over it), else `None`.
+    pub fn check_piece(&self, i: u32, data: &[u8]) -> Option<ChainingValue> {
+        let want = self.pieces.get(i as usize)?;
+        if data.len() as u64 != self.piece_len(i) {
+            return None;
+        }
+        let value = tree_hash::piece_value(data, i, self.piece_size, self.size);
+        (hex(&value) == *want).then_some(value)
     }
+}
 
-    /// Piece `i`'s part of the whole-file hash (see [`super::tree_hash`]);
-    /// valid metadata has pieces that allow it.
-    pub fn piece_value(&self, i: u32, data: &[u8]) -> blake3::hazmat::ChainingValue {
-        super::tree_hash::piece_value(data, i, self.piece_size, self.size)
-    }
+/// Why [`TorrentMeta::validate`] refuses metadata whose piece hashes are not
+/// the pieces of its file.
+pub const PIECES_DO_NOT_ADD_UP: &str = "its piece hashes do not add up to the file's hash";
+
+/// Lowercase hex of a piece hash.
+pub fn hex(value: &ChainingValue) -> String {
+    blake3::Hash::from_bytes(*value).to_hex().to_string()
+}
+
+fn unhex(s: &str) -> Option<ChainingValue> {
+    blake3::Hash::from_hex(s).ok().map(|h| *h.as_bytes())
 }
 
 #[cfg(test)]
@@ -163,9 +197,17 @@ mod tests {
         assert_eq!(m.piece_len(2), 123);
         assert_eq!(m.file_hash, blake3::hash(&data).to_hex().to_string());
         m.validate().unwrap();
-        assert!(m.check_piece(0, &data[..MIN_PIECE as usize]));
-        assert!(!m.check_piece(1, &data[..MIN_PIECE as usize]));
-        assert!(!m.check_piece(9, &data[..10]));
+        let whole = |i: u32| {
+            let at = (i as u64 * MIN_PIECE) as usize;
+            &data[at..at + m.piece_len(i) as usize]
+        };
+        for i in 0..3 {
+            assert!(m.check_piece(i, whole(i)).is_some(), "piece {i}");
+        }
+        // The right bytes at the wrong index, a truncated piece, no such piece.
+        assert!(m.check_piece(1, whole(0)).is_none());
+        assert!(m.check_piece(2, &whole(2)[..100]).is_none());
+        assert!(m.check_piece(9, &data[..10]).is_none());
         let back: TorrentMeta = serde_json::from_slice(&m.encode()).unwrap();
         assert_eq!(back.meta_hash(), m.meta_hash());
         let mut bad = m.clone();
@@ -174,6 +216,36 @@ mod tests {
         let mut bad = m.clone();
         bad.name = "../etc/passwd".into();
         assert!(bad.validate().is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn metadata_whose_piece_hashes_are_not_its_files_pieces_is_invalid() {
+        let dir = std::env::temp_dir().join(format!("llama-meta-lie-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.bin");
+        let mut data: Vec<u8> = (0..(3 * MIN_PIECE)).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let m = TorrentMeta::from_file(&path, "f.bin").unwrap();
+        m.validate().unwrap();
+        // Piece hashes in another order.
+        let mut swapped = m.clone();
+        swapped.pieces.swap(0, 1);
+        assert_eq!(swapped.validate(), Err(PIECES_DO_NOT_ADD_UP.into()));
+        // One piece hash describing other bytes (what a lying seeder sends).
+        data[5] ^= 0xff;
+        let mut lying = m.clone();
+        lying.pieces[0] = hex(&tree_hash::piece_value(
+            &data[..MIN_PIECE as usize],
+            0,
+            m.piece_size,
+            m.size,
+        ));
+        assert_eq!(lying.validate(), Err(PIECES_DO_NOT_ADD_UP.into()));
+        // The same pieces claimed for another file hash.
+        let mut other = m.clone();
+        other.file_hash = blake3::hash(b"other").to_hex().to_string();
+        assert_eq!(other.validate(), Err(PIECES_DO_NOT_ADD_UP.into()));
         let _ = std::fs::remove_dir_all(dir);
     }
 

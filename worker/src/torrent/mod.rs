@@ -104,20 +104,24 @@ fn check_meta(
 ) -> Result<TorrentMeta, (String, bool)> {
     let why = match answer {
         Ok(TorrentResponse::Meta(b)) => match serde_json::from_slice::<TorrentMeta>(&b) {
-            Ok(m)
-                if m.file_hash == file_hash
-                    && m.validate().is_ok()
-                    && !pin.is_empty()
-                    && m.pieces_hash() != pin =>
-            {
-                warn!(
-                    "[TORRENT] {p} sent metadata for {} whose piece hashes do not match the manifest; not using {p}",
-                    m.name
-                );
-                "sent metadata that does not match the manifest's pieces hash".to_string()
-            }
-            Ok(m) if m.file_hash == file_hash && m.validate().is_ok() => return Ok(m),
-            Ok(_) => "sent metadata for another or an invalid file".to_string(),
+            Ok(m) if m.file_hash != file_hash => "sent metadata for another file".to_string(),
+            Ok(m) => match m.validate() {
+                Err(why) => {
+                    warn!(
+                        "[TORRENT] {p} sent invalid metadata for {} ({why}); not using {p}",
+                        m.name
+                    );
+                    format!("sent invalid metadata: {why}")
+                }
+                Ok(()) if !pin.is_empty() && m.pieces_hash() != pin => {
+                    warn!(
+                        "[TORRENT] {p} sent metadata for {} whose piece hashes do not match the manifest; not using {p}",
+                        m.name
+                    );
+                    "sent metadata that does not match the manifest's pieces hash".to_string()
+                }
+                Ok(()) => return Ok(m),
+            },
             Err(e) => format!("sent unreadable metadata: {e}"),
         },
         Ok(TorrentResponse::Error(e)) => return Err((e, true)),
@@ -334,7 +338,8 @@ impl Torrents {
                                 if let Some(b) = d.first_mut() {
                                     *b ^= 0xff;
                                 }
-                                m.pieces[i as usize] = blake3::hash(&d).to_hex().to_string();
+                                m.pieces[i as usize] =
+                                    meta::hex(&tree_hash::piece_value(&d, i, m.piece_size, m.size));
                             }
                         }
                         m
@@ -408,15 +413,13 @@ impl Torrents {
     async fn ask(&self, peer: PeerId, req: TorrentRequest) -> Result<TorrentResponse, String> {
         // Metadata is small: a peer that cannot answer it quickly (a record
         // of a node that is gone costs a dial timeout) is passed over.
-        let timeout = match req {
-            TorrentRequest::Meta { .. } => META_TIMEOUT,
-            TorrentRequest::Piece { .. } => PIECE_TIMEOUT,
+        // Pieces go over TCP, which moves bulk data with less CPU than QUIC
+        // (see `network::tcp_only`).
+        let (timeout, proto) = match req {
+            TorrentRequest::Meta { .. } => (META_TIMEOUT, FrameProto::Torrent),
+            TorrentRequest::Piece { .. } => (PIECE_TIMEOUT, FrameProto::TorrentTcp),
         };
-        let bytes = self
-            .0
-            .net
-            .frame(FrameProto::Torrent, peer, req.encode(), timeout)
-            .await?;
+        let bytes = self.0.net.frame(proto, peer, req.encode(), timeout).await?;
         TorrentResponse::decode(bytes)
     }
 
@@ -973,10 +976,9 @@ impl Torrents {
                             async move {
                                 let len = data.len() as u64;
                                 let r = tokio::task::spawn_blocking(move || {
-                                    if !m.check_piece(i, &data) {
+                                    let Some(value) = m.check_piece(i, &data) else {
                                         return Ok(None);
-                                    }
-                                    let value = m.piece_value(i, &data);
+                                    };
                                     w.write(i, &data).map(|_| Some(value))
                                 })
                                 .await;
@@ -1113,5 +1115,59 @@ impl PeerSpans {
             t.span.record("bytes", t.bytes);
             t.span.record("bad_pieces", t.bad);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_of_a_file() -> TorrentMeta {
+        let dir = std::env::temp_dir().join(format!("llama-check-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.bin");
+        let data: Vec<u8> = (0..(2 * meta::MIN_PIECE + 5))
+            .map(|i| (i % 241) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let m = TorrentMeta::from_file(&path, "f.bin").unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+        m
+    }
+
+    #[test]
+    fn metadata_is_taken_only_when_it_is_valid_and_matches_the_pin() {
+        let m = meta_of_a_file();
+        let p = PeerId::random();
+        let answer = |m: &TorrentMeta| Ok(TorrentResponse::Meta(m.encode()));
+        let hash = m.file_hash.clone();
+        assert_eq!(check_meta(p, answer(&m), &hash, ""), Ok(m.clone()));
+        assert_eq!(
+            check_meta(p, answer(&m), &hash, &m.pieces_hash()),
+            Ok(m.clone())
+        );
+        let refused =
+            |m: &TorrentMeta, pin: &str| check_meta(p, answer(m), &hash, pin).unwrap_err();
+        let (why, only_absent) = refused(&m, &"0".repeat(64));
+        assert!(why.contains("manifest"), "{why}");
+        assert!(!only_absent);
+        let mut lying = m.clone();
+        lying.pieces.swap(0, 2);
+        let (why, _) = refused(&lying, "");
+        assert!(why.contains(meta::PIECES_DO_NOT_ADD_UP), "{why}");
+        let mut other = m.clone();
+        other.file_hash = blake3::hash(b"other").to_hex().to_string();
+        assert!(refused(&other, "").0.contains("another file"));
+        let (why, only_absent) = check_meta(
+            p,
+            Ok(TorrentResponse::Error("no such file".into())),
+            &hash,
+            "",
+        )
+        .unwrap_err();
+        assert_eq!((why.as_str(), only_absent), ("no such file", true));
+        let (why, _) =
+            check_meta(p, Ok(TorrentResponse::Meta(b"{".to_vec())), &hash, "").unwrap_err();
+        assert!(why.contains("unreadable"), "{why}");
     }
 }

@@ -207,9 +207,8 @@ impl Partial {
                 if file
                     .read_exact_at(&mut buf, i as u64 * meta.piece_size)
                     .is_ok()
-                    && meta.check_piece(i, &buf)
                 {
-                    *h = Some(meta.piece_value(i, &buf));
+                    *h = meta.check_piece(i, &buf);
                 }
             }
         }
@@ -339,6 +338,11 @@ mod tests {
         &data[at..at + meta.piece_len(i) as usize]
     }
 
+    /// Piece `i`'s part of the file hash, from its bytes in `data`.
+    fn value(meta: &TorrentMeta, data: &[u8], i: u32) -> blake3::hazmat::ChainingValue {
+        tree_hash::piece_value(piece(data, meta, i), i, meta.piece_size, meta.size)
+    }
+
     #[test]
     fn a_download_resumes_and_completes_under_its_final_name_with_the_files_hash() {
         let (dir, store, data, meta) = setup("resume");
@@ -347,7 +351,7 @@ mod tests {
         let w = p.writer();
         for i in [3, 1] {
             w.write(i, piece(&data, &meta, i)).unwrap();
-            p.mark_written(i, meta.piece_value(i, piece(&data, &meta, i)));
+            p.mark_written(i, value(&meta, &data, i));
         }
         drop((w, p));
         // Reopened: the pieces on disk are found again by their hashes.
@@ -357,7 +361,7 @@ mod tests {
         let w = p.writer();
         for i in [2, 0] {
             w.write(i, piece(&data, &meta, i)).unwrap();
-            p.mark_written(i, meta.piece_value(i, piece(&data, &meta, i)));
+            p.mark_written(i, value(&meta, &data, i));
         }
         drop(w);
         let path = store.complete(p).unwrap();
@@ -371,13 +375,18 @@ mod tests {
         // Metadata whose piece hashes describe other bytes than its file hash.
         let (dir, store, mut data, mut meta) = setup("lying");
         data[10] ^= 0xff;
-        meta.pieces[0] = blake3::hash(piece(&data, &meta, 0)).to_hex().to_string();
+        meta.pieces[0] = crate::torrent::meta::hex(&tree_hash::piece_value(
+            piece(&data, &meta, 0),
+            0,
+            meta.piece_size,
+            meta.size,
+        ));
         let mut p = store.partial(&meta).unwrap();
         let w = p.writer();
         for i in 0..meta.n_pieces() {
-            assert!(meta.check_piece(i, piece(&data, &meta, i)));
+            assert!(meta.check_piece(i, piece(&data, &meta, i)).is_some());
             w.write(i, piece(&data, &meta, i)).unwrap();
-            p.mark_written(i, meta.piece_value(i, piece(&data, &meta, i)));
+            p.mark_written(i, value(&meta, &data, i));
         }
         drop(w);
         let err = store.complete(p).unwrap_err().to_string();
@@ -392,7 +401,7 @@ mod tests {
         let (dir, store, data, meta) = setup("incomplete");
         let mut p = store.partial(&meta).unwrap();
         p.writer().write(0, piece(&data, &meta, 0)).unwrap();
-        p.mark_written(0, meta.piece_value(0, piece(&data, &meta, 0)));
+        p.mark_written(0, value(&meta, &data, 0));
         let err = store.complete(p).unwrap_err().to_string();
         assert!(err.contains("not complete"), "{err}");
         assert!(!store.final_path(&meta.file_hash).exists());
