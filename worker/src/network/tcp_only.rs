@@ -1,5 +1,5 @@
 //! A behaviour that sees only a node's TCP connections: shard file pieces
-//! travel over TCP while activations and control messages keep QUIC.
+//! travel over TCP even between workers connected over QUIC.
 //!
 //! Over loopback and LANs, TCP moves bulk data with less CPU than QUIC: the
 //! kernel does segmentation and acknowledgements, and noise encrypts 64 KiB
