@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llama_cluster_tests::{NodeProc, binary, split_with_cli, test_dir, wait_for, worker_args};
+use llama_cluster_tests::{NodeProc, binary, cpu, split_with_cli, test_dir, wait_for, worker_args};
 use serde_json::Value;
 
 #[path = "torrent/floor.rs"]
@@ -137,6 +137,17 @@ struct Scenario {
     _procs: (NodeProc, Vec<NodeProc>),
     /// (end to end, pieces) seconds per round.
     rounds: Vec<(f64, f64)>,
+    /// CPU seconds of the fetching process and of the seeders, per round.
+    cpu: Vec<(f64, f64)>,
+}
+
+/// CPU seconds the seeders of `sc` have used so far.
+fn seeders_cpu(sc: &Scenario) -> f64 {
+    sc._procs
+        .1
+        .iter()
+        .filter_map(|p| cpu::of_pid(p.child.id()))
+        .sum()
 }
 
 /// `python3 -m http.server` serving `dir` on 127.0.0.1, once it accepts
@@ -290,6 +301,7 @@ async fn run() {
             },
             _procs: (boot, seeders),
             rounds: Vec::new(),
+            cpu: Vec::new(),
         });
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -300,13 +312,27 @@ async fn run() {
     let floor_out = dir.join("floor.out");
     let mut floor_rounds: [Vec<f64>; 2] = Default::default();
     let mut http_rounds = Vec::new();
+    // CPU seconds of curl and of the HTTP server, per round.
+    let mut http_cpu = Vec::new();
     let mut cipher_rounds = Vec::new();
     for r in 0..rounds {
         eprintln!("round {}/{rounds}", r + 1);
+        let (server0, curl0) = (cpu::of_pid(http.id()), cpu::of_waited_children());
         http_rounds.push(http_round(&dir, &file, port));
+        http_cpu.push((
+            cpu::of_waited_children() - curl0,
+            cpu::of_pid(http.id())
+                .zip(server0)
+                .map_or(0.0, |(b, a)| b - a),
+        ));
         for sc in scenarios.iter_mut() {
             let tag = format!("{}-{r}", sc.cluster);
+            let (seeders0, fetch0) = (seeders_cpu(sc), cpu::of_waited_children());
             let secs = fetch_round(&dir, &tag, &sc.cluster, &sc.boot_addr, &hash);
+            sc.cpu.push((
+                cpu::of_waited_children() - fetch0,
+                seeders_cpu(sc) - seeders0,
+            ));
             sc.rounds.push(secs);
         }
         cipher_rounds.push(cipher_round(&data));
@@ -409,6 +435,29 @@ async fn run() {
         "  floor, 3 senders vs 1:              {}",
         paired(&|r| floor_rounds[0][r] / floor_rounds[1][r])
     );
+    // What each way costs the machine: on 2 shared cores, a transfer that
+    // needs more CPU than the cores give cannot keep up with HTTP.
+    let median = |v: Vec<f64>| llama_cluster_tests::median_range(v).0;
+    let medians = |v: &[(f64, f64)]| {
+        (
+            median(v.iter().map(|c| c.0).collect()),
+            median(v.iter().map(|c| c.1).collect()),
+            median(v.iter().map(|c| c.0 + c.1).collect()),
+        )
+    };
+    let (curl_s, server_s, http_total) = medians(&http_cpu);
+    println!(
+        "CPU per transfer (user + system, median of {rounds} rounds; a server's in 10 ms ticks):"
+    );
+    println!("  curl {curl_s:.3} s + python3 http.server {server_s:.3} s = {http_total:.3} s");
+    for sc in scenarios.iter().filter(|sc| sc.cap.is_none()) {
+        let (fetch_s, seeders_s, total) = medians(&sc.cpu);
+        println!(
+            "  llama-cluster, {} seeder(s): fetching process {fetch_s:.3} s (with its start and lookup) + seeders {seeders_s:.3} s = {total:.3} s ({:.2}x HTTP's)",
+            sc.n,
+            total / http_total
+        );
+    }
     println!("(end to end: provider lookup, metadata, pieces, whole-file hash, fsync and rename)");
     println!(
         "(floor: the file in 64 KiB records sealed with ChaCha20-Poly1305 over plain TCP, each opened, hashed with BLAKE3 and written; the least an encrypted, verified transfer takes here)"
