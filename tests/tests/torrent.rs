@@ -428,7 +428,7 @@ async fn pieces_go_over_quic_when_the_seeder_cannot_be_reached_over_tcp() {
     let log = leech.log();
     assert!(
         log.contains(&format!(
-            "{} cannot be reached over TCP; asking it for pieces over its other connections",
+            "{} cannot be reached over TCP (no TCP address known); asking it for pieces over its other connections",
             seeder.peer_id
         )),
         "{log}"

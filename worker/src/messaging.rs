@@ -118,13 +118,25 @@ impl Node {
                 // No TCP path to the peer: its pieces go over the others.
                 if proto == FrameProto::TorrentTcp && matches!(error, OutboundFailure::DialFailure)
                 {
+                    let failed = self.swarm.behaviour().torrent_tcp.dial_failed(&peer);
+                    let wait = if failed {
+                        crate::node::NO_TCP_FOR
+                    } else {
+                        crate::node::NO_TCP_ADDRESS_FOR
+                    };
                     if self
                         .no_tcp
-                        .insert(peer, std::time::Instant::now())
+                        .insert(peer, std::time::Instant::now() + wait)
                         .is_none()
                     {
                         info!(
-                            "[TORRENT] {peer} cannot be reached over TCP; asking it for pieces over its other connections"
+                            "[TORRENT] {peer} cannot be reached over TCP ({}); asking it for pieces over its other connections for {} s",
+                            if failed {
+                                "its TCP addresses did not answer"
+                            } else {
+                                "no TCP address known"
+                            },
+                            wait.as_secs()
                         );
                     }
                     let id = self

@@ -32,7 +32,11 @@ const TCP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// How long pieces for a peer that could not be dialed over TCP go over its
 /// other connections before TCP is tried again.
-const NO_TCP_FOR: Duration = Duration::from_secs(300);
+pub(crate) const NO_TCP_FOR: Duration = Duration::from_secs(300);
+
+/// The same when no TCP address of the peer was known yet (identify may
+/// not have told its addresses at the start of a download).
+pub(crate) const NO_TCP_ADDRESS_FOR: Duration = Duration::from_secs(10);
 
 /// Requests other tasks send to the swarm task.
 #[derive(Debug)]
@@ -209,6 +213,7 @@ pub(crate) enum Pending {
 
 /// A request some task waits on, kept so it can be sent again once.
 pub(crate) struct Outbound {
+    pub peer: PeerId,
     pub reply: oneshot::Sender<Result<Vec<u8>, String>>,
     pub body: Vec<u8>,
     pub retried: u8,
@@ -272,12 +277,13 @@ pub struct Node {
     /// Provider records to announce again (the routing table gained peers).
     pub(crate) reprovide_at: Option<tokio::time::Instant>,
     /// TCP connections replaced by QUIC, closed once in-flight work is done.
-    pub(crate) closing: Vec<(tokio::time::Instant, libp2p::swarm::ConnectionId)>,
+    pub(crate) closing: Vec<(tokio::time::Instant, PeerId, libp2p::swarm::ConnectionId)>,
     /// Connections that carried shard file pieces (and whether pieces came
     /// in over them): TCP ones stay open when QUIC comes up (pieces go over
     /// TCP, see `network::tcp_only`).
     pub(crate) piece_conns: HashMap<libp2p::swarm::ConnectionId, bool>,
-    /// Peers whose TCP dial for pieces failed, and when.
+    /// Peers whose TCP dial for pieces failed, and until when their pieces
+    /// go over other connections.
     pub(crate) no_tcp: HashMap<PeerId, std::time::Instant>,
 }
 
@@ -582,7 +588,7 @@ impl Node {
             return proto;
         }
         match self.no_tcp.get(peer) {
-            Some(at) if at.elapsed() < NO_TCP_FOR => FrameProto::Torrent,
+            Some(until) if std::time::Instant::now() < *until => FrameProto::Torrent,
             Some(_) => {
                 self.no_tcp.remove(peer);
                 proto
@@ -610,6 +616,7 @@ impl Node {
                 self.pending.insert(
                     id,
                     Pending::External(Outbound {
+                        peer,
                         reply,
                         body,
                         retried: 0,
@@ -627,6 +634,7 @@ impl Node {
                 self.pending_frames.insert(
                     (proto, id),
                     Outbound {
+                        peer,
                         reply,
                         body,
                         retried: 0,
@@ -753,7 +761,7 @@ impl Node {
                 let at = tokio::time::Instant::now() + TCP_CLOSE_GRACE;
                 for id in superseded {
                     debug!("[CONNECT] QUIC to {peer_id} is up; closing its TCP connection soon");
-                    self.closing.push((at, id));
+                    self.closing.push((at, peer_id, id));
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -851,13 +859,22 @@ impl Node {
         let due: Vec<_> = self
             .closing
             .iter()
-            .filter(|(at, _)| *at <= now)
-            .map(|(_, id)| *id)
+            .filter(|(at, ..)| *at <= now)
+            .map(|&(_, peer, id)| (peer, id))
             .collect();
-        self.closing.retain(|(at, _)| *at > now);
-        for id in due {
-            if self.piece_conns.contains_key(&id) {
-                debug!("[CONNECT] keeping TCP connection {id}: it carries shard file pieces");
+        self.closing.retain(|(at, ..)| *at > now);
+        for (peer, id) in due {
+            // Pieces go over TCP: a connection that carried them, or that
+            // pieces asked of its peer may be on, stays.
+            let pieces_pending = self.swarm.behaviour().torrent_tcp.uses(id)
+                && self
+                    .pending_frames
+                    .iter()
+                    .any(|((proto, _), o)| *proto == FrameProto::TorrentTcp && o.peer == peer);
+            if pieces_pending || self.piece_conns.contains_key(&id) {
+                debug!(
+                    "[CONNECT] keeping TCP connection {id} to {peer}: it carries shard file pieces"
+                );
                 continue;
             }
             self.swarm.close_connection(id);

@@ -64,7 +64,9 @@ pub struct NodeBehaviour {
     /// Serves pieces on every connection; asks over QUIC only for a peer
     /// that cannot be reached over TCP.
     pub torrent: request_response::Behaviour<FrameCodec>,
-    /// Asks for pieces over TCP connections only (see `tcp_only`).
+    /// Asks for pieces over TCP connections only (see `tcp_only`). The last
+    /// field: no behaviour after it can deny a connection it has accepted
+    /// (the swarm would then never tell it that the connection closed).
     pub torrent_tcp: TcpOnly<request_response::Behaviour<FrameCodec>>,
 }
 

@@ -12,7 +12,7 @@
 //! the dial fails at once (`NoAddresses`) and the caller may use another
 //! behaviour that takes any connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::task::{Context, Poll};
 
 use either::Either;
@@ -23,12 +23,15 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::{ConnectionClosed, ConnectionEstablished};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, DialError, DialFailure, FromSwarm, NetworkBehaviour, THandler,
-    THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+    ConnectionDenied, ConnectionId, DialError, DialFailure, FromSwarm, NetworkBehaviour,
+    NotifyHandler, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
 };
 
 /// TCP addresses kept per peer (the most recent ones).
 const MAX_ADDRS_PER_PEER: usize = 8;
+
+/// Peers whose TCP addresses are kept (a large swarm's others are dropped).
+const MAX_PEERS: usize = 4096;
 
 /// Whether `addr` is a TCP address (not QUIC, not a relay or websocket).
 pub fn is_tcp(addr: &Multiaddr) -> bool {
@@ -45,6 +48,15 @@ pub fn is_tcp(addr: &Multiaddr) -> bool {
     tcp
 }
 
+/// `addr` without its trailing `/p2p/<peer id>`.
+fn without_p2p(addr: &Multiaddr) -> Multiaddr {
+    let mut a = addr.clone();
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
+}
+
 /// Wraps `B` so that it only sees TCP connections (see the module docs).
 pub struct TcpOnly<B> {
     inner: B,
@@ -54,6 +66,8 @@ pub struct TcpOnly<B> {
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     /// Dials made for `inner` and not yet done.
     dialing: HashMap<ConnectionId, PeerId>,
+    /// Peers whose last TCP dial failed on every address it tried.
+    unreachable: HashSet<PeerId>,
 }
 
 impl<B> TcpOnly<B> {
@@ -63,6 +77,7 @@ impl<B> TcpOnly<B> {
             tcp: HashMap::new(),
             addrs: HashMap::new(),
             dialing: HashMap::new(),
+            unreachable: HashSet::new(),
         }
     }
 
@@ -81,9 +96,40 @@ impl<B> TcpOnly<B> {
         self.addrs.get(peer).map_or(&[], Vec::as_slice)
     }
 
+    /// Whether the last TCP dial of `peer` failed (rather than there being
+    /// no address to dial).
+    pub fn dial_failed(&self, peer: &PeerId) -> bool {
+        self.unreachable.contains(peer)
+    }
+
+    /// Forgets the addresses a failed dial of `peer` tried.
+    fn forget(&mut self, peer: PeerId, error: &DialError) {
+        let DialError::Transport(tried) = error else {
+            return;
+        };
+        if let Some(list) = self.addrs.get_mut(&peer) {
+            list.retain(|a| !tried.iter().any(|(t, _)| without_p2p(t) == *a));
+            if list.is_empty() {
+                self.addrs.remove(&peer);
+            }
+        }
+        self.unreachable.insert(peer);
+    }
+
     fn learn(&mut self, peer: PeerId, addr: &Multiaddr) {
         if !is_tcp(addr) {
             return;
+        }
+        let addr = &without_p2p(addr);
+        if self.addrs.len() >= MAX_PEERS && !self.addrs.contains_key(&peer) {
+            // Forget a peer this behaviour has no connection to.
+            let connected: Vec<PeerId> = self.tcp.values().copied().collect();
+            if let Some(old) = self.addrs.keys().find(|p| !connected.contains(p)).copied() {
+                self.addrs.remove(&old);
+                self.unreachable.remove(&old);
+            } else {
+                return;
+            }
         }
         let list = self.addrs.entry(peer).or_default();
         list.retain(|a| a != addr);
@@ -183,6 +229,9 @@ impl<B: NetworkBehaviour> NetworkBehaviour for TcpOnly<B> {
         match event {
             FromSwarm::ConnectionEstablished(e) => {
                 self.dialing.remove(&e.connection_id);
+                if self.tcp.contains_key(&e.connection_id) {
+                    self.unreachable.remove(&e.peer_id);
+                }
                 if let ConnectedPoint::Dialer { address, .. } = e.endpoint {
                     self.learn(e.peer_id, address);
                 }
@@ -215,7 +264,8 @@ impl<B: NetworkBehaviour> NetworkBehaviour for TcpOnly<B> {
             FromSwarm::DialFailure(e) => {
                 // Only the dials made for `inner`: a failed QUIC dial of
                 // another behaviour must not fail its requests.
-                if self.dialing.remove(&e.connection_id).is_some() {
+                if let Some(peer) = self.dialing.remove(&e.connection_id) {
+                    self.forget(peer, e.error);
                     self.inner.on_swarm_event(event);
                 }
             }
@@ -253,6 +303,26 @@ impl<B: NetworkBehaviour> NetworkBehaviour for TcpOnly<B> {
                         return Poll::Ready(ToSwarm::Dial { opts });
                     }
                 }
+                // `Any` could pick a connection `inner` does not handle.
+                Poll::Ready(ToSwarm::NotifyHandler {
+                    peer_id,
+                    handler: NotifyHandler::Any,
+                    event,
+                }) => {
+                    let Some(&id) = self
+                        .tcp
+                        .iter()
+                        .find(|(_, p)| **p == peer_id)
+                        .map(|(id, _)| id)
+                    else {
+                        continue;
+                    };
+                    return Poll::Ready(ToSwarm::NotifyHandler {
+                        peer_id,
+                        handler: NotifyHandler::One(id),
+                        event: Either::Left(event),
+                    });
+                }
                 Poll::Ready(ev) => return Poll::Ready(ev.map_in(Either::Left)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -280,5 +350,54 @@ mod tests {
             let addr: Multiaddr = a.parse().unwrap();
             assert_eq!(is_tcp(&addr), tcp, "{a}");
         }
+    }
+
+    #[test]
+    fn tcp_addresses_are_kept_bounded_and_most_recent_last() {
+        let mut b = TcpOnly::new(());
+        let peer = PeerId::random();
+        let tcp = |port: u16| -> Multiaddr { format!("/ip4/10.0.0.1/tcp/{port}").parse().unwrap() };
+        b.learn(peer, &"/ip4/10.0.0.1/udp/1/quic-v1".parse().unwrap());
+        assert!(
+            b.tcp_addresses(&peer).is_empty(),
+            "QUIC addresses are not kept"
+        );
+        for port in 1..=20 {
+            b.learn(peer, &tcp(port));
+        }
+        b.learn(peer, &tcp(15));
+        let kept = b.tcp_addresses(&peer);
+        assert_eq!(kept.len(), MAX_ADDRS_PER_PEER);
+        assert_eq!(kept.last(), Some(&tcp(15)), "seen again: most recent");
+        assert!(!kept.contains(&tcp(1)), "the oldest went");
+        for _ in 0..MAX_PEERS + 10 {
+            b.learn(PeerId::random(), &tcp(1));
+        }
+        assert_eq!(b.addrs.len(), MAX_PEERS);
+    }
+
+    #[test]
+    fn addresses_a_failed_dial_tried_are_forgotten() {
+        let mut b = TcpOnly::new(());
+        let peer = PeerId::random();
+        let a: Multiaddr = "/ip4/10.0.0.1/tcp/1".parse().unwrap();
+        let c: Multiaddr = "/ip4/10.0.0.2/tcp/2".parse().unwrap();
+        // Learnt with the peer id, kept without it.
+        b.learn(peer, &a.clone().with(Protocol::P2p(peer)));
+        b.learn(peer, &c);
+        assert_eq!(b.tcp_addresses(&peer), [a.clone(), c.clone()]);
+        assert!(!b.dial_failed(&peer));
+        // The swarm reports the dialed address with the peer id.
+        let refused = libp2p::TransportError::Other(std::io::Error::other("refused"));
+        b.forget(
+            peer,
+            &DialError::Transport(vec![(a.clone().with(Protocol::P2p(peer)), refused)]),
+        );
+        assert_eq!(b.tcp_addresses(&peer), [c]);
+        assert!(b.dial_failed(&peer));
+        // No address to dial is not a failed dial.
+        let other = PeerId::random();
+        b.forget(other, &DialError::NoAddresses);
+        assert!(!b.dial_failed(&other));
     }
 }

@@ -4,9 +4,12 @@
 //!
 //! A piece's hash is its node in the file's BLAKE3 tree (its chaining value,
 //! see [`super::tree_hash`]), so the piece hashes add up to the file's hash:
-//! metadata is checked against the file hash it is asked by before any
-//! piece is fetched, and each piece is hashed once, both to verify it and to
-//! build the whole-file hash.
+//! piece hashes are checked against the file hash they are asked by before
+//! any piece is fetched, and each piece is hashed once, both to verify it
+//! and to build the whole-file hash. The size is not covered by that check
+//! (the tree's shape is the same for every size within the last piece): a
+//! wrong size shows only at the last piece, or against the manifest's pin
+//! (`pieces_hash` covers it).
 
 use std::io::Read;
 use std::path::Path;
