@@ -113,6 +113,8 @@ pub struct NodeConfig {
     pub test_corrupt_pieces: bool,
     /// Test only: serve corrupted pieces with metadata that matches them.
     pub test_lying_meta: bool,
+    /// Test only: serve metadata whose size is one byte short.
+    pub test_wrong_size_meta: bool,
     /// Test only: delay every served piece by this many milliseconds.
     pub test_piece_delay_ms: u64,
     /// Test only: answer the first this many piece requests with busy.
@@ -160,6 +162,7 @@ impl Default for NodeConfig {
             trace_decode_every: 1,
             test_corrupt_pieces: false,
             test_lying_meta: false,
+            test_wrong_size_meta: false,
             test_piece_delay_ms: 0,
             test_busy_pieces: 0,
             test_no_tcp_listen: false,

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use llama_cluster_proto::v1::{GetStatusResponse, LoadShardRequest, SyncTorrentsRequest};
-use llama_cluster_tests::{NodeProc, log_value, split_with_cli, test_dir, wait_for, worker_args};
+use llama_cluster_tests::{
+    NodeProc, binary, log_value, split_with_cli, test_dir, wait_for, worker_args,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -437,6 +439,77 @@ async fn pieces_go_over_quic_when_the_seeder_cannot_be_reached_over_tcp() {
         !log.contains("pieces from"),
         "no piece came over TCP:\n{log}"
     );
+}
+
+/// A seeder whose metadata gives a wrong size (its pieces are right; piece
+/// hashes cannot carry that lie) is found out by the file's own last piece:
+/// an unpinned `llama-worker fetch` names it, does not take its metadata
+/// again, and with no other provider ends with a clear error and no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_with_a_wrong_size_is_found_out_by_the_last_piece() {
+    let Seeded {
+        dir,
+        s,
+        _boot,
+        b,
+        seeder,
+    } = seeded(
+        "torrent-wrong-size",
+        "127.0.0.192",
+        &["--test-wrong-size-meta"],
+    )
+    .await;
+    let (ok, text) = fetch_cli(&dir, "first", &s.hash, &b, "127.0.0.193").await;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!("from {} gives its size as", seeder.peer_id))
+            && text.contains("shows another size"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("not using {}'s metadata again", seeder.peer_id)),
+        "{text}"
+    );
+    assert!(
+        text.contains("sent metadata that the file's data proved wrong before"),
+        "the second attempt refuses it: {text}"
+    );
+    assert!(
+        !text.contains("sent a bad piece"),
+        "the seeder is not blamed for its right pieces: {text}"
+    );
+    assert!(!dir.join("first.out").exists());
+    // With an honest seeder too, the fetch completes, whichever metadata
+    // comes first.
+    let honest = start(&dir, "honest", "127.0.0.194", &b, &s.manifest, &[]);
+    wait_seeding(&honest, &s.hash).await;
+    let (ok, text) = fetch_cli(&dir, "second", &s.hash, &b, "127.0.0.195").await;
+    assert!(ok, "{text}");
+    assert_eq!(blake3_of(&dir.join("second.out")), s.hash);
+}
+
+/// Runs `llama-worker fetch` of `hash` (no manifest, so no pin) as `name`
+/// at `host`, bounded: whether it succeeded, and its log.
+async fn fetch_cli(dir: &Path, name: &str, hash: &str, boot: &str, host: &str) -> (bool, String) {
+    let log = dir.join(format!("{name}.log"));
+    let fetch = tokio::process::Command::new(binary("llama-worker"))
+        .args(["fetch", "--hash", hash, "--out"])
+        .arg(dir.join(format!("{name}.out")))
+        .args(["--bootstrap", boot, "--p2p-host", host])
+        .args(["--grpc-addr", "127.0.0.1:0", "--cache-dir"])
+        .arg(dir.join(format!("{name}.cache")))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .status();
+    let st = tokio::time::timeout(Duration::from_secs(120), fetch)
+        .await
+        .expect("the fetch ends within 120 s")
+        .unwrap();
+    (
+        st.success(),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

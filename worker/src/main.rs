@@ -190,6 +190,9 @@ struct NodeArgs {
     /// Test only: serve corrupted pieces with metadata that matches them.
     #[arg(long, hide = true)]
     test_lying_meta: bool,
+    /// Test only: serve metadata whose size is one byte short.
+    #[arg(long, hide = true)]
+    test_wrong_size_meta: bool,
     /// Test only: delay each served piece (ms).
     #[arg(long, hide = true)]
     test_piece_delay_ms: Option<String>,
@@ -245,6 +248,9 @@ impl NodeArgs {
         }
         if self.no_seed_manifest {
             v.push(("seed_manifest", "false".into()));
+        }
+        if self.test_wrong_size_meta {
+            v.push(("test_wrong_size_meta", "true".into()));
         }
         if self.test_lying_meta {
             v.push(("test_lying_meta", "true".into()));

@@ -407,6 +407,7 @@ pub async fn start_with(
     let hooks = crate::torrent::TestHooks {
         corrupt_pieces: cfg.test_corrupt_pieces || cfg.test_lying_meta,
         lying_meta: cfg.test_lying_meta,
+        wrong_size_meta: cfg.test_wrong_size_meta,
         piece_delay: Duration::from_millis(cfg.test_piece_delay_ms),
         busy_pieces: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(cfg.test_busy_pieces)),
     };

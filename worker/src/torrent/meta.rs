@@ -8,8 +8,8 @@
 //! any piece is fetched, and each piece is hashed once, both to verify it
 //! and to build the whole-file hash. The size is not covered by that check
 //! (the tree's shape is the same for every size within the last piece): a
-//! wrong size shows only at the last piece, or against the manifest's pin
-//! (`pieces_hash` covers it).
+//! wrong size shows against the manifest's pin (`pieces_hash` covers it), or
+//! at the last piece ([`TorrentMeta::proves_wrong_size`]).
 
 use std::io::Read;
 use std::path::Path;
@@ -169,6 +169,27 @@ impl TorrentMeta {
     }
 }
 
+impl TorrentMeta {
+    /// Whether `data`, received as the last piece, proves this metadata's
+    /// size wrong: its length is not the one the size gives, yet it is the
+    /// file's own last piece (it hashes to the piece hash at its length).
+    /// The piece hashes cannot carry such a lie; only the size can.
+    pub fn proves_wrong_size(&self, i: u32, data: &[u8]) -> bool {
+        let last = self.n_pieces().saturating_sub(1);
+        if i != last || data.len() as u64 == self.piece_len(i) {
+            return false;
+        }
+        if data.is_empty() || data.len() as u64 > self.piece_size {
+            return false;
+        }
+        // The true size, had the metadata said it.
+        let size = i as u64 * self.piece_size + data.len() as u64;
+        self.pieces.get(i as usize).is_some_and(|want| {
+            hex(&tree_hash::piece_value(data, i, self.piece_size, size)) == *want
+        })
+    }
+}
+
 /// Why [`TorrentMeta::validate`] refuses metadata whose piece hashes are not
 /// the pieces of its file.
 pub const PIECES_DO_NOT_ADD_UP: &str = "its piece hashes do not add up to the file's hash";
@@ -249,6 +270,36 @@ mod tests {
         let mut other = m.clone();
         other.file_hash = blake3::hash(b"other").to_hex().to_string();
         assert_eq!(other.validate(), Err(PIECES_DO_NOT_ADD_UP.into()));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_last_piece_of_another_length_proves_a_wrong_size() {
+        let dir = std::env::temp_dir().join(format!("llama-meta-size-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for len in [MIN_PIECE + 1000, 3 * MIN_PIECE - 7, 5000] {
+            let path = dir.join("f.bin");
+            let data: Vec<u8> = (0..len).map(|i| (i % 239) as u8).collect();
+            std::fs::write(&path, &data).unwrap();
+            let m = TorrentMeta::from_file(&path, "f.bin").unwrap();
+            let last = m.n_pieces() - 1;
+            let tail = &data[(last as u64 * m.piece_size) as usize..];
+            assert!(!m.proves_wrong_size(last, tail), "the true size");
+            // The same piece hashes with a size one byte short: valid, and
+            // the file's true last piece shows it.
+            let mut short = m.clone();
+            short.size -= 1;
+            short.validate().unwrap();
+            assert!(short.check_piece(last, tail).is_none());
+            assert!(short.proves_wrong_size(last, tail), "{len} bytes");
+            // Other bytes of the same length prove nothing.
+            let mut other = tail.to_vec();
+            other[0] ^= 1;
+            assert!(!short.proves_wrong_size(last, &other));
+            if last > 0 {
+                assert!(!short.proves_wrong_size(0, &data[..10]));
+            }
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 

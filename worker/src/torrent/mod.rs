@@ -69,6 +69,9 @@ pub enum TorrentError {
     Failed(String),
     #[error("storage error: {0}")]
     Io(#[from] std::io::Error),
+    /// The metadata `from` sent was proven wrong by the file's own data.
+    #[error("{why}")]
+    WrongMeta { from: PeerId, why: String },
 }
 
 /// Test hooks (never on in production): serve corrupted pieces, serve
@@ -78,6 +81,8 @@ pub struct TestHooks {
     pub corrupt_pieces: bool,
     /// Metadata whose piece hashes match the corrupted pieces.
     pub lying_meta: bool,
+    /// Metadata whose size is one byte short (the pieces stay right).
+    pub wrong_size_meta: bool,
     pub piece_delay: Duration,
     /// Piece requests still to be answered busy.
     pub busy_pieces: Arc<std::sync::atomic::AtomicU32>,
@@ -90,8 +95,19 @@ type Checked = (
     PeerId,
     u32,
     u64,
-    Result<std::io::Result<Option<blake3::hazmat::ChainingValue>>, tokio::task::JoinError>,
+    Result<std::io::Result<Verdict>, tokio::task::JoinError>,
 );
+
+/// What checking a received piece found.
+enum Verdict {
+    /// It is the piece (written; its part of the whole-file hash).
+    Good(blake3::hazmat::ChainingValue),
+    /// Its sender sent bad bytes.
+    Bad,
+    /// It is the file's own last piece, of another length than the
+    /// metadata's size gives: the metadata lied, not the sender.
+    WrongSize,
+}
 
 /// A peer's answer to a metadata request: the metadata when it is valid
 /// (and matches the manifest's `pin`, when there is one), else what the peer
@@ -101,8 +117,12 @@ fn check_meta(
     answer: Result<TorrentResponse, String>,
     file_hash: &str,
     pin: &str,
+    distrusted: bool,
 ) -> Result<TorrentMeta, (String, bool)> {
     let why = match answer {
+        Ok(TorrentResponse::Meta(_)) if distrusted => {
+            "sent metadata that the file's data proved wrong before".to_string()
+        }
         Ok(TorrentResponse::Meta(b)) => match serde_json::from_slice::<TorrentMeta>(&b) {
             Ok(m) if m.file_hash != file_hash => "sent metadata for another file".to_string(),
             Ok(m) => match m.validate() {
@@ -178,6 +198,8 @@ struct Inner {
     announce: bool,
     progress: Mutex<HashMap<String, DownloadProgress>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Peers whose metadata a file's own data proved wrong: not asked again.
+    distrusted: Mutex<HashSet<PeerId>>,
 }
 
 #[derive(Clone)]
@@ -206,6 +228,7 @@ impl Torrents {
             announce,
             progress: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            distrusted: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -350,6 +373,11 @@ impl Torrents {
                         Err(e) => TorrentResponse::Error(e.to_string()),
                     }
                 }
+                Some(s) if self.0.hooks.wrong_size_meta => {
+                    let mut m = s.meta.clone();
+                    m.size = m.size.saturating_sub(1);
+                    TorrentResponse::Meta(m.encode())
+                }
                 Some(s) => TorrentResponse::Meta(s.meta.encode()),
                 None => TorrentResponse::Error(format!("no complete file {file_hash} here")),
             },
@@ -479,12 +507,21 @@ impl Torrents {
             .collect();
         let mut failures: Vec<(PeerId, String, bool)> = Vec::new();
         while let Some((p, answer)) = asks.next().await {
-            match check_meta(p, answer, file_hash, pin) {
+            match check_meta(p, answer, file_hash, pin, self.distrusts(&p)) {
                 Ok(m) => return Ok((m, p)),
                 Err((why, refused)) => failures.push((p, why, refused)),
             }
         }
         Err(MetaFailure(failures))
+    }
+
+    /// Whether a file's own data proved `p`'s metadata wrong.
+    fn distrusts(&self, p: &PeerId) -> bool {
+        self.0
+            .distrusted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(p)
     }
 
     fn ask_meta(
@@ -554,10 +591,23 @@ impl Torrents {
             error = tracing::field::Empty,
         );
         let mut peers = PeerSpans::default();
-        let r = self
+        let mut r = self
             .download_in_span(file_hash, pin, &span, &mut peers)
             .instrument(span.clone())
             .await;
+        // Metadata proven wrong: once more, without its sender's.
+        if let Err(TorrentError::WrongMeta { from, why }) = &r {
+            warn!("[TORRENT] {why}; not using {from}'s metadata again, starting over");
+            self.0
+                .distrusted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(*from);
+            r = self
+                .download_in_span(file_hash, pin, &span, &mut peers)
+                .instrument(span.clone())
+                .await;
+        }
         peers.finish();
         if let Err(e) = &r {
             span.record("error", tracing::field::display(e));
@@ -602,7 +652,7 @@ impl Torrents {
             loop {
                 tokio::select! {
                     Some((p, answer)) = asks.next(), if !asks.is_empty() => {
-                        match check_meta(p, answer, file_hash, pin) {
+                        match check_meta(p, answer, file_hash, pin, self.distrusts(&p)) {
                             Ok(m) => {
                                 early = Some((m, p));
                                 break;
@@ -646,12 +696,12 @@ impl Torrents {
         };
         let mut lookups = 0;
         let mut dht_found_any = !providers.is_empty();
-        let meta = loop {
+        let (meta, meta_from) = loop {
             if let Some((m, from)) = early.take() {
                 if !providers.contains(&from) {
                     providers.push(from);
                 }
-                break m;
+                break (m, from);
             }
             let connected = self.connected_peers();
             let mut fresh: Vec<PeerId> = Vec::new();
@@ -666,7 +716,7 @@ impl Torrents {
                         if !providers.contains(&from) {
                             providers.push(from);
                         }
-                        break m;
+                        break (m, from);
                     }
                     Err(MetaFailure(f)) => {
                         for (p, why, refused) in f {
@@ -897,7 +947,7 @@ impl Torrents {
                     let (peer, i, len, r): Checked = checked;
                     checking.remove(&i);
                     match r {
-                        Ok(Ok(Some(value))) => {
+                        Ok(Ok(Verdict::Good(value))) => {
                             if !done[i as usize] {
                                 partial.mark_written(i, value);
                                 done[i as usize] = true;
@@ -914,7 +964,16 @@ impl Torrents {
                                 busy_waits = 0;
                             }
                         }
-                        Ok(Ok(None)) => {
+                        Ok(Ok(Verdict::WrongSize)) => {
+                            return Err(TorrentError::WrongMeta {
+                                from: meta_from,
+                                why: format!(
+                                    "the metadata of {} from {meta_from} gives its size as {} bytes, but its last piece (from {peer}) shows another size",
+                                    meta.name, meta.size
+                                ),
+                            });
+                        }
+                        Ok(Ok(Verdict::Bad)) => {
                             self.bad_piece(&mut prog, peers, span, &peer, i, &meta.name);
                             dropped.insert(peer);
                             if !done[i as usize] && requested.get(&i).is_none_or(|w| w.is_empty()) {
@@ -977,9 +1036,13 @@ impl Torrents {
                                 let len = data.len() as u64;
                                 let r = tokio::task::spawn_blocking(move || {
                                     let Some(value) = m.check_piece(i, &data) else {
-                                        return Ok(None);
+                                        return Ok(if m.proves_wrong_size(i, &data) {
+                                            Verdict::WrongSize
+                                        } else {
+                                            Verdict::Bad
+                                        });
                                     };
-                                    w.write(i, &data).map(|_| Some(value))
+                                    w.write(i, &data).map(|_| Verdict::Good(value))
                                 })
                                 .await;
                                 (peer, i, len, r)
@@ -1141,13 +1204,13 @@ mod tests {
         let p = PeerId::random();
         let answer = |m: &TorrentMeta| Ok(TorrentResponse::Meta(m.encode()));
         let hash = m.file_hash.clone();
-        assert_eq!(check_meta(p, answer(&m), &hash, ""), Ok(m.clone()));
+        assert_eq!(check_meta(p, answer(&m), &hash, "", false), Ok(m.clone()));
         assert_eq!(
-            check_meta(p, answer(&m), &hash, &m.pieces_hash()),
+            check_meta(p, answer(&m), &hash, &m.pieces_hash(), false),
             Ok(m.clone())
         );
         let refused =
-            |m: &TorrentMeta, pin: &str| check_meta(p, answer(m), &hash, pin).unwrap_err();
+            |m: &TorrentMeta, pin: &str| check_meta(p, answer(m), &hash, pin, false).unwrap_err();
         let (why, only_absent) = refused(&m, &"0".repeat(64));
         assert!(why.contains("manifest"), "{why}");
         assert!(!only_absent);
@@ -1163,11 +1226,21 @@ mod tests {
             Ok(TorrentResponse::Error("no such file".into())),
             &hash,
             "",
+            false,
         )
         .unwrap_err();
         assert_eq!((why.as_str(), only_absent), ("no such file", true));
-        let (why, _) =
-            check_meta(p, Ok(TorrentResponse::Meta(b"{".to_vec())), &hash, "").unwrap_err();
+        // Metadata from a peer whose metadata was proven wrong before.
+        let (why, _) = check_meta(p, answer(&m), &hash, "", true).unwrap_err();
+        assert!(why.contains("proved wrong"), "{why}");
+        let (why, _) = check_meta(
+            p,
+            Ok(TorrentResponse::Meta(b"{".to_vec())),
+            &hash,
+            "",
+            false,
+        )
+        .unwrap_err();
         assert!(why.contains("unreadable"), "{why}");
     }
 }
