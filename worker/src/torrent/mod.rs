@@ -59,6 +59,8 @@ const BUSY_BACKOFF: Duration = Duration::from_secs(1);
 /// Waits with every provider busy and nothing in flight before a download
 /// gives up (resumable).
 const MAX_BUSY_WAITS: u32 = 120;
+/// Times a download starts over after metadata was proven wrong.
+const MAX_META_RESTARTS: usize = 3;
 
 /// Why a download failed.
 #[derive(Debug, thiserror::Error)]
@@ -595,8 +597,12 @@ impl Torrents {
             .download_in_span(file_hash, pin, &span, &mut peers)
             .instrument(span.clone())
             .await;
-        // Metadata proven wrong: once more, without its sender's.
-        if let Err(TorrentError::WrongMeta { from, why }) = &r {
+        // Metadata proven wrong: again, without its sender's (a few times:
+        // there may be more than one such peer).
+        for _ in 0..MAX_META_RESTARTS {
+            let Err(TorrentError::WrongMeta { from, why }) = &r else {
+                break;
+            };
             warn!("[TORRENT] {why}; not using {from}'s metadata again, starting over");
             self.0
                 .distrusted
