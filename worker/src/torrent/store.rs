@@ -248,7 +248,7 @@ impl Partial {
     }
 
     /// Records piece `i` as verified and written, with its part of the
-    /// whole-file hash (`value`, from [`TorrentMeta::piece_value`]).
+    /// whole-file hash (`value`, from [`TorrentMeta::check_piece`]).
     pub fn mark_written(&mut self, i: u32, value: ChainingValue) {
         if let Some(h) = self.have.get_mut(i as usize) {
             *h = Some(value);
@@ -295,7 +295,7 @@ pub struct PieceWriter {
 }
 
 impl PieceWriter {
-    /// Writes piece `i`; every [`SYNC_EVERY`] bytes or so, the writer that
+    /// Writes piece `i`; every `SYNC_EVERY` bytes or so, the writer that
     /// crosses the mark (one at a time) also flushes the file to disk, so
     /// a full or failing disk stops the download early and the last sync
     /// is short.
