@@ -601,19 +601,19 @@ pub mod self_child {
 /// CPU time (user + system) of processes, for benchmarks that compare what
 /// two ways of doing the same work cost the machine, not only how long.
 pub mod cpu {
-    /// CPU seconds process `pid` has used so far (`/proc/<pid>/stat`, in
-    /// clock ticks, usually 10 ms); `None` when it cannot be read.
+    /// CPU seconds process `pid` has used so far (in clock ticks, usually
+    /// 10 ms); `None` when it cannot be read.
     pub fn of_pid(pid: u32) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The command name (field 2) may hold spaces: count from its end.
-        let rest = stat.get(stat.rfind(')')? + 1..)?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15; `rest` starts at field 3.
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        // SAFETY: sysconf only reads a configuration value.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        (hz > 0).then(|| ticks as f64 / hz as f64)
+        use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+        let pid = Pid::from_u32(pid);
+        let mut sys = System::new().ok()?;
+        sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            true,
+            ProcessRefreshKind::nothing().with_cpu(),
+        );
+        sys.process(pid)
+            .map(|p| p.accumulated_cpu_time() as f64 / 1000.0)
     }
 
     /// CPU seconds used by the children of this process that have been

@@ -13,6 +13,7 @@
 //! behaviour that takes any connection.
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::task::{Context, Poll};
 
 use either::Either;
@@ -24,13 +25,11 @@ use libp2p::swarm::behaviour::{ConnectionClosed, ConnectionEstablished};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionId, DialError, DialFailure, FromSwarm, NetworkBehaviour,
-    NotifyHandler, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+    NotifyHandler, PeerAddresses, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
 };
 
-/// TCP addresses kept per peer (the most recent ones).
-const MAX_ADDRS_PER_PEER: usize = 8;
-
-/// Peers whose TCP addresses are kept (a large swarm's others are dropped).
+/// Peers whose TCP addresses are kept (the least recently used go first;
+/// `PeerAddresses` keeps 10 addresses per peer).
 const MAX_PEERS: usize = 4096;
 
 /// Whether `addr` is a TCP address (not QUIC, not a relay or websocket).
@@ -48,22 +47,14 @@ pub fn is_tcp(addr: &Multiaddr) -> bool {
     tcp
 }
 
-/// `addr` without its trailing `/p2p/<peer id>`.
-fn without_p2p(addr: &Multiaddr) -> Multiaddr {
-    let mut a = addr.clone();
-    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
-        a.pop();
-    }
-    a
-}
-
 /// Wraps `B` so that it only sees TCP connections (see the module docs).
 pub struct TcpOnly<B> {
     inner: B,
     /// Connections handed to `inner`, and their peers.
     tcp: HashMap<ConnectionId, PeerId>,
-    /// Known TCP addresses of peers, most recent last.
-    addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Known TCP addresses of peers (an address a failed dial tried is
+    /// forgotten).
+    addrs: PeerAddresses,
     /// Dials made for `inner` and not yet done.
     dialing: HashMap<ConnectionId, PeerId>,
     /// Peers whose last TCP dial failed on every address it tried.
@@ -75,7 +66,7 @@ impl<B> TcpOnly<B> {
         TcpOnly {
             inner,
             tcp: HashMap::new(),
-            addrs: HashMap::new(),
+            addrs: PeerAddresses::new(NonZeroUsize::new(MAX_PEERS).unwrap_or(NonZeroUsize::MIN)),
             dialing: HashMap::new(),
             unreachable: HashSet::new(),
         }
@@ -92,8 +83,8 @@ impl<B> TcpOnly<B> {
     }
 
     /// Known TCP addresses of `peer`.
-    pub fn tcp_addresses(&self, peer: &PeerId) -> &[Multiaddr] {
-        self.addrs.get(peer).map_or(&[], Vec::as_slice)
+    pub fn tcp_addresses(&mut self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.addrs.get(peer).collect()
     }
 
     /// Whether the last TCP dial of `peer` failed (rather than there being
@@ -102,40 +93,25 @@ impl<B> TcpOnly<B> {
         self.unreachable.contains(peer)
     }
 
-    /// Forgets the addresses a failed dial of `peer` tried.
-    fn forget(&mut self, peer: PeerId, error: &DialError) {
-        let DialError::Transport(tried) = error else {
-            return;
-        };
-        if let Some(list) = self.addrs.get_mut(&peer) {
-            list.retain(|a| !tried.iter().any(|(t, _)| without_p2p(t) == *a));
-            if list.is_empty() {
-                self.addrs.remove(&peer);
-            }
+    fn learn(&mut self, peer: PeerId, addr: &Multiaddr) {
+        if is_tcp(addr) {
+            self.addrs.add(peer, addr.clone());
         }
-        self.unreachable.insert(peer);
     }
 
-    fn learn(&mut self, peer: PeerId, addr: &Multiaddr) {
-        if !is_tcp(addr) {
-            return;
-        }
-        let addr = &without_p2p(addr);
-        if self.addrs.len() >= MAX_PEERS && !self.addrs.contains_key(&peer) {
-            // Forget a peer this behaviour has no connection to.
-            let connected: Vec<PeerId> = self.tcp.values().copied().collect();
-            if let Some(old) = self.addrs.keys().find(|p| !connected.contains(p)).copied() {
-                self.addrs.remove(&old);
-                self.unreachable.remove(&old);
-            } else {
-                return;
+    /// A dial of `peer` made for `inner` failed: the addresses it tried are
+    /// forgotten, and the peer counts as unreachable over TCP.
+    fn dial_failure(&mut self, peer: PeerId, event: &FromSwarm) {
+        self.addrs.on_swarm_event(event);
+        if let FromSwarm::DialFailure(DialFailure {
+            error: DialError::Transport(_),
+            ..
+        }) = event
+        {
+            if self.unreachable.len() >= MAX_PEERS {
+                self.unreachable.clear();
             }
-        }
-        let list = self.addrs.entry(peer).or_default();
-        list.retain(|a| a != addr);
-        list.push(addr.clone());
-        if list.len() > MAX_ADDRS_PER_PEER {
-            list.remove(0);
+            self.unreachable.insert(peer);
         }
     }
 
@@ -149,7 +125,7 @@ impl<B> TcpOnly<B> {
         if self.dialing.values().any(|p| *p == peer) {
             return None;
         }
-        let addrs = self.tcp_addresses(&peer).to_vec();
+        let addrs = self.tcp_addresses(&peer);
         if addrs.is_empty() {
             self.inner
                 .on_swarm_event(FromSwarm::DialFailure(DialFailure {
@@ -265,7 +241,7 @@ impl<B: NetworkBehaviour> NetworkBehaviour for TcpOnly<B> {
                 // Only the dials made for `inner`: a failed QUIC dial of
                 // another behaviour must not fail its requests.
                 if let Some(peer) = self.dialing.remove(&e.connection_id) {
-                    self.forget(peer, e.error);
+                    self.dial_failure(peer, &event);
                     self.inner.on_swarm_event(event);
                 }
             }
@@ -353,51 +329,44 @@ mod tests {
     }
 
     #[test]
-    fn tcp_addresses_are_kept_bounded_and_most_recent_last() {
+    fn only_tcp_addresses_are_kept_and_those_a_failed_dial_tried_are_forgotten() {
         let mut b = TcpOnly::new(());
         let peer = PeerId::random();
-        let tcp = |port: u16| -> Multiaddr { format!("/ip4/10.0.0.1/tcp/{port}").parse().unwrap() };
+        let a: Multiaddr = "/ip4/10.0.0.1/tcp/1".parse().unwrap();
+        let c: Multiaddr = "/ip4/10.0.0.2/tcp/2".parse().unwrap();
         b.learn(peer, &"/ip4/10.0.0.1/udp/1/quic-v1".parse().unwrap());
         assert!(
             b.tcp_addresses(&peer).is_empty(),
             "QUIC addresses are not kept"
         );
-        for port in 1..=20 {
-            b.learn(peer, &tcp(port));
-        }
-        b.learn(peer, &tcp(15));
-        let kept = b.tcp_addresses(&peer);
-        assert_eq!(kept.len(), MAX_ADDRS_PER_PEER);
-        assert_eq!(kept.last(), Some(&tcp(15)), "seen again: most recent");
-        assert!(!kept.contains(&tcp(1)), "the oldest went");
-        for _ in 0..MAX_PEERS + 10 {
-            b.learn(PeerId::random(), &tcp(1));
-        }
-        assert_eq!(b.addrs.len(), MAX_PEERS);
-    }
-
-    #[test]
-    fn addresses_a_failed_dial_tried_are_forgotten() {
-        let mut b = TcpOnly::new(());
-        let peer = PeerId::random();
-        let a: Multiaddr = "/ip4/10.0.0.1/tcp/1".parse().unwrap();
-        let c: Multiaddr = "/ip4/10.0.0.2/tcp/2".parse().unwrap();
-        // Learnt with the peer id, kept without it.
         b.learn(peer, &a.clone().with(Protocol::P2p(peer)));
         b.learn(peer, &c);
-        assert_eq!(b.tcp_addresses(&peer), [a.clone(), c.clone()]);
+        let kept = b.tcp_addresses(&peer);
+        assert_eq!(kept.len(), 2, "{kept:?}");
         assert!(!b.dial_failed(&peer));
         // The swarm reports the dialed address with the peer id.
         let refused = libp2p::TransportError::Other(std::io::Error::other("refused"));
-        b.forget(
+        let error = DialError::Transport(vec![(a.clone().with(Protocol::P2p(peer)), refused)]);
+        b.dial_failure(
             peer,
-            &DialError::Transport(vec![(a.clone().with(Protocol::P2p(peer)), refused)]),
+            &FromSwarm::DialFailure(DialFailure {
+                peer_id: Some(peer),
+                error: &error,
+                connection_id: ConnectionId::new_unchecked(1),
+            }),
         );
-        assert_eq!(b.tcp_addresses(&peer), [c]);
+        assert_eq!(b.tcp_addresses(&peer), [c.with(Protocol::P2p(peer))]);
         assert!(b.dial_failed(&peer));
         // No address to dial is not a failed dial.
         let other = PeerId::random();
-        b.forget(other, &DialError::NoAddresses);
+        b.dial_failure(
+            other,
+            &FromSwarm::DialFailure(DialFailure {
+                peer_id: Some(other),
+                error: &DialError::NoAddresses,
+                connection_id: ConnectionId::new_unchecked(2),
+            }),
+        );
         assert!(!b.dial_failed(&other));
     }
 }
