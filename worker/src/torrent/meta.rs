@@ -160,16 +160,20 @@ impl TorrentMeta {
     /// Piece `i`'s part of the whole-file hash when `data` is piece `i`
     /// (one BLAKE3 pass over it), else `None`.
     pub fn check_piece(&self, i: u32, data: &[u8]) -> Option<ChainingValue> {
-        let want = self.pieces.get(i as usize)?;
         if data.len() as u64 != self.piece_len(i) {
             return None;
         }
-        let value = tree_hash::piece_value(data, i, self.piece_size, self.size);
+        self.hashes_to(i, data, self.size)
+    }
+
+    /// `data`'s value as piece `i` of a file of `size` bytes, when that is
+    /// the piece hash the metadata gives.
+    fn hashes_to(&self, i: u32, data: &[u8], size: u64) -> Option<ChainingValue> {
+        let want = self.pieces.get(i as usize)?;
+        let value = tree_hash::piece_value(data, i, self.piece_size, size);
         (hex(&value) == *want).then_some(value)
     }
-}
 
-impl TorrentMeta {
     /// Whether `data`, received as the last piece, proves this metadata's
     /// size wrong: its length is not the one the size gives, yet it is the
     /// file's own last piece (it hashes to the piece hash at its length).
@@ -184,9 +188,7 @@ impl TorrentMeta {
         }
         // The true size, had the metadata said it.
         let size = i as u64 * self.piece_size + data.len() as u64;
-        self.pieces.get(i as usize).is_some_and(|want| {
-            hex(&tree_hash::piece_value(data, i, self.piece_size, size)) == *want
-        })
+        self.hashes_to(i, data, size).is_some()
     }
 }
 
