@@ -134,7 +134,7 @@ struct Scenario {
     cluster: String,
     boot_addr: String,
     /// Kept alive for the whole run.
-    _procs: (NodeProc, Vec<NodeProc>),
+    procs: (NodeProc, Vec<NodeProc>),
     /// (end to end, pieces) seconds per round.
     rounds: Vec<(f64, f64)>,
     /// CPU seconds of the fetching process and of the seeders, per round.
@@ -143,7 +143,7 @@ struct Scenario {
 
 /// CPU seconds the seeders of `sc` have used so far.
 fn seeders_cpu(sc: &Scenario) -> f64 {
-    sc._procs
+    sc.procs
         .1
         .iter()
         .filter_map(|p| cpu::of_pid(p.child.id()))
@@ -299,7 +299,7 @@ async fn run() {
             } else {
                 b
             },
-            _procs: (boot, seeders),
+            procs: (boot, seeders),
             rounds: Vec::new(),
             cpu: Vec::new(),
         });
