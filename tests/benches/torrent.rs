@@ -22,6 +22,8 @@ use serde_json::Value;
 
 #[path = "torrent/floor.rs"]
 mod floor;
+#[path = "torrent/libp2p_floor.rs"]
+mod libp2p_floor;
 
 /// Rounds per configuration (`BENCH_ROUNDS`), the best one counts.
 const ROUNDS: usize = 5;
@@ -198,6 +200,14 @@ fn best2(v: &[(f64, f64)]) -> (f64, f64) {
 }
 
 fn main() {
+    // Or the sender of the libp2p floor, which builds its own runtime.
+    if std::env::var_os(libp2p_floor::SEND_ENV).is_some() {
+        if let Err(e) = libp2p_floor::serve_from_env() {
+            eprintln!("libp2p floor sender: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     // Or a sender of the floor transfer (see `floor`): no async runtime.
     llama_cluster_tests::self_child::main_or_helper(floor::SEND_ENV, floor::serve_from_env, run);
 }
@@ -309,6 +319,10 @@ async fn run() {
     let floors = [1u64, 3].map(|n| {
         floor::FloorTransfer::start(&manifest.with_file_name(&file), n).expect("floor senders")
     });
+    let mut p2p_floor = libp2p_floor::Libp2pFloor::start(&manifest.with_file_name(&file))
+        .await
+        .expect("libp2p floor sender");
+    let mut p2p_floor_rounds = Vec::new();
     let floor_out = dir.join("floor.out");
     let mut floor_rounds: [Vec<f64>; 2] = Default::default();
     let mut http_rounds = Vec::new();
@@ -339,8 +353,15 @@ async fn run() {
         for (f, secs) in floors.iter().zip(floor_rounds.iter_mut()) {
             secs.push(f.run(&floor_out, &data).expect("floor transfer"));
         }
+        p2p_floor_rounds.push(
+            p2p_floor
+                .run(&floor_out, &data)
+                .await
+                .expect("libp2p floor transfer"),
+        );
     }
     drop(floors);
+    drop(p2p_floor);
     drop(data);
     let _ = http.kill();
     let _ = http.wait();
@@ -395,6 +416,14 @@ async fn run() {
             http_s / s
         );
     }
+    let s = best(&p2p_floor_rounds);
+    println!(
+        "{:<52} {:>9.3} {:>9.1} {:>8.2}",
+        "floor: one libp2p stream (TCP, noise, yamux)",
+        s,
+        mb / s,
+        http_s / s
+    );
     println!(
         "ChaCha20-Poly1305 alone, seal + open of the file on one thread: {cipher_s:.3} s ({:.2}x the HTTP transfer's time)",
         cipher_s / http_s
@@ -430,6 +459,10 @@ async fn run() {
     println!(
         "  floor, 1 sender against HTTP:       {}",
         paired(&|r| http_rounds[r] / floor_rounds[0][r])
+    );
+    println!(
+        "  floor, one libp2p stream vs HTTP:   {}",
+        paired(&|r| http_rounds[r] / p2p_floor_rounds[r])
     );
     println!(
         "  floor, 3 senders vs 1:              {}",
