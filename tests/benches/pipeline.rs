@@ -254,7 +254,7 @@ async fn run(threads: i32) {
     let mut chains = Vec::new();
     let mut clusters = Vec::new();
     // The floor (see `floor`): 1 stage (its reference), then 2 and 3
-    // stages on one thread and as processes over blocking TCP.
+    // stages on one thread and as processes over blocking TCP or libp2p.
     let mut floors: Vec<(String, floor::FloorChain)> = Vec::new();
     // BENCH_PROFILE=N: only run the N-stage pipeline, over and over for a
     // minute (for a profiler), and print nothing else.
@@ -280,12 +280,19 @@ async fn run(threads: i32) {
         chains.push(chain);
         let _ = run_remote(&cluster.workers[0], "warm up").await;
         clusters.push(cluster);
-        let modes: &[(bool, String)] = if n == 1 {
-            &[(false, "1 stage, one thread".to_string())]
+        let modes: &[(Option<floor::Link>, String)] = if n == 1 {
+            &[(None, "1 stage, one thread".to_string())]
         } else {
             &[
-                (false, format!("{n} stages, one thread")),
-                (true, format!("{n} processes, blocking TCP")),
+                (None, format!("{n} stages, one thread")),
+                (
+                    Some(floor::Link::Tcp),
+                    format!("{n} processes, blocking TCP"),
+                ),
+                (
+                    Some(floor::Link::Libp2p),
+                    format!("{n} processes, libp2p stream"),
+                ),
             ]
         };
         for (processes, name) in modes {
@@ -434,7 +441,7 @@ async fn run(threads: i32) {
         }
     }
     println!(
-        "the floor: the same decode with llama.cpp alone, greedy, and between processes a blocking TCP socket on the computing thread (no runtime, no hand-off, no libp2p); 1 stage: {:.1} tok/s; paired with 1 stage just before it:",
+        "the floor: the same decode with llama.cpp alone, greedy; between processes a blocking TCP socket on the computing thread (no runtime, no hand-off, no libp2p), or a libp2p stream (TCP, noise, yamux) on a runtime thread of its own, handing off to llama.cpp's thread as a worker does; 1 stage: {:.1} tok/s; paired with 1 stage just before it:",
         floor_best[0]
     );
     for ((name, _), r) in floors.iter().zip(floor_paired).skip(1) {
@@ -444,6 +451,7 @@ async fn run(threads: i32) {
     if !floor_mismatch.is_empty() {
         println!("WARNING: tokens differ from 1 stage in: {floor_mismatch:?}");
     }
-    drop(floors);
+    // Their libp2p nodes own runtimes, which may not be dropped on this one.
+    tokio::task::block_in_place(|| drop(floors));
     drop(clusters);
 }
