@@ -52,6 +52,11 @@ impl Node {
         let ids: std::collections::BTreeSet<String> = self
             .state
             .read(|s| s.shards.keys().map(|(id, _)| id.clone()).collect());
+        self.query_shards(ids);
+    }
+
+    /// Asks the DHT for the latest record of each of `ids`.
+    pub(crate) fn query_shards(&mut self, ids: impl IntoIterator<Item = String>) {
         for id in ids {
             let key = shard_key(&self.cfg.cluster, &id);
             self.swarm

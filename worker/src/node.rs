@@ -56,6 +56,8 @@ pub enum NetCommand {
     },
     /// Re-publish this node's records now (its shard changed state).
     Publish,
+    /// Ask the DHT for the latest records of these shard ids.
+    QueryShards(Vec<String>),
     /// Find the providers of a DHT key, answering within `bound`.
     GetProviders {
         key: String,
@@ -200,6 +202,12 @@ impl NetHandle {
     /// Asks the swarm task to re-publish this node's records.
     pub fn publish(&self) {
         let _ = self.tx.try_send(NetCommand::Publish);
+    }
+
+    /// Asks the swarm task to look up the records of `shard_ids` in the
+    /// DHT; what it finds lands in the node's state.
+    pub fn query_shards(&self, shard_ids: Vec<String>) {
+        let _ = self.tx.try_send(NetCommand::QueryShards(shard_ids));
     }
 }
 
@@ -643,6 +651,7 @@ impl Node {
                 );
             }
             NetCommand::Publish => self.publish_local_records(),
+            NetCommand::QueryShards(ids) => self.query_shards(ids),
             NetCommand::GetProviders { key, bound, reply } => {
                 let id = self
                     .swarm

@@ -28,13 +28,14 @@ use anyhow::{Context, anyhow, bail};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, SwarmBuilder, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use llama_cluster_engine::EngineSettings;
 use llama_cluster_engine::ffi::{
     BatchInput, LoadedModel, StageContext, ThreadPool, TokenEmbeddings,
 };
 use llama_cluster_engine::manifest::Manifest;
 use llama_cluster_engine::sampling::argmax;
+use llama_cluster_tests::bare_libp2p;
 use llama_cluster_tests::self_child::SelfChildren;
 
 /// Set in a child process: `<shard file>\n<1 if last>\n<link>\n<stage
@@ -85,16 +86,7 @@ impl P2pNode {
             .enable_all()
             .build()?;
         let (control, port) = rt.block_on(async move {
-            let mut swarm = SwarmBuilder::with_existing_identity(key)
-                .with_tokio()
-                .with_tcp(
-                    tcp::Config::default().nodelay(true),
-                    noise::Config::new,
-                    yamux::Config::default,
-                )?
-                .with_behaviour(|_| libp2p_stream::Behaviour::new())?
-                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
-                .build();
+            let mut swarm = bare_libp2p::swarm(key)?;
             swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
             // Connected to the next stage (which listens already) before
             // any stream is opened to it.
@@ -110,10 +102,7 @@ impl P2pNode {
                     .context("starting a floor stage's libp2p node")?;
                 match event {
                     SwarmEvent::NewListenAddr { address, .. } => {
-                        port = address.iter().find_map(|p| match p {
-                            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
-                            _ => None,
-                        });
+                        port = bare_libp2p::tcp_port(&address);
                     }
                     SwarmEvent::ConnectionEstablished { .. } => connected = true,
                     SwarmEvent::OutgoingConnectionError { error, .. } => {

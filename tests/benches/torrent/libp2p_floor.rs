@@ -17,7 +17,8 @@ use anyhow::{Context, anyhow, bail};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use llama_cluster_tests::bare_libp2p::{swarm, tcp_port};
 use llama_cluster_tests::self_child::SelfChildren;
 
 /// Set in the sender process: the file's path.
@@ -30,19 +31,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 fn sender_key() -> Keypair {
     // A benchmark's identity: fixed, never protecting anything.
     Keypair::ed25519_from_bytes([7u8; 32]).expect("a 32-byte ed25519 secret")
-}
-
-fn swarm(key: Keypair) -> anyhow::Result<Swarm<libp2p_stream::Behaviour>> {
-    Ok(SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
-        .build())
 }
 
 /// The sender process: prints its port, then sends the whole file on every
@@ -66,13 +54,7 @@ pub fn serve_from_env() -> anyhow::Result<()> {
         swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
         loop {
             if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
-                let port = address
-                    .iter()
-                    .find_map(|p| match p {
-                        libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
-                        _ => None,
-                    })
-                    .ok_or_else(|| anyhow!("no TCP port in {address}"))?;
+                let port = tcp_port(&address).ok_or_else(|| anyhow!("no TCP port in {address}"))?;
                 println!("port {port}");
                 break;
             }

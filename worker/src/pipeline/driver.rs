@@ -3,8 +3,9 @@
 //! then decodes token by token, streaming text back as it is produced.
 
 use std::hash::{BuildHasher, Hasher};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use llama_cluster_engine::manifest::Manifest;
 use llama_cluster_engine::sampling::SamplingParams;
 use llama_cluster_engine::vocab::TextStream;
 use tokio::sync::mpsc;
@@ -58,6 +59,9 @@ pub struct GenStats {
 
 /// Routes tried for one request when stages turn out dead before the first token.
 const ROUTE_ATTEMPTS: u32 = 3;
+/// How long a driver that finds no route looks for shard records in the
+/// DHT before it answers "no route".
+const ROUTE_LOOKUP: Duration = Duration::from_secs(3);
 
 /// Why a session failed, and whether another route may do better.
 struct Failure {
@@ -156,6 +160,31 @@ impl StopScan {
 }
 
 impl Pipeline {
+    /// A route once the shard records of `m` have been looked up in the DHT:
+    /// a shard loaded a moment ago may not have reached this worker's view
+    /// yet. Bounded by [`ROUTE_LOOKUP`]; `Err` says what is still missing.
+    async fn plan_after_lookup(&self, m: &Manifest, missing: String) -> Result<Vec<Hop>, String> {
+        let ids: Vec<String> = m.shards.iter().map(|s| s.id.clone()).collect();
+        debug!("[PIPELINE] {missing}; looking up the model's shard records");
+        let deadline = Instant::now() + ROUTE_LOOKUP;
+        let mut missing = missing;
+        let mut tick = 0u32;
+        while Instant::now() < deadline {
+            // Again every second: a record published while the first
+            // lookup ran may have missed it.
+            if tick.is_multiple_of(10) {
+                self.0.net.query_shards(ids.clone());
+            }
+            tick += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer) {
+                Ok(hops) => return Ok(hops),
+                Err(e) => missing = e,
+            }
+        }
+        Err(missing)
+    }
+
     /// Runs a request to the end, sending chunks to `tx` as they come.
     pub async fn generate(
         &self,
@@ -242,11 +271,18 @@ impl Pipeline {
         let mut attempt = 0;
         let (result, route_names) = loop {
             attempt += 1;
-            let hops = {
+            let planned = {
                 let _plan =
                     info_span!(parent: &span, "route_planning", layers = m.n_layer).entered();
                 route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer)
-                    .map_err(PipelineError::Unavailable)?
+            };
+            let hops = match planned {
+                Ok(hops) => hops,
+                Err(e) => self
+                    .plan_after_lookup(m, e)
+                    .instrument(info_span!(parent: &span, "route_lookup"))
+                    .await
+                    .map_err(PipelineError::Unavailable)?,
             };
             let route_names: Vec<String> = hops
                 .iter()
