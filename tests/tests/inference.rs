@@ -47,6 +47,15 @@ async fn infer(node: &NodeProc, req: InferenceRequest) -> Result<Answer, tonic::
     Ok(a)
 }
 
+/// A short request of `max_tokens` tokens.
+fn hi(max_tokens: u32) -> InferenceRequest {
+    InferenceRequest {
+        prompt: "hi".into(),
+        max_tokens,
+        ..Default::default()
+    }
+}
+
 fn greedy(prompt: &str, chat: bool) -> InferenceRequest {
     InferenceRequest {
         prompt: prompt.into(),
@@ -438,16 +447,7 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
     );
     let t0 = Instant::now();
     let e = loop {
-        match infer(
-            driver,
-            InferenceRequest {
-                prompt: "hi".into(),
-                max_tokens: 2,
-                ..Default::default()
-            },
-        )
-        .await
-        {
+        match infer(driver, hi(2)).await {
             Err(e) if e.code() == tonic::Code::Unavailable && e.message().contains("no route") => {
                 break e;
             }
@@ -480,16 +480,9 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
     // Routed at once: a driver whose view of the shards lags behind (the
     // new record may not have reached it yet) looks the records up in the
     // DHT before it answers "no route".
-    let ok = infer(
-        driver,
-        InferenceRequest {
-            prompt: "hi".into(),
-            max_tokens: 2,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("right after the reload: {e:?}"));
+    let ok = infer(driver, hi(2))
+        .await
+        .unwrap_or_else(|e| panic!("right after the reload: {e:?}"));
     assert!(!ok.tokens.is_empty());
     let e = mid
         .load_shard(LoadShardRequest {
@@ -512,16 +505,7 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
     })
     .await
     .unwrap();
-    let ok = infer(
-        driver,
-        InferenceRequest {
-            prompt: "hi".into(),
-            max_tokens: 4,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let ok = infer(driver, hi(4)).await.unwrap();
     assert!(!ok.tokens.is_empty());
 
     // A stage that stops answering: the error comes back within the budget.
@@ -532,17 +516,7 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
         .unwrap();
     assert!(stop.success());
     let t0 = Instant::now();
-    let e = code(
-        infer(
-            driver,
-            InferenceRequest {
-                prompt: "hi".into(),
-                max_tokens: 4,
-                ..Default::default()
-            },
-        )
-        .await,
-    );
+    let e = code(infer(driver, hi(4)).await);
     let took = t0.elapsed();
     let _ = std::process::Command::new("kill")
         .args(["-CONT", &last_pid])
@@ -558,17 +532,7 @@ async fn bad_requests_and_failing_stages_get_grpc_errors() {
         .args(["-KILL", &pid])
         .status();
     let t0 = Instant::now();
-    let e = code(
-        infer(
-            driver,
-            InferenceRequest {
-                prompt: "hi".into(),
-                max_tokens: 4,
-                ..Default::default()
-            },
-        )
-        .await,
-    );
+    let e = code(infer(driver, hi(4)).await);
     assert!(
         matches!(
             e.code(),
