@@ -296,10 +296,9 @@ impl Ends {
 /// The peer id at the end of a `/p2p/` address, and the address.
 fn peer_of(addr: &str) -> anyhow::Result<(PeerId, Multiaddr)> {
     let addr: Multiaddr = addr.parse()?;
-    match addr.iter().last() {
-        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Ok((peer, addr)),
-        _ => bail!("no peer id in {addr}"),
-    }
+    let peer =
+        llama_worker::network::peer_id_of(&addr).ok_or_else(|| anyhow!("no peer id in {addr}"))?;
+    Ok((peer, addr))
 }
 
 fn next_of(link: Link, addr: Option<&str>) -> anyhow::Result<Option<Next>> {
