@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::Stream;
 use llama_cluster_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
-use llama_cluster_proto::v1::worker_client::WorkerClient;
 use llama_cluster_proto::v1::{
     GetClusterStatusRequest, GetClusterStatusResponse, InferenceRequest, InferenceResponse,
     WorkerStatus,
@@ -17,12 +16,14 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tracing::info;
 
+use crate::drivers::Drivers;
 use crate::placer::{Placer, WorkerSet};
 use crate::status_table::fetch_status;
 
 pub struct CoordinatorService {
     workers: WorkerSet,
     placer: Option<Placer>,
+    drivers: Drivers,
 }
 
 /// Every worker's status; `models` with a ready shard and a worker serving each.
@@ -49,7 +50,7 @@ pub async fn cluster_status(
                     .iter()
                     .filter(|s| s.availability == "LOCAL" && s.state == "ready")
                 {
-                    if !served.iter().any(|(m, _)| m == &s.model) {
+                    if !served.iter().any(|(m, a)| m == &s.model && a == &addr) {
                         served.push((s.model.clone(), addr.clone()));
                     }
                 }
@@ -90,7 +91,9 @@ pub async fn cluster_status(
         out.swarm_ready = p.covered(&statuses);
         out.placement = Some(p.status());
     }
-    out.models = served.iter().map(|(m, _)| m.clone()).collect();
+    let models: std::collections::BTreeSet<String> =
+        served.iter().map(|(m, _)| m.clone()).collect();
+    out.models = models.into_iter().collect();
     (out, served)
 }
 
@@ -103,11 +106,15 @@ impl Coordinator for CoordinatorService {
         &self,
         _req: Request<GetClusterStatusRequest>,
     ) -> Result<Response<GetClusterStatusResponse>, Status> {
-        Ok(Response::new(
-            cluster_status(&self.workers.list(), self.placer.as_ref())
-                .await
-                .0,
-        ))
+        let mut st = cluster_status(&self.workers.list(), self.placer.as_ref())
+            .await
+            .0;
+        let f = self.drivers.figures();
+        st.queued_requests = f.queued;
+        st.requests_in_flight = f.in_flight;
+        st.session_capacity = f.capacity;
+        st.queue_wait_ms_max = f.wait_ms_max;
+        Ok(Response::new(st))
     }
 
     type InferenceStream = InferenceStream;
@@ -118,36 +125,8 @@ impl Coordinator for CoordinatorService {
         req: Request<InferenceRequest>,
     ) -> Result<Response<InferenceStream>, Status> {
         let req = req.into_inner();
-        let served = self.workers.served().await;
-        let worker = if req.model.is_empty() {
-            served.first()
-        } else {
-            served.iter().find(|(m, _)| *m == req.model)
-        }
-        .map(|(_, w)| w.clone())
-        .ok_or_else(|| {
-            let names: Vec<&str> = served.iter().map(|(m, _)| m.as_str()).collect();
-            Status::not_found(format!(
-                "no worker drives model {:?}; served: {names:?}",
-                req.model
-            ))
-        })?;
-        info!("[API] gRPC Inference for {:?} via {worker}", req.model);
-        let ch = tonic::transport::Channel::from_shared(format!("http://{worker}"))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| {
-                // The view was stale: the next request asks the workers again.
-                self.workers.set_served(vec![]);
-                Status::unavailable(format!("worker {worker}: {e}"))
-            })?;
-        let stream =
-            WorkerClient::with_interceptor(ch, llama_cluster_shared::telemetry::inject_grpc)
-                .inference(req)
-                .await?
-                .into_inner();
+        info!("[API] gRPC Inference for {:?}", req.model);
+        let stream = self.drivers.run(req).await?;
         Ok(Response::new(Box::pin(crate::metrics::Metered::new(
             stream, "grpc",
         ))))
@@ -159,6 +138,7 @@ impl Coordinator for CoordinatorService {
 async fn watch_cluster(
     workers: WorkerSet,
     placer: Option<Placer>,
+    drivers: Drivers,
     health: tonic_health::server::HealthReporter,
     poll: Duration,
 ) {
@@ -178,6 +158,7 @@ async fn watch_cluster(
             .collect();
         workers.learn(&statuses, &unreachable);
         workers.set_served(served.clone());
+        drivers.update(served.clone(), &statuses);
         if let Some(p) = &placer {
             p.round(&statuses);
         }
@@ -217,6 +198,7 @@ pub async fn serve(
     workers: WorkerSet,
     placer: Option<Placer>,
     poll: Duration,
+    drivers: Drivers,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
     impl std::future::Future<Output = anyhow::Result<()>>,
@@ -237,13 +219,23 @@ pub async fn serve(
     health
         .set_service_status("liveness", ServingStatus::Serving)
         .await;
-    tokio::spawn(watch_cluster(workers.clone(), placer.clone(), health, poll));
+    tokio::spawn(watch_cluster(
+        workers.clone(),
+        placer.clone(),
+        drivers.clone(),
+        health,
+        poll,
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(llama_cluster_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("reflection")?;
-    let svc = CoordinatorService { workers, placer };
+    let svc = CoordinatorService {
+        workers,
+        placer,
+        drivers,
+    };
     let fut = async move {
         tonic::transport::Server::builder()
             .trace_fn(llama_cluster_shared::telemetry::grpc_server_span)

@@ -4,6 +4,7 @@
 //! demo cluster.
 
 pub mod demo;
+pub mod drivers;
 pub mod grpc;
 pub mod metrics;
 pub mod openai;

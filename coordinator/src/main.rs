@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use llama_coordinator::{demo, openai, placer, status_table};
+use llama_coordinator::{demo, drivers, openai, placer, status_table};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,6 +65,14 @@ enum Cmd {
         #[arg(long, env = "LLAMA_COORDINATOR_POLL_MS", default_value_t = 2000,
               value_parser = clap::value_parser!(u64).range(100..=600_000))]
         poll_ms: u64,
+        /// Requests that may wait for a free session at once; more get
+        /// RESOURCE_EXHAUSTED / HTTP 429.
+        #[arg(long, env = "LLAMA_COORDINATOR_MAX_QUEUED", default_value_t = 256)]
+        max_queued: usize,
+        /// Seconds a request may wait for a free session.
+        #[arg(long, env = "LLAMA_COORDINATOR_QUEUE_TIMEOUT_SECS", default_value_t = 120,
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        queue_timeout_secs: u64,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), place a
     /// split model with the coordinator's placement (shards travel through
@@ -124,6 +132,8 @@ async fn main() -> ExitCode {
             manifest,
             replicas,
             poll_ms,
+            max_queued,
+            queue_timeout_secs,
         } => {
             let telemetry = llama_cluster_shared::telemetry::init(
                 llama_cluster_shared::config::LogFormat::Text,
@@ -152,6 +162,10 @@ async fn main() -> ExitCode {
                             placer::WorkerSet::new(workers),
                             placer,
                             std::time::Duration::from_millis(poll_ms),
+                            drivers::Drivers::new(
+                                max_queued,
+                                std::time::Duration::from_secs(queue_timeout_secs),
+                            ),
                         );
                         // Ctrl-C or SIGTERM (Kubernetes) ends it cleanly, so
                         // the spans still buffered are sent.

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub workers: Gauge,
     pub workers_reachable: Gauge,
     pub swarm_ready: Gauge,
+    pub requests_queued: Gauge,
+    pub queue_wait: Histogram,
+    pub requests_refused: Counter,
+    pub driver_failovers: Counter,
 }
 
 impl Metrics {
@@ -62,6 +66,10 @@ impl Metrics {
             workers: Gauge::default(),
             workers_reachable: Gauge::default(),
             swarm_ready: Gauge::default(),
+            requests_queued: Gauge::default(),
+            queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            requests_refused: Counter::default(),
+            driver_failovers: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -100,6 +108,26 @@ impl Metrics {
             m.in_flight.clone(),
         );
         registry.register("workers", "Workers configured", m.workers.clone());
+        registry.register(
+            "requests_queued",
+            "Requests waiting for a free session",
+            m.requests_queued.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time requests waited for a free session",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "requests_refused",
+            "Requests refused: queue full or waited too long",
+            m.requests_refused.clone(),
+        );
+        registry.register(
+            "driver_failovers",
+            "Requests moved to another driver after a stream broke (resumed from the tokens delivered)",
+            m.driver_failovers.clone(),
+        );
         registry.register(
             "workers_reachable",
             "Workers that answered the last status poll",

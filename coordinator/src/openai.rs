@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use llama_cluster_proto::v1::inference_response::Event;
-use llama_cluster_proto::v1::worker_client::WorkerClient;
 use llama_cluster_proto::v1::{ChatMessage, InferenceRequest};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -30,6 +29,8 @@ const MAX_TOKENS_LIMIT: u64 = 1 << 20;
 pub struct ApiState {
     /// gRPC addresses of the workers requests may go to.
     pub workers: crate::placer::WorkerSet,
+    /// Admission, load spread and failover over the drivers.
+    pub drivers: crate::drivers::Drivers,
 }
 
 /// An OpenAI-style error response.
@@ -64,18 +65,25 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Models served by ready shards, with a worker that can drive each.
-async fn models(state: &ApiState) -> Vec<(String, String)> {
-    state.workers.served().await
+/// Models served by ready shards.
+async fn models(state: &ApiState) -> Vec<String> {
+    let mut m: Vec<String> = state
+        .workers
+        .served()
+        .await
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    m.sort();
+    m.dedup();
+    m
 }
 
 async fn list_models(State(st): State<Arc<ApiState>>) -> Response {
     let data: Vec<Value> = models(&st)
         .await
         .into_iter()
-        .map(
-            |(m, _)| json!({"id": m, "object": "model", "created": 0, "owned_by": "llama-cluster"}),
-        )
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "llama-cluster"}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
@@ -238,47 +246,18 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
         Err(r) => return *r,
     };
     let served = models(&st).await;
-    let Some((_, worker)) = served.iter().find(|(m, _)| *m == model) else {
-        let names: Vec<&str> = served.iter().map(|(m, _)| m.as_str()).collect();
+    if !served.contains(&model) {
         return error(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("The model `{model}` does not exist; served: {names:?}"),
+            format!("The model `{model}` does not exist; served: {served:?}"),
             Some("model"),
         );
+    }
+    let mut grpc = match st.drivers.run(req).await {
+        Ok(s) => crate::metrics::Metered::new(s, "openai"),
+        Err(s) => return status_to_http(&s),
     };
-    let ch = match tonic::transport::Channel::from_shared(format!("http://{worker}")) {
-        Ok(c) => c.connect_timeout(Duration::from_secs(5)),
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                e.to_string(),
-                None,
-            );
-        }
-    };
-    let ch = match ch.connect().await {
-        Ok(c) => c,
-        Err(e) => {
-            // The view was stale: the next request asks the workers again.
-            st.workers.set_served(vec![]);
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                format!("worker {worker}: {e}"),
-                None,
-            );
-        }
-    };
-    let mut grpc =
-        match WorkerClient::with_interceptor(ch, llama_cluster_shared::telemetry::inject_grpc)
-            .inference(req)
-            .await
-        {
-            Ok(s) => crate::metrics::Metered::new(s.into_inner(), "openai"),
-            Err(s) => return status_to_http(&s),
-        };
     let id = format!(
         "{}-{:x}",
         if chat { "chatcmpl" } else { "cmpl" },
@@ -290,7 +269,7 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
     } else {
         "text_completion"
     };
-    info!("[API] {object} for {model} via {worker} (stream {stream})");
+    info!("[API] {object} for {model} (stream {stream})");
     if !stream {
         let (mut text, mut stats) = (String::new(), None);
         loop {
@@ -430,17 +409,19 @@ pub async fn serve(
     workers: crate::placer::WorkerSet,
     placer: Option<crate::placer::Placer>,
     poll: Duration,
+    drivers: crate::drivers::Drivers,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(http).await?;
     let bound = listener.local_addr()?;
-    let (grpc_bound, grpc_server) = crate::grpc::serve(grpc, workers.clone(), placer, poll).await?;
+    let (grpc_bound, grpc_server) =
+        crate::grpc::serve(grpc, workers.clone(), placer, poll, drivers.clone()).await?;
     println!(
         "LLAMA_CLUSTER_READY {}",
         json!({"role": "coordinator", "http_addr": bound.to_string(), "grpc_addr": grpc_bound.to_string()})
     );
     info!("[API] OpenAI-compatible API on http://{bound}/v1, gRPC on {grpc_bound}");
     let http_server = async move {
-        axum::serve(listener, router(ApiState { workers }))
+        axum::serve(listener, router(ApiState { workers, drivers }))
             .await
             .map_err(anyhow::Error::from)
     };

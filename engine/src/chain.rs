@@ -44,6 +44,7 @@ impl LocalChain {
                     settings,
                     max_sessions: 4,
                     idle_timeout: Duration::from_secs(600),
+                    kv_budget_bytes: 0,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -15,7 +15,7 @@ use crate::{EngineError, EngineSettings, Result};
 
 /// A model (shard) loaded by llama.cpp.
 pub struct LoadedModel {
-    ptr: NonNull<sys::llama_model>,
+    pub(crate) ptr: NonNull<sys::llama_model>,
     pub n_embd: usize,
     pub n_vocab: usize,
     pub n_layer: u32,
@@ -69,7 +69,7 @@ impl Drop for LoadedModel {
 /// several stages (processes) may share a machine's cores, and a stage that
 /// waits for its neighbours must not burn the CPU they need.
 pub struct ThreadPool {
-    ptr: NonNull<sys::ggml_threadpool>,
+    pub(crate) ptr: NonNull<sys::ggml_threadpool>,
 }
 
 impl ThreadPool {
@@ -95,13 +95,17 @@ impl Drop for ThreadPool {
 }
 
 /// Where the eval callback writes the captured hidden state.
-struct Capture {
-    target: CString,
-    rows: Vec<f32>,
-    failed: bool,
+pub(crate) struct Capture {
+    pub(crate) target: CString,
+    pub(crate) rows: Vec<f32>,
+    pub(crate) failed: bool,
 }
 
-unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, ud: *mut c_void) -> bool {
+pub(crate) unsafe extern "C" fn capture_cb(
+    t: *mut sys::ggml_tensor,
+    ask: bool,
+    ud: *mut c_void,
+) -> bool {
     // SAFETY: ud is the Box<Capture> owned by the StageContext that set this
     // callback; t is a valid tensor during the callback.
     unsafe {

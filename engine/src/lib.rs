@@ -3,12 +3,14 @@
 //! - [`split`]: cut a GGUF into layer-range shard files plus a head file and a manifest;
 //! - [`ffi`]: the small safe wrapper over `llama-cpp-sys-2` that runs one stage
 //!   (embedding-input batches, the eval callback that captures hidden states);
-//! - [`stage`]: a loaded shard on its own thread, with bounded, expiring sessions;
+//! - [`stage`]: a loaded shard on its own thread, with bounded, expiring sessions
+//!   whose steps are batched into one `llama_decode` ([`batched`]);
 //! - [`sampling`]: sampler chains (llama.cpp's samplers) used by the last stage;
 //! - [`vocab`]: tokenizer, chat template and streaming detokenizer from the head file;
 //! - [`baseline`]: the unsplit model through llama-cpp-2, the reference for equality tests.
 
 pub mod baseline;
+pub mod batched;
 pub mod chain;
 pub mod ffi;
 pub mod manifest;

@@ -67,6 +67,19 @@ impl SamplingParams {
 /// A session's sampler chain (it keeps the token history for the penalty).
 pub struct Sampler {
     chain: LlamaSampler,
+    /// Seed of the random choice (none when greedy). Each step draws from
+    /// a generator seeded by this seed and the position being sampled, so
+    /// that a session rebuilt elsewhere at the same position (failover)
+    /// draws the same token.
+    seed: Option<u32>,
+}
+
+/// The seed of the draw at `pos` (splitmix64 of seed and position).
+fn step_seed(seed: u32, pos: u32) -> u32 {
+    let mut z = ((seed as u64) << 32 | pos as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as u32
 }
 
 impl Sampler {
@@ -92,10 +105,10 @@ impl Sampler {
                 list.push(LlamaSampler::top_p(p.top_p, 1));
             }
             list.push(LlamaSampler::temp(p.temperature));
-            list.push(LlamaSampler::dist(p.seed));
         }
         Ok(Sampler {
             chain: LlamaSampler::chain_simple(list),
+            seed: (!p.is_greedy()).then_some(p.seed),
         })
     }
 
@@ -106,8 +119,8 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token from `logits` and records it.
-    pub fn sample(&mut self, logits: &[f32]) -> Result<i32> {
+    /// Picks the token at position `pos` from `logits` and records it.
+    pub fn sample(&mut self, logits: &[f32], pos: u32) -> Result<i32> {
         let mut arr = LlamaTokenDataArray::from_iter(
             logits
                 .iter()
@@ -116,6 +129,9 @@ impl Sampler {
             false,
         );
         arr.apply_sampler(&mut self.chain);
+        if let Some(seed) = self.seed {
+            arr.apply_sampler(&mut LlamaSampler::dist(step_seed(seed, pos)));
+        }
         let t = arr
             .selected_token()
             .ok_or_else(|| EngineError::Llama("the sampler selected no token".into()))?;
@@ -144,7 +160,7 @@ mod tests {
         crate::backend().unwrap();
         let logits = [0.1, 3.0, 2.9, -1.0];
         let mut s = Sampler::new(&SamplingParams::default(), 4).unwrap();
-        assert_eq!(s.sample(&logits).unwrap(), 1);
+        assert_eq!(s.sample(&logits, 0).unwrap(), 1);
         assert_eq!(argmax(&logits), 1);
         let p = SamplingParams {
             repeat_penalty: 2.0,
@@ -152,7 +168,7 @@ mod tests {
         };
         let mut s = Sampler::new(&p, 4).unwrap();
         s.accept_history(&[1]);
-        assert_eq!(s.sample(&logits).unwrap(), 2, "token 1 is penalised");
+        assert_eq!(s.sample(&logits, 0).unwrap(), 2, "token 1 is penalised");
     }
 
     #[test]
@@ -169,12 +185,16 @@ mod tests {
         let run = || {
             let mut s = Sampler::new(&p, 100).unwrap();
             (0..20)
-                .map(|_| s.sample(&logits).unwrap())
+                .map(|pos| s.sample(&logits, pos).unwrap())
                 .collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
         assert!(a.iter().any(|&t| t != a[0]), "temperature 1 varies: {a:?}");
+        // A sampler made afresh at position 10 (a session rebuilt after a
+        // failover) draws what the first one drew there.
+        let mut late = Sampler::new(&p, 100).unwrap();
+        assert_eq!(late.sample(&logits, 10).unwrap(), a[10]);
     }
 
     #[test]

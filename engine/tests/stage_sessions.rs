@@ -54,6 +54,7 @@ fn sessions_are_bounded_checked_and_evicted() {
         settings,
         max_sessions: 2,
         idle_timeout: Duration::from_millis(400),
+        kv_budget_bytes: 0,
     })
     .unwrap();
     assert_eq!(first.info().n_embd, 576);
@@ -126,6 +127,7 @@ fn sessions_are_bounded_checked_and_evicted() {
         settings,
         max_sessions: 1,
         idle_timeout: Duration::from_secs(60),
+        kv_budget_bytes: 0,
     })
     .unwrap();
     let e = last

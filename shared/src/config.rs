@@ -82,12 +82,24 @@ pub struct NodeConfig {
     /// llama.cpp runs on its own threads; one runtime thread gives the
     /// lowest per-token latency between stages.
     pub runtime_threads: u32,
-    /// Concurrent inference sessions per worker; more are refused.
+    /// Concurrent inference sessions of this worker's stage (0: as many as
+    /// its memory holds, at most 16); requests beyond wait in a queue.
     pub max_sessions: usize,
     /// Sessions idle this long are evicted.
     pub session_idle_secs: u64,
-    /// Time one pipeline step (all stages) may take before it fails.
+    /// A stage frees a session that got no step for this long (its driver
+    /// is gone); the driver rebuilds a session that was freed.
+    pub session_lease_secs: u64,
+    /// Time one pipeline step (all stages) may take before the stage that
+    /// does not answer is failed over.
     pub stage_timeout_secs: u64,
+    /// Routes a request may move to when stages fail (a new route replays
+    /// the tokens so far).
+    pub max_reroutes: u32,
+    /// How long a request may wait for free capacity before it is refused.
+    pub queue_timeout_secs: u64,
+    /// Requests that may wait for capacity at once; more are refused.
+    pub max_queued: usize,
     /// Send hidden states between stages as f16 (half the bytes, not bit-exact).
     pub activation_f16: bool,
     /// Directory for downloaded shard files and other cached data (empty:
@@ -149,9 +161,13 @@ impl Default for NodeConfig {
             n_ubatch: 512,
             threads: 0,
             runtime_threads: 1,
-            max_sessions: 4,
+            max_sessions: 0,
             session_idle_secs: 300,
-            stage_timeout_secs: 60,
+            session_lease_secs: 30,
+            stage_timeout_secs: 10,
+            max_reroutes: 3,
+            queue_timeout_secs: 120,
+            max_queued: 256,
             activation_f16: false,
             cache_dir: String::new(),
             seed_manifest: true,
@@ -352,15 +368,17 @@ impl NodeConfig {
                 "must be between 0 (one per core) and 1024",
             ));
         }
-        if !(1..=1024).contains(&self.max_sessions) {
+        if self.max_sessions > 256 {
             return Err(ConfigError::invalid(
                 "max_sessions",
-                "must be between 1 and 1024",
+                "must be between 0 (as many as memory holds) and 256",
             ));
         }
         for (field, value) in [
             ("session_idle_secs", self.session_idle_secs),
+            ("session_lease_secs", self.session_lease_secs),
             ("stage_timeout_secs", self.stage_timeout_secs),
+            ("queue_timeout_secs", self.queue_timeout_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(field, "must be at least 1"));

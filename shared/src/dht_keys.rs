@@ -81,6 +81,9 @@ pub struct ShardRecord {
     /// Open inference sessions on the worker (a load hint for routing).
     #[serde(default)]
     pub load: u32,
+    /// The stage's session limit (0: unknown).
+    #[serde(default)]
+    pub max_sessions: u32,
 }
 
 impl ShardRecord {
@@ -130,6 +133,7 @@ mod tests {
             state: ShardState::Ready,
             updated_at: 1,
             load: 0,
+            max_sessions: 0,
         };
         assert_eq!(ShardRecord::from_bytes(&rec.to_bytes()), Some(rec.clone()));
         assert_eq!(ShardRecord::from_bytes(b"{not json"), None);

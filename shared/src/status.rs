@@ -77,8 +77,22 @@ pub struct ShardStatus {
     pub addrs: Vec<String>,
     pub availability: Availability,
     pub updated_at: u64,
+    /// Open sessions, and the session limit (0: unknown).
     #[serde(default)]
     pub load: u32,
+    #[serde(default)]
+    pub max_sessions: u32,
+}
+
+impl ShardStatus {
+    /// Sessions that may still be opened (unknown limit: one).
+    pub fn free_sessions(&self) -> u32 {
+        if self.max_sessions == 0 {
+            1
+        } else {
+            self.max_sessions.saturating_sub(self.load)
+        }
+    }
 }
 
 /// A file this node seeds or downloads.

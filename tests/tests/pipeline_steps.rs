@@ -8,11 +8,9 @@ use libp2p::PeerId;
 use llama_cluster_engine::EngineSettings;
 use llama_cluster_engine::sampling::SamplingParams;
 use llama_cluster_tests::{split_with_cli, test_dir};
+use llama_worker::net::NetHandle;
+use llama_worker::net::frame::{ActivationRequest, ActivationResponse, FrameKind, Hop, Payload};
 use llama_worker::network::behaviour::Role;
-use llama_worker::node::NetHandle;
-use llama_worker::pipeline::frame::{
-    ActivationRequest, ActivationResponse, FrameKind, Hop, Payload,
-};
 use llama_worker::pipeline::{Pipeline, PipelineConfig};
 use llama_worker::state::SharedState;
 use llama_worker::torrent::store::Store;

@@ -24,11 +24,13 @@ impl Node {
             .state
             .read(|s| s.listen_addrs.iter().map(|a| a.to_string()).collect());
         let load = self.pipeline.active_sessions();
+        let max_sessions = self.pipeline.max_sessions();
         let record = self.state.write(|s| {
             let rec = s.local_shard.as_mut()?;
             rec.updated_at = llama_cluster_shared::unix_now_ms();
             rec.addrs = listen;
             rec.load = load;
+            rec.max_sessions = max_sessions;
             Some(rec.clone())
         });
         let announce = self.announce;

@@ -92,7 +92,8 @@ fn pipeline_error_code(e: &PipelineError) -> ErrorCode {
         PipelineError::InvalidArgument(_) | PipelineError::NotFound(_) => ErrorCode::InvalidParams,
         PipelineError::Unavailable(_)
         | PipelineError::ResourceExhausted(_)
-        | PipelineError::DeadlineExceeded(_) => ErrorCode::Unavailable,
+        | PipelineError::DeadlineExceeded(_)
+        | PipelineError::Cancelled(_) => ErrorCode::Unavailable,
         PipelineError::Internal(_) => ErrorCode::Internal,
     }
 }
@@ -243,6 +244,19 @@ impl Dispatcher {
     pub fn status(&self) -> llama_cluster_shared::status::NodeStatus {
         let mut st = self.state.snapshot();
         st.torrents = self.pipeline.torrents().status();
+        // This worker's own stage: live session figures, not the record's.
+        let (open, max) = (
+            self.pipeline.active_sessions(),
+            self.pipeline.max_sessions(),
+        );
+        for s in st
+            .shards
+            .iter_mut()
+            .filter(|s| s.availability == llama_cluster_shared::status::Availability::Local)
+        {
+            s.load = open;
+            s.max_sessions = max;
+        }
         st
     }
 
@@ -397,6 +411,7 @@ impl Dispatcher {
             return_prompt_logits: false,
             ignore_eos: false,
             messages: vec![],
+            resume: vec![],
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::pipeline::driver::Chunk>(64);
         let collect = tokio::spawn(async move {
@@ -507,7 +522,7 @@ mod tests {
         let state = SharedState::new(PeerId::random(), "c", Role::Worker, true);
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         let cfg = llama_cluster_shared::config::NodeConfig::default();
-        let net = crate::node::NetHandle::for_tests(tx);
+        let net = crate::net::NetHandle::for_tests(tx);
         let dir = std::env::temp_dir().join(format!("llama-dispatch-{}", std::process::id()));
         let store = crate::torrent::store::Store::open(&dir).unwrap();
         let torrents = crate::torrent::Torrents::new(

@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::dispatcher::Dispatcher;
-use crate::node::NetHandle;
+use crate::net::NetHandle;
 
 /// Full gRPC name of the worker service (for health checks).
 pub const SERVICE_NAME: &str = "llamacluster.v1.Worker";
@@ -115,6 +115,8 @@ pub fn status_to_proto(s: NodeStatus) -> GetStatusResponse {
                 addrs: sh.addrs,
                 availability: sh.availability.as_str().into(),
                 updated_at: sh.updated_at,
+                open_sessions: sh.load,
+                max_sessions: sh.max_sessions,
             })
             .collect(),
     }
@@ -191,6 +193,7 @@ impl Worker for WorkerService {
                 .into_iter()
                 .map(|m| (m.role, m.content))
                 .collect(),
+            resume: r.resume_token_ids,
         };
         let pipeline = self.dispatcher.pipeline().clone();
         let (chunk_tx, mut chunk_rx) = mpsc::channel(64);
@@ -254,7 +257,7 @@ impl Worker for WorkerService {
             .dispatcher
             .sync_torrents(req.get_ref().fetch_missing)
             .await
-            .map_err(Status::unavailable)?;
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(SyncTorrentsResponse {
             entries: entries
                 .into_iter()
@@ -316,7 +319,7 @@ impl Worker for WorkerService {
             .net
             .request(peer, bytes, timeout)
             .await
-            .map_err(Status::unavailable)?;
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(RelayResponse {
             json: String::from_utf8_lossy(&resp).into_owned(),
             round_trip_ms: t0.elapsed().as_secs_f64() * 1000.0,
@@ -333,6 +336,7 @@ pub fn pipeline_status(e: PipelineError) -> Status {
         PipelineError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
         PipelineError::ResourceExhausted(m) => Status::resource_exhausted(m),
         PipelineError::Internal(m) => Status::internal(m),
+        PipelineError::Cancelled(m) => Status::cancelled(m),
     }
 }
 

@@ -11,10 +11,12 @@ pub mod grpc;
 pub mod identity;
 pub mod messaging;
 pub mod metrics;
+pub mod net;
 pub mod network;
 pub mod node;
 pub mod pipeline;
 pub mod resources;
+pub mod startup;
 pub mod state;
 pub mod torrent;
 

@@ -14,7 +14,7 @@ use llama_cluster_shared::config::NodeConfig;
 use llama_cluster_shared::{logging, telemetry};
 use llama_worker::client::JsonClient;
 use llama_worker::network::behaviour::Role;
-use llama_worker::{READY_PREFIX, grpc, node};
+use llama_worker::{READY_PREFIX, grpc, startup};
 use serde_json::json;
 use tracing::{error, info};
 
@@ -150,12 +150,24 @@ struct NodeArgs {
     /// Async runtime threads: networking and gRPC (0: one per core).
     #[arg(long)]
     runtime_threads: Option<String>,
-    /// Concurrent sessions per worker.
+    /// Concurrent sessions per worker (0: as many as memory holds).
     #[arg(long)]
     max_sessions: Option<String>,
     /// Idle sessions are evicted after this many seconds.
     #[arg(long)]
     session_idle_secs: Option<String>,
+    /// A session without a step for this many seconds is freed.
+    #[arg(long)]
+    session_lease_secs: Option<String>,
+    /// Routes a request may move to when stages fail.
+    #[arg(long)]
+    max_reroutes: Option<String>,
+    /// Seconds a request may wait for free capacity.
+    #[arg(long)]
+    queue_timeout_secs: Option<String>,
+    /// Requests that may wait for capacity at once.
+    #[arg(long)]
+    max_queued: Option<String>,
     /// Time one pipeline step may take, in seconds.
     #[arg(long)]
     stage_timeout_secs: Option<String>,
@@ -242,6 +254,10 @@ impl NodeArgs {
         opt("upload_limit_mb_per_sec", &self.upload_limit_mb_per_sec);
         opt("max_sessions", &self.max_sessions);
         opt("session_idle_secs", &self.session_idle_secs);
+        opt("session_lease_secs", &self.session_lease_secs);
+        opt("max_reroutes", &self.max_reroutes);
+        opt("queue_timeout_secs", &self.queue_timeout_secs);
+        opt("max_queued", &self.max_queued);
         opt("stage_timeout_secs", &self.stage_timeout_secs);
         if self.activation_f16 {
             v.push(("activation_f16", "true".into()));
@@ -390,7 +406,7 @@ async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
         "[STATUS] async runtime threads: {} (llama.cpp runs on its own)",
         tokio::runtime::Handle::current().metrics().num_workers()
     );
-    let running = node::start(cfg, role, keypair).await?;
+    let running = startup::start(cfg, role, keypair).await?;
     running.torrents.announce_all();
     let pipeline = running.pipeline.clone();
     tokio::spawn(async move {
@@ -418,6 +434,8 @@ async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
             let m = llama_worker::metrics::metrics();
             m.active_sessions.set(pipeline.active_sessions() as i64);
             m.queue_depth.set(pipeline.queue_depth() as i64);
+            m.max_sessions.set(pipeline.max_sessions() as i64);
+            m.stage_decode_calls.set(pipeline.decode_calls() as i64);
             let snap = state.snapshot();
             m.dht_shard_records.set(snap.shards.len() as i64);
             for t in ["QUIC", "TCP"] {
@@ -595,7 +613,7 @@ async fn fetch(a: FetchArgs) -> anyhow::Result<()> {
     let keypair = llama_worker::identity::load_or_create(&cfg.identity_file)?;
     // This process exits after the copy: it must not announce itself as a
     // provider that will be gone in a moment.
-    let running = node::start_with(cfg, Role::Worker, keypair, false).await?;
+    let running = startup::start_with(cfg, Role::Worker, keypair, false).await?;
     // Bounded wait for the swarm.
     let t0 = std::time::Instant::now();
     while running.state.read(|s| s.connections.is_empty()) {

@@ -6,8 +6,9 @@ use llama_cluster_shared::protocol::CommandResponse;
 use llama_cluster_shared::status::NodeStatus;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::net::FrameProto;
 use crate::network::json_codec::JsonRequest;
-use crate::node::{FrameProto, Node, Outbound, Pending};
+use crate::node::{Node, Outbound, Pending};
 
 impl Node {
     pub(crate) fn on_messaging(&mut self, ev: Event<JsonRequest, Vec<u8>>) {
@@ -175,9 +176,10 @@ impl Node {
                 ..out
             });
         }
-        let _ = out
-            .reply
-            .send(Err(format!("request to {peer} failed: {error}")));
+        let _ = out.reply.send(Err(crate::net::NetError::Failed {
+            peer,
+            reason: error.to_string(),
+        }));
         None
     }
 
@@ -207,6 +209,7 @@ impl Node {
                         state: s.state,
                         updated_at: s.updated_at,
                         load: s.load,
+                        max_sessions: s.max_sessions,
                     },
                     "peer status",
                 );

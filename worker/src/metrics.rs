@@ -29,7 +29,14 @@ pub struct Metrics {
     pub activation_frames_sent: Counter,
     pub activation_streams_opened: Counter,
     pub active_sessions: Gauge,
+    pub max_sessions: Gauge,
     pub queue_depth: Gauge,
+    pub stage_steps: Counter,
+    pub stage_decode_calls: Gauge,
+    pub requests_queued: Gauge,
+    pub queue_wait: Histogram,
+    pub requests_refused: Counter,
+    pub failovers: Counter,
     pub peers: Family<TransportLabel, Gauge>,
     pub dht_shard_records: Gauge,
     pub torrent_bytes_in: Counter,
@@ -50,7 +57,14 @@ impl Metrics {
             activation_frames_sent: Counter::default(),
             activation_streams_opened: Counter::default(),
             active_sessions: Gauge::default(),
+            max_sessions: Gauge::default(),
             queue_depth: Gauge::default(),
+            stage_steps: Counter::default(),
+            stage_decode_calls: Gauge::default(),
+            requests_queued: Gauge::default(),
+            queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            requests_refused: Counter::default(),
+            failovers: Counter::default(),
             peers: Family::default(),
             dht_shard_records: Gauge::default(),
             torrent_bytes_in: Counter::default(),
@@ -102,6 +116,41 @@ impl Metrics {
             "active_sessions",
             "Open inference sessions on this worker's stage",
             m.active_sessions.clone(),
+        );
+        registry.register(
+            "max_sessions",
+            "Session limit of this worker's stage",
+            m.max_sessions.clone(),
+        );
+        registry.register(
+            "stage_steps",
+            "Steps (one session's tokens) computed by this worker's stage",
+            m.stage_steps.clone(),
+        );
+        registry.register(
+            "stage_decode_calls",
+            "llama_decode calls of this worker's stage (steps of several sessions share one)",
+            m.stage_decode_calls.clone(),
+        );
+        registry.register(
+            "requests_queued",
+            "Requests this worker drives that wait for free capacity",
+            m.requests_queued.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time requests waited for free capacity",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "requests_refused",
+            "Requests refused because the queue was full or the wait too long",
+            m.requests_refused.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Sessions moved to a new route after a stage failed (tokens replayed)",
+            m.failovers.clone(),
         );
         registry.register(
             "stage_queue_depth",

@@ -1,10 +1,10 @@
-//! A running node: the swarm task that owns libp2p, the handle other tasks
-//! use to reach it, and start-up (identity, listeners, bootstrap dials).
+//! The swarm task that owns libp2p: its state ([`Node`]) and event loop
+//! ([`Node::run`]). Other tasks reach it through [`crate::net::NetHandle`];
+//! start-up is in [`crate::startup`].
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
@@ -12,18 +12,16 @@ use libp2p::request_response::OutboundRequestId;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, rendezvous};
 use llama_cluster_shared::config::NodeConfig;
-use llama_cluster_shared::dht_keys::{ShardRecord, ShardState};
 use llama_cluster_shared::status::{Availability, Transport};
 use llama_cluster_shared::unix_now;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::dispatcher::Dispatcher;
-use crate::network::behaviour::{NodeBehaviour, NodeBehaviourEvent, Role, build_swarm};
-use crate::network::links::{LinkCounters, Links};
+use crate::net::{FrameProto, NetCommand};
+use crate::network::behaviour::{NodeBehaviour, NodeBehaviourEvent, Role};
 use crate::network::{json_codec::JsonRequest, transport_of};
-use crate::pipeline::frame::{ACTIVATION_PROTOCOL, MAX_FRAME as MAX_ACTIVATION_FRAME};
-use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::pipeline::Pipeline;
 use crate::state::{ConnInfo, SharedState};
 use crate::torrent::Torrents;
 
@@ -38,179 +36,6 @@ pub(crate) const NO_TCP_FOR: Duration = Duration::from_secs(300);
 /// not have told its addresses at the start of a download).
 pub(crate) const NO_TCP_ADDRESS_FOR: Duration = Duration::from_secs(10);
 
-/// Requests other tasks send to the swarm task.
-#[derive(Debug)]
-pub enum NetCommand {
-    /// Send a JSON body to a peer and return its response.
-    Request {
-        peer: PeerId,
-        body: Vec<u8>,
-        reply: oneshot::Sender<Result<Vec<u8>, String>>,
-    },
-    /// Send a binary frame (activation or piece protocol) and return the answer.
-    Frame {
-        proto: FrameProto,
-        peer: PeerId,
-        body: Vec<u8>,
-        reply: oneshot::Sender<Result<Vec<u8>, String>>,
-    },
-    /// Re-publish this node's records now (its shard changed state).
-    Publish,
-    /// Ask the DHT for the latest records of these shard ids.
-    QueryShards(Vec<String>),
-    /// Find the providers of a DHT key, answering within `bound`.
-    GetProviders {
-        key: String,
-        bound: Duration,
-        reply: oneshot::Sender<Vec<PeerId>>,
-    },
-    /// Announce this node as a provider of a DHT key.
-    Provide(String),
-}
-
-/// The binary request-response protocols (length-prefixed frames).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FrameProto {
-    /// Shard file metadata and pieces, over any connection.
-    Torrent,
-    /// Shard file pieces, over a TCP connection to the peer (dialed when
-    /// there is none); over any connection when the peer cannot be reached
-    /// over TCP (see `network::tcp_only`).
-    TorrentTcp,
-}
-
-/// Handle on the swarm task.
-#[derive(Debug, Clone)]
-pub struct NetHandle {
-    tx: mpsc::Sender<NetCommand>,
-    /// Persistent streams for activation frames.
-    links: Links,
-}
-
-impl NetHandle {
-    async fn call(
-        &self,
-        cmd: NetCommand,
-        rx: oneshot::Receiver<Result<Vec<u8>, String>>,
-        peer: PeerId,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, String> {
-        self.tx
-            .send(cmd)
-            .await
-            .map_err(|_| "node is shutting down".to_string())?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("node is shutting down".into()),
-            Err(_) => Err(format!("no answer from {peer} within {timeout:?}")),
-        }
-    }
-
-    /// Sends `body` to `peer` over `/json-message/1.0`.
-    pub async fn request(
-        &self,
-        peer: PeerId,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, String> {
-        let (reply, rx) = oneshot::channel();
-        self.call(NetCommand::Request { peer, body, reply }, rx, peer, timeout)
-            .await
-    }
-
-    /// Sends a binary frame to `peer`, waiting at most `timeout`.
-    pub async fn frame(
-        &self,
-        proto: FrameProto,
-        peer: PeerId,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, String> {
-        let (reply, rx) = oneshot::channel();
-        self.call(
-            NetCommand::Frame {
-                proto,
-                peer,
-                body,
-                reply,
-            },
-            rx,
-            peer,
-            timeout,
-        )
-        .await
-    }
-
-    /// Sends an activation frame to `peer` over a persistent stream,
-    /// waiting at most `timeout` (a timeout's error says "within").
-    pub async fn activation(
-        &self,
-        peer: PeerId,
-        body: &[u8],
-        timeout: Duration,
-    ) -> Result<Vec<u8>, String> {
-        self.links.call(peer, body, timeout).await
-    }
-
-    /// Providers of `key` in the DHT: the ones found by `bound` (peers
-    /// that are gone cost a dial timeout each, so a lookup can take long),
-    /// or a moment after the first ones were found.
-    pub async fn get_providers(&self, key: String, bound: Duration) -> Vec<PeerId> {
-        let (reply, rx) = oneshot::channel();
-        if self
-            .tx
-            .send(NetCommand::GetProviders { key, bound, reply })
-            .await
-            .is_err()
-        {
-            return vec![];
-        }
-        tokio::time::timeout(Duration::from_secs(25), rx)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default()
-    }
-
-    /// Announces this node as a provider of `key`.
-    pub fn provide(&self, key: String) {
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let _ = tx.send(NetCommand::Provide(key)).await;
-        });
-    }
-
-    /// A handle on a channel nobody serves (unit tests of other modules).
-    /// A connection to `peer` closed (see [`Links::connection_closed`]).
-    pub(crate) fn connection_closed(&self, peer: &PeerId) {
-        self.links.connection_closed(peer);
-    }
-
-    pub fn for_tests(tx: mpsc::Sender<NetCommand>) -> Self {
-        let control = libp2p_stream::Behaviour::new().new_control();
-        NetHandle {
-            tx,
-            links: Links::new(
-                control,
-                ACTIVATION_PROTOCOL,
-                MAX_ACTIVATION_FRAME,
-                LinkCounters::default(),
-            ),
-        }
-    }
-
-    /// Asks the swarm task to re-publish this node's records.
-    pub fn publish(&self) {
-        let _ = self.tx.try_send(NetCommand::Publish);
-    }
-
-    /// Asks the swarm task to look up the records of `shard_ids` in the
-    /// DHT; what it finds lands in the node's state.
-    pub fn query_shards(&self, shard_ids: Vec<String>) {
-        let _ = self.tx.try_send(NetCommand::QueryShards(shard_ids));
-    }
-}
-
 /// What an outbound request is waiting for.
 pub(crate) enum Pending {
     External(Outbound),
@@ -222,7 +47,7 @@ pub(crate) enum Pending {
 /// A request some task waits on, kept so it can be sent again once.
 pub(crate) struct Outbound {
     pub peer: PeerId,
-    pub reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    pub reply: oneshot::Sender<Result<Vec<u8>, crate::net::NetError>>,
     pub body: Vec<u8>,
     pub retried: u8,
 }
@@ -295,290 +120,64 @@ pub struct Node {
     pub(crate) no_tcp: HashMap<PeerId, std::time::Instant>,
 }
 
-/// A started node: its identity and addresses, and the task that runs it.
-pub struct RunningNode {
-    pub peer_id: PeerId,
-    pub listen_addrs: Vec<Multiaddr>,
-    pub state: SharedState,
-    pub dispatcher: Dispatcher,
-    pub net: NetHandle,
-    pub pipeline: Pipeline,
-    pub torrents: Torrents,
-    pub task: tokio::task::JoinHandle<()>,
-}
-
-fn listen_addrs_for(cfg: &NodeConfig) -> anyhow::Result<Vec<Multiaddr>> {
-    let ip: std::net::IpAddr = cfg.p2p_host.parse().context("p2p_host")?;
-    let ip_proto = match ip {
-        std::net::IpAddr::V4(v4) => Protocol::Ip4(v4),
-        std::net::IpAddr::V6(v6) => Protocol::Ip6(v6),
-    };
-    let base = Multiaddr::empty().with(ip_proto);
-    let mut addrs = vec![];
-    if cfg.quic {
-        addrs.push(
-            base.clone()
-                .with(Protocol::Udp(cfg.p2p_port))
-                .with(Protocol::QuicV1),
-        );
-    }
-    if !(cfg.test_no_tcp_listen && cfg.quic) {
-        addrs.push(base.with(Protocol::Tcp(cfg.p2p_port)));
-    }
-    Ok(addrs)
-}
-
-/// Parses and checks the multiaddr lists of the configuration.
-pub fn parse_addr_list(field: &'static str, list: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
-    list.iter()
-        .map(|s| {
-            s.parse::<Multiaddr>().map_err(|e| {
-                anyhow::Error::new(llama_cluster_shared::config::ConfigError::invalid(
-                    field,
-                    format!("{s:?} is not a multiaddr ({e}); example: /ip4/127.0.0.1/tcp/9000"),
-                ))
-            })
-        })
-        .collect()
-}
-
-/// Starts a node: identity, swarm, listeners, bootstrap dials, and the swarm
-/// task. Returns once the node listens.
-pub async fn start(
-    cfg: NodeConfig,
-    role: Role,
-    keypair: libp2p::identity::Keypair,
-) -> anyhow::Result<RunningNode> {
-    start_with(cfg, role, keypair, true).await
-}
-
-/// [`start`], choosing whether the node announces itself and its files
-/// (rendezvous registration, DHT membership, provider records); a one-shot
-/// `fetch` that exits after its download does not.
-pub async fn start_with(
-    cfg: NodeConfig,
-    role: Role,
-    keypair: libp2p::identity::Keypair,
-    announce_files: bool,
-) -> anyhow::Result<RunningNode> {
-    let bootstrap_addrs = parse_addr_list("bootstrap", &cfg.bootstrap)?;
-    let external_addrs = parse_addr_list("external_addrs", &cfg.external_addrs)?;
-    let peer_id = keypair.public().to_peer_id();
-    let mut swarm = build_swarm(keypair, &cfg, role)?;
-    let mut listeners = HashSet::new();
-    for addr in listen_addrs_for(&cfg)? {
-        let id = swarm
-            .listen_on(addr.clone())
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        listeners.insert(id);
-    }
-    for addr in &external_addrs {
-        swarm.add_external_address(addr.clone());
-    }
-    let state = SharedState::new(peer_id, &cfg.cluster, role, cfg.quic);
-    state.write(|s| {
-        s.grpc_addr = cfg.grpc_addr.clone();
-        s.resources = crate::resources::detect(cfg.memory_mb, cfg.threads);
-    });
-    if let Some((start, end)) = cfg.layer_range()? {
-        state.write(|s| {
-            s.local_shard = Some(ShardRecord {
-                shard_id: cfg.shard_id.clone(),
-                peer_id: peer_id.to_string(),
-                addrs: vec![],
-                model: cfg.shard_model.clone(),
-                layer_start: start,
-                layer_end: end,
-                state: ShardState::Announced,
-                updated_at: llama_cluster_shared::unix_now_ms(),
-                load: 0,
-            })
-        });
-    }
-    let (tx, mut rx) = mpsc::channel(1024);
-    let control = swarm.behaviour().streams.new_control();
-    let net = NetHandle {
-        tx,
-        links: Links::new(
-            control.clone(),
-            ACTIVATION_PROTOCOL,
-            MAX_ACTIVATION_FRAME,
-            LinkCounters {
-                frames_sent: crate::metrics::metrics().activation_frames_sent.clone(),
-                streams_opened: crate::metrics::metrics().activation_streams_opened.clone(),
-            },
-        ),
-    };
-    let store_dir = crate::torrent::cache_dir(&cfg).join("torrents");
-    let store = crate::torrent::store::Store::open(&store_dir)
-        .with_context(|| format!("cannot open the file store {}", store_dir.display()))?;
-    let hooks = crate::torrent::TestHooks {
-        corrupt_pieces: cfg.test_corrupt_pieces || cfg.test_lying_meta,
-        lying_meta: cfg.test_lying_meta,
-        wrong_size_meta: cfg.test_wrong_size_meta,
-        piece_delay: Duration::from_millis(cfg.test_piece_delay_ms),
-        busy_pieces: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(cfg.test_busy_pieces)),
-    };
-    let torrents = Torrents::new(
-        store,
-        net.clone(),
-        state.clone(),
-        hooks,
-        crate::torrent::upload_limit::UploadLimit::new(cfg.upload_limit_mb_per_sec),
-        announce_files,
-    );
-    let pipeline = Pipeline::new(
-        state.clone(),
-        net.clone(),
-        PipelineConfig::from_node(&cfg),
-        torrents.clone(),
-    );
-    {
-        let pipeline = pipeline.clone();
-        crate::network::links::serve(
-            control,
-            ACTIVATION_PROTOCOL,
-            MAX_ACTIVATION_FRAME,
-            move |peer, req| {
-                let pipeline = pipeline.clone();
-                async move { pipeline.handle_inbound(peer, req).await }
-            },
-        )?;
-    }
-    let dispatcher = Dispatcher::new(state.clone(), pipeline.clone(), cfg.max_message_bytes);
-    let (resp_tx, mut resp_rx) = mpsc::channel(256);
-    let (frame_tx, mut frame_rx) = mpsc::channel(1024);
-    let mut node = Node {
-        announce: announce_files,
-        swarm,
-        cfg,
-        role,
-        state: state.clone(),
-        dispatcher: dispatcher.clone(),
-        dialing: HashMap::new(),
-        rendezvous_points: HashMap::new(),
-        bootstrap_addrs,
-        pending: HashMap::new(),
-        responses: resp_tx,
-        frame_responses: frame_tx,
-        pending_frames: HashMap::new(),
-        pipeline: pipeline.clone(),
-        torrents: torrents.clone(),
-        provider_queries: HashMap::new(),
-        published: false,
-        discovered: HashSet::new(),
-        quic_upgrade_tried: HashSet::new(),
-        closing: Vec::new(),
-        piece_conns: HashMap::new(),
-        no_tcp: HashMap::new(),
-        reprovide_at: None,
-        coverage_target: None,
-        p2p_metrics: libp2p::metrics::Metrics::new(
-            &mut crate::metrics::libp2p_registry()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        ),
-    };
-    if let Some(m) = node
-        .pipeline
-        .config()
-        .manifest
-        .as_ref()
-        .and_then(|p| llama_cluster_engine::manifest::Manifest::load(p).ok())
-    {
-        node.coverage_target = Some((m.model, m.n_layer));
-    }
-
-    // Wait (bounded) until every listener has an address.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !listeners.is_empty() {
-        let ev = tokio::time::timeout_at(deadline, node.swarm.select_next_some())
-            .await
-            .context("listeners did not come up within 10 s")?;
-        match ev {
-            SwarmEvent::NewListenAddr { listener_id, .. } => {
-                listeners.remove(&listener_id);
-                node.on_swarm_event(ev);
-            }
-            SwarmEvent::ListenerClosed {
-                reason: Err(e),
-                listener_id,
-                ..
-            } if listeners.contains(&listener_id) => bail!("listener failed: {e}"),
-            other => node.on_swarm_event(other),
-        }
-    }
-    let listen_addrs = node.state.read(|s| s.listen_addrs.clone());
-    info!(
-        "[CONNECT] {} {peer_id} listening on {}",
-        role.as_str(),
-        listen_addrs
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    node.publish_local_records();
-    node.dial_bootstrap();
-
-    let task = tokio::spawn(async move {
+impl Node {
+    /// The swarm task: swarm events, commands from [`NetHandle`]s, responses
+    /// from request handlers, and periodic work, until every handle is gone.
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<NetCommand>,
+        mut resp_rx: mpsc::Receiver<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
+        mut frame_rx: mpsc::Receiver<(
+            FrameProto,
+            libp2p::request_response::ResponseChannel<Vec<u8>>,
+            Vec<u8>,
+        )>,
+    ) {
         let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
-        let status_every = Duration::from_secs(node.cfg.status_interval_secs);
+        let status_every = Duration::from_secs(self.cfg.status_interval_secs);
         let mut status_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + status_every, status_every);
-        let discovery_every = Duration::from_secs(node.cfg.discovery_interval_secs);
+        let discovery_every = Duration::from_secs(self.cfg.discovery_interval_secs);
         let mut discovery_tick = tokio::time::interval_at(
             tokio::time::Instant::now() + discovery_every,
             discovery_every,
         );
-        let republish_every = Duration::from_secs(node.cfg.record_ttl_secs / 2);
+        let republish_every = Duration::from_secs(self.cfg.record_ttl_secs / 2);
         let mut republish_tick = tokio::time::interval_at(
             tokio::time::Instant::now() + republish_every,
             republish_every,
         );
         loop {
             tokio::select! {
-                ev = node.swarm.select_next_some() => node.on_swarm_event(ev),
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => node.on_net_command(cmd),
+                    Some(cmd) => self.on_net_command(cmd),
                     None => break,
                 },
                 Some((channel, body)) = resp_rx.recv() => {
-                    if node.swarm.behaviour_mut().messaging.send_response(channel, body).is_err() {
+                    if self.swarm.behaviour_mut().messaging.send_response(channel, body).is_err() {
                         debug!("[MSG] response not sent: the requester went away");
                     }
                 }
                 Some((proto, channel, body)) = frame_rx.recv() => {
-                    if node.frames(proto).send_response(channel, body).is_err() {
+                    if self.frames(proto).send_response(channel, body).is_err() {
                         debug!("[MSG] {proto:?} response not sent: the requester went away");
                     }
                 }
                 _ = housekeeping.tick() => {
-                    node.close_superseded();
-                    node.reprovide_if_due();
-                    node.answer_provider_queries();
-                    node.check_swarm_ready();
-                    node.drop_abandoned();
+                    self.close_superseded();
+                    self.reprovide_if_due();
+                    self.answer_provider_queries();
+                    self.check_swarm_ready();
+                    self.drop_abandoned();
                 }
-                _ = status_tick.tick() => node.report_status(),
-                _ = discovery_tick.tick() => node.discovery_round(),
-                _ = republish_tick.tick() => node.publish_local_records(),
+                _ = status_tick.tick() => self.report_status(),
+                _ = discovery_tick.tick() => self.discovery_round(),
+                _ = republish_tick.tick() => self.publish_local_records(),
             }
         }
-    });
-    Ok(RunningNode {
-        peer_id,
-        listen_addrs,
-        state,
-        dispatcher,
-        net,
-        pipeline,
-        torrents,
-        task,
-    })
-}
+    }
 
-impl Node {
     /// The behaviour of a binary protocol.
     pub(crate) fn frames(
         &mut self,
@@ -614,7 +213,7 @@ impl Node {
         match cmd {
             NetCommand::Request { peer, body, reply } => {
                 if peer == self.local_peer_id() {
-                    let _ = reply.send(Err("cannot relay to this node itself".into()));
+                    let _ = reply.send(Err(crate::net::NetError::ToSelf));
                     return;
                 }
                 let id = self
@@ -680,7 +279,7 @@ impl Node {
         }
     }
 
-    fn on_swarm_event(&mut self, event: SwarmEvent<NodeBehaviourEvent>) {
+    pub(crate) fn on_swarm_event(&mut self, event: SwarmEvent<NodeBehaviourEvent>) {
         use libp2p::metrics::Recorder;
         self.p2p_metrics.record(&event);
         match event {

@@ -187,6 +187,7 @@ impl SharedState {
                         availability,
                         updated_at: r.updated_at,
                         load: r.load,
+                        max_sessions: r.max_sessions,
                     }
                 })
                 .collect();
@@ -238,6 +239,7 @@ mod tests {
             state: ShardState::Announced,
             updated_at: at,
             load: 0,
+            max_sessions: 0,
         }
     }
 

@@ -20,6 +20,8 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use prometheus_client::metrics::counter::Counter;
 use tracing::debug;
 
+use super::error::NetError;
+
 /// Idle streams kept per peer; more are closed after use.
 const MAX_IDLE_PER_PEER: usize = 16;
 
@@ -192,7 +194,7 @@ impl Links {
     }
 
     /// Sends one frame to `peer` and returns its answer, within `timeout`.
-    /// Errors are readable sentences; a timeout's says "within". A frame
+    /// Errors name the peer ([`NetError`]). A frame
     /// whose stream dies under it (a pooled stream on a replaced connection,
     /// a connection closed while it waits, a new stream the receiver
     /// dropped) is sent again on a new stream after a short random pause, a
@@ -203,13 +205,13 @@ impl Links {
         peer: PeerId,
         body: &[u8],
         timeout: Duration,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, NetError> {
         if body.len() > self.max_frame {
-            return Err(format!(
-                "frame of {} bytes exceeds {} (not sent to {peer})",
-                body.len(),
-                self.max_frame
-            ));
+            return Err(NetError::TooLarge {
+                peer,
+                size: body.len(),
+                max: self.max_frame,
+            });
         }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last_err = String::new();
@@ -226,16 +228,20 @@ impl Links {
                     let open_by = (tokio::time::Instant::now() + OPEN_TIMEOUT).min(deadline);
                     match tokio::time::timeout_at(open_by, open).await {
                         Err(_) if open_by == deadline => {
-                            return Err(format!("no answer from {peer} within {timeout:?}"));
+                            return Err(NetError::Timeout { peer, timeout });
                         }
                         // A dial that does not complete: the peer is gone.
                         Err(_) => {
-                            return Err(format!(
-                                "could not open a stream to {peer} in {OPEN_TIMEOUT:?}"
-                            ));
+                            return Err(NetError::Failed {
+                                peer,
+                                reason: format!("could not open a stream in {OPEN_TIMEOUT:?}"),
+                            });
                         }
                         Ok(Err(e @ libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
-                            return Err(format!("request to {peer} failed: {e}"));
+                            return Err(NetError::Unsupported {
+                                peer,
+                                reason: e.to_string(),
+                            });
                         }
                         // Typically the connection chosen for the stream
                         // closed meanwhile (TCP replaced by QUIC): try again.
@@ -268,7 +274,7 @@ impl Links {
             match outcome {
                 // The stream is dropped: an answer arriving later must not
                 // be read as the answer to another frame.
-                Err(_) => return Err(format!("no answer from {peer} within {timeout:?}")),
+                Err(_) => return Err(NetError::Timeout { peer, timeout }),
                 Ok(Ok(answer)) => {
                     // Not pooled when a connection to the peer closed
                     // meanwhile: it may have been this stream's.
@@ -284,10 +290,18 @@ impl Links {
                         self.forget(&peer);
                     }
                 }
-                Ok(Err(e)) => return Err(format!("request to {peer} failed: {e}")),
+                Ok(Err(e)) => {
+                    return Err(NetError::Failed {
+                        peer,
+                        reason: e.to_string(),
+                    });
+                }
             }
         }
-        Err(format!("request to {peer} failed: {last_err}"))
+        Err(NetError::Failed {
+            peer,
+            reason: last_err,
+        })
     }
 
     /// A random pause of 1–10 ms (never past `deadline`), so that frames

@@ -1,6 +1,7 @@
 //! libp2p plumbing: the swarm's behaviour and the JSON codec.
 
 pub mod behaviour;
+pub mod error;
 pub mod frame_codec;
 pub mod json_codec;
 pub mod links;

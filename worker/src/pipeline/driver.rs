@@ -1,20 +1,24 @@
-//! Driving one request: the worker that receives it tokenizes, plans a route
-//! over the shard records, feeds the prompt through the stages in chunks,
-//! then decodes token by token, streaming text back as it is produced.
+//! Driving one request: the worker that receives it tokenizes, waits for a
+//! route with free sessions ([`super::admission`]), feeds the prompt through
+//! the stages in chunks, then decodes token by token, streaming text back as
+//! it is produced. When a stage fails (its connection closes, a step times
+//! out, it lost the session) the driver moves to a new route without that
+//! stage and replays the tokens so far into it, so that the stream goes on
+//! from the same position (bounded by `max_reroutes`).
 
+use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
-use llama_cluster_engine::manifest::Manifest;
 use llama_cluster_engine::sampling::SamplingParams;
 use llama_cluster_engine::vocab::TextStream;
 use tokio::sync::mpsc;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::Pipeline;
-use super::frame::{ActivationRequest, ActivationResponse, FrameKind, Hop, Payload, codes};
 use super::host::PipelineError;
-use super::route;
+use super::stop::StopScan;
+use super::{ModelInfo, Pipeline};
+use crate::net::frame::{ActivationRequest, ActivationResponse, FrameKind, Hop, Payload, codes};
 
 /// Default number of tokens to generate.
 pub const DEFAULT_MAX_TOKENS: u32 = 128;
@@ -35,6 +39,10 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// A whole conversation (role, content); when set, `prompt` is ignored.
     pub messages: Vec<(String, String)>,
+    /// Tokens already generated and delivered for this request by another
+    /// driver that failed: generation resumes after them (their text is
+    /// not sent again).
+    pub resume: Vec<i32>,
 }
 
 /// A piece of the answer.
@@ -57,43 +65,10 @@ pub struct GenStats {
     pub total_ms: f64,
 }
 
-/// Routes tried for one request when stages turn out dead before the first token.
-const ROUTE_ATTEMPTS: u32 = 3;
-/// How long a driver that finds no route looks for shard records in the
-/// DHT before it answers "no route".
-const ROUTE_LOOKUP: Duration = Duration::from_secs(3);
-
-/// Why a session failed, and whether another route may do better.
-struct Failure {
-    error: PipelineError,
-    retryable: bool,
-}
-
-impl From<PipelineError> for Failure {
-    fn from(error: PipelineError) -> Self {
-        Failure {
-            error,
-            retryable: false,
-        }
-    }
-}
-
-/// The peer named by a "stage … on <peer> did not answer" error.
-fn unreachable_peer(msg: &str) -> Option<libp2p::PeerId> {
-    let (before, _) = msg.split_once(" did not answer")?;
-    before.rsplit(' ').next()?.parse().ok()
-}
-
-fn step_error(resp: &ActivationResponse) -> Option<PipelineError> {
-    let (code, msg) = resp.error.clone()?;
-    Some(match code {
-        codes::INVALID => PipelineError::InvalidArgument(msg),
-        codes::BUSY => PipelineError::ResourceExhausted(msg),
-        codes::TIMEOUT => PipelineError::DeadlineExceeded(msg),
-        codes::UNAVAILABLE | codes::ROUTE | codes::SESSION => PipelineError::Unavailable(msg),
-        _ => PipelineError::Internal(msg),
-    })
-}
+/// Generated tokens replayed per prefill step after a failover: fewer than
+/// the 64 rows from which ggml switches to its tiled attention kernel, so
+/// each row is computed as its decode step was.
+const REPLAY_CHUNK: usize = 32;
 
 fn new_session_id() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -106,85 +81,7 @@ fn new_session_id() -> u64 {
     h.finish()
 }
 
-/// Holds back text that might be the start of a stop string.
-struct StopScan {
-    stops: Vec<String>,
-    out: String,
-    sent: usize,
-}
-
-impl StopScan {
-    /// Adds text; returns (text safe to send, whether a stop string matched).
-    fn push(&mut self, text: &str) -> (String, bool) {
-        self.out.push_str(text);
-        let from = self
-            .sent
-            .saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
-        let from = (0..=from)
-            .rev()
-            .find(|&i| self.out.is_char_boundary(i))
-            .unwrap_or(0);
-        let hit = self
-            .stops
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.out[from..].find(s.as_str()).map(|p| p + from))
-            .min();
-        if let Some(pos) = hit {
-            let pos = pos.max(self.sent);
-            let send = self.out[self.sent..pos].to_string();
-            self.sent = self.out.len();
-            return (send, true);
-        }
-        let hold = self
-            .stops
-            .iter()
-            .map(|s| s.len())
-            .max()
-            .unwrap_or(1)
-            .saturating_sub(1);
-        let mut safe = self.out.len().saturating_sub(hold).max(self.sent);
-        while !self.out.is_char_boundary(safe) {
-            safe -= 1;
-        }
-        let send = self.out[self.sent..safe].to_string();
-        self.sent = safe;
-        (send, false)
-    }
-
-    fn flush(&mut self) -> String {
-        let s = self.out[self.sent..].to_string();
-        self.sent = self.out.len();
-        s
-    }
-}
-
 impl Pipeline {
-    /// A route once the shard records of `m` have been looked up in the DHT:
-    /// a shard loaded a moment ago may not have reached this worker's view
-    /// yet. Bounded by [`ROUTE_LOOKUP`]; `Err` says what is still missing.
-    async fn plan_after_lookup(&self, m: &Manifest, missing: String) -> Result<Vec<Hop>, String> {
-        let ids: Vec<String> = m.shards.iter().map(|s| s.id.clone()).collect();
-        debug!("[PIPELINE] {missing}; looking up the model's shard records");
-        let deadline = Instant::now() + ROUTE_LOOKUP;
-        let mut missing = missing;
-        let mut tick = 0u32;
-        while Instant::now() < deadline {
-            // Again every second: a record published while the first
-            // lookup ran may have missed it.
-            if tick.is_multiple_of(10) {
-                self.0.net.query_shards(ids.clone());
-            }
-            tick += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            match route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer) {
-                Ok(hops) => return Ok(hops),
-                Err(e) => missing = e,
-            }
-        }
-        Err(missing)
-    }
-
     /// Runs a request to the end, sending chunks to `tx` as they come.
     pub async fn generate(
         &self,
@@ -249,7 +146,22 @@ impl Pipeline {
                 "max_tokens {max_tokens} exceeds the context of {n_ctx} tokens"
             )));
         }
-        let mut session = new_session_id();
+        if req.resume.len() >= max_tokens {
+            return Err(PipelineError::InvalidArgument(format!(
+                "{} resumed tokens leave nothing of max_tokens {max_tokens}",
+                req.resume.len()
+            )));
+        }
+        if let Some(bad) = req
+            .resume
+            .iter()
+            .find(|&&t| t < 0 || t as usize >= info.vocab.n_vocab())
+        {
+            return Err(PipelineError::InvalidArgument(format!(
+                "resumed token {bad} is outside the vocabulary"
+            )));
+        }
+        let session = new_session_id();
         let span = info_span!(
             "inference",
             otel.name = format_args!("{} {}", if req.chat || !req.messages.is_empty() { "chat" } else { "text_completion" }, m.model),
@@ -267,55 +179,19 @@ impl Pipeline {
             route = tracing::field::Empty,
             stages = tracing::field::Empty,
         );
-        // A stage found dead before the first token: another route, bounded.
-        let mut attempt = 0;
-        let (result, route_names) = loop {
-            attempt += 1;
-            let planned = {
-                let _plan =
-                    info_span!(parent: &span, "route_planning", layers = m.n_layer).entered();
-                route::plan(&self.0.state.snapshot().shards, &m.model, m.n_layer)
-            };
-            let hops = match planned {
-                Ok(hops) => hops,
-                Err(e) => self
-                    .plan_after_lookup(m, e)
-                    .instrument(info_span!(parent: &span, "route_lookup"))
-                    .await
-                    .map_err(PipelineError::Unavailable)?,
-            };
-            let route_names: Vec<String> = hops
-                .iter()
-                .map(|h| format!("{}@{}", h.shard_id, h.peer))
-                .collect();
-            span.record("route", route_names.join(" -> ").as_str());
-            span.record("stages", hops.len());
-            info!(parent: &span, "[PIPELINE] session {session:016x}: {} prompt tokens over {}", prompt.len(), route_names.join(" -> "));
-            let result = self
-                .run_session(
-                    &req,
-                    &hops,
-                    session,
-                    &prompt,
-                    max_tokens,
-                    n_ctx,
-                    tx.clone(),
-                    t0,
-                )
-                .instrument(span.clone())
-                .await;
-            self.close_session(session, hops, &span);
-            match result {
-                Err(f) if f.retryable && attempt < ROUTE_ATTEMPTS => {
-                    if let Some(p) = unreachable_peer(&f.error.to_string()) {
-                        self.0.state.suspect(p);
-                    }
-                    tracing::warn!(parent: &span, "[PIPELINE] session {session:016x}: {} before the first token; trying another route", f.error);
-                    session = new_session_id();
-                }
-                r => break (r.map_err(|f| f.error), route_names),
-            }
+        let run = Run {
+            req: &req,
+            info: &info,
+            prompt_len: prompt.len(),
+            max_tokens,
+            n_ctx,
+            tx,
+            t0,
         };
+        let result = self
+            .run_with_failover(run, prompt)
+            .instrument(span.clone())
+            .await;
         match &result {
             Ok(s) => {
                 span.record("gen_ai.usage.output_tokens", s.generated_tokens);
@@ -323,19 +199,19 @@ impl Pipeline {
                     "gen_ai.response.finish_reasons",
                     format_args!("[\"{}\"]", s.finish_reason),
                 );
+                span.record("route", s.route.join(" -> ").as_str());
+                span.record("stages", s.route.len());
             }
             Err(e) => {
                 span.record("gen_ai.response.finish_reasons", "[\"error\"]");
-                tracing::warn!(parent: &span, "[PIPELINE] session {session:016x} failed: {e}");
+                warn!(parent: &span, "[PIPELINE] request failed: {e}");
             }
         }
-        let mut stats = result?;
-        stats.route = route_names;
-        Ok(stats)
+        result
     }
 
     /// Frees a session's contexts along its route, in the background.
-    fn close_session(&self, session: u64, hops: Vec<Hop>, span: &tracing::Span) {
+    fn close_session(&self, session: u64, hops: Vec<Hop>) {
         let close = ActivationRequest {
             kind: FrameKind::Close,
             session,
@@ -354,31 +230,116 @@ impl Pipeline {
             async move {
                 let _ = me.send(close).await;
             }
-            .instrument(info_span!(parent: span, "close_session")),
+            .instrument(info_span!("close_session")),
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn run_session(
+    /// Runs the request over as many routes as failures need (bounded).
+    async fn run_with_failover(
         &self,
-        req: &GenerateRequest,
+        run: Run<'_>,
+        prompt: Vec<i32>,
+    ) -> Result<GenStats, PipelineError> {
+        let m = &run.info.manifest;
+        let mut st = State {
+            tokens: prompt,
+            generated: 0,
+            stream: TextStream::default(),
+            scan: StopScan::new(run.req.stop.clone()),
+            ttft: None,
+            prompt_logits: vec![],
+            steps: 0,
+            step_us: 0,
+            hop_compute_us: vec![],
+            bytes_per_hop: 0,
+            decode_started: None,
+        };
+        // A resumed request: the text of its tokens was delivered already.
+        for &t in &run.req.resume {
+            st.tokens.push(t);
+            st.generated += 1;
+            let piece = st.stream.push(&run.info.vocab.piece(t));
+            st.scan.push(&piece);
+        }
+        let mut excluded: HashSet<String> = HashSet::new();
+        let mut reroutes = 0u32;
+        loop {
+            let deadline = Instant::now() + self.0.cfg.queue_timeout;
+            let (hops, held) = {
+                let _wait = info_span!("admission").entered();
+                self.admit(&m.model, m.n_layer, &excluded, deadline, &run.tx)
+            }
+            .await?;
+            let session = new_session_id();
+            let names: Vec<String> = hops
+                .iter()
+                .map(|h| format!("{}@{}", h.shard_id, h.peer))
+                .collect();
+            info!(
+                "[PIPELINE] session {session:016x}: {} tokens ({} generated) over {}",
+                st.tokens.len(),
+                st.generated,
+                names.join(" -> ")
+            );
+            let outcome = self.drive(&run, &hops, session, &mut st).await;
+            self.close_session(session, hops);
+            drop(held);
+            let failure = match outcome {
+                Ok(finish) => return Ok(st.stats(&run, finish, names)),
+                Err(f) => f,
+            };
+            match failure {
+                Failure::Fatal(e) => return Err(e),
+                Failure::Busy(peer) => {
+                    // Another driver took the last session meanwhile: wait
+                    // for one again.
+                    self.0.admission.note_full(&peer);
+                }
+                Failure::Stage { error, peer } => {
+                    reroutes += 1;
+                    if reroutes > self.0.cfg.max_reroutes {
+                        return Err(PipelineError::Unavailable(format!(
+                            "gave up after {} new routes (max_reroutes {}): {error}",
+                            reroutes - 1,
+                            self.0.cfg.max_reroutes
+                        )));
+                    }
+                    crate::metrics::metrics().failovers.inc();
+                    if let Some(p) = &peer {
+                        excluded.insert(p.clone());
+                        if let Ok(id) = p.parse() {
+                            self.0.state.suspect(id);
+                        }
+                    }
+                    warn!(
+                        "[PIPELINE] session {session:016x}: {error}; moving to a new route and replaying {} tokens",
+                        st.tokens.len()
+                    );
+                }
+            }
+        }
+    }
+
+    /// One route: (re)builds the session's KV caches from the tokens so far
+    /// and decodes until the request ends or a stage fails.
+    async fn drive(
+        &self,
+        run: &Run<'_>,
         hops: &[Hop],
         session: u64,
-        prompt: &[i32],
-        max_tokens: usize,
-        n_ctx: usize,
-        tx: mpsc::Sender<Chunk>,
-        t0: Instant,
-    ) -> Result<GenStats, Failure> {
-        let info = self.model_info().await?;
+        st: &mut State,
+    ) -> Result<&'static str, Failure> {
         let budget_ms = self.0.cfg.step_timeout.as_millis().min(u32::MAX as u128) as u32;
+        let req = run.req;
         let frame =
-            |pos0: u32, tokens: Vec<i32>, last_chunk: bool, history: Vec<i32>| ActivationRequest {
+            |pos0: u32, tokens: Vec<i32>, sample: bool, history: Vec<i32>| ActivationRequest {
                 kind: FrameKind::Forward,
                 session,
                 pos0,
-                want_logits: last_chunk && req.return_prompt_logits,
-                sample: last_chunk,
+                want_logits: sample
+                    && req.return_prompt_logits
+                    && pos0 as usize + tokens.len() == run.prompt_len,
+                sample,
                 budget_ms,
                 trace: String::new(),
                 route: hops.to_vec(),
@@ -386,183 +347,248 @@ impl Pipeline {
                 history,
                 payload: Payload::Tokens(tokens),
             };
-        // Prefill, in chunks of n_batch (as the single-node baseline does).
-        let chunks: Vec<&[i32]> = prompt.chunks(self.0.cfg.engine.n_batch as usize).collect();
-        let mut pos = 0u32;
-        let mut resp = ActivationResponse::error(codes::INTERNAL, "no prompt");
-        let prefill = info_span!("prefill", tokens = prompt.len(), chunks = chunks.len());
-        for (i, c) in chunks.iter().enumerate() {
-            let history = if i == 0 { prompt.to_vec() } else { vec![] };
-            resp = self
-                .send(frame(pos, c.to_vec(), i + 1 == chunks.len(), history))
+        let fresh = st.generated == 0;
+        // Everything but a pending sampled token goes in by prefill: the
+        // prompt in chunks of n_batch (as the single-node baseline does),
+        // generated tokens in chunks small enough to be computed row by row
+        // as decode steps are (bit-identical KV).
+        let upto = if fresh {
+            st.tokens.len()
+        } else {
+            st.tokens.len() - 1
+        };
+        let mut chunks: Vec<(usize, usize)> = Vec::new();
+        let n_batch = self.0.cfg.engine.n_batch as usize;
+        let mut at = 0;
+        while at < upto {
+            let end = if at < run.prompt_len {
+                (at + n_batch).min(run.prompt_len).min(upto)
+            } else {
+                (at + REPLAY_CHUNK).min(upto)
+            };
+            chunks.push((at, end));
+            at = end;
+        }
+        let prefill = info_span!(
+            "prefill",
+            tokens = upto,
+            chunks = chunks.len(),
+            replay = !fresh
+        );
+        let mut last = None;
+        for (i, &(a, b)) in chunks.iter().enumerate() {
+            let history = if a == 0 { st.tokens.clone() } else { vec![] };
+            let sample = fresh && i + 1 == chunks.len();
+            let resp = self
+                .send(frame(a as u32, st.tokens[a..b].to_vec(), sample, history))
                 .instrument(prefill.clone())
                 .await;
-            if let Some(e) = step_error(&resp) {
-                // Nothing streamed yet: a dead (connection lost) or stale
-                // stage may be routed around; a slow one is reported as such.
-                let retryable = matches!(e, PipelineError::Unavailable(_));
-                return Err(Failure {
-                    error: e,
-                    retryable,
-                });
+            self.0.admission.note(&resp.hops);
+            if let Some(f) = failure(&resp) {
+                return Err(f);
             }
-            pos += c.len() as u32;
+            last = Some(resp);
         }
         drop(prefill);
-        let ttft = t0.elapsed();
         let m = crate::metrics::metrics();
-        m.requests.inc();
-        m.time_to_first_token.observe(ttft.as_secs_f64());
-        let prompt_logits = std::mem::take(&mut resp.logits);
-        let mut next = resp
-            .token
-            .ok_or_else(|| PipelineError::Internal("the last stage returned no token".into()))?;
-        let mut generated = 0usize;
-        let mut stream = TextStream::default();
-        let mut scan = StopScan {
-            stops: req.stop.clone(),
-            out: String::new(),
-            sent: 0,
-        };
-        let mut bytes_per_hop = 0u64;
-        // Where decode time goes: llama.cpp time per hop against step time.
-        let mut step_us = 0u64;
-        let mut hop_compute_us: Vec<u64> = Vec::new();
-        let t_decode = Instant::now();
-        let finish = loop {
-            if !req.ignore_eos && info.vocab.is_eog(next) {
-                break "stop";
+        if fresh {
+            let mut resp =
+                last.ok_or_else(|| Failure::Fatal(PipelineError::Internal("no prompt".into())))?;
+            let ttft = run.t0.elapsed();
+            st.ttft = Some(ttft);
+            m.requests.inc();
+            m.time_to_first_token.observe(ttft.as_secs_f64());
+            st.prompt_logits = std::mem::take(&mut resp.logits);
+            let next = resp.token.ok_or_else(|| {
+                Failure::Fatal(PipelineError::Internal(
+                    "the last stage returned no token".into(),
+                ))
+            })?;
+            if let Some(finish) = st.accept(run, next).await {
+                return Ok(finish);
             }
-            generated += 1;
-            m.tokens_generated.inc();
-            let piece = stream.push(&info.vocab.piece(next));
-            let (text, stopped) = scan.push(&piece);
-            if tx
-                .send(Chunk {
-                    text,
-                    token_ids: vec![next],
-                })
-                .await
-                .is_err()
-            {
-                break "cancelled";
-            }
-            if stopped {
-                break "stop";
-            }
-            if generated >= max_tokens {
-                break "length";
-            }
-            if pos as usize >= n_ctx {
-                break "context";
-            }
+        }
+        st.decode_started.get_or_insert_with(Instant::now);
+        loop {
+            let pos = st.tokens.len() - 1;
+            let pending = st.tokens[pos];
             let t_step = Instant::now();
-            let step = info_span!("decode_step", step = generated, pos = pos);
+            let step = info_span!("decode_step", step = st.generated, pos = pos);
             let every = self.0.cfg.trace_decode_every as usize;
-            if every == 0 || !generated.is_multiple_of(every) {
+            if every == 0 || !st.generated.is_multiple_of(every) {
                 llama_cluster_shared::telemetry::set_unsampled_parent(
                     &step,
                     &tracing::Span::current(),
                 );
             }
             let r = self
-                .send(frame(pos, vec![next], true, vec![]))
+                .send(frame(pos as u32, vec![pending], true, vec![]))
                 .instrument(step)
                 .await;
             m.token_latency.observe(t_step.elapsed().as_secs_f64());
-            if let Some(e) = step_error(&r) {
-                return Err(e.into());
+            self.0.admission.note(&r.hops);
+            if let Some(f) = failure(&r) {
+                return Err(f);
             }
-            step_us += t_step.elapsed().as_micros() as u64;
-            hop_compute_us.resize(hop_compute_us.len().max(r.hops.len()), 0);
-            for (sum, h) in hop_compute_us.iter_mut().zip(&r.hops) {
-                *sum += h.compute_us;
-            }
-            bytes_per_hop = r
-                .hops
-                .iter()
-                .map(|h| h.bytes_in as u64)
-                .max()
-                .unwrap_or(0)
-                .max(bytes_per_hop);
-            pos += 1;
-            next = r.token.ok_or_else(|| {
-                PipelineError::Internal("the last stage returned no token".into())
+            st.note_step(&r, t_step.elapsed());
+            let next = r.token.ok_or_else(|| {
+                Failure::Fatal(PipelineError::Internal(
+                    "the last stage returned no token".into(),
+                ))
             })?;
-        };
-        let tail = scan.push(&stream.finish()).0 + &scan.flush();
-        if !tail.is_empty() && finish != "cancelled" {
-            let _ = tx
-                .send(Chunk {
-                    text: tail,
-                    token_ids: vec![],
-                })
-                .await;
+            if let Some(finish) = st.accept(run, next).await {
+                return Ok(finish);
+            }
         }
-        let decode = t_decode.elapsed().as_secs_f64();
-        let steps = (generated as u64).saturating_sub(1).max(1);
-        let compute: u64 = hop_compute_us.iter().sum();
-        debug!(
-            "[PIPELINE] decode: {} steps of {} us, llama.cpp {} us (per stage {:?}), the rest {} us",
-            steps,
-            step_us / steps,
-            compute / steps,
-            hop_compute_us.iter().map(|c| c / steps).collect::<Vec<_>>(),
-            step_us.saturating_sub(compute) / steps
-        );
-        Ok(GenStats {
-            prompt_tokens: prompt.len() as u32,
-            generated_tokens: generated as u32,
-            ttft_ms: ttft.as_secs_f64() * 1000.0,
-            tokens_per_second: if generated > 1 && decode > 0.0 {
-                (generated - 1) as f64 / decode
-            } else {
-                0.0
-            },
-            route: vec![],
-            finish_reason: finish.into(),
-            prompt_logits,
-            bytes_per_token_per_hop: bytes_per_hop,
-            total_ms: t0.elapsed().as_secs_f64() * 1000.0,
-        })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What does not change while a request runs.
+struct Run<'a> {
+    req: &'a GenerateRequest,
+    info: &'a ModelInfo,
+    prompt_len: usize,
+    max_tokens: usize,
+    n_ctx: usize,
+    tx: mpsc::Sender<Chunk>,
+    t0: Instant,
+}
 
-    #[test]
-    fn the_peer_of_an_unanswered_step_is_named() {
-        let p = libp2p::PeerId::random();
-        let msg = format!("stage m-L0-9 on {p} did not answer: request failed: Timeout");
-        assert_eq!(unreachable_peer(&msg), Some(p));
-        assert_eq!(unreachable_peer(&format!("unavailable: {msg}")), Some(p));
-        assert_eq!(unreachable_peer("no route to layers 10-19"), None);
+/// What a request has produced so far (kept across routes).
+struct State {
+    /// Prompt, then every generated token (the last one not yet in any KV
+    /// cache once generation started).
+    tokens: Vec<i32>,
+    generated: usize,
+    stream: TextStream,
+    scan: StopScan,
+    ttft: Option<Duration>,
+    prompt_logits: Vec<f32>,
+    steps: u64,
+    step_us: u64,
+    hop_compute_us: Vec<u64>,
+    bytes_per_hop: u64,
+    decode_started: Option<Instant>,
+}
+
+impl State {
+    /// Takes a sampled token: sends its text; `Some` when the request ends.
+    async fn accept(&mut self, run: &Run<'_>, next: i32) -> Option<&'static str> {
+        if !run.req.ignore_eos && run.info.vocab.is_eog(next) {
+            return Some("stop");
+        }
+        self.tokens.push(next);
+        self.generated += 1;
+        crate::metrics::metrics().tokens_generated.inc();
+        let piece = self.stream.push(&run.info.vocab.piece(next));
+        let (text, stopped) = self.scan.push(&piece);
+        if run
+            .tx
+            .send(Chunk {
+                text,
+                token_ids: vec![next],
+            })
+            .await
+            .is_err()
+        {
+            return Some("cancelled");
+        }
+        if stopped {
+            return Some("stop");
+        }
+        if self.generated >= run.max_tokens {
+            return Some("length");
+        }
+        if self.tokens.len() > run.n_ctx {
+            return Some("context");
+        }
+        None
     }
 
-    #[test]
-    fn stop_strings_hold_back_and_cut() {
-        let scan = |stops: &[&str]| StopScan {
-            stops: stops.iter().map(|s| s.to_string()).collect(),
-            out: String::new(),
-            sent: 0,
-        };
-        // Text that may start a stop string is held back, the rest is sent.
-        let mut s = scan(&["END"]);
-        assert_eq!(s.push("hello E"), ("hello".into(), false));
-        assert_eq!(s.push("N"), (" ".into(), false));
-        assert_eq!(s.push("Dxyz"), ("".into(), true));
-        assert_eq!(s.out[..s.out.find("END").unwrap()], *"hello ");
-        let mut s = scan(&[]);
-        assert_eq!(s.push("abc"), ("abc".into(), false));
-        let mut s = scan(&["\n\n"]);
-        assert_eq!(s.push("a\n"), ("a".into(), false));
-        assert_eq!(s.push("b"), ("\n".into(), false));
-        assert_eq!(s.flush(), "b");
-        // Multi-byte characters are never split.
-        let mut s = scan(&["é!"]);
-        assert_eq!(s.push("caféé"), ("café".into(), false));
-        assert_eq!(s.push("!"), ("".into(), true));
+    fn note_step(&mut self, r: &ActivationResponse, took: Duration) {
+        self.steps += 1;
+        self.step_us += took.as_micros() as u64;
+        self.hop_compute_us
+            .resize(self.hop_compute_us.len().max(r.hops.len()), 0);
+        for (sum, h) in self.hop_compute_us.iter_mut().zip(&r.hops) {
+            *sum += h.compute_us;
+        }
+        self.bytes_per_hop = r
+            .hops
+            .iter()
+            .map(|h| h.bytes_in as u64)
+            .max()
+            .unwrap_or(0)
+            .max(self.bytes_per_hop);
     }
+
+    fn stats(&mut self, run: &Run<'_>, finish: &'static str, route: Vec<String>) -> GenStats {
+        let tail = self.scan.push(&self.stream.finish()).0 + &self.scan.flush();
+        if !tail.is_empty() && finish != "cancelled" {
+            let _ = run.tx.try_send(Chunk {
+                text: tail,
+                token_ids: vec![],
+            });
+        }
+        let decode = self
+            .decode_started
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        let steps = self.steps.max(1);
+        let compute: u64 = self.hop_compute_us.iter().sum();
+        debug!(
+            "[PIPELINE] decode: {} steps of {} us, llama.cpp {} us (per stage {:?}), the rest {} us",
+            steps,
+            self.step_us / steps,
+            compute / steps,
+            self.hop_compute_us
+                .iter()
+                .map(|c| c / steps)
+                .collect::<Vec<_>>(),
+            self.step_us.saturating_sub(compute) / steps
+        );
+        GenStats {
+            prompt_tokens: run.prompt_len as u32,
+            generated_tokens: self.generated as u32,
+            ttft_ms: self.ttft.unwrap_or_default().as_secs_f64() * 1000.0,
+            tokens_per_second: if self.steps > 0 && decode > 0.0 {
+                self.steps as f64 / decode
+            } else {
+                0.0
+            },
+            route,
+            finish_reason: finish.into(),
+            prompt_logits: std::mem::take(&mut self.prompt_logits),
+            bytes_per_token_per_hop: self.bytes_per_hop,
+            total_ms: run.t0.elapsed().as_secs_f64() * 1000.0,
+        }
+    }
+}
+
+/// Why a route failed, and what the driver does about it.
+enum Failure {
+    /// Nothing another route would change (bad input, …).
+    Fatal(PipelineError),
+    /// A stage was full when the session opened: wait for room.
+    Busy(String),
+    /// A stage failed or lost the session: a new route (without `peer`,
+    /// when named) and a replay.
+    Stage { error: String, peer: Option<String> },
+}
+
+fn failure(resp: &ActivationResponse) -> Option<Failure> {
+    let e = resp.error.as_ref()?;
+    let peer = (!e.peer.is_empty()).then(|| e.peer.clone());
+    let msg = e.message.clone();
+    Some(match e.code {
+        codes::INVALID => Failure::Fatal(PipelineError::InvalidArgument(msg)),
+        codes::BUSY => Failure::Busy(e.peer.clone()),
+        // The stage is alive but lost the session (expired lease): the
+        // same stages may serve the replay.
+        codes::SESSION => Failure::Stage {
+            error: msg,
+            peer: None,
+        },
+        _ => Failure::Stage { error: msg, peer },
+    })
 }

@@ -29,6 +29,8 @@ pub enum PipelineError {
     ResourceExhausted(String),
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 /// What a load produced.
@@ -270,6 +272,7 @@ impl Pipeline {
             state,
             updated_at: llama_cluster_shared::unix_now_ms(),
             load: 0,
+            max_sessions: 0,
         };
         // Unload first: one shard per worker.
         *self.0.loaded.write().unwrap_or_else(|e| e.into_inner()) = None;
@@ -304,7 +307,8 @@ impl Pipeline {
             is_last: entry.index as usize + 1 == m.shards.len(),
             settings: self.0.cfg.engine,
             max_sessions: self.0.cfg.max_sessions,
-            idle_timeout: self.0.cfg.session_idle,
+            idle_timeout: self.0.cfg.session_lease,
+            kv_budget_bytes: self.kv_budget(entry.file.size),
         };
         let expected = entry.file.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<StageEngine, String> {
@@ -378,6 +382,7 @@ impl Pipeline {
             state: ShardState::Announced,
             updated_at: llama_cluster_shared::unix_now_ms(),
             load: 0,
+            max_sessions: 0,
         }));
         info!("[SHARD] unloaded {}", entry.id);
         Ok(LoadOutcome {
@@ -392,6 +397,19 @@ impl Pipeline {
 }
 
 /// Checks size and content hash of a shard file before it is loaded.
+impl Pipeline {
+    /// Memory left for KV caches once a shard of `shard_bytes` is loaded
+    /// (0: the worker's memory is unknown, not checked).
+    fn kv_budget(&self, shard_bytes: u64) -> u64 {
+        let total = self.0.state.read(|s| s.resources.memory_budget_bytes);
+        if total == 0 {
+            0
+        } else {
+            total.saturating_sub(shard_bytes).max(1)
+        }
+    }
+}
+
 fn verify(path: &Path, size: u64, hash: &str) -> Result<(), String> {
     let (got_size, got_hash) =
         hash_file(path).map_err(|e| format!("reading {}: {e}", path.display()))?;

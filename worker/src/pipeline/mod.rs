@@ -1,16 +1,16 @@
 //! The inference pipeline over the swarm.
 //!
-//! - [`frame`]: the binary activation protocol between stages;
 //! - [`route`]: route planning from shard records;
 //! - [`host`]: loading and unloading this worker's shard (LOAD_SHARD);
 //! - [`driver`]: running one request (tokenize, route, prefill, decode, stream);
 //! - this module: a stage's handling of activation frames — compute locally,
 //!   pass the hidden state to the next hop, send the sampled token back.
 
+pub mod admission;
 pub mod driver;
-pub mod frame;
 pub mod host;
 pub mod route;
+pub mod stop;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,10 +27,12 @@ use llama_cluster_engine::{EngineError, EngineSettings};
 use llama_cluster_shared::config::NodeConfig;
 use tracing::{Instrument, debug, info_span};
 
-use crate::node::NetHandle;
+use crate::net::NetHandle;
+use crate::net::frame::{
+    ActivationRequest, ActivationResponse, FrameKind, Hop, HopStats, Payload, codes,
+};
 use crate::state::SharedState;
 use crate::torrent::Torrents;
-use frame::{ActivationRequest, ActivationResponse, FrameKind, Hop, HopStats, Payload, codes};
 
 /// Pipeline settings taken from the node configuration.
 #[derive(Debug, Clone)]
@@ -39,7 +41,16 @@ pub struct PipelineConfig {
     pub engine: EngineSettings,
     pub max_sessions: usize,
     pub session_idle: Duration,
+    /// A session without a step for this long is freed by its stage.
+    pub session_lease: Duration,
     pub step_timeout: Duration,
+    /// New routes one request may take when stages fail.
+    pub max_reroutes: u32,
+    /// How long, and how many, requests wait for free capacity.
+    pub queue_timeout: Duration,
+    pub max_queued: usize,
+    /// Memory offered by the worker (0: unknown), for the KV cache budget.
+    pub memory_budget_bytes: u64,
     pub f16: bool,
     /// Trace every N-th decode step in detail (0: none).
     pub trace_decode_every: u32,
@@ -61,7 +72,12 @@ impl PipelineConfig {
             engine,
             max_sessions: cfg.max_sessions,
             session_idle: Duration::from_secs(cfg.session_idle_secs),
+            session_lease: Duration::from_secs(cfg.session_lease_secs.min(cfg.session_idle_secs)),
             step_timeout: Duration::from_secs(cfg.stage_timeout_secs),
+            max_reroutes: cfg.max_reroutes,
+            queue_timeout: Duration::from_secs(cfg.queue_timeout_secs),
+            max_queued: cfg.max_queued,
+            memory_budget_bytes: cfg.memory_mb.saturating_mul(1 << 20),
             f16: cfg.activation_f16,
             trace_decode_every: cfg.trace_decode_every,
         }
@@ -103,6 +119,8 @@ struct Inner {
     torrents: Torrents,
     /// Steps being computed, by (session, position).
     inflight: Mutex<HashMap<(u64, u32), RunningStep>>,
+    /// Capacity of the stages and the queue of requests this worker drives.
+    admission: admission::Admission,
 }
 
 /// A step being computed: a duplicate of its frame waits here for its answer.
@@ -164,6 +182,7 @@ impl Pipeline {
             answered: Mutex::new(HashMap::new()),
             torrents,
             inflight: Mutex::new(HashMap::new()),
+            admission: Default::default(),
         }))
     }
 
@@ -191,6 +210,30 @@ impl Pipeline {
     pub fn queue_depth(&self) -> u32 {
         self.loaded()
             .map(|l| l.engine.queue_depth() as u32)
+            .unwrap_or(0)
+    }
+
+    /// Requests this worker drives that wait for free capacity.
+    pub fn queued_requests(&self) -> usize {
+        self.0.admission.queued()
+    }
+
+    /// Session limit of this worker's stage (0: none loaded).
+    pub fn max_sessions(&self) -> u32 {
+        self.loaded()
+            .map(|l| l.engine.info().max_sessions as u32)
+            .unwrap_or(0)
+    }
+
+    /// `llama_decode` calls of this worker's stage so far.
+    pub fn decode_calls(&self) -> u64 {
+        self.loaded()
+            .map(|l| {
+                l.engine
+                    .counters()
+                    .decode_calls
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
             .unwrap_or(0)
     }
 
@@ -236,9 +279,18 @@ impl Pipeline {
         );
         llama_cluster_shared::telemetry::set_parent(&span, &req.trace);
         let me = self.clone();
-        async move { me.handle_step(req, bytes_in).await }
-            .instrument(span)
-            .boxed()
+        async move {
+            let mut resp = me.handle_step(req, bytes_in).await;
+            // An error raised here names this stage.
+            if let Some(e) = resp.error.as_mut()
+                && e.peer.is_empty()
+            {
+                e.peer = me.0.me.clone();
+            }
+            resp
+        }
+        .instrument(span)
+        .boxed()
     }
 
     async fn handle_step(&self, mut req: ActivationRequest, bytes_in: u32) -> ActivationResponse {
@@ -436,9 +488,10 @@ impl Pipeline {
         let out = match out {
             Ok(o) => o,
             Err(e) => {
-                return ActivationResponse::error(
+                return ActivationResponse::error_at(
                     engine_code(&e),
                     format!("stage {} on {}: {e}", l.entry.id, self.0.me),
+                    self.0.me.clone(),
                 );
             }
         };
@@ -452,11 +505,15 @@ impl Pipeline {
         let m = crate::metrics::metrics();
         m.stage_forward.observe(out.compute.as_secs_f64());
         m.hop_bytes_in.inc_by(bytes_in as u64);
+        m.stage_steps.inc();
         let stats = HopStats {
             peer: self.0.me.clone(),
             shard_id: l.entry.id.clone(),
             compute_us: out.compute.as_micros() as u64,
             bytes_in,
+            open_sessions: l.engine.active_sessions().min(u16::MAX as usize) as u16,
+            max_sessions: l.engine.info().max_sessions.min(u16::MAX as usize) as u16,
+            batched: out.batched.min(u16::MAX as u32) as u16,
         };
         if is_last {
             return ActivationResponse {
@@ -535,7 +592,7 @@ impl Pipeline {
         let resp = self.send_remote(req, hop).instrument(span.clone()).await;
         span.record("latency_us", t0.elapsed().as_micros() as u64);
         if let Some(e) = &resp.error {
-            span.record("error", e.1.as_str());
+            span.record("error", e.message.as_str());
         }
         resp
     }
@@ -573,19 +630,21 @@ impl Pipeline {
                 })
             }
             Err(e) => {
-                let timeout = e.contains("within");
+                let timeout = e.is_timeout();
                 if !timeout {
                     // Connection lost: out of routes until it answers or
-                    // reconnects. (A slow stage is not suspected.)
+                    // reconnects. (A slow stage is suspected by the driver
+                    // that fails it over.)
                     self.0.state.suspect(peer);
                 }
-                ActivationResponse::error(
+                ActivationResponse::error_at(
                     if timeout {
                         codes::TIMEOUT
                     } else {
                         codes::UNAVAILABLE
                     },
                     format!("stage {} on {peer} did not answer: {e}", hop.shard_id),
+                    e.peer().unwrap_or(peer).to_string(),
                 )
             }
         }

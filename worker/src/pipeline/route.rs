@@ -4,18 +4,51 @@
 use llama_cluster_shared::dht_keys::ShardState;
 use llama_cluster_shared::status::{Availability, ShardStatus};
 
-use super::frame::Hop;
+use crate::net::frame::Hop;
+
+/// Why no route was planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    /// A layer range has no ready, reachable replica.
+    NoRoute(String),
+    /// Routes exist, but a layer range has no replica with a free session.
+    Full(String),
+}
+
+/// A route whose every stage has a free session ([`ShardStatus::free_sessions`]):
+/// per layer range the replica with the most free sessions, never a full
+/// one while a replica has room.
+pub fn plan_free(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Vec<Hop>, PlanError> {
+    match plan_by(shards, model, n_layer, true) {
+        Ok(r) => Ok(r),
+        Err(busy) => match plan_by(shards, model, n_layer, false) {
+            Ok(_) => Err(PlanError::Full(busy)),
+            Err(e) => Err(PlanError::NoRoute(e)),
+        },
+    }
+}
 
 /// Picks, layer by layer, the best shard starting where the previous one
 /// ended: reachable (this worker or a connected peer) and ready; then the
-/// longest range (fewer hops), this worker first, then the least loaded.
+/// longest range (fewer hops), the most free sessions, this worker first,
+/// then the least loaded.
 pub fn plan(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Vec<Hop>, String> {
+    plan_by(shards, model, n_layer, false)
+}
+
+fn plan_by(
+    shards: &[ShardStatus],
+    model: &str,
+    n_layer: u32,
+    need_free: bool,
+) -> Result<Vec<Hop>, String> {
     let usable: Vec<&ShardStatus> = shards
         .iter()
         .filter(|s| {
             s.model == model
                 && s.state == ShardState::Ready
                 && s.availability != Availability::Offline
+                && (!need_free || s.free_sessions() > 0)
         })
         .collect();
     let mut route = Vec::new();
@@ -27,6 +60,7 @@ pub fn plan(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Vec<Hop
             .max_by_key(|s| {
                 (
                     s.layer_end,
+                    s.free_sessions(),
                     s.availability == Availability::Local,
                     std::cmp::Reverse(s.load),
                     s.updated_at,
@@ -47,11 +81,21 @@ pub fn plan(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Vec<Hop
                     )
                 })
                 .collect();
-            return Err(format!(
-                "no route for model {model}: no ready, reachable worker serves layers starting at {next} (of 0-{}); known shards: [{}]",
-                n_layer - 1,
-                known.join(", ")
-            ));
+            let range = shards
+                .iter()
+                .filter(|s| s.model == model && s.layer_start == next)
+                .map(|s| format!("layers {}-{} ({})", s.layer_start, s.layer_end, s.shard_id))
+                .next()
+                .unwrap_or_else(|| format!("layers starting at {next}"));
+            return Err(if need_free {
+                format!("every replica of {range} is busy (no free session)")
+            } else {
+                format!(
+                    "no route for model {model}: {range} of 0-{} has no ready, live replica; known shards: [{}]",
+                    n_layer - 1,
+                    known.join(", ")
+                )
+            });
         };
         route.push(Hop {
             peer: s.peer_id.clone(),
@@ -88,6 +132,7 @@ mod tests {
             availability: av,
             updated_at: 1,
             load,
+            max_sessions: 4,
         }
     }
 
@@ -107,7 +152,10 @@ mod tests {
         let peers: Vec<&str> = r.iter().map(|h| h.peer.as_str()).collect();
         assert_eq!(peers, ["p2", "p5", "p6"]);
         let e = plan(&s[..5], "m", 30).unwrap_err();
-        assert!(e.contains("starting at 20"), "{e}");
+        assert!(
+            e.contains("layers starting at 20 of 0-29 has no ready, live replica"),
+            "{e}"
+        );
         assert!(plan(&s, "other", 30).is_err());
     }
 
@@ -120,5 +168,48 @@ mod tests {
             shard("b", "p3", 15, 29, ShardState::Ready, Online, 0),
         ];
         assert_eq!(plan(&s, "m", 30).unwrap().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod capacity {
+    use super::*;
+
+    fn shard(id: &str, peer: &str, a: u32, b: u32, load: u32) -> ShardStatus {
+        ShardStatus {
+            shard_id: id.into(),
+            model: "m".into(),
+            layer_start: a,
+            layer_end: b,
+            state: ShardState::Ready,
+            peer_id: peer.into(),
+            addrs: vec![],
+            availability: Availability::Online,
+            updated_at: 1,
+            load,
+            max_sessions: 4,
+        }
+    }
+
+    #[test]
+    fn a_full_stage_is_never_picked_while_a_replica_has_room() {
+        let s = vec![
+            shard("a", "p1", 0, 9, 4),
+            shard("a", "p2", 0, 9, 3),
+            shard("b", "p3", 10, 19, 1),
+            shard("b", "p4", 10, 19, 0),
+        ];
+        let r = plan_free(&s, "m", 20).unwrap();
+        let peers: Vec<&str> = r.iter().map(|h| h.peer.as_str()).collect();
+        assert_eq!(peers, ["p2", "p4"], "the most free sessions per range");
+        let full = vec![shard("a", "p1", 0, 9, 4), shard("b", "p3", 10, 19, 0)];
+        match plan_free(&full, "m", 20) {
+            Err(PlanError::Full(e)) => assert!(e.contains("layers 0-9 (a) is busy"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        match plan_free(&full[1..], "m", 20) {
+            Err(PlanError::NoRoute(e)) => assert!(e.contains("layers starting at 0"), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

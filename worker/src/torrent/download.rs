@@ -110,7 +110,12 @@ impl Torrents {
             TorrentRequest::Meta { .. } => (META_TIMEOUT, FrameProto::Torrent),
             TorrentRequest::Piece { .. } => (PIECE_TIMEOUT, FrameProto::TorrentTcp),
         };
-        let bytes = self.0.net.frame(proto, peer, req.encode(), timeout).await?;
+        let bytes = self
+            .0
+            .net
+            .frame(proto, peer, req.encode(), timeout)
+            .await
+            .map_err(|e| e.to_string())?;
         TorrentResponse::decode(bytes)
     }
 

@@ -27,7 +27,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, debug, info, warn};
 
-use crate::node::{FrameProto, NetHandle};
+use crate::net::{FrameProto, NetHandle};
 use crate::state::SharedState;
 use meta::TorrentMeta;
 use protocol::{PIECE_HEADER, TorrentRequest, TorrentResponse};

@@ -6,8 +6,9 @@
 //! Request: `LCA1`, kind, session, pos0, flags, budget_ms, trace context,
 //! the remaining route, sampling (at session start), prompt history, payload
 //! (token ids or a `[n_tokens][n_embd]` hidden state).
-//! Response: `LCR1`, status, error, sampled token, optional logits, per-hop
-//! statistics.
+//! Response: `LCR1`, status, error (with the peer at fault), sampled token,
+//! optional logits, per-hop statistics (with the stage's open sessions and
+//! session limit).
 
 use std::io;
 
@@ -20,7 +21,7 @@ pub const ACTIVATION_PROTOCOL: &str = "/llama-cluster/activation/1.0";
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 const REQ_MAGIC: &[u8; 4] = b"LCA1";
-const RESP_MAGIC: &[u8; 4] = b"LCR1";
+const RESP_MAGIC: &[u8; 4] = b"LCR2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {
@@ -75,12 +76,28 @@ pub struct HopStats {
     pub shard_id: String,
     pub compute_us: u64,
     pub bytes_in: u32,
+    /// Sessions open on the stage after this step, and its session limit:
+    /// live figures for route planning.
+    pub open_sessions: u16,
+    pub max_sessions: u16,
+    /// Steps in the `llama_decode` call this step was part of.
+    pub batched: u16,
+}
+
+/// Why a step failed, and the peer at fault when one is known (the stage
+/// that did not answer, or that answered with the error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepError {
+    pub code: u8,
+    pub message: String,
+    /// Peer id of the stage at fault (empty: none named).
+    pub peer: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActivationResponse {
     /// Empty when the step succeeded.
-    pub error: Option<(u8, String)>,
+    pub error: Option<StepError>,
     pub token: Option<i32>,
     pub logits: Vec<f32>,
     pub hops: Vec<HopStats>,
@@ -99,8 +116,17 @@ pub mod codes {
 
 impl ActivationResponse {
     pub fn error(code: u8, msg: impl Into<String>) -> Self {
+        Self::error_at(code, msg, String::new())
+    }
+
+    /// An error that names the peer at fault.
+    pub fn error_at(code: u8, msg: impl Into<String>, peer: impl Into<String>) -> Self {
         ActivationResponse {
-            error: Some((code, msg.into())),
+            error: Some(StepError {
+                code,
+                message: msg.into(),
+                peer: peer.into(),
+            }),
             token: None,
             logits: vec![],
             hops: vec![],
@@ -120,6 +146,9 @@ impl W {
         self.0.push(v)
     }
     fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes())
+    }
+    fn u16(&mut self, v: u16) {
         self.0.extend_from_slice(&v.to_le_bytes())
     }
     fn i32(&mut self, v: i32) {
@@ -378,9 +407,10 @@ impl ActivationResponse {
         w.0.extend_from_slice(RESP_MAGIC);
         match &self.error {
             None => w.u8(0),
-            Some((code, msg)) => {
-                w.u8(*code);
-                w.str16(msg);
+            Some(e) => {
+                w.u8(e.code);
+                w.str16(&e.message);
+                w.str8(&e.peer);
             }
         }
         w.i32(self.token.unwrap_or(-1));
@@ -392,6 +422,9 @@ impl ActivationResponse {
             w.str8(&h.shard_id);
             w.u64(h.compute_us);
             w.u32(h.bytes_in);
+            w.u16(h.open_sessions);
+            w.u16(h.max_sessions);
+            w.u16(h.batched);
         }
         w.0
     }
@@ -403,7 +436,11 @@ impl ActivationResponse {
         }
         let error = match r.u8()? {
             0 => None,
-            code => Some((code, r.str16()?)),
+            code => Some(StepError {
+                code,
+                message: r.str16()?,
+                peer: r.str8()?,
+            }),
         };
         let token = Some(r.i32()?).filter(|&t| t >= 0);
         let n = r.count(4)?;
@@ -416,6 +453,9 @@ impl ActivationResponse {
                 shard_id: r.str8()?,
                 compute_us: r.u64()?,
                 bytes_in: r.u32()?,
+                open_sessions: r.u16()?,
+                max_sessions: r.u16()?,
+                batched: r.u16()?,
             });
         }
         r.done()?;
@@ -533,10 +573,15 @@ mod tests {
                 shard_id: "s".into(),
                 compute_us: 1234,
                 bytes_in: 2304,
+                open_sessions: 3,
+                max_sessions: 8,
+                batched: 2,
             }],
         };
         assert_eq!(ActivationResponse::decode(&r.encode()).unwrap(), r);
         let e = ActivationResponse::error(codes::ROUTE, "route mismatch");
+        assert_eq!(ActivationResponse::decode(&e.encode()).unwrap(), e);
+        let e = ActivationResponse::error_at(codes::UNAVAILABLE, "gone", "12D3KooWpeer");
         assert_eq!(ActivationResponse::decode(&e.encode()).unwrap(), e);
     }
 }
