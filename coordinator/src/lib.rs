@@ -3,6 +3,7 @@
 //! front of them (with traces and Prometheus metrics), and runs the local
 //! demo cluster.
 
+pub mod cluster;
 pub mod demo;
 pub mod drivers;
 pub mod grpc;
@@ -11,3 +12,4 @@ pub mod openai;
 pub mod placement;
 pub mod placer;
 pub mod status_table;
+pub mod workers;

@@ -159,7 +159,7 @@ async fn main() -> ExitCode {
                         let serving = openai::serve(
                             &http,
                             &grpc,
-                            placer::WorkerSet::new(workers),
+                            llama_coordinator::workers::WorkerSet::new(workers),
                             placer,
                             std::time::Duration::from_millis(poll_ms),
                             drivers::Drivers::new(

@@ -28,7 +28,7 @@ const MAX_TOKENS_LIMIT: u64 = 1 << 20;
 
 pub struct ApiState {
     /// gRPC addresses of the workers requests may go to.
-    pub workers: crate::placer::WorkerSet,
+    pub workers: crate::workers::WorkerSet,
     /// Admission, load spread and failover over the drivers.
     pub drivers: crate::drivers::Drivers,
 }
@@ -406,7 +406,7 @@ pub fn router(state: ApiState) -> Router {
 pub async fn serve(
     http: &str,
     grpc: &str,
-    workers: crate::placer::WorkerSet,
+    workers: crate::workers::WorkerSet,
     placer: Option<crate::placer::Placer>,
     poll: Duration,
     drivers: crate::drivers::Drivers,

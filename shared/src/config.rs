@@ -9,12 +9,14 @@ use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
 use crate::dht_keys::is_valid_name;
-use crate::protocol::DEFAULT_MAX_MESSAGE_BYTES;
 
 /// Prefix of the environment variables read as configuration.
 pub const ENV_PREFIX: &str = "LLAMA_CLUSTER";
 
 /// Log output format.
+/// Largest JSON message accepted by default (bytes).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {

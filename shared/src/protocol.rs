@@ -12,7 +12,7 @@ use serde_json::Value;
 pub const JSON_PROTOCOL: &str = "/json-message/1.0";
 
 /// Default limit of one JSON request or response, in bytes.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub use crate::config::DEFAULT_MAX_MESSAGE_BYTES;
 
 /// A plain chat-style message between peers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
