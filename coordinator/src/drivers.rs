@@ -235,6 +235,17 @@ impl Drivers {
         let id = self.0.next_ticket.fetch_add(1, Ordering::Relaxed);
         {
             let mut g = self.lock();
+            let running = g.running.get(model).copied().unwrap_or(0);
+            if g.queue.is_empty() && g.capacity.get(model).is_none_or(|c| running < *c) {
+                *g.running.entry(model.to_string()).or_default() += 1;
+                g.waits.push_back((Instant::now(), Duration::ZERO));
+                drop(g);
+                crate::metrics::metrics().queue_wait.observe(0.0);
+                return Ok(Running {
+                    drivers: self.clone(),
+                    model: model.to_string(),
+                });
+            }
             if g.queue.len() >= self.0.max_queued {
                 crate::metrics::metrics().requests_refused.inc();
                 return Err(Status::resource_exhausted(format!(

@@ -167,6 +167,18 @@ fn common(body: &Value, req: &mut InferenceRequest) -> Result<bool, Box<Response
             ));
         }
     }
+    // llama-server's and vLLM's extension (benchmarks): generate past
+    // end-of-generation tokens.
+    match num("ignore_eos") {
+        None => {}
+        Some(Value::Bool(b)) => req.ignore_eos = *b,
+        Some(_) => {
+            return Err(bad_request(
+                "ignore_eos must be a boolean".into(),
+                "ignore_eos",
+            ));
+        }
+    }
     match body.get("stream") {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),

@@ -124,3 +124,72 @@ impl WorkerSet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llama_cluster_proto::v1::PeerInfo;
+
+    fn status(peer: &str, role: &str, peers: &[(&str, &str)]) -> GetStatusResponse {
+        GetStatusResponse {
+            peer_id: peer.into(),
+            role: role.into(),
+            peers: peers
+                .iter()
+                .map(|(id, addr)| PeerInfo {
+                    peer_id: id.to_string(),
+                    grpc_addr: addr.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn workers_are_found_once_and_forgotten_when_gone() {
+        let set = WorkerSet::new(["seed:1".to_string()]);
+        // The seed names two peers: a worker and the bootstrap; it also
+        // reports itself under another address (an alias), which is skipped.
+        set.learn(
+            &[(
+                "seed:1".into(),
+                status(
+                    "P0",
+                    "worker",
+                    &[("P1", "w1:1"), ("B", "boot:1"), ("P0", "alias:1")],
+                ),
+            )],
+            &[],
+        );
+        assert_eq!(set.list(), vec!["boot:1", "seed:1", "w1:1"]);
+        set.learn(
+            &[
+                ("seed:1".into(), status("P0", "worker", &[])),
+                ("boot:1".into(), status("B", "bootstrap", &[])),
+            ],
+            &["w1:1".into()],
+        );
+        assert_eq!(
+            set.list(),
+            vec!["seed:1", "w1:1"],
+            "the bootstrap is no worker"
+        );
+        for _ in 1..FORGET_AFTER_MISSES {
+            set.learn(
+                &[("seed:1".into(), status("P0", "worker", &[]))],
+                &["w1:1".into()],
+            );
+        }
+        assert_eq!(
+            set.list(),
+            vec!["seed:1"],
+            "gone after {FORGET_AFTER_MISSES} misses"
+        );
+        // A configured address is never forgotten.
+        for _ in 0..10 {
+            set.learn(&[], &["seed:1".into()]);
+        }
+        assert_eq!(set.list(), vec!["seed:1"]);
+    }
+}

@@ -500,6 +500,108 @@ impl PipelineCluster {
     }
 }
 
+/// A bootstrap node and `replicas` workers per shard of `manifest` (worker
+/// `r * shards + i` serves shard `i`), each on its own 127.0.0.x address
+/// from `first_host`, every shard loaded; `extra` args go to every worker.
+pub struct ReplicaCluster {
+    pub bootstrap: NodeProc,
+    pub workers: Vec<NodeProc>,
+    pub shard_ids: Vec<String>,
+}
+
+impl ReplicaCluster {
+    pub async fn start(
+        dir: &Path,
+        manifest: &Path,
+        first_host: u8,
+        replicas: usize,
+        extra: &[&str],
+    ) -> anyhow::Result<ReplicaCluster> {
+        let m: Value = serde_json::from_slice(&std::fs::read(manifest)?)?;
+        let shard_ids: Vec<String> = m["shards"]
+            .as_array()
+            .ok_or_else(|| anyhow!("manifest has no shards"))?
+            .iter()
+            .filter_map(|s| s["id"].as_str().map(String::from))
+            .collect();
+        let bootstrap = start_bootstrap(dir)?;
+        let mut c = ReplicaCluster {
+            bootstrap,
+            workers: Vec::new(),
+            shard_ids,
+        };
+        for r in 0..replicas {
+            for i in 0..c.shard_ids.len() {
+                let n = r * c.shard_ids.len() + i;
+                let w = c.worker(dir, manifest, first_host + n as u8, i, extra)?;
+                c.workers.push(w);
+            }
+        }
+        for w in &c.workers {
+            c.wait_all_ready_from(w).await?;
+        }
+        Ok(c)
+    }
+
+    /// Starts one more worker on 127.0.0.`host` serving shard `index` (not
+    /// added to `workers`; not waited for).
+    pub fn worker(
+        &self,
+        dir: &Path,
+        manifest: &Path,
+        host: u8,
+        index: usize,
+        extra: &[&str],
+    ) -> anyhow::Result<NodeProc> {
+        let b = self.bootstrap.addr("quic-v1");
+        let mut args = worker_args(&format!("127.0.0.{host}"), &[&b], None);
+        args.extend([
+            "--manifest".into(),
+            manifest.display().to_string(),
+            "--shard-id".into(),
+            self.shard_ids[index].clone(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--threads".into(),
+            "1".into(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        NodeProc::start(dir, &format!("w{host}-s{index}"), &args)
+    }
+
+    /// The workers' gRPC addresses, comma-separated.
+    pub fn grpc_addrs(&self) -> String {
+        self.workers
+            .iter()
+            .map(|w| w.grpc_addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until `node` sees every worker's shard ready and reachable.
+    pub async fn wait_all_ready_from(&self, node: &NodeProc) -> anyhow::Result<()> {
+        let peers: Vec<String> = self.workers.iter().map(|w| w.peer_id.clone()).collect();
+        wait_for(
+            &format!("{} to see every replica ready", node.name),
+            Duration::from_secs(90),
+            || async {
+                let st = node.status().await.ok()?;
+                peers
+                    .iter()
+                    .all(|p| {
+                        st.shards.iter().any(|s| {
+                            &s.peer_id == p && s.state == "ready" && s.availability != "OFFLINE"
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await
+        .map_err(|e| anyhow!("{e}\n{}", node.log()))
+    }
+}
+
 /// The first value in `log` that stands between `after` and `before` on one
 /// line (e.g. `log_value(log, " transferred in ", " s ")`).
 pub fn log_value<T: std::str::FromStr>(log: &str, after: &str, before: &str) -> Option<T> {

@@ -70,7 +70,11 @@ async fn a_step_delivered_twice_runs_once_and_both_get_its_answer() {
         },
         max_sessions: 4,
         session_idle: Duration::from_secs(300),
+        session_lease: Duration::from_secs(300),
         step_timeout: Duration::from_secs(60),
+        max_reroutes: 3,
+        queue_timeout: Duration::from_secs(10),
+        max_queued: 8,
         f16: false,
         trace_decode_every: 0,
     };
@@ -124,7 +128,7 @@ async fn a_step_delivered_twice_runs_once_and_both_get_its_answer() {
     assert!(
         e.error
             .as_ref()
-            .is_some_and(|(_, m)| m.contains("position")),
+            .is_some_and(|e| e.message.contains("position")),
         "{:?}",
         e.error
     );

@@ -17,6 +17,12 @@ use crate::ffi::{LoadedModel, TokenEmbeddings};
 use crate::sampling::Sampler;
 use crate::{EngineError, Result};
 
+/// The longest a round waits for the steps of other sessions …
+const GATHER_MAX: Duration = Duration::from_millis(5);
+/// … and at least (a round of a small model takes less than the trip of
+/// a step through the other stages).
+const GATHER_MIN: Duration = Duration::from_millis(2);
+
 pub(super) struct Session {
     seq: i32,
     n_past: u32,
@@ -77,6 +83,7 @@ impl Worker {
     pub(super) fn run(&mut self, rx: std::sync::mpsc::Receiver<Job>) {
         let sweep =
             (self.spec.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut last_round = Duration::ZERO;
         'outer: loop {
             if self.pending.is_empty() {
                 match rx.recv_timeout(sweep) {
@@ -93,14 +100,39 @@ impl Worker {
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => break 'outer,
                 }
             }
+            // Steps of other open sessions are on their way back from the
+            // other stages: wait for them a moment (about one round, within
+            // [GATHER_MIN, GATHER_MAX]; never with one session), so that
+            // they share the next call.
+            let gather_until = Instant::now() + last_round.clamp(GATHER_MIN, GATHER_MAX);
+            while !self.pending.is_empty() && self.waiting_sessions() < self.sessions.len() {
+                match rx.recv_timeout(gather_until.saturating_duration_since(Instant::now())) {
+                    Ok(job) => self.accept(job),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break 'outer,
+                }
+            }
             self.evict_idle();
             if !self.pending.is_empty() {
+                let t0 = Instant::now();
                 self.round();
+                last_round = t0.elapsed();
             }
             self.count.store(self.sessions.len(), Ordering::Relaxed);
         }
         self.sessions.clear();
         self.count.store(0, Ordering::Relaxed);
+    }
+
+    /// Open sessions with a step waiting.
+    fn waiting_sessions(&self) -> usize {
+        let ids: HashSet<u64> = self
+            .pending
+            .iter()
+            .map(|(r, _)| r.session)
+            .filter(|id| self.sessions.contains_key(id))
+            .collect();
+        ids.len()
     }
 
     fn accept(&mut self, job: Job) {

@@ -59,6 +59,10 @@ impl Drop for Held<'_> {
                         a.held.remove(p);
                     }
                 }
+                // The session is closed: one fewer than the stage said.
+                if let Some(live) = a.live.get_mut(p) {
+                    live.0 = live.0.saturating_sub(1);
+                }
             }
         }
         self.admission.changed.notify_waiters();
@@ -200,6 +204,15 @@ impl Pipeline {
     ) -> Result<(Vec<Hop>, Held<'_>), PipelineError> {
         let a = &self.0.admission;
         let cfg = &self.0.cfg;
+        let mut looked_up = false;
+        // Nobody waiting and room now: no queue.
+        if a.lock().queue.is_empty()
+            && let Some(r) = self
+                .try_plan(model, n_layer, excluded, &mut looked_up)
+                .await?
+        {
+            return Ok(r);
+        }
         let id = a.next_ticket.fetch_add(1, Ordering::Relaxed);
         {
             let mut inner = a.lock();
@@ -218,34 +231,22 @@ impl Pipeline {
             .requests_queued
             .set(a.queued() as i64);
         let started = Instant::now();
-        let mut looked_up = false;
         loop {
             // Registered before looking, so that a change meanwhile wakes it.
             let changed = a.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             let first = a.lock().queue.front() == Some(&id);
-            if first {
-                match self.plan_free(model, n_layer, excluded) {
-                    Ok(r) => {
-                        crate::metrics::metrics()
-                            .queue_wait
-                            .observe(started.elapsed().as_secs_f64());
-                        a.changed.notify_waiters();
-                        return Ok(r);
-                    }
-                    Err(PlanError::Full(_)) => {}
-                    Err(PlanError::NoRoute(e)) if looked_up => {
-                        return Err(PipelineError::Unavailable(e));
-                    }
-                    Err(PlanError::NoRoute(e)) => {
-                        // A shard loaded a moment ago may not have
-                        // reached this worker yet.
-                        self.lookup_shards(model, n_layer, &e).await;
-                        looked_up = true;
-                        continue;
-                    }
-                }
+            if first
+                && let Some(r) = self
+                    .try_plan(model, n_layer, excluded, &mut looked_up)
+                    .await?
+            {
+                crate::metrics::metrics()
+                    .queue_wait
+                    .observe(started.elapsed().as_secs_f64());
+                a.changed.notify_waiters();
+                return Ok(r);
             }
             if Instant::now() >= deadline {
                 crate::metrics::metrics().requests_refused.inc();
@@ -262,6 +263,33 @@ impl Pipeline {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = gone.closed() => {
                     return Err(PipelineError::Cancelled("the client went away while queued".into()));
+                }
+            }
+        }
+    }
+
+    /// A route with free sessions (`None`: every replica of a range is
+    /// busy); an error when a range has no live replica, after one lookup
+    /// of the shard records.
+    async fn try_plan(
+        &self,
+        model: &str,
+        n_layer: u32,
+        excluded: &HashSet<String>,
+        looked_up: &mut bool,
+    ) -> Result<Option<(Vec<Hop>, Held<'_>)>, PipelineError> {
+        loop {
+            match self.plan_free(model, n_layer, excluded) {
+                Ok(r) => return Ok(Some(r)),
+                Err(PlanError::Full(_)) => return Ok(None),
+                Err(PlanError::NoRoute(e)) if *looked_up => {
+                    return Err(PipelineError::Unavailable(e));
+                }
+                Err(PlanError::NoRoute(e)) => {
+                    // A shard loaded a moment ago may not have reached
+                    // this worker yet.
+                    self.lookup_shards(model, n_layer, &e).await;
+                    *looked_up = true;
                 }
             }
         }

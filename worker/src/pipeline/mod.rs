@@ -49,8 +49,6 @@ pub struct PipelineConfig {
     /// How long, and how many, requests wait for free capacity.
     pub queue_timeout: Duration,
     pub max_queued: usize,
-    /// Memory offered by the worker (0: unknown), for the KV cache budget.
-    pub memory_budget_bytes: u64,
     pub f16: bool,
     /// Trace every N-th decode step in detail (0: none).
     pub trace_decode_every: u32,
@@ -77,7 +75,6 @@ impl PipelineConfig {
             max_reroutes: cfg.max_reroutes,
             queue_timeout: Duration::from_secs(cfg.queue_timeout_secs),
             max_queued: cfg.max_queued,
-            memory_budget_bytes: cfg.memory_mb.saturating_mul(1 << 20),
             f16: cfg.activation_f16,
             trace_decode_every: cfg.trace_decode_every,
         }

@@ -1,0 +1,72 @@
+//! Continuous batching at a stage (#15): on each stage process of a
+//! 2-stage pipeline, concurrent greedy sessions run in far fewer
+//! `llama_decode` calls than steps (the workers' metrics), and each
+//! session's tokens equal its tokens when it runs alone.
+
+use llama_cluster_proto::v1::InferenceRequest;
+use llama_cluster_proto::v1::inference_response::Event;
+use llama_cluster_tests::{NodeProc, PipelineCluster, metric, scrape, split_with_cli, test_dir};
+
+/// Greedy tokens of `req` on `w`.
+async fn tokens_of(w: &NodeProc, req: InferenceRequest) -> Vec<i32> {
+    let mut c = w.client().await.unwrap();
+    let mut s = c.inference(req).await.unwrap().into_inner();
+    let mut tokens = Vec::new();
+    while let Some(m) = s.message().await.unwrap() {
+        if let Some(Event::Chunk(ch)) = m.event {
+            tokens.extend(ch.token_ids);
+        }
+    }
+    tokens
+}
+
+fn prompt(i: usize) -> InferenceRequest {
+    InferenceRequest {
+        prompt: format!("Write a short story about robot number {i}."),
+        max_tokens: 40,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_batches_its_sessions_and_each_text_equals_its_text_alone() {
+    let dir = test_dir("batching");
+    let manifest = split_with_cli(&dir.join("split"), 2).unwrap();
+    let cluster = PipelineCluster::start(&dir, &manifest, 160, &["--max-sessions", "8"])
+        .await
+        .unwrap();
+    let driver = &cluster.workers[0];
+    const N: usize = 8;
+    let mut alone = Vec::new();
+    for i in 0..N {
+        alone.push(tokens_of(driver, prompt(i)).await);
+    }
+    let counts = |w: &NodeProc| {
+        let m = scrape(w).unwrap();
+        (
+            metric(&m, "llama_cluster_stage_steps_total").unwrap_or(0.0),
+            metric(&m, "llama_cluster_stage_decode_calls").unwrap_or(0.0),
+        )
+    };
+    let before: Vec<(f64, f64)> = cluster.workers.iter().map(counts).collect();
+    let together = futures::future::join_all((0..N).map(|i| tokens_of(driver, prompt(i)))).await;
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.len(), 40);
+        assert_eq!(
+            a, t,
+            "session {i}: its tokens with {N} sessions at once differ"
+        );
+    }
+    for (w, (s0, c0)) in cluster.workers.iter().zip(before) {
+        let (s1, c1) = counts(w);
+        let (steps, calls) = (s1 - s0, c1 - c0);
+        eprintln!("{}: {steps} steps in {calls} llama_decode calls", w.name);
+        assert!(steps >= (N * 40) as f64, "{}: {steps} steps", w.name);
+        assert!(
+            calls < 0.6 * steps,
+            "{}: {calls} llama_decode calls for {steps} steps: not batched",
+            w.name
+        );
+    }
+}
