@@ -24,10 +24,7 @@ use llama_cluster_proto::v1::{GetStatusResponse, InferenceRequest, InferenceResp
 use tokio::sync::{Notify, mpsc};
 use tonic::Status;
 use tonic::transport::Channel;
-use tracing::{info, warn};
-
-/// Drivers a request may try (the first one included).
-const MAX_DRIVER_ATTEMPTS: usize = 4;
+use tracing::{Instrument, info, warn};
 
 /// A stream of a request's answers.
 pub type Answers = tokio_stream::wrappers::ReceiverStream<Result<InferenceResponse, Status>>;
@@ -40,6 +37,8 @@ struct Inner {
     changed: Notify,
     max_queued: usize,
     queue_timeout: Duration,
+    /// Drivers a request may try (the first one included).
+    max_attempts: usize,
     next_ticket: AtomicU64,
 }
 
@@ -120,12 +119,14 @@ impl Drop for Ticket<'_> {
 }
 
 impl Drivers {
-    pub fn new(max_queued: usize, queue_timeout: Duration) -> Self {
+    /// `max_attempts`: drivers one request may try (1: no failover).
+    pub fn new(max_queued: usize, queue_timeout: Duration, max_attempts: usize) -> Self {
         Drivers(Arc::new(Inner {
             state: Mutex::new(DriverState::default()),
             changed: Notify::new(),
             max_queued,
             queue_timeout,
+            max_attempts: max_attempts.max(1),
             next_ticket: AtomicU64::new(0),
         }))
     }
@@ -153,6 +154,18 @@ impl Drivers {
             g.drivers = drivers;
         }
         self.0.changed.notify_waiters();
+    }
+
+    /// Before the first poll: who drives what, asked of the workers now.
+    pub async fn learn_if_empty(&self, workers: &crate::workers::WorkerSet) {
+        if !self.lock().drivers.is_empty() {
+            return;
+        }
+        let served = workers.served().await;
+        let mut g = self.lock();
+        if g.drivers.is_empty() {
+            g.drivers = served;
+        }
     }
 
     /// The models some driver serves.
@@ -318,10 +331,15 @@ impl Drivers {
         let running = self.admit(&model).await?;
         let (tx, mut rx) = mpsc::channel(64);
         let me = self.clone();
-        tokio::spawn(async move {
-            let _running = running;
-            me.forward(req, tx).await;
-        });
+        // The forwarding task continues the caller's span: the driver's
+        // spans join the caller's trace.
+        tokio::spawn(
+            async move {
+                let _running = running;
+                me.forward(req, tx).await;
+            }
+            .in_current_span(),
+        );
         // The first answer decides between an error status and a stream.
         match rx.recv().await {
             Some(Err(s)) => Err(s),
@@ -354,7 +372,7 @@ impl Drivers {
         let mut tried = HashSet::new();
         let mut last_error =
             Status::unavailable(format!("no driver for model {:?} answers", req.model));
-        for attempt in 0..MAX_DRIVER_ATTEMPTS {
+        for attempt in 0..self.0.max_attempts {
             let Some((addr, ch)) = self.pick(&req.model, &tried) else {
                 break;
             };

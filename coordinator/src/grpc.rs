@@ -55,6 +55,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<InferenceStream>, Status> {
         let req = req.into_inner();
         info!("[API] gRPC Inference for {:?}", req.model);
+        self.drivers.learn_if_empty(&self.workers).await;
         let stream = self.drivers.run(req).await?;
         Ok(Response::new(Box::pin(crate::metrics::Metered::new(
             stream, "grpc",

@@ -73,6 +73,11 @@ enum Cmd {
         #[arg(long, env = "LLAMA_COORDINATOR_QUEUE_TIMEOUT_SECS", default_value_t = 120,
               value_parser = clap::value_parser!(u64).range(1..=86_400))]
         queue_timeout_secs: u64,
+        /// Drivers one request may try when a driver's stream breaks (it
+        /// resumes on the next from the tokens delivered); 1: no failover.
+        #[arg(long, env = "LLAMA_COORDINATOR_DRIVER_ATTEMPTS", default_value_t = 4,
+              value_parser = clap::value_parser!(u64).range(1..=64))]
+        driver_attempts: u64,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), place a
     /// split model with the coordinator's placement (shards travel through
@@ -134,6 +139,7 @@ async fn main() -> ExitCode {
             poll_ms,
             max_queued,
             queue_timeout_secs,
+            driver_attempts,
         } => {
             let telemetry = llama_cluster_shared::telemetry::init(
                 llama_cluster_shared::config::LogFormat::Text,
@@ -165,6 +171,7 @@ async fn main() -> ExitCode {
                             drivers::Drivers::new(
                                 max_queued,
                                 std::time::Duration::from_secs(queue_timeout_secs),
+                                driver_attempts as usize,
                             ),
                         );
                         // Ctrl-C or SIGTERM (Kubernetes) ends it cleanly, so

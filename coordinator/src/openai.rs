@@ -266,6 +266,7 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
             Some("model"),
         );
     }
+    st.drivers.learn_if_empty(&st.workers).await;
     let mut grpc = match st.drivers.run(req).await {
         Ok(s) => crate::metrics::Metered::new(s, "openai"),
         Err(s) => return status_to_http(&s),

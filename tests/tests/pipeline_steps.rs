@@ -26,6 +26,7 @@ fn frame(session: u64, pos0: u32, tokens: Vec<i32>, hop: &Hop) -> Vec<u8> {
         sample: true,
         budget_ms: 60_000,
         trace: String::new(),
+        driver: String::new(),
         route: vec![hop.clone()],
         sampling: Some(SamplingParams {
             temperature: 0.0,

@@ -436,6 +436,7 @@ async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
             m.queue_depth.set(pipeline.queue_depth() as i64);
             m.max_sessions.set(pipeline.max_sessions() as i64);
             m.stage_decode_calls.set(pipeline.decode_calls() as i64);
+            m.stage_busy.set(pipeline.busy_seconds());
             let snap = state.snapshot();
             m.dht_shard_records.set(snap.shards.len() as i64);
             for t in ["QUIC", "TCP"] {

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub stage_steps: Counter,
     pub stage_decode_calls: Gauge,
+    pub stage_busy: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub requests_queued: Gauge,
     pub queue_wait: Histogram,
     pub requests_refused: Counter,
@@ -61,6 +62,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             stage_steps: Counter::default(),
             stage_decode_calls: Gauge::default(),
+            stage_busy: Gauge::default(),
             requests_queued: Gauge::default(),
             queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             requests_refused: Counter::default(),
@@ -131,6 +133,11 @@ impl Metrics {
             "stage_decode_calls",
             "llama_decode calls of this worker's stage (steps of several sessions share one)",
             m.stage_decode_calls.clone(),
+        );
+        registry.register(
+            "stage_busy_seconds",
+            "Time this worker's stage spent in llama.cpp",
+            m.stage_busy.clone(),
         );
         registry.register(
             "requests_queued",

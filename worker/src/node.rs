@@ -392,6 +392,7 @@ impl Node {
                 });
                 if num_established == 0 {
                     self.quic_upgrade_tried.remove(&peer_id);
+                    self.pipeline.peer_gone(&peer_id);
                     info!(
                         "[CONNECT] disconnected from {peer_id}{}",
                         cause.map(|c| format!(" ({c})")).unwrap_or_default()

@@ -3,7 +3,8 @@
 //! and per response, little-endian, raw f32 (or f16) hidden states — no JSON
 //! floats on the hot path.
 //!
-//! Request: `LCA1`, kind, session, pos0, flags, budget_ms, trace context,
+//! Request: `LCA2`, kind, session, pos0, flags, budget_ms, trace context,
+//! the driver's peer id,
 //! the remaining route, sampling (at session start), prompt history, payload
 //! (token ids or a `[n_tokens][n_embd]` hidden state).
 //! Response: `LCR1`, status, error (with the peer at fault), sampled token,
@@ -20,7 +21,7 @@ pub const ACTIVATION_PROTOCOL: &str = "/llama-cluster/activation/1.0";
 /// Largest frame accepted (bytes).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
-const REQ_MAGIC: &[u8; 4] = b"LCA1";
+const REQ_MAGIC: &[u8; 4] = b"LCA2";
 const RESP_MAGIC: &[u8; 4] = b"LCR2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,9 @@ pub struct ActivationRequest {
     pub budget_ms: u32,
     /// W3C trace context of the caller (may be empty).
     pub trace: String,
+    /// Peer id of the driver of the session: a stage frees the session
+    /// when its connection to the driver closes.
+    pub driver: String,
     /// This hop first, then the rest of the chain.
     pub route: Vec<Hop>,
     pub sampling: Option<SamplingParams>,
@@ -250,6 +254,7 @@ impl ActivationRequest {
         w.u8(u8::from(self.want_logits) | u8::from(self.sample) << 1 | u8::from(f16) << 2);
         w.u32(self.budget_ms);
         w.str16(&self.trace);
+        w.str8(&self.driver);
         w.u8(self.route.len().min(255) as u8);
         for h in self.route.iter().take(255) {
             w.str8(&h.peer);
@@ -318,6 +323,7 @@ impl ActivationRequest {
         let flags = r.u8()?;
         let budget_ms = r.u32()?;
         let trace = r.str16()?;
+        let driver = r.str8()?;
         let n_hops = r.u8()? as usize;
         let mut route = Vec::with_capacity(n_hops);
         for _ in 0..n_hops {
@@ -393,6 +399,7 @@ impl ActivationRequest {
             sample: flags & 2 != 0,
             budget_ms,
             trace,
+            driver,
             route,
             sampling,
             history,
@@ -481,6 +488,7 @@ mod tests {
             sample: true,
             budget_ms: 30_000,
             trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            driver: "12D3KooWdriver".into(),
             route: vec![Hop {
                 peer: "12D3KooW".into(),
                 shard_id: "m-L0-9".into(),

@@ -220,6 +220,7 @@ impl Pipeline {
             sample: false,
             budget_ms: 5_000,
             trace: String::new(),
+            driver: self.0.me.clone(),
             route: hops,
             sampling: None,
             history: vec![],
@@ -263,8 +264,11 @@ impl Pipeline {
         }
         let mut excluded: HashSet<String> = HashSet::new();
         let mut reroutes = 0u32;
+        // The wait for capacity is bounded from the request's start, and
+        // again from each point where it made progress.
+        let mut deadline = Instant::now() + self.0.cfg.queue_timeout;
         loop {
-            let deadline = Instant::now() + self.0.cfg.queue_timeout;
+            let generated_before = st.generated;
             let (hops, held) = {
                 let _wait = info_span!("admission").entered();
                 self.admit(&m.model, m.n_layer, &excluded, deadline, &run.tx)
@@ -284,6 +288,9 @@ impl Pipeline {
             let outcome = self.drive(&run, &hops, session, &mut st).await;
             self.close_session(session, hops);
             drop(held);
+            if st.generated > generated_before {
+                deadline = Instant::now() + self.0.cfg.queue_timeout;
+            }
             let failure = match outcome {
                 Ok(finish) => return Ok(st.stats(&run, finish, names)),
                 Err(f) => f,
@@ -342,6 +349,7 @@ impl Pipeline {
                 sample,
                 budget_ms,
                 trace: String::new(),
+                driver: self.0.me.clone(),
                 route: hops.to_vec(),
                 sampling: Some(req.sampling.clone()),
                 history,

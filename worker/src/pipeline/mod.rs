@@ -8,8 +8,10 @@
 
 pub mod admission;
 pub mod driver;
+mod hop;
 pub mod host;
 pub mod route;
+mod stage_state;
 pub mod stop;
 
 use std::collections::HashMap;
@@ -29,7 +31,7 @@ use tracing::{Instrument, debug, info_span};
 
 use crate::net::NetHandle;
 use crate::net::frame::{
-    ActivationRequest, ActivationResponse, FrameKind, Hop, HopStats, Payload, codes,
+    ActivationRequest, ActivationResponse, FrameKind, HopStats, Payload, codes,
 };
 use crate::state::SharedState;
 use crate::torrent::Torrents;
@@ -118,6 +120,9 @@ struct Inner {
     inflight: Mutex<HashMap<(u64, u32), RunningStep>>,
     /// Capacity of the stages and the queue of requests this worker drives.
     admission: admission::Admission,
+    /// The driver of each session open on this stage, and when it opened:
+    /// the sessions of a driver whose connection closed are freed at once.
+    session_drivers: Mutex<HashMap<u64, (PeerId, Instant)>>,
 }
 
 /// A step being computed: a duplicate of its frame waits here for its answer.
@@ -180,6 +185,7 @@ impl Pipeline {
             torrents,
             inflight: Mutex::new(HashMap::new()),
             admission: Default::default(),
+            session_drivers: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -201,44 +207,6 @@ impl Pipeline {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// Forward steps waiting for or running on this worker's stage.
-    pub fn queue_depth(&self) -> u32 {
-        self.loaded()
-            .map(|l| l.engine.queue_depth() as u32)
-            .unwrap_or(0)
-    }
-
-    /// Requests this worker drives that wait for free capacity.
-    pub fn queued_requests(&self) -> usize {
-        self.0.admission.queued()
-    }
-
-    /// Session limit of this worker's stage (0: none loaded).
-    pub fn max_sessions(&self) -> u32 {
-        self.loaded()
-            .map(|l| l.engine.info().max_sessions as u32)
-            .unwrap_or(0)
-    }
-
-    /// `llama_decode` calls of this worker's stage so far.
-    pub fn decode_calls(&self) -> u64 {
-        self.loaded()
-            .map(|l| {
-                l.engine
-                    .counters()
-                    .decode_calls
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .unwrap_or(0)
-    }
-
-    /// Open sessions on this worker's stage.
-    pub fn active_sessions(&self) -> u32 {
-        self.loaded()
-            .map(|l| l.engine.active_sessions() as u32)
-            .unwrap_or(0)
     }
 
     /// Handles an activation frame that arrived over the network.
@@ -338,6 +306,11 @@ impl Pipeline {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&req.session);
+            self.0
+                .session_drivers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&req.session);
             l.engine.close(req.session);
             if !is_last {
                 let mut next = req.clone();
@@ -368,6 +341,9 @@ impl Pipeline {
             );
         }
         let (session, pos0) = (req.session, req.pos0);
+        if pos0 == 0 && req.driver != self.0.me {
+            self.note_driver(session, &req.driver);
+        }
         // A frame delivered again gets the answer of its first delivery: at
         // once when that was answered, else once it is. Both are looked up
         // under the `inflight` lock (the original leaves `inflight` only
@@ -541,6 +517,7 @@ impl Pipeline {
             sample: req.sample,
             budget_ms,
             trace: String::new(),
+            driver: req.driver.clone(),
             route: req.route[1..].to_vec(),
             sampling: req.sampling,
             history: req.history,
@@ -556,94 +533,5 @@ impl Pipeline {
             resp.hops.insert(0, stats);
         }
         resp
-    }
-
-    /// Sends a frame to its first hop: in-process when that is this worker,
-    /// else over `/llama-cluster/activation/1.0` (a persistent stream).
-    pub(crate) fn send(&self, req: ActivationRequest) -> BoxFuture<'static, ActivationResponse> {
-        let me = self.clone();
-        async move { me.send_step(req).await }.boxed()
-    }
-
-    async fn send_step(&self, mut req: ActivationRequest) -> ActivationResponse {
-        let Some(hop) = req.route.first().cloned() else {
-            return ActivationResponse::error(codes::ROUTE, "empty route");
-        };
-        if hop.peer == self.0.me {
-            return self.handle(req, 0, None).await;
-        }
-        let span = info_span!(
-            "hop",
-            otel.kind = "client",
-            peer = %hop.peer,
-            shard = %hop.shard_id,
-            kind = ?req.kind,
-            pos = req.pos0,
-            bytes_out = tracing::field::Empty,
-            bytes_back = tracing::field::Empty,
-            latency_us = tracing::field::Empty,
-            error = tracing::field::Empty,
-        );
-        req.trace = llama_cluster_shared::telemetry::traceparent(&span);
-        let t0 = Instant::now();
-        let resp = self.send_remote(req, hop).instrument(span.clone()).await;
-        span.record("latency_us", t0.elapsed().as_micros() as u64);
-        if let Some(e) = &resp.error {
-            span.record("error", e.message.as_str());
-        }
-        resp
-    }
-
-    async fn send_remote(&self, req: ActivationRequest, hop: Hop) -> ActivationResponse {
-        let peer: PeerId = match hop.peer.parse() {
-            Ok(p) => p,
-            Err(_) => {
-                return ActivationResponse::error(
-                    codes::ROUTE,
-                    format!("bad peer id {}", hop.peer),
-                );
-            }
-        };
-        // A little longer than the budget the next hop gets: a stage further
-        // down that times out reports first, and names the stage at fault.
-        let budget = Duration::from_millis(req.budget_ms as u64) + HOP_MARGIN;
-        let bytes = req.encode();
-        tracing::Span::current().record("bytes_out", bytes.len() as u64);
-        debug!(
-            "[PIPELINE] {} bytes to {} ({})",
-            bytes.len(),
-            hop.shard_id,
-            peer
-        );
-        match self.0.net.activation(peer, &bytes, budget).await {
-            Ok(b) => {
-                self.0.state.clear_suspect(&peer);
-                tracing::Span::current().record("bytes_back", b.len() as u64);
-                ActivationResponse::decode(&b).unwrap_or_else(|e| {
-                    ActivationResponse::error(
-                        codes::INTERNAL,
-                        format!("bad response from {peer}: {e}"),
-                    )
-                })
-            }
-            Err(e) => {
-                let timeout = e.is_timeout();
-                if !timeout {
-                    // Connection lost: out of routes until it answers or
-                    // reconnects. (A slow stage is suspected by the driver
-                    // that fails it over.)
-                    self.0.state.suspect(peer);
-                }
-                ActivationResponse::error_at(
-                    if timeout {
-                        codes::TIMEOUT
-                    } else {
-                        codes::UNAVAILABLE
-                    },
-                    format!("stage {} on {peer} did not answer: {e}", hop.shard_id),
-                    e.peer().unwrap_or(peer).to_string(),
-                )
-            }
-        }
     }
 }

@@ -1,0 +1,333 @@
+//! Serving benchmark (#15; printed, not asserted): aggregate generated
+//! tokens/s and p50/p99 time per output token at several concurrencies
+//! (128-token greedy completions, different prompts, streamed through the
+//! OpenAI-compatible `/v1/completions`), for
+//!
+//! - (a) llama.cpp's `llama-server` (continuous batching, `-np` = the
+//!   concurrency) pinned to 1 core and to 2 cores, when it is built
+//!   (`bash scripts/build-llama-server.sh`; else the row is skipped);
+//! - (b) llama-cluster, 2 stages, each worker pinned to a core of its own
+//!   (`taskset`, 1 thread): two one-core machines;
+//! - (c) llama-cluster, 1 stage on 1 core;
+//!
+//! with the ratios of the same run and the busy fraction of each stage's
+//! llama.cpp thread.
+//!
+//! cargo build --workspace --bins && cargo bench -p llama-cluster-tests --bench serving
+//! (BENCH_CONCURRENCY=1,4,8 for fewer levels, BENCH_TOKENS for another length)
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use llama_cluster_tests::{
+    NodeProc, metric, model_path, scrape, split_with_cli, start_bootstrap, start_coordinator,
+    test_dir, wait_for, worker_args,
+};
+use serde_json::Value;
+
+const LOAD: &str = include_str!("serving/load.py");
+
+fn levels() -> Vec<usize> {
+    std::env::var("BENCH_CONCURRENCY")
+        .unwrap_or_else(|_| "1,4,8,16,32".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn n_tokens() -> usize {
+    std::env::var("BENCH_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128)
+}
+
+/// One level's figures.
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    tok_s: f64,
+    tpot_p50_ms: f64,
+    tpot_p99_ms: f64,
+}
+
+fn load(dir: &Path, base: &str, model: &str, conc: usize) -> Option<Figures> {
+    let script = dir.join("load.py");
+    std::fs::write(&script, LOAD).ok()?;
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([base, model, &conc.to_string(), &n_tokens().to_string()])
+        .output()
+        .ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    if let Some(e) = v["errors"].as_array().filter(|e| !e.is_empty()) {
+        eprintln!("  errors at concurrency {conc}: {e:?}");
+    }
+    let tpot: Vec<f64> = v["tpot"]
+        .as_array()?
+        .iter()
+        .filter_map(|x| x.as_f64())
+        .collect();
+    let pct = |p: f64| {
+        if tpot.is_empty() {
+            0.0
+        } else {
+            tpot[((tpot.len() - 1) as f64 * p).round() as usize] * 1000.0
+        }
+    };
+    Some(Figures {
+        tok_s: v["tok_s"].as_f64()?,
+        tpot_p50_ms: pct(0.5),
+        tpot_p99_ms: pct(0.99),
+    })
+}
+
+/// A llama-cluster configuration: workers each pinned to `cores[i]`.
+struct Cluster {
+    _bootstrap: NodeProc,
+    workers: Vec<NodeProc>,
+    coordinator: NodeProc,
+    base: String,
+    model: String,
+}
+
+async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
+    let dir = test_dir(&format!("bench-serving-{name}"));
+    let manifest = split_with_cli(&dir.join("split"), shards).expect("split");
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(&manifest).expect("manifest")).expect("json");
+    let bootstrap = start_bootstrap(&dir).expect("bootstrap");
+    let b = bootstrap.addr("quic-v1");
+    let mut workers = Vec::new();
+    for (i, s) in m["shards"].as_array().expect("shards").iter().enumerate() {
+        let mut args = worker_args(&format!("127.0.0.{}", host as usize + i), &[&b], None);
+        args.extend(
+            [
+                "--manifest",
+                &manifest.display().to_string(),
+                "--shard-id",
+                s["id"].as_str().unwrap_or_default(),
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--max-sessions",
+                "32",
+                "--max-queued",
+                "1024",
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let core = i.to_string();
+        workers.push(
+            NodeProc::start_wrapped(
+                &dir,
+                &format!("stage{i}"),
+                &["taskset", "-c", &core],
+                "llama-worker",
+                &args,
+                &[("RUST_LOG", llama_cluster_shared::telemetry::DEFAULT_FILTER)],
+            )
+            .expect("worker"),
+        );
+    }
+    let addrs: Vec<String> = workers.iter().map(|w| w.grpc_addr.clone()).collect();
+    let coordinator = start_coordinator(
+        &dir,
+        &addrs.join(","),
+        &["--max-queued", "1024", "--poll-ms", "500"],
+        &[],
+    )
+    .expect("coordinator");
+    let base = format!(
+        "http://{}",
+        coordinator.ready["http_addr"].as_str().unwrap_or_default()
+    );
+    let model = m["model"].as_str().unwrap_or_default().to_string();
+    let c = Cluster {
+        _bootstrap: bootstrap,
+        workers,
+        coordinator,
+        base,
+        model,
+    };
+    let url = format!("{}/v1/models", c.base);
+    wait_for("the cluster to serve", Duration::from_secs(120), || {
+        let url = url.clone();
+        async move {
+            let out = Command::new("curl").args(["-sf", &url]).output().ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("smollm2")
+                .then_some(())
+        }
+    })
+    .await
+    .expect("ready");
+    c
+}
+
+fn busy_seconds(w: &NodeProc) -> f64 {
+    scrape(w)
+        .ok()
+        .and_then(|m| metric(&m, "llama_cluster_stage_busy_seconds"))
+        .unwrap_or(0.0)
+}
+
+/// llama-server, if it was built into the cache.
+fn llama_server_bin() -> Option<PathBuf> {
+    let p = llama_cluster_engine::cache_root().join("llama-server/build/bin/llama-server");
+    p.is_file().then_some(p)
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_llama_server(
+    bin: &Path,
+    cores: &str,
+    threads: usize,
+    np: usize,
+    port: u16,
+) -> Option<Server> {
+    let child = Command::new("taskset")
+        .args(["-c", cores])
+        .arg(bin)
+        .args(["-m", &model_path().display().to_string()])
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["-t", &threads.to_string(), "-tb", &threads.to_string()])
+        .args([
+            "-np",
+            &np.to_string(),
+            "-c",
+            &(2048 * np).to_string(),
+            "-cb",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let s = Server(child);
+    let url = format!("http://127.0.0.1:{port}/health");
+    wait_for("llama-server", Duration::from_secs(120), || {
+        let url = url.clone();
+        async move {
+            let out = Command::new("curl").args(["-sf", &url]).output().ok()?;
+            out.status.success().then_some(())
+        }
+    })
+    .await
+    .ok()?;
+    Some(s)
+}
+
+fn row(name: &str, f: &[Option<Figures>]) {
+    print!("{name:<34}");
+    for x in f {
+        match x {
+            Some(x) => print!(
+                " {:>7.1} ({:>5.1}/{:>5.1})",
+                x.tok_s, x.tpot_p50_ms, x.tpot_p99_ms
+            ),
+            None => print!(" {:>21}", "-"),
+        }
+    }
+    println!();
+}
+
+fn ratio(name: &str, a: &[Option<Figures>], b: &[Option<Figures>]) {
+    print!("{name:<34}");
+    for (x, y) in a.iter().zip(b) {
+        match (x, y) {
+            (Some(x), Some(y)) if y.tok_s > 0.0 => print!(" {:>21.2}", x.tok_s / y.tok_s),
+            _ => print!(" {:>21}", "-"),
+        }
+    }
+    println!();
+}
+
+#[tokio::main]
+async fn main() {
+    let levels = levels();
+    let dir = test_dir("bench-serving");
+    println!(
+        "serving bench: {} tokens per completion, concurrency {levels:?}",
+        n_tokens()
+    );
+    println!("cells: aggregate tok/s (p50/p99 ms per output token)");
+    // (b) 2 stages on their own cores, (c) 1 stage on 1 core.
+    let mut b_rows = Vec::new();
+    let mut busy = Vec::new();
+    {
+        let c = start_cluster("2stages", 2, 60).await;
+        for &conc in &levels {
+            let before: Vec<f64> = c.workers.iter().map(busy_seconds).collect();
+            let t0 = std::time::Instant::now();
+            b_rows.push(load(&dir, &c.base, &c.model, conc));
+            let wall = t0.elapsed().as_secs_f64();
+            busy.push(
+                c.workers
+                    .iter()
+                    .zip(&before)
+                    .map(|(w, b)| (busy_seconds(w) - b) / wall)
+                    .collect::<Vec<f64>>(),
+            );
+        }
+        drop(c.coordinator);
+    }
+    let mut c_rows = Vec::new();
+    {
+        let c = start_cluster("1stage", 1, 70).await;
+        for &conc in &levels {
+            c_rows.push(load(&dir, &c.base, &c.model, conc));
+        }
+    }
+    // (a) llama-server on 1 and 2 cores.
+    let (mut a1, mut a2) = (Vec::new(), Vec::new());
+    match llama_server_bin() {
+        Some(bin) => {
+            for &conc in &levels {
+                for (cores, threads, out) in [("0", 1, &mut a1), ("0,1", 2, &mut a2)] {
+                    let port = 18080 + conc as u16;
+                    let f = match start_llama_server(&bin, cores, threads, conc, port).await {
+                        Some(_s) => load(&dir, &format!("http://127.0.0.1:{port}"), "m", conc),
+                        None => None,
+                    };
+                    out.push(f);
+                }
+            }
+        }
+        None => {
+            println!(
+                "llama-server rows skipped: not built (bash scripts/build-llama-server.sh builds it into the cache, 15-25 min on 2 cores)"
+            );
+            a1 = vec![None; levels.len()];
+            a2 = vec![None; levels.len()];
+        }
+    }
+    print!("{:<34}", "concurrency");
+    for l in &levels {
+        print!(" {l:>21}");
+    }
+    println!();
+    row("(a) llama-server, 1 core", &a1);
+    row("(a) llama-server, 2 cores", &a2);
+    row("(b) llama-cluster, 2 stages x 1 core", &b_rows);
+    row("(c) llama-cluster, 1 stage, 1 core", &c_rows);
+    ratio("(b) / (a, 1 core)   goal >= 1.7 @8", &b_rows, &a1);
+    ratio("(b) / (a, 2 cores)  goal >= 0.9", &b_rows, &a2);
+    ratio("(c) / (a, 1 core)   goal >= 0.9", &c_rows, &a1);
+    ratio("(b) / (c)", &b_rows, &c_rows);
+    print!("{:<34}", "(b) busy fraction per stage");
+    for b in &busy {
+        let s: Vec<String> = b.iter().map(|x| format!("{x:.2}")).collect();
+        print!(" {:>21}", s.join("/"));
+    }
+    println!();
+}
