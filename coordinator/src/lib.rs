@@ -3,6 +3,7 @@
 //! front of them (with traces and Prometheus metrics), and runs the local
 //! demo cluster.
 
+pub mod dashboard;
 pub mod demo;
 pub mod grpc;
 pub mod metrics;
