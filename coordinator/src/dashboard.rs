@@ -18,6 +18,9 @@ use serde_json::{Value, json};
 
 use crate::openai::ApiState;
 
+/// Layers drawn at most (a bogus shard record cannot make the page huge).
+const MAX_LAYERS: u32 = 4096;
+
 /// The page, served as it is.
 const PAGE: &str = include_str!("dashboard/index.html");
 
@@ -26,12 +29,7 @@ pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route(
             "/",
-            get(|| async {
-                (
-                    [("cache-control", "no-cache")],
-                    Html(PAGE),
-                )
-            }),
+            get(|| async { ([("cache-control", "no-cache")], Html(PAGE)) }),
         )
         .route("/api/cluster", get(cluster))
 }
@@ -60,7 +58,7 @@ fn local_shard(st: &GetStatusResponse) -> Option<&ShardInfo> {
 pub fn cluster_json(status: &GetClusterStatusResponse, metrics: Value) -> Value {
     let mut workers = Vec::new();
     // Layer → (worker index, shard state) of every local shard covering it.
-    let mut layers: BTreeMap<u32, Vec<Value>> = BTreeMap::new();
+    let mut by_layer: BTreeMap<u32, Vec<Value>> = BTreeMap::new();
     let mut n_layers = 0u32;
     for (i, w) in status.workers.iter().enumerate() {
         let Some(st) = &w.status else {
@@ -75,9 +73,9 @@ pub fn cluster_json(status: &GetClusterStatusResponse, metrics: Value) -> Value 
         }
         let shard = local_shard(st);
         if let Some(s) = shard {
-            n_layers = n_layers.max(s.layer_end + 1);
-            for l in s.layer_start..=s.layer_end {
-                layers
+            n_layers = n_layers.max(s.layer_end.saturating_add(1));
+            for l in s.layer_start..=s.layer_end.min(MAX_LAYERS) {
+                by_layer
                     .entry(l)
                     .or_default()
                     .push(json!({"worker": i, "state": s.state}));
@@ -86,7 +84,7 @@ pub fn cluster_json(status: &GetClusterStatusResponse, metrics: Value) -> Value 
         // Layers of shards this worker knows of (others' records) tell
         // the model's size even where nobody serves the last layers.
         for s in &st.shards {
-            n_layers = n_layers.max(s.layer_end + 1);
+            n_layers = n_layers.max(s.layer_end.saturating_add(1));
         }
         let downloads: Vec<Value> = st
             .torrents
@@ -120,8 +118,8 @@ pub fn cluster_json(status: &GetClusterStatusResponse, metrics: Value) -> Value 
             "downloads": downloads,
         }));
     }
-    let layers: Vec<Value> = (0..n_layers)
-        .map(|l| json!(layers.remove(&l).unwrap_or_default()))
+    let layers: Vec<Value> = (0..n_layers.min(MAX_LAYERS))
+        .map(|l| json!(by_layer.remove(&l).unwrap_or_default()))
         .collect();
     json!({
         "swarm_ready": status.swarm_ready,
@@ -188,7 +186,11 @@ mod tests {
     fn layers_name_their_workers_and_replicas() {
         let st = GetClusterStatusResponse {
             workers: vec![
-                worker("a:1", "A", vec![shard("s0", 0, 4, "LOCAL"), shard("s1", 5, 9, "ONLINE")]),
+                worker(
+                    "a:1",
+                    "A",
+                    vec![shard("s0", 0, 4, "LOCAL"), shard("s1", 5, 9, "ONLINE")],
+                ),
                 worker("b:1", "B", vec![shard("s0", 0, 4, "LOCAL")]),
                 WorkerStatus {
                     grpc_addr: "c:1".into(),

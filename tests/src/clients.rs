@@ -95,8 +95,18 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
             s
         })
     };
-    let out = reader(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
-    let err = reader(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let out = reader(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = reader(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
     let group = child.id() as libc::pid_t;
     // SAFETY: kill(2) on the group this child leads; no memory is touched.
     let kill_group = || unsafe {
@@ -112,7 +122,10 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
             kill_group();
             let _ = child.kill();
             let _ = child.wait();
-            let (o, e) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+            let (o, e) = (
+                out.join().unwrap_or_default(),
+                err.join().unwrap_or_default(),
+            );
             return Err(anyhow!(
                 "{cmd:?} did not finish within {timeout:?}\nstdout:\n{o}\nstderr:\n{e}"
             ));

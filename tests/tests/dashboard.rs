@@ -12,7 +12,9 @@ use std::time::Duration;
 use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_proto::v1::{ChatMessage, InferenceRequest};
 use llama_cluster_tests::clients;
-use llama_cluster_tests::{PipelineCluster, scrape_url, split_with_cli, start_coordinator, test_dir};
+use llama_cluster_tests::{
+    PipelineCluster, scrape_url, split_with_cli, start_coordinator, test_dir,
+};
 use serde_json::Value;
 
 const QUESTION: &str = "What is the capital of France?";
@@ -53,7 +55,8 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
     assert!(!want.is_empty());
 
     // The JSON the page reads.
-    let api: Value = serde_json::from_str(&scrape_url(&format!("{base}/api/cluster")).unwrap()).unwrap();
+    let api: Value =
+        serde_json::from_str(&scrape_url(&format!("{base}/api/cluster")).unwrap()).unwrap();
     assert_eq!(api["workers"].as_array().map(Vec::len), Some(2), "{api}");
     let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     let shards = m["shards"].as_array().unwrap();
@@ -63,7 +66,10 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
         .max()
         .unwrap()
         + 1;
-    assert_eq!(api["layers"].as_array().map(Vec::len), Some(n_layers as usize));
+    assert_eq!(
+        api["layers"].as_array().map(Vec::len),
+        Some(n_layers as usize)
+    );
 
     let shot = dir.join("dashboard.png");
     let profile = dir.join("chromium-profile");
@@ -85,7 +91,8 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
         out.all(),
         coord.log()
     );
-    let page: Value = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", out.all()));
+    let page: Value =
+        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", out.all()));
     println!("{}", serde_json::to_string_pretty(&page).unwrap());
     // Kept where a person can look at it after the run.
     let _ = std::fs::copy(&shot, dir.join("../dashboard-latest.png"));
@@ -125,12 +132,23 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
             .iter()
             .find(|s| shard_cell.starts_with(s["id"].as_str().unwrap_or("?")))
             .unwrap_or_else(|| panic!("row {row} names no shard: {shard_cell}"));
-        let (a, b) = (s["layer_start"].as_u64().unwrap(), s["layer_end"].as_u64().unwrap());
-        assert!((a..=b).contains(&(l as u64)), "layer {l} drawn for {shard_cell}");
+        let (a, b) = (
+            s["layer_start"].as_u64().unwrap(),
+            s["layer_end"].as_u64().unwrap(),
+        );
+        assert!(
+            (a..=b).contains(&(l as u64)),
+            "layer {l} drawn for {shard_cell}"
+        );
         colors.insert(layer["colors"][0].as_str().unwrap_or_default().to_string());
     }
     assert_eq!(colors.len(), 2, "{colors:?}");
-    assert!(page["legend"].as_str().unwrap().contains("1 replica(s) per layer"));
+    assert!(
+        page["legend"]
+            .as_str()
+            .unwrap()
+            .contains("1 replica(s) per layer")
+    );
     assert_eq!(page["downloads"], "none in progress");
 
     // The chat box streamed the pipeline's answer through the OpenAI API.
@@ -147,5 +165,8 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
     assert_eq!(page["tokens_total"], tokens.to_string().as_str());
     assert_eq!(page["in_flight"], "0");
     let png = std::fs::read(&shot).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "screenshot"
+    );
 }

@@ -114,7 +114,10 @@ fn check_with_grpcurl(bin: &Path, addr: &str, service: &str, want: &str) {
 
 /// The Python clients against one server.
 fn check_with_python(dir: &Path, addr: &str, service: &str, want: &str) {
-    let stubs = dir.join(format!("stubs-{}", service.rsplit('.').next().unwrap_or("x")));
+    let stubs = dir.join(format!(
+        "stubs-{}",
+        service.rsplit('.').next().unwrap_or("x")
+    ));
     std::fs::create_dir_all(&stubs).unwrap();
     let out = clients::run(
         Command::new("python3")
@@ -130,7 +133,8 @@ fn check_with_python(dir: &Path, addr: &str, service: &str, want: &str) {
         "python grpcio clients (scripts/setup.sh installs them): {}",
         out.all()
     );
-    let r: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.all()));
+    let r: Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.all()));
     println!("python against {service}: {r}");
     let services: Vec<&str> = r["reflection"]["services"]
         .as_array()
@@ -144,12 +148,19 @@ fn check_with_python(dir: &Path, addr: &str, service: &str, want: &str) {
     assert_eq!(inf["input"], "llamacluster.v1.InferenceRequest");
     assert_eq!(inf["output"], "llamacluster.v1.InferenceResponse");
     assert!(
-        inf["fields"].as_array().unwrap().iter().any(|f| f == "max_tokens"),
+        inf["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "max_tokens"),
         "{inf}"
     );
     assert_eq!(r["health"][""], "SERVING");
     assert_eq!(r["health"][service], "SERVING");
-    assert_eq!(r["inference"]["text"], want, "typed Python client on {service}");
+    assert_eq!(
+        r["inference"]["text"], want,
+        "typed Python client on {service}"
+    );
     assert_eq!(r["inference"]["stats"]["generated_tokens"], MAX_TOKENS);
     assert!(r["inference"]["chunks"].as_u64().unwrap_or(0) > 1);
     assert!(
@@ -162,13 +173,16 @@ fn check_with_python(dir: &Path, addr: &str, service: &str, want: &str) {
 
 /// Reflection v1 (what tonic and newer grpcurl speak) is still served.
 async fn reflection_v1_lists(addr: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let mut c = ServerReflectionClient::connect(format!("http://{addr}"))
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut c = ServerReflectionClient::new(ch);
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -178,7 +192,12 @@ async fn reflection_v1_lists(addr: &str) -> Vec<String> {
         .await
         .unwrap()
         .into_inner();
-    match stream.message().await.unwrap().and_then(|m| m.message_response) {
+    match stream
+        .message()
+        .await
+        .unwrap()
+        .and_then(|m| m.message_response)
+    {
         Some(MessageResponse::ListServicesResponse(l)) => {
             l.service.into_iter().map(|s| s.name).collect()
         }
@@ -221,7 +240,12 @@ async fn grpcurl_and_python_clients_on_a_worker_and_the_coordinator() {
 
     // The coordinator is SERVING once it saw the cluster SWARM_READY.
     wait_for("coordinator SERVING", Duration::from_secs(30), || async {
-        let h = grpcurl(&bin, &coord_addr, Some("{}"), &["grpc.health.v1.Health/Check"]);
+        let h = grpcurl(
+            &bin,
+            &coord_addr,
+            Some("{}"),
+            &["grpc.health.v1.Health/Check"],
+        );
         h.stdout.contains("\"SERVING\"").then_some(())
     })
     .await
@@ -234,7 +258,10 @@ async fn grpcurl_and_python_clients_on_a_worker_and_the_coordinator() {
 
     for addr in [&worker_addr, &coord_addr] {
         let names = reflection_v1_lists(addr).await;
-        for s in ["grpc.reflection.v1.ServerReflection", "grpc.health.v1.Health"] {
+        for s in [
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.health.v1.Health",
+        ] {
             assert!(names.iter().any(|n| n == s), "{s} on {addr}: {names:?}");
         }
     }

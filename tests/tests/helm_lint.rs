@@ -47,7 +47,8 @@ fn helm_lint_passes_without_warnings_and_catches_broken_charts() {
     println!("{}", out.all());
     assert!(out.ok, "helm lint: {}", out.all());
     assert!(
-        out.stdout.contains("1 chart(s)") && out.stdout.contains(" 0 warning(s) or error(s), 0 error(s)"),
+        out.stdout.contains("1 chart(s)")
+            && out.stdout.contains(" 0 warning(s) or error(s), 0 error(s)"),
         "{}",
         out.all()
     );
@@ -58,7 +59,11 @@ fn helm_lint_passes_without_warnings_and_catches_broken_charts() {
     let bad_value = copy_chart(&dir.join("value"));
     let values = std::fs::read_to_string(bad_value.join("values.yaml")).unwrap();
     assert!(values.contains("replicas: 3"));
-    std::fs::write(bad_value.join("values.yaml"), values.replace("replicas: 3", "replicas: 0")).unwrap();
+    std::fs::write(
+        bad_value.join("values.yaml"),
+        values.replace("replicas: 3", "replicas: 0"),
+    )
+    .unwrap();
     let out = lint(&bad_value);
     assert!(!out.ok, "{}", out.all());
     assert!(out.stdout.contains("ERROR values.yaml"), "{}", out.all());
