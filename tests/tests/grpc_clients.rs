@@ -16,6 +16,9 @@ use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_tests::clients::{self, Output};
 use llama_cluster_tests::{PipelineCluster, split_with_cli, start_coordinator, test_dir, wait_for};
 use serde_json::Value;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const PROMPT: &str = "The capital of France is";
 const MAX_TOKENS: u32 = 8;
@@ -238,20 +241,24 @@ async fn grpcurl_and_python_clients_on_a_worker_and_the_coordinator() {
     }
     assert!(!want.is_empty());
 
-    // The coordinator is SERVING once it saw the cluster SWARM_READY.
+    check_with_grpcurl(&bin, &worker_addr, "llamacluster.v1.Worker", &want);
+
+    // The coordinator is SERVING once it saw the cluster SWARM_READY
+    // (asked through tonic here; grpcurl asks below).
     wait_for("coordinator SERVING", Duration::from_secs(30), || async {
-        let h = grpcurl(
-            &bin,
-            &coord_addr,
-            Some("{}"),
-            &["grpc.health.v1.Health/Check"],
-        );
-        h.stdout.contains("\"SERVING\"").then_some(())
+        let ch = tonic::transport::Channel::from_shared(format!("http://{coord_addr}"))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let r = HealthClient::new(ch)
+            .check(HealthCheckRequest::default())
+            .await
+            .ok()?;
+        (r.into_inner().status == ServingStatus::Serving as i32).then_some(())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", coord.log()));
-
-    check_with_grpcurl(&bin, &worker_addr, "llamacluster.v1.Worker", &want);
     check_with_grpcurl(&bin, &coord_addr, "llamacluster.v1.Coordinator", &want);
     check_with_python(&dir, &worker_addr, "llamacluster.v1.Worker", &want);
     check_with_python(&dir, &coord_addr, "llamacluster.v1.Coordinator", &want);
