@@ -97,7 +97,7 @@ pub fn cluster_json(status: &GetClusterStatusResponse, metrics: Value) -> Value 
                 })
             })
             .collect();
-        let res = st.resources.clone().unwrap_or_default();
+        let res = st.resources.unwrap_or_default();
         workers.push(json!({
             "grpc_addr": w.grpc_addr,
             "reachable": true,
