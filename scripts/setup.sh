@@ -20,4 +20,5 @@ fi
 # PyYAML and jsonschema.
 python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check openai==3.57.0
 python3 -c "import yaml, jsonschema" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pyyaml==6.0.3 jsonschema==4.26.0
+bash "$(dirname "$0")/tools.sh"
 bash "$(dirname "$0")/fetch-model.sh" >/dev/null

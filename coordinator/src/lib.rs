@@ -4,6 +4,7 @@
 //! demo cluster.
 
 pub mod cluster;
+pub mod dashboard;
 pub mod demo;
 pub mod drivers;
 pub mod grpc;

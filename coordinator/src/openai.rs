@@ -394,6 +394,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .merge(crate::dashboard::routes())
         .route(
             "/metrics",
             get(|| async {

@@ -25,6 +25,8 @@ struct Known {
     ignored: BTreeSet<String>,
     /// Polls missed in a row, per found address.
     misses: HashMap<String, u32>,
+    /// Forgotten addresses not heard from since: said once, not again.
+    gone: BTreeSet<String>,
     /// (model, worker driving it) from the last poll, and when.
     served: Option<(Instant, Vec<(String, String)>)>,
 }
@@ -83,6 +85,9 @@ impl WorkerSet {
         let mut seen: HashMap<&str, &str> = HashMap::new();
         for (addr, st) in statuses {
             g.misses.remove(addr);
+            if g.gone.remove(addr) {
+                info!("[DISCOVERY] worker {addr} is back");
+            }
             let duplicate = seen.insert(st.peer_id.as_str(), addr.as_str()).is_some();
             // A duplicate found address goes; a bootstrap address goes from
             // wherever it was learned.
@@ -99,9 +104,11 @@ impl WorkerSet {
                 if *n >= FORGET_AFTER_MISSES {
                     g.misses.remove(addr);
                     g.found.remove(addr);
-                    info!(
-                        "[DISCOVERY] worker {addr} forgotten: no answer in {FORGET_AFTER_MISSES} polls"
-                    );
+                    if g.gone.insert(addr.clone()) {
+                        info!(
+                            "[DISCOVERY] worker {addr} forgotten: no answer in {FORGET_AFTER_MISSES} polls"
+                        );
+                    }
                 }
             }
         }
@@ -114,7 +121,8 @@ impl WorkerSet {
                 {
                     continue;
                 }
-                if g.found.insert(p.grpc_addr.clone()) {
+                // A gone worker that peers still name is polled again quietly.
+                if g.found.insert(p.grpc_addr.clone()) && !g.gone.contains(&p.grpc_addr) {
                     info!(
                         "[DISCOVERY] worker {} found through {}",
                         p.grpc_addr, st.peer_id

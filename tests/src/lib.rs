@@ -13,6 +13,8 @@ use llama_cluster_proto::v1::{GetStatusRequest, GetStatusResponse};
 use serde_json::Value;
 use tonic::transport::Channel;
 
+pub mod clients;
+
 /// Path of a workspace binary, built by `cargo build --workspace --bins`
 /// (the README's test command does that first). `LLAMA_CLUSTER_BIN_DIR`
 /// overrides the directory.

@@ -441,6 +441,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building reflection service")?;
+    // v1alpha too: grpcurl 1.8 and Python's grpcio-reflection speak only that.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(llama_cluster_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("reflection v1alpha")?;
     let service = WorkerService {
         dispatcher,
         net,
@@ -452,6 +458,7 @@ pub async fn serve(
             .trace_fn(llama_cluster_shared::telemetry::grpc_server_span)
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(WorkerServer::new(service))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
