@@ -255,6 +255,14 @@ impl SharedContext {
             .unwrap_or(&[])
     }
 
+    /// Takes the hidden states of the latest decode out.
+    pub fn take_hidden(&mut self) -> Vec<f32> {
+        self.capture
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.rows))
+            .unwrap_or_default()
+    }
+
     /// Logits of the row at batch index `i` of the latest decode.
     pub fn logits(&self, i: i32) -> Result<&[f32]> {
         // SAFETY: after a successful decode with row i marked as an output,
@@ -274,5 +282,49 @@ impl Drop for SharedContext {
         // SAFETY: created by llama_init_from_model, freed once, before the
         // Capture box (field order) and the model Rc.
         unsafe { sys::llama_free(self.ctx.as_ptr()) }
+    }
+}
+
+/// One session on a context of its own (the benchmarks' floors).
+pub struct SoloContext {
+    ctx: SharedContext,
+    last: i32,
+    /// Tokens in the KV cache.
+    pub n_past: u32,
+}
+
+impl SoloContext {
+    pub fn new(
+        model: Rc<LoadedModel>,
+        s: &EngineSettings,
+        capture_hidden: bool,
+        pool: Option<Rc<ThreadPool>>,
+    ) -> Result<SoloContext> {
+        Ok(SoloContext {
+            ctx: SharedContext::new(model, s, 1, capture_hidden, pool)?,
+            last: 0,
+            n_past: 0,
+        })
+    }
+
+    /// Decodes `rows` (`[n][n_embd]`) at the next positions.
+    pub fn decode(&mut self, rows: &[f32], all_outputs: bool) -> Result<()> {
+        let item = Item {
+            seq: 0,
+            pos0: self.n_past,
+            rows,
+        };
+        let n = self.ctx.check(&item)?;
+        self.last = self.ctx.decode(&[item], all_outputs)?[0];
+        self.n_past += n as u32;
+        Ok(())
+    }
+
+    pub fn last_logits(&self) -> Result<&[f32]> {
+        self.ctx.logits(self.last)
+    }
+
+    pub fn take_hidden(&mut self) -> Vec<f32> {
+        self.ctx.take_hidden()
     }
 }

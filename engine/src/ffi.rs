@@ -1,6 +1,7 @@
 //! The safe wrapper over the raw llama.cpp calls the safe crate lacks:
-//! loading a shard with an eval callback, embedding-input batches, and
-//! capturing the hidden state after a stage's last layer.
+//! loading a shard, sleeping thread pools, the eval callback that captures
+//! the hidden state after a stage's last layer, and the token embedding
+//! table for host-side lookup. Contexts are in [`crate::batched`].
 //!
 //! Everything here is `!Send` (raw pointers): a stage lives on one thread.
 
@@ -11,7 +12,7 @@ use std::rc::Rc;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::{EngineError, EngineSettings, Result};
+use crate::{EngineError, Result};
 
 /// A model (shard) loaded by llama.cpp.
 pub struct LoadedModel {
@@ -129,203 +130,6 @@ pub(crate) unsafe extern "C" fn capture_cb(
             return false;
         }
         true
-    }
-}
-
-/// What a stage is fed.
-pub enum BatchInput<'a> {
-    Tokens(&'a [i32]),
-    /// Row-major `[n_tokens][n_embd]`.
-    Embeddings(&'a [f32]),
-}
-
-/// One llama.cpp context (one session's KV cache) on a loaded shard.
-pub struct StageContext {
-    ctx: NonNull<sys::llama_context>,
-    capture: Option<Box<Capture>>,
-    model: Rc<LoadedModel>,
-    _pool: Option<Rc<ThreadPool>>,
-    n_ctx: u32,
-    n_batch: u32,
-    /// Tokens in the KV cache.
-    pub n_past: u32,
-}
-
-impl StageContext {
-    /// Creates a context; `capture_hidden` installs the eval callback that
-    /// keeps the output of the shard's last layer (`l_out-{n_layer-1}`).
-    pub fn new(
-        model: Rc<LoadedModel>,
-        s: &EngineSettings,
-        capture_hidden: bool,
-        pool: Option<Rc<ThreadPool>>,
-    ) -> Result<StageContext> {
-        let mut capture = capture_hidden.then(|| {
-            Box::new(Capture {
-                target: CString::new(format!("l_out-{}", model.n_layer - 1)).unwrap_or_default(),
-                rows: Vec::new(),
-                failed: false,
-            })
-        });
-        // SAFETY: params are plain data; the callback's user data is the boxed
-        // Capture, which lives as long as the context (dropped after it).
-        let ctx = unsafe {
-            let mut cp = sys::llama_context_default_params();
-            cp.n_ctx = s.n_ctx;
-            cp.n_batch = s.n_batch;
-            cp.n_ubatch = s.n_ubatch;
-            cp.n_seq_max = 1;
-            cp.n_threads = s.threads;
-            cp.n_threads_batch = s.threads;
-            cp.no_perf = true;
-            if let Some(cap) = capture.as_mut() {
-                cp.cb_eval = Some(capture_cb);
-                cp.cb_eval_user_data = &mut **cap as *mut Capture as *mut c_void;
-            }
-            sys::llama_init_from_model(model.ptr.as_ptr(), cp)
-        };
-        let ctx = NonNull::new(ctx)
-            .ok_or_else(|| EngineError::Llama("could not create a context".into()))?;
-        if let Some(p) = &pool {
-            // SAFETY: both pointers are live; the pool outlives the context.
-            unsafe { sys::llama_attach_threadpool(ctx.as_ptr(), p.ptr.as_ptr(), p.ptr.as_ptr()) };
-        }
-        Ok(StageContext {
-            ctx,
-            capture,
-            model,
-            _pool: pool,
-            n_ctx: s.n_ctx,
-            n_batch: s.n_batch,
-            n_past: 0,
-        })
-    }
-
-    pub fn n_ctx(&self) -> u32 {
-        self.n_ctx
-    }
-
-    /// Runs `input` at positions `n_past..` and advances. `all_outputs` marks
-    /// every token as an output (needed to capture every row of the last
-    /// layer), else only the last token.
-    pub fn decode(&mut self, input: BatchInput<'_>, all_outputs: bool) -> Result<()> {
-        let n_embd = self.model.n_embd;
-        let (n, embd) = match input {
-            BatchInput::Tokens(t) => (t.len(), 0),
-            BatchInput::Embeddings(e) => {
-                if e.len() % n_embd != 0 {
-                    return Err(EngineError::InvalidInput(format!(
-                        "{} values are not a whole number of {n_embd}-wide rows",
-                        e.len()
-                    )));
-                }
-                (e.len() / n_embd, n_embd)
-            }
-        };
-        if n == 0 {
-            return Err(EngineError::InvalidInput("empty batch".into()));
-        }
-        if n > self.n_batch as usize {
-            // llama.cpp aborts the process on a batch larger than n_batch.
-            return Err(EngineError::InvalidInput(format!(
-                "batch of {n} tokens exceeds n_batch {} (every worker needs the same n_batch)",
-                self.n_batch
-            )));
-        }
-        if self.n_past as usize + n > self.n_ctx as usize {
-            return Err(EngineError::InvalidInput(format!(
-                "context full: {} + {n} tokens exceed {}",
-                self.n_past, self.n_ctx
-            )));
-        }
-        if let BatchInput::Tokens(t) = &input
-            && let Some(bad) = t
-                .iter()
-                .find(|&&x| x < 0 || x as usize >= self.model.n_vocab)
-        {
-            return Err(EngineError::InvalidInput(format!(
-                "token {bad} outside the vocabulary"
-            )));
-        }
-        if let Some(cap) = self.capture.as_mut() {
-            cap.rows.clear();
-            cap.failed = false;
-        }
-        // SAFETY: the batch is allocated for n tokens (and n_embd-wide rows
-        // when embd > 0), fully initialised below, and freed after decode.
-        let rc = unsafe {
-            let mut b = sys::llama_batch_init(n as i32, embd as i32, 1);
-            b.n_tokens = n as i32;
-            match input {
-                BatchInput::Tokens(t) => std::ptr::copy_nonoverlapping(t.as_ptr(), b.token, n),
-                BatchInput::Embeddings(e) => {
-                    std::ptr::copy_nonoverlapping(e.as_ptr(), b.embd, e.len())
-                }
-            }
-            for i in 0..n {
-                *b.pos.add(i) = self.n_past as i32 + i as i32;
-                *b.n_seq_id.add(i) = 1;
-                **b.seq_id.add(i) = 0;
-                *b.logits.add(i) = (all_outputs || i + 1 == n) as i8;
-            }
-            let rc = sys::llama_decode(self.ctx.as_ptr(), b);
-            sys::llama_batch_free(b);
-            rc
-        };
-        if rc != 0 {
-            return Err(EngineError::Llama(format!("llama_decode returned {rc}")));
-        }
-        self.n_past += n as u32;
-        if let Some(cap) = &self.capture {
-            if cap.failed {
-                return Err(EngineError::Llama("captured tensor is not f32".into()));
-            }
-            if cap.rows.len() != n * n_embd {
-                return Err(EngineError::Llama(format!(
-                    "captured {} values, expected {} (is this a llama-family graph?)",
-                    cap.rows.len(),
-                    n * n_embd
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Hidden state after the last layer of the latest decode, `[n][n_embd]`.
-    pub fn hidden(&self) -> &[f32] {
-        self.capture
-            .as_ref()
-            .map(|c| c.rows.as_slice())
-            .unwrap_or(&[])
-    }
-
-    /// Takes the hidden state out (leaves an empty buffer).
-    pub fn take_hidden(&mut self) -> Vec<f32> {
-        self.capture
-            .as_mut()
-            .map(|c| std::mem::take(&mut c.rows))
-            .unwrap_or_default()
-    }
-
-    /// Logits of the last token of the latest decode.
-    pub fn last_logits(&self) -> Result<&[f32]> {
-        // SAFETY: after a successful decode with the last token marked as an
-        // output, logits_ith(-1) points at n_vocab floats owned by the context.
-        unsafe {
-            let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), -1);
-            if p.is_null() {
-                return Err(EngineError::Llama("no logits".into()));
-            }
-            Ok(std::slice::from_raw_parts(p, self.model.n_vocab))
-        }
-    }
-}
-
-impl Drop for StageContext {
-    fn drop(&mut self) {
-        // SAFETY: created by llama_init_from_model, freed once, before the
-        // Capture box (field order) and the model Rc.
-        unsafe { sys::llama_free(self.ctx.as_ptr()) }
     }
 }
 

@@ -30,9 +30,8 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use llama_cluster_engine::EngineSettings;
-use llama_cluster_engine::ffi::{
-    BatchInput, LoadedModel, StageContext, ThreadPool, TokenEmbeddings,
-};
+use llama_cluster_engine::batched::SoloContext;
+use llama_cluster_engine::ffi::{LoadedModel, ThreadPool, TokenEmbeddings};
 use llama_cluster_engine::manifest::Manifest;
 use llama_cluster_engine::sampling::argmax;
 use llama_cluster_tests::bare_libp2p;
@@ -337,10 +336,10 @@ pub fn serve_from_env(settings: EngineSettings) -> anyhow::Result<()> {
     let max = settings.n_batch as usize * model.n_embd;
     loop {
         let mut up = ends.accept()?;
-        let mut ctx = StageContext::new(model.clone(), &settings, !last, Some(pool.clone()))?;
+        let mut ctx = SoloContext::new(model.clone(), &settings, !last, Some(pool.clone()))?;
         let mut down = next.as_ref().map(|n| ends.connect(n)).transpose()?;
         while let Some(rows) = read_rows(&mut up, max)? {
-            ctx.decode(BatchInput::Embeddings(&rows), !last)?;
+            ctx.decode(&rows, !last)?;
             let token = match down.as_mut() {
                 None => argmax(ctx.last_logits()?),
                 Some(d) => {
@@ -443,7 +442,7 @@ impl FloorChain {
             .enumerate()
             .map(|(i, m)| {
                 let capture = remote || i + 1 < n;
-                StageContext::new(m.clone(), &self.settings, capture, Some(self.pool.clone()))
+                SoloContext::new(m.clone(), &self.settings, capture, Some(self.pool.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut down = self
@@ -456,7 +455,7 @@ impl FloorChain {
             let count = ctxs.len();
             for (i, ctx) in ctxs.iter_mut().enumerate() {
                 let capture = remote || i + 1 < count;
-                ctx.decode(BatchInput::Embeddings(&rows), capture)?;
+                ctx.decode(&rows, capture)?;
                 if !capture {
                     return Ok(argmax(ctx.last_logits()?));
                 }

@@ -292,7 +292,21 @@ impl Pipeline {
                 deadline = Instant::now() + self.0.cfg.queue_timeout;
             }
             let failure = match outcome {
-                Ok(finish) => return Ok(st.stats(&run, finish, names)),
+                Ok(finish) => {
+                    // Text held back (a possible stop string, a partial
+                    // character) goes out at the end.
+                    let tail = st.scan.push(&st.stream.finish()).0 + &st.scan.flush();
+                    if !tail.is_empty() && finish != "cancelled" {
+                        let _ = run
+                            .tx
+                            .send(Chunk {
+                                text: tail,
+                                token_ids: vec![],
+                            })
+                            .await;
+                    }
+                    return Ok(st.stats(&run, finish, names));
+                }
                 Err(f) => f,
             };
             match failure {
@@ -531,13 +545,6 @@ impl State {
     }
 
     fn stats(&mut self, run: &Run<'_>, finish: &'static str, route: Vec<String>) -> GenStats {
-        let tail = self.scan.push(&self.stream.finish()).0 + &self.scan.flush();
-        if !tail.is_empty() && finish != "cancelled" {
-            let _ = run.tx.try_send(Chunk {
-                text: tail,
-                token_ids: vec![],
-            });
-        }
         let decode = self
             .decode_started
             .map(|t| t.elapsed().as_secs_f64())
