@@ -33,9 +33,11 @@ async function main() {
     await page.fill("#chat-input", question);
     await page.click("#chat-send");
     await page.waitForSelector('#chat-log .msg.assistant[data-done="true"], #chat-log .msg.error', { timeout: 120000 });
-    // The next poll counts the answer's tokens in the coordinator's metrics.
-    await page.waitForFunction(() => Number(document.getElementById("tokens-total").textContent) > 0,
-      null, { timeout: 10000 }).catch(() => {});
+    // A poll after the answer ended: nothing in flight, its tokens counted
+    // in the coordinator's metrics (the page polls every few seconds).
+    await page.waitForFunction(() => document.getElementById("in-flight").textContent === "0" &&
+      Number(document.getElementById("tokens-total").textContent) > 0,
+      null, { timeout: 20000 }).catch(() => {});
     const facts = await page.evaluate(() => {
       const text = (id) => document.getElementById(id).textContent;
       const answer = document.querySelector("#chat-log .msg.assistant, #chat-log .msg.error");
