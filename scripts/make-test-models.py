@@ -395,6 +395,47 @@ def stub(arch, n_layer=4, embd_kind="F32"):
 REFUSED = ["gemma", "gemma2", "glm4", "glm4moe", "smollm3", "llama4", "exaone4",
            "gemma3n", "gemma4", "qwen35", "qwen35moe", "bert", "mamba"]
 
+def deepseek2(seed=12):
+    # 6 trunk layers (2 leading dense, then MoE with a shared expert) and one
+    # MTP layer (blk.6), q LoRA (not a "lite" size), legacy (non-MLA) KV.
+    m = Model("deepseek2", seed, n_layer=7, n_head_kv=4)
+    m.common_keys()
+    e, nh, nope, rope, v, ql, kvl = m.n_embd, m.n_head, 16, 8, 16, 32, 16
+    m.key("nextn_predict_layers", 1)
+    m.key("leading_dense_block_count", 2)
+    m.key("attention.key_length", nope + rope)
+    m.key("attention.value_length", v)
+    m.key("attention.q_lora_rank", ql)
+    m.key("attention.kv_lora_rank", kvl)
+    m.kv = [(k, val, t) for (k, val, t) in m.kv if not k.endswith("rope.dimension_count")]
+    m.key("rope.dimension_count", rope)
+    m.key("expert_count", 4)
+    m.key("expert_used_count", 2)
+    m.key("expert_shared_count", 1)
+    m.key("expert_feed_forward_length", 24)
+    m.key("expert_weights_scale", 1.5)
+    for i in range(m.n_layer):
+        m.t(f"blk.{i}.attn_norm.weight", e, ones=True)
+        m.t(f"blk.{i}.attn_q_a_norm.weight", ql, ones=True)
+        m.t(f"blk.{i}.attn_q_a.weight", e, ql, kind="F16")
+        m.t(f"blk.{i}.attn_q_b.weight", ql, nh * (nope + rope), kind="F16")
+        m.t(f"blk.{i}.attn_kv_a_norm.weight", kvl, ones=True)
+        m.t(f"blk.{i}.attn_kv_a_mqa.weight", e, kvl + rope, kind="F16")
+        m.t(f"blk.{i}.attn_kv_b.weight", kvl, nh * (nope + v), kind="F16")
+        m.t(f"blk.{i}.attn_output.weight", nh * v, e, kind="F16")
+        if i < 2:
+            m.ffn(i)
+        else:
+            m.moe(i, 4, 24, shared=24)
+        if i == 6:
+            m.t(f"blk.{i}.nextn.eh_proj.weight", 2 * e, e, kind="F16")
+            m.t(f"blk.{i}.nextn.enorm.weight", e, ones=True)
+            m.t(f"blk.{i}.nextn.hnorm.weight", e, ones=True)
+            m.t(f"blk.{i}.nextn.shared_head_norm.weight", e, ones=True)
+    m.head("Q8_0", tied=False)
+    return m
+
+
 MODELS = {
     "llama31-tied": llama,
     "qwen2-untied": qwen2,
@@ -407,6 +448,7 @@ MODELS = {
     "granite-tied": granite,
     "olmo3-swa": olmo2,
     "gpt-oss-swa": gpt_oss,
+    "deepseek2-moe-mtp": deepseek2,
 }
 MODELS.update({f"stub-{a}": stub(a) for a in REFUSED})
 MODELS["stub-gemma3-27b"] = stub("gemma3", n_layer=62, embd_kind="F16")

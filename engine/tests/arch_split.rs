@@ -216,6 +216,15 @@ fn gpt_oss_sliding_window_on_even_layers() {
 }
 
 #[test]
+fn deepseek2_leading_dense_layers_and_mtp() {
+    // Dense layers 0-1: the second shard starts inside them, or after them.
+    check_equal(
+        "deepseek2-moe-mtp",
+        &[&[(0, 0), (1, 5)], &[(0, 1), (2, 3), (4, 5)]],
+    );
+}
+
+#[test]
 fn shard_counts_balance_bytes_with_the_head_on_the_last_shard() {
     // phi3: f32 embeddings and an f16 head, about three layers' worth.
     let model = test_model("phi3-longrope");
