@@ -285,13 +285,3 @@ fn refused_architectures_are_named_with_the_reason() {
     let e = refusal("stub-llama-i32-embd");
     assert!(e.contains("token_embd") && e.contains("dequantise"), "{e}");
 }
-
-#[test]
-#[ignore]
-fn debug_load() {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .try_init();
-    let name = std::env::var("MODEL").unwrap_or_default();
-    let _ = Baseline::load(&test_model(&name), settings()).map(|_| ());
-}
