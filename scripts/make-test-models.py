@@ -392,8 +392,19 @@ def stub(arch, n_layer=4, embd_kind="F32"):
     return make
 
 
-REFUSED = ["gemma", "gemma2", "glm4", "glm4moe", "smollm3", "llama4", "exaone4",
+REFUSED = ["gemma", "gemma2", "glm4", "glm4moe", "llama4", "exaone4",
            "gemma3n", "gemma4", "qwen35", "qwen35moe", "bert", "mamba"]
+
+def smollm3(seed=13):
+    # No RoPE on every 4th layer (3, 7): shards must start at multiples of 4.
+    m = Model("smollm3", seed, n_layer=10)
+    m.common_keys()
+    for i in range(m.n_layer):
+        m.attn(i)
+        m.ffn(i)
+    m.head("Q8_0", tied=True)
+    return m
+
 
 def deepseek2(seed=12):
     # 6 trunk layers (2 leading dense, then MoE with a shared expert) and one
@@ -449,6 +460,7 @@ MODELS = {
     "olmo3-swa": olmo2,
     "gpt-oss-swa": gpt_oss,
     "deepseek2-moe-mtp": deepseek2,
+    "smollm3-nope": smollm3,
 }
 MODELS.update({f"stub-{a}": stub(a) for a in REFUSED})
 MODELS["stub-gemma3-27b"] = stub("gemma3", n_layer=62, embd_kind="F16")

@@ -65,12 +65,24 @@ impl SplitPlan {
     /// `Count(n)` gives the contiguous ranges whose largest shard (the last
     /// one carrying `last_extra` more: output norm, head, full embeddings)
     /// is as small as possible; `Ranges` are checked and kept.
-    pub fn ranges_by_bytes(&self, layer_bytes: &[u64], last_extra: u64) -> Result<Vec<(u32, u32)>> {
+    /// Shards start at multiples of `align` (1: anywhere).
+    pub fn ranges_by_bytes(
+        &self,
+        layer_bytes: &[u64],
+        last_extra: u64,
+        align: u32,
+    ) -> Result<Vec<(u32, u32)>> {
         let n_layer = layer_bytes.len() as u32;
+        let align = align.max(1);
         match self {
-            SplitPlan::Count(n) if *n >= 1 && *n <= n_layer => {
-                let r = balance(layer_bytes, *n as usize, last_extra);
+            SplitPlan::Count(n) if *n >= 1 && *n <= n_layer.div_ceil(align) => {
+                let r = balance(layer_bytes, *n as usize, last_extra, align as usize);
                 SplitPlan::Ranges(r).ranges(n_layer)
+            }
+            SplitPlan::Count(n) if *n >= 1 && *n <= n_layer => {
+                Err(EngineError::InvalidInput(format!(
+                    "cannot cut {n_layer} layers into {n} shards starting at multiples of {align}"
+                )))
             }
             _ => self.ranges(n_layer),
         }
@@ -89,10 +101,11 @@ pub fn shard_bytes(ranges: &[(u32, u32)], layer_bytes: &[u64], last_extra: u64) 
         .collect()
 }
 
-/// Contiguous partition of the layers into `k` non-empty ranges minimising
-/// the largest shard (linear partition by dynamic programming; ties go to
-/// the earliest cut).
-fn balance(w: &[u64], k: usize, last_extra: u64) -> Vec<(u32, u32)> {
+/// Contiguous partition of the layers into `k` non-empty ranges, each
+/// starting at a multiple of `align`, minimising the largest shard (linear
+/// partition by dynamic programming; ties go to the earliest cut). Needs
+/// `k <= ceil(n / align)`.
+fn balance(w: &[u64], k: usize, last_extra: u64, align: usize) -> Vec<(u32, u32)> {
     let n = w.len();
     let mut prefix = vec![0u64; n + 1];
     for i in 0..n {
@@ -107,7 +120,7 @@ fn balance(w: &[u64], k: usize, last_extra: u64) -> Vec<(u32, u32)> {
         for i in j..=n {
             let extra = if j == k && i == n { last_extra } else { 0 };
             for p in (j - 1)..i {
-                if best[j - 1][p] == u64::MAX {
+                if best[j - 1][p] == u64::MAX || p % align != 0 {
                     continue;
                 }
                 let cost = best[j - 1][p].max(sum(p, i) + extra);
@@ -169,7 +182,7 @@ mod tests {
     fn byte_plans_balance_the_largest_shard() {
         // Equal layers, a head as big as four layers on the last shard.
         let w = vec![10u64; 12];
-        let r = SplitPlan::Count(3).ranges_by_bytes(&w, 40).unwrap();
+        let r = SplitPlan::Count(3).ranges_by_bytes(&w, 40, 1).unwrap();
         let b = shard_bytes(&r, &w, 40);
         assert_eq!(b.iter().max(), Some(&60), "{r:?} {b:?}");
         assert!(
@@ -177,18 +190,28 @@ mod tests {
             "the last shard carries the head: {r:?}"
         );
         // Without a head: equal counts.
-        let r = SplitPlan::Count(3).ranges_by_bytes(&w, 0).unwrap();
+        let r = SplitPlan::Count(3).ranges_by_bytes(&w, 0, 1).unwrap();
         assert_eq!(r, vec![(0, 3), (4, 7), (8, 11)]);
         // One heavy layer gets a shard of its own.
         let w = vec![1, 1, 100, 1, 1];
-        let r = SplitPlan::Count(3).ranges_by_bytes(&w, 0).unwrap();
+        let r = SplitPlan::Count(3).ranges_by_bytes(&w, 0, 1).unwrap();
         assert_eq!(shard_bytes(&r, &w, 0).iter().max(), Some(&100));
-        assert!(SplitPlan::Count(6).ranges_by_bytes(&w, 0).is_err());
-        assert!(SplitPlan::Count(0).ranges_by_bytes(&w, 0).is_err());
+        assert!(SplitPlan::Count(6).ranges_by_bytes(&w, 0, 1).is_err());
+        assert!(SplitPlan::Count(0).ranges_by_bytes(&w, 0, 1).is_err());
         let explicit = SplitPlan::Ranges(vec![(0, 0), (1, 4)]);
         assert_eq!(
-            explicit.ranges_by_bytes(&w, 0).unwrap(),
+            explicit.ranges_by_bytes(&w, 0, 1).unwrap(),
             vec![(0, 0), (1, 4)]
         );
+    }
+
+    #[test]
+    fn byte_plans_keep_alignment() {
+        let w = vec![10u64; 10];
+        let r = SplitPlan::Count(3).ranges_by_bytes(&w, 0, 4).unwrap();
+        assert_eq!(r, vec![(0, 3), (4, 7), (8, 9)]);
+        let r = SplitPlan::Count(2).ranges_by_bytes(&w, 50, 4).unwrap();
+        assert!(r.iter().all(|&(a, _)| a % 4 == 0), "{r:?}");
+        assert!(SplitPlan::Count(4).ranges_by_bytes(&w, 0, 4).is_err());
     }
 }

@@ -190,7 +190,7 @@ pub fn split_model(
     crate::gguf::check_embedding_type(embd.type_, embd.ne[0])?;
     let names = source.tensor_names();
     let (layer_bytes, last_bytes) = weigh(&source, &names, n_layer)?;
-    let ranges = plan.ranges_by_bytes(&layer_bytes, last_bytes)?;
+    let ranges = plan.ranges_by_bytes(&layer_bytes, last_bytes, rule.align)?;
     let m = arch::Model {
         arch: &arch,
         n_layer_all,

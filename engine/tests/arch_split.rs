@@ -225,6 +225,27 @@ fn deepseek2_leading_dense_layers_and_mtp() {
 }
 
 #[test]
+fn smollm3_aligned_to_its_no_rope_layers() {
+    check_equal(
+        "smollm3-nope",
+        &[&[(0, 3), (4, 9)], &[(0, 3), (4, 7), (8, 9)]],
+    );
+    let model = test_model("smollm3-nope");
+    let dir = out_dir("smollm3-unaligned");
+    let e = split_model(&model, &dir, &SplitPlan::Ranges(vec![(0, 4), (5, 9)]), None)
+        .expect_err("an unaligned smollm3 split")
+        .to_string();
+    assert!(e.contains("multiple of 4"), "{e}");
+    let m = split_model(&model, &dir, &SplitPlan::Count(3), None).unwrap();
+    assert!(
+        m.shards.iter().all(|s| s.layer_start % 4 == 0),
+        "{:?}",
+        m.shards
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn shard_counts_balance_bytes_with_the_head_on_the_last_shard() {
     // phi3: f32 embeddings and an f16 head, about three layers' worth.
     let model = test_model("phi3-longrope");

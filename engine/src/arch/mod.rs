@@ -116,6 +116,9 @@ pub struct Rule {
     pub tok_scale: TokScale,
     pub hooks: &'static [Hook],
     pub check: Option<Check>,
+    /// Shards must start at multiples of this (layer patterns llama.cpp
+    /// counts from each shard's first layer); 1: anywhere.
+    pub align: u32,
 }
 
 /// Tensors outside `blk.*` that layers read and every shard keeps: global
@@ -151,6 +154,12 @@ pub fn rule(arch: &str) -> Result<&'static Rule> {
 /// Refuses what the rule's check refuses (the whole model or this plan).
 pub fn check_plan(meta: &dyn Meta, m: &Model, ranges: &[(u32, u32)]) -> Result<()> {
     let r = rule(m.arch)?;
+    if let Some(&(a, b)) = ranges.iter().find(|&&(a, _)| a % r.align != 0) {
+        return Err(EngineError::Unsupported(format!(
+            "{}: every shard must start at a multiple of {} (llama.cpp counts its layer pattern from each shard's first layer); the shard {a}-{b} does not",
+            m.arch, r.align
+        )));
+    }
     match r.check {
         Some(c) => c(meta, m, ranges),
         None => Ok(()),

@@ -15,6 +15,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: NO_HOOKS,
         check: None,
+        align: 1,
     },
     Rule {
         arch: "qwen2",
@@ -24,6 +25,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: NO_HOOKS,
         check: None,
+        align: 1,
     },
     Rule {
         arch: "qwen3",
@@ -33,6 +35,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: NO_HOOKS,
         check: None,
+        align: 1,
     },
     Rule {
         arch: "qwen2moe",
@@ -42,6 +45,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: NO_HOOKS,
         check: None,
+        align: 1,
     },
     Rule {
         arch: "qwen3moe",
@@ -51,6 +55,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: NO_HOOKS,
         check: None,
+        align: 1,
     },
     Rule {
         arch: "gemma3",
@@ -63,6 +68,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::SqrtEmbd,
         hooks: NO_HOOKS,
         check: Some(gemma3_check),
+        align: 1,
     },
     Rule {
         arch: "phi3",
@@ -72,6 +78,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: NO_HOOKS,
         check: None,
+        align: 1,
     },
     Rule {
         arch: "mistral3",
@@ -81,6 +88,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: NO_HOOKS,
         check: None,
+        align: 1,
     },
     Rule {
         arch: "granite",
@@ -90,6 +98,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: &[granite_embedding_scale],
         check: Some(granite_check),
+        align: 1,
     },
     Rule {
         arch: "olmo2",
@@ -102,6 +111,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: NO_HOOKS,
         check: None,
+        align: 1,
     },
     Rule {
         arch: "gpt-oss",
@@ -114,6 +124,18 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: NO_HOOKS,
         check: None,
+        align: 1,
+    },
+    Rule {
+        arch: "smollm3",
+        models: "SmolLM3",
+        output: Output::Optional,
+        swa: Swa::None,
+        tok_scale: TokScale::None,
+        hooks: NO_HOOKS,
+        check: None,
+        // smollm3.cpp: no RoPE where (il + 1) % 4 == 0, il the local index.
+        align: 4,
     },
     Rule {
         arch: "deepseek2",
@@ -123,6 +145,7 @@ pub static RULES: &[Rule] = &[
         tok_scale: TokScale::None,
         hooks: &[deepseek2_dense_lead, deepseek2_lite, deepseek2_gating],
         check: Some(deepseek2_check),
+        align: 1,
     },
 ];
 
@@ -143,10 +166,6 @@ pub static REFUSED: &[(&str, &str)] = &[
     (
         "glm4moe",
         "llama.cpp aborts when a batch of embeddings reaches a graph without M-RoPE",
-    ),
-    (
-        "smollm3",
-        "its no-RoPE layer every 4th is hard-coded on the local layer index (not verified with aligned boundaries)",
     ),
     (
         "llama4",

@@ -126,3 +126,14 @@ fn gemma3_27b_and_granite_scale() {
         vec![Edit::Remove("granite.embedding_scale".into())]
     );
 }
+
+#[test]
+fn smollm3_shards_start_at_multiples_of_4() {
+    let kv = Kv::default();
+    assert!(check_plan(&kv, &model("smollm3", 8), &[(0, 3), (4, 7)]).is_ok());
+    let e = check_plan(&kv, &model("smollm3", 8), &[(0, 4), (5, 7)])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("multiple of 4") && e.contains("5-7"), "{e}");
+}
