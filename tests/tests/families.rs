@@ -1,10 +1,11 @@
-//! Model families other than llama over real worker processes: a tiny
-//! random-weight gemma3 (sliding-window layers, host-side embedding scale)
-//! and gpt-oss (MoE, sliding window on even layers, one-row output) model,
-//! made by `scripts/make-test-models.py`, split by `llama-worker split` at
-//! uneven boundaries, each shard run by its own `llama-worker` process.
-//! Greedy tokens and the prompt's last-token logits must equal the unsplit
-//! model's in this process.
+//! Model families other than llama over real worker processes: tiny
+//! random-weight models made by `scripts/make-test-models.py` (gemma3:
+//! sliding-window layers and the host-side embedding scale; gpt-oss: MoE,
+//! sliding window on even layers, one-row output; deepseek2: leading dense
+//! layers, MoE, a dropped MTP layer; granite: embedding scale on the first
+//! stage only), split by `llama-worker split` at uneven boundaries, each
+//! shard run by its own `llama-worker` process. Greedy tokens and the
+//! prompt's last-token logits must equal the unsplit model's in this process.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -130,4 +131,15 @@ async fn gemma3_over_worker_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpt_oss_over_worker_processes() {
     check("gpt-oss-swa", "0-2,3-5", 214).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deepseek2_over_worker_processes() {
+    // The second shard starts inside the leading dense layers (0-1).
+    check("deepseek2-moe-mtp", "0-0,1-3,4-5", 217).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granite_over_worker_processes() {
+    check("granite-tied", "0-3,4-5", 221).await;
 }
