@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use llama_cluster_proto::v1::{GetStatusResponse, LoadShardRequest, SyncTorrentsRequest};
 use llama_cluster_tests::{
-    NodeProc, binary, log_value, split_with_cli, split_with_cli_args, test_dir, wait_for,
-    worker_args,
+    NodeProc, binary, log_value, split_with_cli_args, test_dir, wait_for, worker_args,
 };
 use serde_json::Value;
 
