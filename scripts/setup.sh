@@ -20,5 +20,9 @@ fi
 # PyYAML and jsonschema.
 python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check openai==3.57.0
 python3 -c "import yaml, jsonschema" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pyyaml==6.0.3 jsonschema==4.26.0
+# The tiny per-architecture test models (scripts/make-test-models.py) are
+# written with the gguf package (llama.cpp's gguf-py, published on PyPI).
+python3 -c "import importlib.metadata as m; assert m.version('gguf') == '0.19.0'" 2>/dev/null \
+  || python3 -m pip install --quiet --disable-pip-version-check gguf==0.19.0 numpy==2.4.6
 bash "$(dirname "$0")/tools.sh"
 bash "$(dirname "$0")/fetch-model.sh" >/dev/null

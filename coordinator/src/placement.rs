@@ -25,6 +25,7 @@ pub struct ShardSpec {
     pub id: String,
     pub layer_start: u32,
     pub layer_end: u32,
+    /// Bytes the shard holds: its tensors and the KV cache of one session.
     pub size: u64,
 }
 

@@ -57,11 +57,19 @@ impl ManifestInfo {
                     path.display()
                 );
             };
+            // The split's figures: tensor bytes plus the KV cache of one
+            // session of the default context (2048 tokens); older
+            // manifests have only the file size.
+            let tensors = s["tensor_bytes"]
+                .as_u64()
+                .filter(|&t| t > 0)
+                .unwrap_or(size);
+            let kv = s["kv_bytes_per_token"].as_u64().unwrap_or(0) * 2048;
             shards.push(ShardSpec {
                 id: id.into(),
                 layer_start: a as u32,
                 layer_end: b as u32,
-                size,
+                size: tensors + kv,
             });
         }
         if model.is_empty() || shards.is_empty() {

@@ -137,10 +137,13 @@ pub(crate) unsafe extern "C" fn capture_cb(
 /// by the first stage.
 pub struct TokenEmbeddings {
     raw: Vec<u8>,
-    to_float: unsafe extern "C" fn(*const c_void, *mut f32, i64),
+    /// Dequantises one row (None: f32 rows, copied).
+    to_float: Option<unsafe extern "C" fn(*const c_void, *mut f32, i64)>,
     pub n_embd: usize,
     pub n_vocab: usize,
     row_bytes: usize,
+    /// Factor of the architecture's token rows (gemma3: sqrt(n_embd)).
+    scale: Option<f32>,
 }
 
 impl TokenEmbeddings {
@@ -149,7 +152,7 @@ impl TokenEmbeddings {
             .map_err(|_| EngineError::InvalidInput("NUL in path".into()))?;
         let name = CString::new("token_embd.weight").unwrap_or_default();
         // SAFETY: metadata-only read; all ids checked before use.
-        let (off, size, typ, n_embd, n_vocab) = unsafe {
+        let (off, size, typ, n_embd, n_vocab, arch) = unsafe {
             let params = sys::gguf_init_params {
                 no_alloc: true,
                 ctx: std::ptr::null_mut(),
@@ -174,15 +177,30 @@ impl TokenEmbeddings {
             let typ = sys::gguf_get_tensor_type(g, id);
             let ne = sys::gguf_get_tensor_ne(g, id);
             let (n_embd, n_vocab) = (*ne as usize, *ne.add(1) as usize);
+            let key = CString::new("general.architecture").unwrap_or_default();
+            let kid = sys::gguf_find_key(g, key.as_ptr());
+            let arch =
+                (kid >= 0 && sys::gguf_get_kv_type(g, kid) == sys::GGUF_TYPE_STRING).then(|| {
+                    CStr::from_ptr(sys::gguf_get_val_str(g, kid))
+                        .to_string_lossy()
+                        .into_owned()
+                });
             sys::gguf_free(g);
-            (off, size, typ, n_embd, n_vocab)
+            (off, size, typ, n_embd, n_vocab, arch.unwrap_or_default())
         };
-        // SAFETY: type traits exist for every ggml type.
+        crate::gguf::check_embedding_type(typ, n_embd as i64)?;
+        let scale = crate::arch::host_embedding_scale(&arch, n_embd);
+        // SAFETY: typ was checked to be a ggml type with whole-block rows
+        // that is f32 or can be dequantised.
         let (to_float, row_bytes) = unsafe {
             let tr = &*sys::ggml_get_type_traits(typ);
-            let f = tr.to_float.ok_or_else(|| {
-                EngineError::Unsupported(format!("token_embd type {typ} cannot be dequantised"))
-            })?;
+            let f = if typ == sys::GGML_TYPE_F32 {
+                None
+            } else {
+                Some(tr.to_float.ok_or_else(|| {
+                    EngineError::Unsupported(format!("token_embd type {typ} cannot be dequantised"))
+                })?)
+            };
             (f, sys::ggml_row_size(typ, n_embd as i64))
         };
         if row_bytes * n_vocab != size {
@@ -201,6 +219,7 @@ impl TokenEmbeddings {
             n_embd,
             n_vocab,
             row_bytes,
+            scale,
         })
     }
 
@@ -215,16 +234,25 @@ impl TokenEmbeddings {
                 )));
             }
             let row = &self.raw[t as usize * self.row_bytes..(t as usize + 1) * self.row_bytes];
-            // SAFETY: row holds exactly one row of the table's type; the
-            // destination has n_embd floats.
-            unsafe {
-                (self.to_float)(
-                    row.as_ptr() as *const c_void,
-                    out.as_mut_ptr().add(i * self.n_embd),
-                    self.n_embd as i64,
-                )
-            };
+            let dst = &mut out[i * self.n_embd..(i + 1) * self.n_embd];
+            match self.to_float {
+                // SAFETY: row holds exactly one row of the table's type; the
+                // destination has n_embd floats.
+                Some(f) => unsafe {
+                    f(
+                        row.as_ptr() as *const c_void,
+                        dst.as_mut_ptr(),
+                        self.n_embd as i64,
+                    )
+                },
+                None => {
+                    for (d, b) in dst.iter_mut().zip(row.chunks_exact(4)) {
+                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                }
+            }
         }
+        crate::arch::scale_embeddings(&mut out, self.scale);
         Ok(out)
     }
 }

@@ -9,11 +9,14 @@
 //! - [`vocab`]: tokenizer, chat template and streaming detokenizer from the head file;
 //! - [`baseline`]: the unsplit model through llama-cpp-2, the reference for equality tests.
 
+pub mod arch;
 pub mod baseline;
 pub mod batched;
 pub mod chain;
 pub mod ffi;
+mod gguf;
 pub mod manifest;
+pub mod plan;
 pub mod sampling;
 pub mod split;
 pub mod stage;

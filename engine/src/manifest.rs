@@ -30,6 +30,12 @@ pub struct ShardEntry {
     pub index: u32,
     pub layer_start: u32,
     pub layer_end: u32,
+    /// Bytes of the shard's tensors (what llama.cpp loads).
+    #[serde(default)]
+    pub tensor_bytes: u64,
+    /// Estimated KV-cache bytes per token of context (f16 K and V).
+    #[serde(default)]
+    pub kv_bytes_per_token: u64,
     #[serde(flatten)]
     pub file: FileEntry,
 }
@@ -37,6 +43,18 @@ pub struct ShardEntry {
 impl ShardEntry {
     pub fn n_layers(&self) -> u32 {
         self.layer_end - self.layer_start + 1
+    }
+
+    /// Memory the shard needs for a context of `n_ctx` tokens: its tensors
+    /// plus its KV cache (the file size when the manifest predates these
+    /// figures).
+    pub fn memory_bytes(&self, n_ctx: u32) -> u64 {
+        let tensors = if self.tensor_bytes > 0 {
+            self.tensor_bytes
+        } else {
+            self.file.size
+        };
+        tensors + self.kv_bytes_per_token * n_ctx as u64
     }
 }
 
@@ -174,6 +192,8 @@ mod tests {
                 index: 0,
                 layer_start: 0,
                 layer_end: 1,
+                tensor_bytes: 0,
+                kv_bytes_per_token: 0,
                 file: entry("m.L0-1.gguf"),
             }],
         }

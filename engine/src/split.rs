@@ -13,316 +13,17 @@
 //! Tensor data is streamed from the source file; memory use stays small
 //! whatever the model size.
 
-use std::ffi::{CStr, CString, c_char};
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::fs::File;
 use std::path::Path;
-use std::ptr::{NonNull, null_mut};
 
 use llama_cpp_sys_2 as sys;
 use tracing::info;
 
+use crate::arch::{self, Output, Rule, Shard};
+use crate::gguf::{Out, Planned, Source, gguf_elem_size, set_name, write_file};
 use crate::manifest::{FileEntry, HASH_ALGORITHM, MANIFEST_FILE, Manifest, ShardEntry, hash_file};
+pub use crate::plan::SplitPlan;
 use crate::{EngineError, Result};
-
-/// Architectures whose layer split has been verified token-identical.
-pub const VERIFIED_ARCHITECTURES: &[&str] = &["llama"];
-
-/// How to cut the layers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SplitPlan {
-    /// This many shards of (nearly) equal layer counts.
-    Count(u32),
-    /// Explicit inclusive ranges, covering every layer in order.
-    Ranges(Vec<(u32, u32)>),
-}
-
-impl SplitPlan {
-    /// The ranges for a model of `n_layer` layers.
-    pub fn ranges(&self, n_layer: u32) -> Result<Vec<(u32, u32)>> {
-        let ranges = match self {
-            SplitPlan::Count(0) => {
-                return Err(EngineError::InvalidInput(
-                    "shard count must be at least 1".into(),
-                ));
-            }
-            SplitPlan::Count(n) if *n > n_layer => {
-                return Err(EngineError::InvalidInput(format!(
-                    "cannot cut {n_layer} layers into {n} shards"
-                )));
-            }
-            SplitPlan::Count(n) => {
-                let (base, extra) = (n_layer / n, n_layer % n);
-                let mut start = 0;
-                (0..*n)
-                    .map(|i| {
-                        let len = base + u32::from(i < extra);
-                        let r = (start, start + len - 1);
-                        start += len;
-                        r
-                    })
-                    .collect()
-            }
-            SplitPlan::Ranges(r) => r.clone(),
-        };
-        let mut next = 0;
-        for &(a, b) in &ranges {
-            if a != next || b < a {
-                return Err(EngineError::InvalidInput(format!(
-                    "layer ranges must cover 0-{} in order without gaps; got {a}-{b} where {next}-… was expected",
-                    n_layer.saturating_sub(1)
-                )));
-            }
-            next = b + 1;
-        }
-        if next != n_layer {
-            return Err(EngineError::InvalidInput(format!(
-                "layer ranges end at {} but the model has layers 0-{}",
-                next.saturating_sub(1),
-                n_layer - 1
-            )));
-        }
-        Ok(ranges)
-    }
-}
-
-fn cstr(s: &str) -> Result<CString> {
-    CString::new(s).map_err(|_| EngineError::InvalidInput(format!("NUL byte in {s:?}")))
-}
-
-/// An open source GGUF (metadata and tensor descriptions, no tensor data).
-struct Source {
-    g: NonNull<sys::gguf_context>,
-    meta: NonNull<sys::ggml_context>,
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        // SAFETY: both were returned by gguf_init_from_file and are freed once.
-        unsafe {
-            sys::gguf_free(self.g.as_ptr());
-            sys::ggml_free(self.meta.as_ptr());
-        }
-    }
-}
-
-/// A gguf context being built for one output file.
-struct Out(NonNull<sys::gguf_context>);
-
-impl Drop for Out {
-    fn drop(&mut self) {
-        // SAFETY: returned by gguf_init_empty, freed once.
-        unsafe { sys::gguf_free(self.0.as_ptr()) }
-    }
-}
-
-impl Source {
-    fn open(path: &Path) -> Result<Source> {
-        let p = cstr(&path.to_string_lossy())?;
-        let mut meta: *mut sys::ggml_context = null_mut();
-        let params = sys::gguf_init_params {
-            no_alloc: true,
-            ctx: &mut meta,
-        };
-        // SAFETY: valid C string and params; returns null on failure.
-        let g = unsafe { sys::gguf_init_from_file(p.as_ptr(), params) };
-        match (NonNull::new(g), NonNull::new(meta)) {
-            (Some(g), Some(meta)) => Ok(Source { g, meta }),
-            (g, m) => {
-                // SAFETY: free whatever was allocated.
-                unsafe {
-                    if let Some(g) = g {
-                        sys::gguf_free(g.as_ptr());
-                    }
-                    if let Some(m) = m {
-                        sys::ggml_free(m.as_ptr());
-                    }
-                }
-                Err(EngineError::Load(format!(
-                    "{} is not a readable GGUF file",
-                    path.display()
-                )))
-            }
-        }
-    }
-
-    fn key_id(&self, key: &str) -> Result<Option<i64>> {
-        let k = cstr(key)?;
-        // SAFETY: valid context and C string.
-        let id = unsafe { sys::gguf_find_key(self.g.as_ptr(), k.as_ptr()) };
-        Ok((id >= 0).then_some(id))
-    }
-
-    fn str_val(&self, key: &str) -> Result<Option<String>> {
-        let Some(id) = self.key_id(key)? else {
-            return Ok(None);
-        };
-        // SAFETY: id is valid; check type before reading.
-        unsafe {
-            if sys::gguf_get_kv_type(self.g.as_ptr(), id) != sys::GGUF_TYPE_STRING {
-                return Ok(None);
-            }
-            let s = sys::gguf_get_val_str(self.g.as_ptr(), id);
-            Ok(Some(CStr::from_ptr(s).to_string_lossy().into_owned()))
-        }
-    }
-
-    fn u32_val(&self, key: &str) -> Result<Option<u32>> {
-        let Some(id) = self.key_id(key)? else {
-            return Ok(None);
-        };
-        // SAFETY: id is valid; check type before reading.
-        unsafe {
-            if sys::gguf_get_kv_type(self.g.as_ptr(), id) != sys::GGUF_TYPE_UINT32 {
-                return Ok(None);
-            }
-            Ok(Some(sys::gguf_get_val_u32(self.g.as_ptr(), id)))
-        }
-    }
-
-    fn arr_len(&self, key: &str) -> Result<Option<usize>> {
-        let Some(id) = self.key_id(key)? else {
-            return Ok(None);
-        };
-        // SAFETY: id is valid; check type before reading.
-        unsafe {
-            if sys::gguf_get_kv_type(self.g.as_ptr(), id) != sys::GGUF_TYPE_ARRAY {
-                return Ok(None);
-            }
-            Ok(Some(sys::gguf_get_arr_n(self.g.as_ptr(), id)))
-        }
-    }
-
-    fn tensor_names(&self) -> Vec<String> {
-        // SAFETY: indices below gguf_get_n_tensors are valid.
-        unsafe {
-            (0..sys::gguf_get_n_tensors(self.g.as_ptr()))
-                .map(|i| {
-                    CStr::from_ptr(sys::gguf_get_tensor_name(self.g.as_ptr(), i))
-                        .to_string_lossy()
-                        .into_owned()
-                })
-                .collect()
-        }
-    }
-
-    /// Shallow copy of a tensor's description (no data).
-    fn tensor(&self, name: &str) -> Result<sys::ggml_tensor> {
-        let n = cstr(name)?;
-        // SAFETY: the meta context holds every tensor of the file.
-        let t = unsafe { sys::ggml_get_tensor(self.meta.as_ptr(), n.as_ptr()) };
-        if t.is_null() {
-            return Err(EngineError::Load(format!("tensor {name} missing")));
-        }
-        // SAFETY: t points to a valid tensor struct.
-        Ok(unsafe { std::ptr::read(t) })
-    }
-
-    /// Absolute file offset of a tensor's data.
-    fn data_offset(&self, name: &str) -> Result<u64> {
-        let n = cstr(name)?;
-        // SAFETY: valid context and name.
-        unsafe {
-            let id = sys::gguf_find_tensor(self.g.as_ptr(), n.as_ptr());
-            if id < 0 {
-                return Err(EngineError::Load(format!("tensor {name} missing")));
-            }
-            Ok((sys::gguf_get_data_offset(self.g.as_ptr())
-                + sys::gguf_get_tensor_offset(self.g.as_ptr(), id)) as u64)
-        }
-    }
-}
-
-fn set_name(t: &mut sys::ggml_tensor, name: &str) -> Result<()> {
-    let b = name.as_bytes();
-    if b.len() >= t.name.len() {
-        return Err(EngineError::InvalidInput(format!(
-            "tensor name {name} too long"
-        )));
-    }
-    t.name.iter_mut().for_each(|c| *c = 0);
-    for (dst, src) in t.name.iter_mut().zip(b) {
-        *dst = *src as c_char;
-    }
-    Ok(())
-}
-
-/// Byte size of one element of a gguf array of `ty` (None for strings/nested).
-fn gguf_elem_size(ty: sys::gguf_type) -> Option<usize> {
-    Some(match ty {
-        sys::GGUF_TYPE_UINT8 | sys::GGUF_TYPE_INT8 | sys::GGUF_TYPE_BOOL => 1,
-        sys::GGUF_TYPE_UINT16 | sys::GGUF_TYPE_INT16 => 2,
-        sys::GGUF_TYPE_UINT32 | sys::GGUF_TYPE_INT32 | sys::GGUF_TYPE_FLOAT32 => 4,
-        sys::GGUF_TYPE_UINT64 | sys::GGUF_TYPE_INT64 | sys::GGUF_TYPE_FLOAT64 => 8,
-        _ => return None,
-    })
-}
-
-/// One tensor of an output file: where its bytes come from.
-struct Planned {
-    src_name: String,
-    tensor: sys::ggml_tensor,
-}
-
-/// Writes one output GGUF: metadata through the C API, tensor data streamed
-/// from `src_file`, into `path` (through a temporary name, renamed at the end).
-fn write_file(
-    out: &Out,
-    tensors: &[Planned],
-    src: &Source,
-    src_file: &mut File,
-    path: &Path,
-) -> Result<()> {
-    let tmp = path.with_extension("gguf.part");
-    let p = cstr(&tmp.to_string_lossy())?;
-    // SAFETY: valid context and path.
-    if !unsafe { sys::gguf_write_to_file(out.0.as_ptr(), p.as_ptr(), true) } {
-        return Err(EngineError::Load(format!("cannot write {}", tmp.display())));
-    }
-    let meta_len = std::fs::metadata(&tmp)?.len();
-    let f = OpenOptions::new().append(true).open(&tmp)?;
-    let mut w = BufWriter::with_capacity(1 << 20, f);
-    let mut written: u64 = 0;
-    let mut buf = vec![0u8; 1 << 20];
-    for (i, t) in tensors.iter().enumerate() {
-        // SAFETY: tensors were added in this order; ids are valid.
-        let (offset, nbytes) = unsafe {
-            (
-                sys::gguf_get_tensor_offset(out.0.as_ptr(), i as i64) as u64,
-                sys::ggml_nbytes(&t.tensor) as u64,
-            )
-        };
-        if offset < written {
-            return Err(EngineError::Load("tensor offsets out of order".into()));
-        }
-        w.write_all(&vec![0u8; (offset - written) as usize])?;
-        written = offset;
-        src_file.seek(SeekFrom::Start(src.data_offset(&t.src_name)?))?;
-        let mut left = nbytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            src_file.read_exact(&mut buf[..n])?;
-            w.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
-        written += nbytes;
-    }
-    // SAFETY: valid context.
-    let align = unsafe { sys::gguf_get_alignment(out.0.as_ptr()) } as u64;
-    let pad = (align - written % align) % align;
-    w.write_all(&vec![0u8; pad as usize])?;
-    w.flush()?;
-    w.get_ref().sync_all()?;
-    drop(w);
-    if std::fs::metadata(&tmp)?.len() < meta_len {
-        return Err(EngineError::Load(format!(
-            "{} came out short",
-            tmp.display()
-        )));
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
 
 /// Slug of a model name: lower case, runs of other characters as `-`.
 pub fn slug(name: &str) -> String {
@@ -361,8 +62,102 @@ pub fn default_model_name(path: &Path) -> String {
     slug(&base)
 }
 
+/// Where a tensor of the source goes in a shard.
+enum Place {
+    /// Layer tensor renamed to this local name.
+    Layer(String),
+    /// As it is.
+    Whole,
+    /// Its first row only (a vocabulary of 1).
+    OneRow,
+    Skip,
+}
+
+/// The layer of a `blk.N.*` tensor name and its tail.
+fn layer_of(name: &str) -> Result<Option<(u32, &str)>> {
+    let Some(rest) = name.strip_prefix("blk.") else {
+        return Ok(None);
+    };
+    let (n, tail) = rest
+        .split_once('.')
+        .ok_or_else(|| EngineError::Unsupported(format!("odd tensor name {name}")))?;
+    let il = n
+        .parse()
+        .map_err(|_| EngineError::Unsupported(format!("odd tensor name {name}")))?;
+    Ok(Some((il, tail)))
+}
+
+/// Where `name` goes in shard `s` of a model following `rule`.
+fn place(name: &str, rule: &Rule, s: &Shard) -> Result<Place> {
+    if let Some((il, tail)) = layer_of(name)? {
+        // MTP layers (il >= trunk) are outside every range and dropped.
+        return Ok(if il >= s.start && il <= s.end {
+            Place::Layer(format!("blk.{}.{tail}", il - s.start))
+        } else {
+            Place::Skip
+        });
+    }
+    Ok(match name {
+        _ if s.is_last() => Place::Whole,
+        _ if arch::EVERY_SHARD.contains(&name) => Place::Whole,
+        // One row: llama.cpp needs the tensor (vocabulary of 1); the first
+        // stage's lookup is done on the host from the head file. The last
+        // stage keeps every row (and it is the head of tied models).
+        "token_embd.weight" => Place::OneRow,
+        "output.weight" if rule.output == Output::Required => Place::OneRow,
+        // Head tensors (output, its bias, classifier heads) stay on the last shard.
+        _ => Place::Skip,
+    })
+}
+
+fn one_row(t: &mut sys::ggml_tensor) {
+    t.ne[1] = 1;
+    t.nb[2] = t.nb[1];
+    t.nb[3] = t.nb[2];
+}
+
+/// Byte sizes: each trunk layer's tensors, and what only the last shard
+/// holds beyond its layers (full embeddings, head, output norm).
+fn weigh(source: &Source, names: &[String], n_layer: u32) -> Result<(Vec<u64>, u64)> {
+    let mut layers = vec![0u64; n_layer as usize];
+    let mut last = 0u64;
+    for name in names {
+        let t = source.tensor(name)?;
+        // SAFETY: a valid tensor description.
+        let bytes = unsafe { sys::ggml_nbytes(&t) } as u64;
+        match layer_of(name)? {
+            Some((il, _)) if il < n_layer => layers[il as usize] += bytes,
+            Some(_) => {}
+            None => last += bytes,
+        }
+    }
+    Ok((layers, last))
+}
+
+/// Estimated KV-cache bytes per token of layers `a..=b` (f16 K and V).
+fn kv_bytes_per_token(source: &Source, arch: &str, n_embd: u32, a: u32, b: u32) -> Result<u64> {
+    let get = |k: &str, il: u32| source.u32_at(&format!("{arch}.{k}"), il);
+    let mut total = 0u64;
+    for il in a..=b {
+        let per_layer = match get("attention.kv_lora_rank", il)? {
+            // MLA caches the compressed KV and the RoPE part of K.
+            Some(rank) => rank + get("rope.dimension_count", il)?.unwrap_or(0),
+            None => {
+                let n_head = get("attention.head_count", il)?.unwrap_or(1).max(1);
+                let n_kv = get("attention.head_count_kv", il)?.unwrap_or(n_head);
+                let k = get("attention.key_length", il)?.unwrap_or(n_embd / n_head);
+                let v = get("attention.value_length", il)?.unwrap_or(k);
+                n_kv * (k + v)
+            }
+        };
+        total += per_layer as u64 * 2;
+    }
+    Ok(total)
+}
+
 /// Splits `src` into `out_dir` following `plan`; returns the manifest (also
 /// written to `out_dir/manifest.json`). `name` overrides the model name.
+/// Architectures without a rule in [`crate::arch`] are refused.
 pub fn split_model(
     src: &Path,
     out_dir: &Path,
@@ -373,15 +168,17 @@ pub fn split_model(
     let arch = source
         .str_val("general.architecture")?
         .ok_or_else(|| EngineError::Unsupported("general.architecture is missing".into()))?;
-    if !VERIFIED_ARCHITECTURES.contains(&arch.as_str()) {
-        return Err(EngineError::Unsupported(format!(
-            "architecture {arch:?} has not been verified for layer splitting (verified: {})",
-            VERIFIED_ARCHITECTURES.join(", ")
-        )));
-    }
-    let n_layer = source
+    let rule = arch::rule(&arch)?;
+    let n_layer_all = source
         .u32_val(&format!("{arch}.block_count"))?
         .ok_or_else(|| EngineError::Unsupported(format!("{arch}.block_count is missing")))?;
+    let nextn = source
+        .u32_val(&format!("{arch}.nextn_predict_layers"))?
+        .unwrap_or(0);
+    let n_layer = n_layer_all
+        .checked_sub(nextn)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| EngineError::Unsupported(format!("{nextn} MTP layers of {n_layer_all}")))?;
     let n_embd = source
         .u32_val(&format!("{arch}.embedding_length"))?
         .unwrap_or(0);
@@ -389,7 +186,18 @@ pub fn split_model(
         .arr_len("tokenizer.ggml.tokens")?
         .ok_or_else(|| EngineError::Unsupported("the file has no tokenizer".into()))?
         as u32;
-    let ranges = plan.ranges(n_layer)?;
+    let embd = source.tensor("token_embd.weight")?;
+    crate::gguf::check_embedding_type(embd.type_, embd.ne[0])?;
+    let names = source.tensor_names();
+    let (layer_bytes, last_bytes) = weigh(&source, &names, n_layer)?;
+    let ranges = plan.ranges_by_bytes(&layer_bytes, last_bytes, rule.align)?;
+    let m = arch::Model {
+        arch: &arch,
+        n_layer_all,
+        n_layer,
+        n_vocab,
+    };
+    arch::check_plan(&source, &m, &ranges)?;
     let model = match name {
         Some(n) => slug(n),
         None => default_model_name(src),
@@ -399,7 +207,6 @@ pub fn split_model(
     }
     std::fs::create_dir_all(out_dir)?;
     let mut src_file = File::open(src)?;
-    let names = source.tensor_names();
     let (src_size, src_hash) = hash_file(src)?;
     let file_name = src
         .file_name()
@@ -410,21 +217,14 @@ pub fn split_model(
     // ---- head file: every key, token_embd only ----
     let head_name = format!("{model}.head.gguf");
     {
-        // SAFETY: fresh context, keys copied from a valid source.
-        let out = Out(NonNull::new(unsafe { sys::gguf_init_empty() })
-            .ok_or(EngineError::Llama("gguf_init_empty".into()))?);
-        unsafe {
-            sys::gguf_set_kv(out.0.as_ptr(), source.g.as_ptr());
-            sys::gguf_remove_key(out.0.as_ptr(), cstr("general.alignment")?.as_ptr());
-        }
-        let t = source.tensor("token_embd.weight")?;
-        // SAFETY: t is a valid tensor description.
-        unsafe { sys::gguf_add_tensor(out.0.as_ptr(), &t) };
+        let out = Out::copy_of(&source)?;
+        // SAFETY: embd is a valid tensor description.
+        unsafe { sys::gguf_add_tensor(out.0.as_ptr(), &embd) };
         write_file(
             &out,
             &[Planned {
                 src_name: "token_embd.weight".into(),
-                tensor: t,
+                tensor: embd,
             }],
             &source,
             &mut src_file,
@@ -436,109 +236,69 @@ pub fn split_model(
     let mut shards = Vec::new();
     let n_shards = ranges.len();
     for (si, &(a, b)) in ranges.iter().enumerate() {
-        let last = si + 1 == n_shards;
-        let stage_vocab = if last { n_vocab } else { 1 };
-        // SAFETY: fresh context; all keys/values written are valid C data.
-        let out = Out(NonNull::new(unsafe { sys::gguf_init_empty() })
-            .ok_or(EngineError::Llama("gguf_init_empty".into()))?);
-        let d = out.0.as_ptr();
-        unsafe {
-            sys::gguf_set_kv(d, source.g.as_ptr());
-            sys::gguf_remove_key(d, cstr("general.alignment")?.as_ptr());
-            sys::gguf_set_val_u32(d, cstr(&format!("{arch}.block_count"))?.as_ptr(), b - a + 1);
-            sys::gguf_set_val_u32(
-                d,
-                cstr(&format!("{arch}.vocab_size"))?.as_ptr(),
-                stage_vocab,
-            );
-            // Per-layer arrays (one entry per layer) are sliced to the range.
-            let n_kv = sys::gguf_get_n_kv(d);
-            let mut per_layer = vec![];
-            for i in 0..n_kv {
-                let key = CStr::from_ptr(sys::gguf_get_key(d, i))
-                    .to_string_lossy()
-                    .into_owned();
-                if key.starts_with(&format!("{arch}."))
-                    && sys::gguf_get_kv_type(d, i) == sys::GGUF_TYPE_ARRAY
-                    && sys::gguf_get_arr_n(d, i) == n_layer as usize
-                {
-                    per_layer.push((key, i));
-                }
+        let s = arch::Shard {
+            index: si,
+            n_shards,
+            start: a,
+            end: b,
+        };
+        let stage_vocab = s.vocab(&m);
+        let out = Out::copy_of(&source)?;
+        out.set_u32(&format!("{arch}.block_count"), b - a + 1)?;
+        out.set_u32(&format!("{arch}.vocab_size"), stage_vocab)?;
+        // Per-layer arrays (one entry per layer, MTP layers included) are
+        // sliced to the range, read from the source (indices in `out` move
+        // as keys are replaced).
+        for key in source.keys() {
+            if !key.starts_with(&format!("{arch}.")) {
+                continue;
             }
-            for (key, i) in per_layer {
-                let ty = sys::gguf_get_arr_type(d, i);
-                let Some(es) = gguf_elem_size(ty) else {
-                    return Err(EngineError::Unsupported(format!(
-                        "per-layer string array {key}"
-                    )));
-                };
-                let data = sys::gguf_get_arr_data(d, i) as *const u8;
-                let slice = std::slice::from_raw_parts(
-                    data.add(a as usize * es),
-                    (b - a + 1) as usize * es,
-                )
-                .to_vec();
-                sys::gguf_set_arr_data(
-                    d,
-                    cstr(&key)?.as_ptr(),
-                    ty,
-                    slice.as_ptr().cast(),
-                    (b - a + 1) as usize,
-                );
+            if let Some((ty, n, bytes)) = source.arr_raw(&key)?
+                && n == n_layer_all as usize
+            {
+                let es = gguf_elem_size(ty).ok_or_else(|| {
+                    EngineError::Unsupported(format!("per-layer string array {key}"))
+                })?;
+                let slice = &bytes[a as usize * es..(b as usize + 1) * es];
+                out.set_arr(&key, ty, slice, (b - a + 1) as usize)?;
             }
-            // Stages carry no tokenizer (the head file has it).
-            let tok_keys: Vec<String> = (0..sys::gguf_get_n_kv(d))
-                .map(|i| {
-                    CStr::from_ptr(sys::gguf_get_key(d, i))
-                        .to_string_lossy()
-                        .into_owned()
-                })
-                .filter(|k| k.starts_with("tokenizer."))
-                .collect();
-            for k in tok_keys {
-                sys::gguf_remove_key(d, cstr(&k)?.as_ptr());
-            }
-            sys::gguf_set_val_str(
-                d,
-                cstr("tokenizer.ggml.model")?.as_ptr(),
-                cstr("none")?.as_ptr(),
-            );
-            sys::gguf_set_val_u32(d, cstr("llama_cluster.layer_start")?.as_ptr(), a);
-            sys::gguf_set_val_u32(d, cstr("llama_cluster.layer_end")?.as_ptr(), b);
-            sys::gguf_set_val_u32(d, cstr("llama_cluster.n_layer_total")?.as_ptr(), n_layer);
         }
+        for edit in arch::shard_edits(&source, &m, &s)? {
+            out.apply(&edit)?;
+        }
+        // Stages carry no tokenizer (the head file has it).
+        for k in out
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("tokenizer."))
+        {
+            out.remove(&k)?;
+        }
+        out.set_str("tokenizer.ggml.model", "none")?;
+        out.set_u32("llama_cluster.layer_start", a)?;
+        out.set_u32("llama_cluster.layer_end", b)?;
+        out.set_u32("llama_cluster.n_layer_total", n_layer)?;
         let mut planned = Vec::new();
         for name in &names {
             let mut t = source.tensor(name)?;
-            if let Some(rest) = name.strip_prefix("blk.") {
-                let Some((n, tail)) = rest.split_once('.') else {
-                    continue;
-                };
-                let il: u32 = n
-                    .parse()
-                    .map_err(|_| EngineError::Unsupported(format!("odd tensor name {name}")))?;
-                if il < a || il > b {
-                    continue;
-                }
-                set_name(&mut t, &format!("blk.{}.{tail}", il - a))?;
-            } else if name == "token_embd.weight" && !last {
-                // One row: llama.cpp needs the tensor (vocabulary of 1); the
-                // first stage's lookup is done on the host from the head file.
-                // The last stage keeps every row: llama.cpp checks its shape
-                // against the vocabulary (and it is the head of tied models).
-                t.ne[1] = 1;
-                t.nb[2] = t.nb[1];
-                t.nb[3] = t.nb[2];
-            } else if name == "output.weight" && !last {
-                continue;
+            match place(name, rule, &s)? {
+                Place::Skip => continue,
+                Place::Whole => {}
+                Place::OneRow => one_row(&mut t),
+                Place::Layer(local) => set_name(&mut t, &local)?,
             }
             // SAFETY: t is a valid (possibly reshaped) tensor description.
-            unsafe { sys::gguf_add_tensor(d, &t) };
+            unsafe { sys::gguf_add_tensor(out.0.as_ptr(), &t) };
             planned.push(Planned {
                 src_name: name.clone(),
                 tensor: t,
             });
         }
+        let tensor_bytes = planned
+            .iter()
+            // SAFETY: valid tensor descriptions.
+            .map(|p| unsafe { sys::ggml_nbytes(&p.tensor) } as u64)
+            .sum();
         let file = format!("{model}.L{a}-{b}.gguf");
         let path = out_dir.join(&file);
         write_file(&out, &planned, &source, &mut src_file, &path)?;
@@ -553,6 +313,8 @@ pub fn split_model(
             index: si as u32,
             layer_start: a,
             layer_end: b,
+            tensor_bytes,
+            kv_bytes_per_token: kv_bytes_per_token(&source, &arch, n_embd, a, b)?,
             file: FileEntry {
                 file,
                 size,
@@ -565,7 +327,7 @@ pub fn split_model(
     let manifest = Manifest {
         format: 1,
         model,
-        architecture: arch,
+        architecture: arch.clone(),
         n_layer,
         n_embd,
         n_vocab,
@@ -591,38 +353,6 @@ pub fn split_model(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn count_plans_cover_all_layers() {
-        assert_eq!(
-            SplitPlan::Count(3).ranges(30).unwrap(),
-            vec![(0, 9), (10, 19), (20, 29)]
-        );
-        assert_eq!(
-            SplitPlan::Count(4).ranges(30).unwrap(),
-            vec![(0, 7), (8, 15), (16, 22), (23, 29)]
-        );
-        assert_eq!(SplitPlan::Count(1).ranges(30).unwrap(), vec![(0, 29)]);
-        assert!(SplitPlan::Count(0).ranges(30).is_err());
-        assert!(SplitPlan::Count(31).ranges(30).is_err());
-    }
-
-    #[test]
-    fn explicit_ranges_are_checked() {
-        assert!(
-            SplitPlan::Ranges(vec![(0, 14), (15, 29)])
-                .ranges(30)
-                .is_ok()
-        );
-        assert!(
-            SplitPlan::Ranges(vec![(0, 14), (16, 29)])
-                .ranges(30)
-                .is_err()
-        );
-        assert!(SplitPlan::Ranges(vec![(0, 14)]).ranges(30).is_err());
-        assert!(SplitPlan::Ranges(vec![(0, 30)]).ranges(30).is_err());
-        assert!(SplitPlan::Ranges(vec![(1, 29)]).ranges(30).is_err());
-    }
 
     #[test]
     fn default_names_drop_the_quantisation() {

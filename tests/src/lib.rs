@@ -367,12 +367,18 @@ pub fn model_path() -> PathBuf {
 
 /// Runs `llama-worker split` (a real process) into `out`; returns the manifest path.
 pub fn split_with_cli(out: &Path, shards: u32) -> anyhow::Result<PathBuf> {
+    split_with_cli_args(out, &["--shards", &shards.to_string()])
+}
+
+/// `llama-worker split` of the default model with these plan arguments
+/// (`--shards N` or `--ranges a-b,…`).
+pub fn split_with_cli_args(out: &Path, plan: &[&str]) -> anyhow::Result<PathBuf> {
     let mut child = Command::new(binary("llama-worker"))
         .args(["split", "--model"])
         .arg(model_path())
         .arg("--out")
         .arg(out)
-        .args(["--shards", &shards.to_string()])
+        .args(plan)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -297,8 +297,14 @@ async fn a_model_that_does_not_fit_is_refused_with_a_reason() {
     // A manifest sent inline is checked before anything is written or
     // fetched: not JSON, or naming a file outside the worker's cache.
     let mut w = a.client().await.unwrap();
+    let first: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let first_id = first["shards"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let load = |json: String| llama_cluster_proto::v1::LoadShardRequest {
-        shard_id: "smollm2-135m-instruct-L0-14".into(),
+        shard_id: first_id.clone(),
         manifest_json: json,
         ..Default::default()
     };

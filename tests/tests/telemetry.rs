@@ -434,7 +434,8 @@ async fn a_shard_download_is_traced_per_peer_under_the_callers_trace() {
     let dl = t.iter().find(|s| s.name == "torrent.download").unwrap();
     assert_eq!(dl.attrs.get("file_hash"), Some(&hash));
     assert_eq!(dl.attrs.get("bytes_fetched"), Some(&size.to_string()));
-    assert_eq!(dl.attrs.get("pieces_total").map(String::as_str), Some("22"));
+    let pieces = size.div_ceil(llama_worker::torrent::meta::piece_size_for(size));
+    assert_eq!(dl.attrs.get("pieces_total"), Some(&pieces.to_string()));
     // The download leads up to the server span.
     let mut up = by_id.get(dl.parent.as_slice()).copied();
     for _ in 0..10 {
@@ -452,7 +453,7 @@ async fn a_shard_download_is_traced_per_peer_under_the_callers_trace() {
     let peer = t.iter().find(|s| s.name == "torrent.peer").unwrap();
     assert_eq!(peer.parent, dl.span_id);
     assert_eq!(peer.attrs.get("peer"), Some(&seeder.peer_id));
-    assert_eq!(peer.attrs.get("pieces").map(String::as_str), Some("22"));
+    assert_eq!(peer.attrs.get("pieces"), Some(&pieces.to_string()));
     assert_eq!(peer.attrs.get("bytes"), Some(&size.to_string()));
     assert_eq!(peer.attrs.get("bad_pieces").map(String::as_str), Some("0"));
     server.abort();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use llama_cluster_proto::v1::{GetStatusResponse, LoadShardRequest, SyncTorrentsRequest};
 use llama_cluster_tests::{
-    NodeProc, binary, log_value, split_with_cli, test_dir, wait_for, worker_args,
+    NodeProc, binary, log_value, split_with_cli_args, test_dir, wait_for, worker_args,
 };
 use serde_json::Value;
 
@@ -23,7 +23,9 @@ struct Split {
 }
 
 fn split(dir: &Path) -> Split {
-    let manifest = split_with_cli(&dir.join("split"), 3).unwrap();
+    // Equal layer counts: the middle shard is the 22-piece file the tests count on.
+    let manifest =
+        split_with_cli_args(&dir.join("split"), &["--ranges", "0-9,10-19,20-29"]).unwrap();
     let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     let s = &m["shards"][1];
     Split {

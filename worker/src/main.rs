@@ -61,7 +61,7 @@ struct SplitArgs {
     /// Output directory (created).
     #[arg(long)]
     out: PathBuf,
-    /// Number of shards of equal layer counts.
+    /// Number of shards, cut where their bytes balance (the last one carries the output head).
     #[arg(long, conflicts_with = "ranges")]
     shards: Option<u32>,
     /// Explicit layer ranges, e.g. 0-9,10-19,20-29.
