@@ -21,6 +21,7 @@ use futures::StreamExt;
 use llama_cluster_proto::v1::inference_response::Event;
 use llama_cluster_proto::v1::worker_client::WorkerClient;
 use llama_cluster_proto::v1::{GetStatusResponse, InferenceRequest, InferenceResponse};
+use llama_cluster_shared::auth::{Class, Tokens};
 use tokio::sync::{Notify, mpsc};
 use tonic::Status;
 use tonic::transport::Channel;
@@ -40,6 +41,8 @@ struct Inner {
     /// Drivers a request may try (the first one included).
     max_attempts: usize,
     next_ticket: AtomicU64,
+    /// The API token is sent to the drivers and asked of clients.
+    tokens: Tokens,
 }
 
 #[derive(Default)]
@@ -120,7 +123,12 @@ impl Drop for Ticket<'_> {
 
 impl Drivers {
     /// `max_attempts`: drivers one request may try (1: no failover).
-    pub fn new(max_queued: usize, queue_timeout: Duration, max_attempts: usize) -> Self {
+    pub fn new(
+        max_queued: usize,
+        queue_timeout: Duration,
+        max_attempts: usize,
+        tokens: Tokens,
+    ) -> Self {
         Drivers(Arc::new(Inner {
             state: Mutex::new(DriverState::default()),
             changed: Notify::new(),
@@ -128,6 +136,7 @@ impl Drivers {
             queue_timeout,
             max_attempts: max_attempts.max(1),
             next_ticket: AtomicU64::new(0),
+            tokens,
         }))
     }
 
@@ -166,6 +175,11 @@ impl Drivers {
         if g.drivers.is_empty() {
             g.drivers = served;
         }
+    }
+
+    /// The tokens clients must present.
+    pub fn tokens(&self) -> &Tokens {
+        &self.0.tokens
     }
 
     /// The models some driver serves.
@@ -389,6 +403,8 @@ impl Drivers {
             }
             let mut client =
                 WorkerClient::with_interceptor(ch, llama_cluster_shared::telemetry::inject_grpc);
+            let mut r = tonic::Request::new(r);
+            self.0.tokens.attach(Class::Inference, &mut r);
             let outcome: Result<(), Outcome> = match client.inference(r).await {
                 Ok(s) => {
                     let mut s = s.into_inner();

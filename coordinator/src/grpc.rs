@@ -53,6 +53,9 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<InferenceRequest>,
     ) -> Result<Response<InferenceStream>, Status> {
+        self.drivers
+            .tokens()
+            .check_grpc(llama_cluster_shared::auth::Class::Inference, &req)?;
         let req = req.into_inner();
         info!("[API] gRPC Inference for {:?}", req.model);
         self.drivers.learn_if_empty(&self.workers).await;

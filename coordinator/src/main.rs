@@ -78,6 +78,15 @@ enum Cmd {
         #[arg(long, env = "LLAMA_COORDINATOR_DRIVER_ATTEMPTS", default_value_t = 4,
               value_parser = clap::value_parser!(u64).range(1..=64))]
         driver_attempts: u64,
+        /// File holding the admin token sent with LoadShard (placement);
+        /// or the token itself in LLAMA_CLUSTER_ADMIN_TOKEN.
+        #[arg(long, env = "LLAMA_CLUSTER_ADMIN_TOKEN_FILE", default_value = "")]
+        admin_token_file: String,
+        /// File holding the API token clients must send (`Authorization:
+        /// Bearer`) and that goes to the drivers; or the token itself in
+        /// LLAMA_CLUSTER_API_TOKEN. None: inference is open.
+        #[arg(long, env = "LLAMA_CLUSTER_API_TOKEN_FILE", default_value = "")]
+        api_token_file: String,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), place a
     /// split model with the coordinator's placement (shards travel through
@@ -140,6 +149,8 @@ async fn main() -> ExitCode {
             max_queued,
             queue_timeout_secs,
             driver_attempts,
+            admin_token_file,
+            api_token_file,
         } => {
             let telemetry = llama_cluster_shared::telemetry::init(
                 llama_cluster_shared::config::LogFormat::Text,
@@ -155,10 +166,23 @@ async fn main() -> ExitCode {
                         if replicas == 0 {
                             anyhow::bail!("--replicas must be at least 1");
                         }
+                        let env = |k: &str| std::env::var(k).unwrap_or_default();
+                        let tokens = llama_cluster_shared::auth::Tokens::load(
+                            &env("LLAMA_CLUSTER_ADMIN_TOKEN"),
+                            &admin_token_file,
+                            &env("LLAMA_CLUSTER_API_TOKEN"),
+                            &api_token_file,
+                        )?;
+                        if !tokens.has_api() {
+                            eprintln!(
+                                "warning: no API token (--api-token-file or LLAMA_CLUSTER_API_TOKEN): the OpenAI API and Inference are open to anyone who reaches them"
+                            );
+                        }
                         let placer = match &manifest {
                             Some(m) => Some(placer::Placer::new(
                                 placer::ManifestInfo::load(m)?,
                                 replicas,
+                                tokens.clone(),
                             )),
                             None => None,
                         };
@@ -172,6 +196,7 @@ async fn main() -> ExitCode {
                                 max_queued,
                                 std::time::Duration::from_secs(queue_timeout_secs),
                                 driver_attempts as usize,
+                                tokens,
                             ),
                         );
                         // Ctrl-C or SIGTERM (Kubernetes) ends it cleanly, so

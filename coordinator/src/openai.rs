@@ -79,7 +79,10 @@ async fn models(state: &ApiState) -> Vec<String> {
     m
 }
 
-async fn list_models(State(st): State<Arc<ApiState>>) -> Response {
+async fn list_models(State(st): State<Arc<ApiState>>, headers: axum::http::HeaderMap) -> Response {
+    if let Err(r) = authorized(&st, &headers) {
+        return *r;
+    }
     let data: Vec<Value> = models(&st)
         .await
         .into_iter()
@@ -193,7 +196,10 @@ async fn completions(
 ) -> Response {
     let span = info_span!("POST /v1/completions", otel.kind = "server");
     llama_cluster_shared::telemetry::set_parent_from_headers(&span, &headers);
-    let r = handle(st, body, false).instrument(span).await;
+    let r = match authorized(&st, &headers) {
+        Err(r) => *r,
+        Ok(()) => handle(st, body, false).instrument(span).await,
+    };
     crate::metrics::http_response("/v1/completions", r.status().as_u16());
     r
 }
@@ -205,9 +211,31 @@ async fn chat_completions(
 ) -> Response {
     let span = info_span!("POST /v1/chat/completions", otel.kind = "server");
     llama_cluster_shared::telemetry::set_parent_from_headers(&span, &headers);
-    let r = handle(st, body, true).instrument(span).await;
+    let r = match authorized(&st, &headers) {
+        Err(r) => *r,
+        Ok(()) => handle(st, body, true).instrument(span).await,
+    };
     crate::metrics::http_response("/v1/chat/completions", r.status().as_u16());
     r
+}
+
+/// The API token, when one is configured (`Authorization: Bearer`, as
+/// OpenAI clients send their key): 401 with an OpenAI-style error.
+fn authorized(st: &ApiState, headers: &axum::http::HeaderMap) -> Result<(), Box<Response>> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    st.drivers
+        .tokens()
+        .check(llama_cluster_shared::auth::Class::Inference, header)
+        .map_err(|e| {
+            Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                e.to_string(),
+                None,
+            ))
+        })
 }
 
 async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {

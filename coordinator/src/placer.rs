@@ -16,6 +16,8 @@ use llama_cluster_proto::v1::worker_client::WorkerClient;
 use llama_cluster_proto::v1::{GetStatusResponse, LoadShardRequest, Placement};
 use tracing::{Instrument, info, info_span, warn};
 
+use llama_cluster_shared::auth::{Class, Tokens};
+
 use crate::placement::{self, ShardSpec, WorkerView};
 
 /// How long a LoadShard may take (fetching a shard through the swarm
@@ -98,10 +100,12 @@ struct PlacerInner {
     /// Workers whose last LoadShard failed, left alone until then.
     backoff: Mutex<HashMap<String, Instant>>,
     status: Mutex<Placement>,
+    tokens: Tokens,
 }
 
 impl Placer {
-    pub fn new(manifest: ManifestInfo, replicas: usize) -> Placer {
+    /// `tokens`: the admin token goes with every LoadShard.
+    pub fn new(manifest: ManifestInfo, replicas: usize, tokens: Tokens) -> Placer {
         let status = Placement {
             model: manifest.model.clone(),
             replicas: replicas as u32,
@@ -115,6 +119,7 @@ impl Placer {
             generation: AtomicU64::new(0),
             last_seen: Mutex::new(HashMap::new()),
             status: Mutex::new(status),
+            tokens,
         }))
     }
 
@@ -233,13 +238,15 @@ impl Placer {
                 .timeout(LOAD_TIMEOUT)
                 .connect()
                 .await?;
+            let mut req = tonic::Request::new(LoadShardRequest {
+                shard_id: shard.clone(),
+                manifest_json: self.0.manifest.json.clone(),
+                ..Default::default()
+            });
+            self.0.tokens.attach(Class::Admin, &mut req);
             let out =
                 WorkerClient::with_interceptor(ch, llama_cluster_shared::telemetry::inject_grpc)
-                    .load_shard(LoadShardRequest {
-                        shard_id: shard.clone(),
-                        manifest_json: self.0.manifest.json.clone(),
-                        ..Default::default()
-                    })
+                    .load_shard(req)
                     .await?
                     .into_inner();
             anyhow::Ok(out.state)

@@ -120,6 +120,15 @@ pub struct NodeConfig {
     /// OTLP/gRPC endpoint receiving traces (`http://host:4317`; empty:
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` if set, else traces off).
     pub otlp_endpoint: String,
+    /// Admin token for the calls that change the cluster (LoadShard,
+    /// SyncTorrents with fetch_missing, Relay); empty: open. Set it through
+    /// the environment (`LLAMA_CLUSTER_ADMIN_TOKEN`) or `admin_token_file`.
+    pub admin_token: String,
+    pub admin_token_file: String,
+    /// Token for inference (`LLAMA_CLUSTER_API_TOKEN` or `api_token_file`);
+    /// empty: open.
+    pub api_token: String,
+    pub api_token_file: String,
     /// Trace every N-th decode step in detail (hops and stages); 1: every
     /// step, 0: none (prefill and the request are always traced).
     pub trace_decode_every: u32,
@@ -177,6 +186,10 @@ impl Default for NodeConfig {
             metrics_addr: String::new(),
             memory_mb: 0,
             otlp_endpoint: String::new(),
+            admin_token: String::new(),
+            admin_token_file: String::new(),
+            api_token: String::new(),
+            api_token_file: String::new(),
             trace_decode_every: 1,
             test_corrupt_pieces: false,
             test_lying_meta: false,

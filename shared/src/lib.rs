@@ -2,6 +2,7 @@
 //! protocol spoken over `/json-message/1.0`, DHT keys and shard records,
 //! node status, logging and trace set-up.
 
+pub mod auth;
 pub mod config;
 pub mod dht_keys;
 pub mod logging;

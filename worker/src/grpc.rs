@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 use crate::pipeline::driver::{GenStats, GenerateRequest};
 use crate::pipeline::host::PipelineError;
+use llama_cluster_shared::auth::{Class, Tokens};
 use llama_cluster_shared::protocol::{CommandKind, CommandResponse, ErrorCode};
 use llama_cluster_shared::status::NodeStatus;
 use llama_cluster_shared::unix_now;
@@ -39,6 +40,7 @@ pub struct WorkerService {
     dispatcher: Dispatcher,
     net: NetHandle,
     peer_id: String,
+    tokens: Tokens,
 }
 
 fn to_status(resp: &CommandResponse) -> Status {
@@ -131,6 +133,7 @@ impl Worker for WorkerService {
         &self,
         req: Request<LoadShardRequest>,
     ) -> Result<Response<LoadShardResponse>, Status> {
+        self.tokens.check_grpc(Class::Admin, &req)?;
         let r = req.into_inner();
         let pipeline = self.dispatcher.pipeline();
         let out = if r.unload {
@@ -167,6 +170,7 @@ impl Worker for WorkerService {
         &self,
         req: Request<InferenceRequest>,
     ) -> Result<Response<Self::InferenceStream>, Status> {
+        self.tokens.check_grpc(Class::Inference, &req)?;
         let r = req.into_inner();
         let gen_req = GenerateRequest {
             model: r.model,
@@ -253,6 +257,9 @@ impl Worker for WorkerService {
         &self,
         req: Request<SyncTorrentsRequest>,
     ) -> Result<Response<SyncTorrentsResponse>, Status> {
+        if req.get_ref().fetch_missing {
+            self.tokens.check_grpc(Class::Admin, &req)?;
+        }
         let entries = self
             .dispatcher
             .sync_torrents(req.get_ref().fetch_missing)
@@ -291,6 +298,7 @@ impl Worker for WorkerService {
 
     #[tracing::instrument(name = "grpc.Relay", skip_all, fields(to = %req.get_ref().to_peer_id))]
     async fn relay(&self, req: Request<RelayRequest>) -> Result<Response<RelayResponse>, Status> {
+        self.tokens.check_grpc(Class::Admin, &req)?;
         let r = req.into_inner();
         let peer: PeerId = r
             .to_peer_id
@@ -400,6 +408,7 @@ pub async fn serve(
     dispatcher: Dispatcher,
     net: NetHandle,
     peer_id: PeerId,
+    tokens: Tokens,
 ) -> anyhow::Result<(
     SocketAddr,
     impl std::future::Future<Output = anyhow::Result<()>>,
@@ -451,6 +460,7 @@ pub async fn serve(
         dispatcher,
         net,
         peer_id: peer_id.to_string(),
+        tokens,
     };
     info!("[STATUS] gRPC on {bound} (reflection, grpc.health.v1)");
     let fut = async move {

@@ -16,7 +16,7 @@ use llama_worker::client::JsonClient;
 use llama_worker::network::behaviour::Role;
 use llama_worker::{READY_PREFIX, grpc, startup};
 use serde_json::json;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(name = "llama-worker", version, about = "llama-cluster worker node")]
@@ -406,6 +406,17 @@ async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
         "[STATUS] async runtime threads: {} (llama.cpp runs on its own)",
         tokio::runtime::Handle::current().metrics().num_workers()
     );
+    let tokens = llama_cluster_shared::auth::Tokens::load(
+        &cfg.admin_token,
+        &cfg.admin_token_file,
+        &cfg.api_token,
+        &cfg.api_token_file,
+    )?;
+    if !tokens.has_admin() {
+        warn!(
+            "[STATUS] no admin token (admin_token_file or LLAMA_CLUSTER_ADMIN_TOKEN): anyone who reaches the gRPC port can load and unload shards"
+        );
+    }
     let running = startup::start(cfg, role, keypair).await?;
     running.torrents.announce_all();
     let pipeline = running.pipeline.clone();
@@ -424,6 +435,7 @@ async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
         running.dispatcher.clone(),
         running.net.clone(),
         running.peer_id,
+        tokens,
     )
     .await?;
     let mut metrics_bound = String::new();
