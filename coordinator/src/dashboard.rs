@@ -16,7 +16,7 @@ use axum::routing::get;
 use llama_cluster_proto::v1::{GetClusterStatusResponse, GetStatusResponse, ShardInfo};
 use serde_json::{Value, json};
 
-use crate::openai::ApiState;
+use crate::api_state::ApiState;
 
 /// Layers drawn at most (a bogus shard record cannot make the page huge).
 const MAX_LAYERS: u32 = 4096;

@@ -3,6 +3,7 @@
 //! front of them (with traces and Prometheus metrics), and runs the local
 //! demo cluster.
 
+pub mod api_state;
 pub mod cluster;
 pub mod dashboard;
 pub mod demo;

@@ -26,12 +26,7 @@ use tracing::{Instrument, info, info_span};
 /// Largest `max_tokens` accepted before asking a worker.
 const MAX_TOKENS_LIMIT: u64 = 1 << 20;
 
-pub struct ApiState {
-    /// gRPC addresses of the workers requests may go to.
-    pub workers: crate::workers::WorkerSet,
-    /// Admission, load spread and failover over the drivers.
-    pub drivers: crate::drivers::Drivers,
-}
+pub use crate::api_state::ApiState;
 
 /// An OpenAI-style error response.
 fn error(
