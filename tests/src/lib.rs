@@ -427,13 +427,7 @@ impl PipelineCluster {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<PipelineCluster> {
-        let m: Value = serde_json::from_slice(&std::fs::read(manifest)?)?;
-        let shard_ids: Vec<String> = m["shards"]
-            .as_array()
-            .ok_or_else(|| anyhow!("manifest has no shards"))?
-            .iter()
-            .filter_map(|s| s["id"].as_str().map(String::from))
-            .collect();
+        let shard_ids = shard_ids_of(manifest)?;
         let bootstrap = start_bootstrap(dir)?;
         // Workers without QUIC reach the bootstrap node over TCP.
         let b = bootstrap.addr(if extra.contains(&"--no-quic") {
@@ -488,24 +482,58 @@ impl PipelineCluster {
 
     /// Waits until `node` sees every shard ready and reachable.
     pub async fn wait_ready_from(&self, node: &NodeProc) -> anyhow::Result<()> {
-        wait_for(
-            &format!("{} to see every shard ready", node.name),
+        wait_until_ready(
+            node,
+            "every shard",
             Duration::from_secs(60),
-            || async {
-                let st = node.status().await.ok()?;
+            |s| {
                 self.shard_ids
-                    .iter()
-                    .all(|id| {
-                        st.shards.iter().any(|s| {
-                            &s.shard_id == id && s.state == "ready" && s.availability != "OFFLINE"
-                        })
-                    })
-                    .then_some(())
+                    .contains(&s.shard_id)
+                    .then(|| s.shard_id.clone())
             },
+            self.shard_ids.len(),
         )
         .await
-        .map_err(|e| anyhow!("{e}\n{}", node.log()))
     }
+}
+
+/// The shard ids of a split manifest, in order.
+pub fn shard_ids_of(manifest: &Path) -> anyhow::Result<Vec<String>> {
+    let m: Value = serde_json::from_slice(&std::fs::read(manifest)?)?;
+    Ok(m["shards"]
+        .as_array()
+        .ok_or_else(|| anyhow!("manifest has no shards"))?
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(String::from))
+        .collect())
+}
+
+/// Waits until `node` sees ready, reachable shard records for `n` distinct
+/// keys (`key`: the record's key, `None` for records that do not count).
+async fn wait_until_ready(
+    node: &NodeProc,
+    what: &str,
+    timeout: Duration,
+    key: impl Fn(&llama_cluster_proto::v1::ShardInfo) -> Option<String>,
+    n: usize,
+) -> anyhow::Result<()> {
+    let key = &key;
+    wait_for(
+        &format!("{} to see {what} ready", node.name),
+        timeout,
+        || async move {
+            let st = node.status().await.ok()?;
+            let seen: std::collections::HashSet<String> = st
+                .shards
+                .iter()
+                .filter(|s| s.state == "ready" && s.availability != "OFFLINE")
+                .filter_map(key)
+                .collect();
+            (seen.len() >= n).then_some(())
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("{e}\n{}", node.log()))
 }
 
 /// A bootstrap node and `replicas` workers per shard of `manifest` (worker
@@ -525,13 +553,7 @@ impl ReplicaCluster {
         replicas: usize,
         extra: &[&str],
     ) -> anyhow::Result<ReplicaCluster> {
-        let m: Value = serde_json::from_slice(&std::fs::read(manifest)?)?;
-        let shard_ids: Vec<String> = m["shards"]
-            .as_array()
-            .ok_or_else(|| anyhow!("manifest has no shards"))?
-            .iter()
-            .filter_map(|s| s["id"].as_str().map(String::from))
-            .collect();
+        let shard_ids = shard_ids_of(manifest)?;
         let bootstrap = start_bootstrap(dir)?;
         let mut c = ReplicaCluster {
             bootstrap,
@@ -590,23 +612,14 @@ impl ReplicaCluster {
     /// Waits until `node` sees every worker's shard ready and reachable.
     pub async fn wait_all_ready_from(&self, node: &NodeProc) -> anyhow::Result<()> {
         let peers: Vec<String> = self.workers.iter().map(|w| w.peer_id.clone()).collect();
-        wait_for(
-            &format!("{} to see every replica ready", node.name),
+        wait_until_ready(
+            node,
+            "every replica",
             Duration::from_secs(90),
-            || async {
-                let st = node.status().await.ok()?;
-                peers
-                    .iter()
-                    .all(|p| {
-                        st.shards.iter().any(|s| {
-                            &s.peer_id == p && s.state == "ready" && s.availability != "OFFLINE"
-                        })
-                    })
-                    .then_some(())
-            },
+            |s| peers.contains(&s.peer_id).then(|| s.peer_id.clone()),
+            peers.len(),
         )
         .await
-        .map_err(|e| anyhow!("{e}\n{}", node.log()))
     }
 }
 
