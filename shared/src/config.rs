@@ -438,25 +438,42 @@ impl NodeConfig {
         }
         parse_layer_range(&self.shard_layers)
             .map(Some)
-            .map_err(|reason| ConfigError::invalid("shard_layers", reason))
+            .map_err(|reason| ConfigError::invalid("shard_layers", reason.to_string()))
     }
 }
 
+/// A layer range that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayerRangeError {
+    #[error("{0:?} is not a layer range START-END (for example 0-14)")]
+    NotARange(String),
+    #[error("{range:?}: {which} {value:?} is not a layer number")]
+    NotANumber {
+        range: String,
+        which: &'static str,
+        value: String,
+    },
+    #[error("{0:?}: start is after end")]
+    Reversed(String),
+}
+
 /// Parses `START-END` (inclusive, START <= END).
-pub fn parse_layer_range(s: &str) -> Result<(u32, u32), String> {
+pub fn parse_layer_range(s: &str) -> Result<(u32, u32), LayerRangeError> {
     let (a, b) = s
         .split_once('-')
-        .ok_or_else(|| format!("{s:?} is not a layer range START-END (for example 0-14)"))?;
-    let a: u32 = a
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: start {a:?} is not a layer number"))?;
-    let b: u32 = b
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: end {b:?} is not a layer number"))?;
+        .ok_or_else(|| LayerRangeError::NotARange(s.to_string()))?;
+    let number = |which: &'static str, v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| LayerRangeError::NotANumber {
+                range: s.to_string(),
+                which,
+                value: v.to_string(),
+            })
+    };
+    let (a, b) = (number("start", a)?, number("end", b)?);
     if a > b {
-        return Err(format!("{s:?}: start is after end"));
+        return Err(LayerRangeError::Reversed(s.to_string()));
     }
     Ok((a, b))
 }

@@ -553,9 +553,7 @@ async fn split(a: SplitArgs) -> anyhow::Result<()> {
         (None, false) => SplitPlan::Ranges(
             a.ranges
                 .iter()
-                .map(|r| {
-                    llama_cluster_shared::config::parse_layer_range(r).map_err(anyhow::Error::msg)
-                })
+                .map(|r| Ok(llama_cluster_shared::config::parse_layer_range(r)?))
                 .collect::<anyhow::Result<Vec<_>>>()?,
         ),
         (None, true) => SplitPlan::Count(2),

@@ -281,11 +281,11 @@ impl Pipeline {
         loop {
             match self.plan_free(model, n_layer, excluded) {
                 Ok(r) => return Ok(Some(r)),
-                Err(PlanError::Full(_)) => return Ok(None),
-                Err(PlanError::NoRoute(e)) if *looked_up => {
-                    return Err(PipelineError::Unavailable(e));
+                Err(PlanError::Full { .. }) => return Ok(None),
+                Err(e @ PlanError::NoRoute { .. }) if *looked_up => {
+                    return Err(PipelineError::Unavailable(e.to_string()));
                 }
-                Err(PlanError::NoRoute(e)) => {
+                Err(e @ PlanError::NoRoute { .. }) => {
                     // A shard loaded a moment ago may not have reached
                     // this worker yet.
                     self.lookup_shards(model, n_layer, &e).await;
@@ -298,7 +298,7 @@ impl Pipeline {
     /// Looks the model's shard records up in the DHT until a route exists
     /// (ignoring capacity), for at most [`ROUTE_LOOKUP`]: a shard loaded a
     /// moment ago may not have reached this worker's view yet.
-    async fn lookup_shards(&self, model: &str, n_layer: u32, missing: &str) {
+    async fn lookup_shards(&self, model: &str, n_layer: u32, missing: &PlanError) {
         let Ok(info) = self.model_info().await else {
             return;
         };
