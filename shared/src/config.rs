@@ -129,6 +129,12 @@ pub struct NodeConfig {
     /// empty: open.
     pub api_token: String,
     pub api_token_file: String,
+    /// The cluster's shared secret (64 hex digits; `llama-worker keygen`
+    /// writes a file): only peers that prove it are served. Set it through
+    /// `cluster_key_file` (or `LLAMA_CLUSTER_KEY_FILE`), or the environment
+    /// (`LLAMA_CLUSTER_KEY`); empty: the cluster is open.
+    pub cluster_key: String,
+    pub cluster_key_file: String,
     /// Trace every N-th decode step in detail (hops and stages); 1: every
     /// step, 0: none (prefill and the request are always traced).
     pub trace_decode_every: u32,
@@ -144,6 +150,8 @@ pub struct NodeConfig {
     pub test_busy_pieces: u32,
     /// Test only: listen on QUIC alone (peers cannot reach it over TCP).
     pub test_no_tcp_listen: bool,
+    /// Test only: publish forged shard records for other peers' shards.
+    pub test_forge_records: bool,
 }
 
 impl Default for NodeConfig {
@@ -190,6 +198,8 @@ impl Default for NodeConfig {
             admin_token_file: String::new(),
             api_token: String::new(),
             api_token_file: String::new(),
+            cluster_key: String::new(),
+            cluster_key_file: String::new(),
             trace_decode_every: 1,
             test_corrupt_pieces: false,
             test_lying_meta: false,
@@ -197,6 +207,7 @@ impl Default for NodeConfig {
             test_piece_delay_ms: 0,
             test_busy_pieces: 0,
             test_no_tcp_listen: false,
+            test_forge_records: false,
         }
     }
 }
