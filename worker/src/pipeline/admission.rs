@@ -283,7 +283,20 @@ impl Pipeline {
                 Ok(r) => return Ok(Some(r)),
                 Err(PlanError::Full { .. }) => return Ok(None),
                 Err(e @ PlanError::NoRoute { .. }) if *looked_up => {
-                    return Err(PipelineError::Unavailable(e.to_string()));
+                    // Name the range from the manifest when no record of
+                    // it is left.
+                    let ranges: Vec<(u32, u32, String)> = match self.model_info().await {
+                        Ok(info) => info
+                            .manifest
+                            .shards
+                            .iter()
+                            .map(|s| (s.layer_start, s.layer_end, s.id.clone()))
+                            .collect(),
+                        Err(_) => vec![],
+                    };
+                    return Err(PipelineError::Unavailable(
+                        e.with_ranges(&ranges).to_string(),
+                    ));
                 }
                 Err(e @ PlanError::NoRoute { .. }) => {
                     // A shard loaded a moment ago may not have reached

@@ -15,14 +15,32 @@ pub enum PlanError {
     )]
     NoRoute {
         model: String,
-        /// The range left without a replica ("layers 22-29 (id)").
+        /// The range left without a replica ("layers 22-29 (id)", or
+        /// "layers starting at 22" when no record of it is known).
         range: String,
+        /// Its first layer.
+        first_layer: u32,
         last_layer: u32,
         known: String,
     },
     /// Routes exist, but a layer range has no replica with a free session.
     #[error("every replica of {range} is busy (no free session)")]
     Full { range: String },
+}
+
+impl PlanError {
+    /// Names the range from `ranges` (the manifest's `(start, end, id)`)
+    /// when no record of it was known.
+    pub fn with_ranges(mut self, ranges: &[(u32, u32, String)]) -> PlanError {
+        if let PlanError::NoRoute {
+            range, first_layer, ..
+        } = &mut self
+            && let Some((a, b, id)) = ranges.iter().find(|(a, _, _)| a == first_layer)
+        {
+            *range = format!("layers {a}-{b} ({id})");
+        }
+        self
+    }
 }
 
 /// A route whose every stage has a free session ([`ShardStatus::free_sessions`]):
@@ -103,6 +121,7 @@ fn plan_by(
                 PlanError::NoRoute {
                     model: model.to_string(),
                     range,
+                    first_layer: next,
                     last_layer: n_layer.saturating_sub(1),
                     known: known.join(", "),
                 }
@@ -168,6 +187,12 @@ mod tests {
             "{e}"
         );
         assert!(plan(&s, "other", 30).is_err());
+        // With the manifest's ranges, the range is named in full.
+        let e = plan(&s[..5], "m", 30)
+            .unwrap_err()
+            .with_ranges(&[(0, 9, "a".into()), (20, 29, "c".into())])
+            .to_string();
+        assert!(e.contains("layers 20-29 (c) of 0-29"), "{e}");
     }
 
     #[test]
