@@ -112,6 +112,9 @@ pub struct NodeConfig {
     /// Upload rate limit for seeding, in MB/s (10^6 bytes) over all peers
     /// (0: unlimited).
     pub upload_limit_mb_per_sec: f64,
+    /// Serve the verified pieces of a file while it is still downloading
+    /// (announcing it, telling other downloaders which pieces it has).
+    pub partial_seeding: bool,
     /// Prometheus `/metrics` address (`host:port`; empty: off).
     pub metrics_addr: String,
     /// Memory this worker offers for shards, in MB (0: the machine's total
@@ -144,6 +147,9 @@ pub struct NodeConfig {
     pub test_busy_pieces: u32,
     /// Test only: listen on QUIC alone (peers cannot reach it over TCP).
     pub test_no_tcp_listen: bool,
+    /// Test only: corrupt the pieces served from a download in progress (a
+    /// lying partial seeder); `LLAMA_CLUSTER_TEST_CORRUPT_UPLOADS=true`.
+    pub test_corrupt_uploads: bool,
 }
 
 impl Default for NodeConfig {
@@ -183,6 +189,7 @@ impl Default for NodeConfig {
             cache_dir: String::new(),
             seed_manifest: true,
             upload_limit_mb_per_sec: 0.0,
+            partial_seeding: true,
             metrics_addr: String::new(),
             memory_mb: 0,
             otlp_endpoint: String::new(),
@@ -197,6 +204,7 @@ impl Default for NodeConfig {
             test_piece_delay_ms: 0,
             test_busy_pieces: 0,
             test_no_tcp_listen: false,
+            test_corrupt_uploads: false,
         }
     }
 }

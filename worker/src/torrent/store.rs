@@ -2,7 +2,9 @@
 //! (`files/<hash>`, with `meta/<hash>.json`), downloads in progress
 //! (`partial/<hash>.part`, pieces re-verified on resume), and files seeded
 //! from elsewhere on disk (a split directory). Nothing is served or placed
-//! under its final name before it is verified.
+//! under its final name before it is verified; a download in progress
+//! shared with other downloaders ([`Store::share`]) serves only the pieces
+//! it verified.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -14,6 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use blake3::hazmat::ChainingValue;
 
+use super::bitfield::Bitfield;
 use super::meta::TorrentMeta;
 use super::tree_hash;
 
@@ -28,9 +31,28 @@ pub struct Seed {
     pub path: PathBuf,
 }
 
+/// Where a piece that was read comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PieceSource {
+    Complete,
+    /// A download in progress (the piece is verified).
+    Partial,
+}
+
+/// A download in progress whose verified pieces are served: its metadata,
+/// its open `.part` file (reads keep working across the final rename) and
+/// which pieces are verified and written.
+#[derive(Clone)]
+struct SharedPartial {
+    meta: Arc<TorrentMeta>,
+    file: Arc<File>,
+    have: Arc<RwLock<Bitfield>>,
+}
+
 pub struct Store {
     root: PathBuf,
     seeds: RwLock<HashMap<String, Seed>>,
+    partials: RwLock<HashMap<String, SharedPartial>>,
 }
 
 impl Store {
@@ -42,6 +64,7 @@ impl Store {
         let store = Store {
             root: root.to_path_buf(),
             seeds: RwLock::new(HashMap::new()),
+            partials: RwLock::new(HashMap::new()),
         };
         for entry in std::fs::read_dir(root.join("meta"))? {
             let path = entry?.path();
@@ -84,14 +107,69 @@ impl Store {
             .cloned()
     }
 
-    /// Length of piece `i` of a complete file here (no copy of its metadata).
+    /// Length of piece `i` of file `hash` when it can be served: from a
+    /// complete file, or verified in a shared download (no copy of its
+    /// metadata).
     pub fn piece_len(&self, hash: &str, i: u32) -> Option<u64> {
-        self.seeds
+        let complete = self
+            .seeds
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(hash)
             .filter(|s| i < s.meta.n_pieces())
-            .map(|s| s.meta.piece_len(i))
+            .map(|s| s.meta.piece_len(i));
+        complete.or_else(|| {
+            self.shared(hash)
+                .filter(|p| p.have.read().unwrap_or_else(|e| e.into_inner()).has(i))
+                .map(|p| p.meta.piece_len(i))
+        })
+    }
+
+    fn shared(&self, hash: &str) -> Option<SharedPartial> {
+        self.partials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .cloned()
+    }
+
+    /// Serves the verified pieces of download `p` from now on (until
+    /// [`Store::unshare`]).
+    pub fn share(&self, p: &Partial) {
+        self.partials
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                p.meta.file_hash.clone(),
+                SharedPartial {
+                    meta: Arc::new(p.meta.clone()),
+                    file: p.file.clone(),
+                    have: p.have_bits.clone(),
+                },
+            );
+    }
+
+    /// Stops serving the download of `hash` (it ended, finished or not).
+    pub fn unshare(&self, hash: &str) {
+        self.partials
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(hash);
+    }
+
+    /// The metadata of a shared download in progress.
+    pub fn shared_meta(&self, hash: &str) -> Option<TorrentMeta> {
+        self.shared(hash).map(|p| (*p.meta).clone())
+    }
+
+    /// Which pieces of `hash` this node can serve: all of a complete file,
+    /// the verified ones of a shared download, else `None`.
+    pub fn bitfield(&self, hash: &str) -> Option<Bitfield> {
+        if let Some(s) = self.seed(hash) {
+            return Some(Bitfield::full(s.meta.n_pieces()));
+        }
+        self.shared(hash)
+            .map(|p| p.have.read().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     pub fn catalog(&self) -> Vec<TorrentMeta> {
@@ -114,11 +192,27 @@ impl Store {
     }
 
     /// Appends piece `i` of file `hash` to `out` (a response frame being
-    /// built, so the piece is copied once, from the page cache).
-    pub fn read_piece_into(&self, hash: &str, i: u32, out: &mut Vec<u8>) -> Result<(), String> {
-        let seed = self
-            .seed(hash)
-            .ok_or_else(|| format!("no complete file {hash} here"))?;
+    /// built, so the piece is copied once, from the page cache): from the
+    /// complete file, else from a shared download that verified it.
+    pub fn read_piece_into(
+        &self,
+        hash: &str,
+        i: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<PieceSource, String> {
+        let Some(seed) = self.seed(hash) else {
+            let p = self
+                .shared(hash)
+                .filter(|p| p.have.read().unwrap_or_else(|e| e.into_inner()).has(i))
+                .ok_or_else(|| format!("no complete file {hash} or verified piece {i} here"))?;
+            let len = p.meta.piece_len(i) as usize;
+            let at = out.len();
+            out.resize(at + len, 0);
+            p.file
+                .read_exact_at(&mut out[at..], i as u64 * p.meta.piece_size)
+                .map_err(|e| format!("reading piece {i} of a download in progress: {e}"))?;
+            return Ok(PieceSource::Partial);
+        };
         if i >= seed.meta.n_pieces() {
             return Err(format!(
                 "piece {i} out of range (the file has {})",
@@ -138,7 +232,7 @@ impl Store {
                 seed.path.display()
             ));
         }
-        Ok(())
+        Ok(PieceSource::Complete)
     }
 
     /// Opens (or resumes) the download of `meta`.
@@ -171,6 +265,8 @@ pub struct Partial {
     pub meta: TorrentMeta,
     file: Arc<File>,
     have: Vec<Option<ChainingValue>>,
+    /// The pieces of `have`, as served to other downloaders.
+    have_bits: Arc<RwLock<Bitfield>>,
     part_path: PathBuf,
     unsynced: Arc<AtomicU64>,
     syncing: Arc<AtomicBool>,
@@ -212,10 +308,17 @@ impl Partial {
                 }
             }
         }
+        let mut bits = Bitfield::empty(n as u32);
+        for (i, h) in have.iter().enumerate() {
+            if h.is_some() {
+                bits.set(i as u32);
+            }
+        }
         Ok(Partial {
             meta: meta.clone(),
             file: Arc::new(file),
             have,
+            have_bits: Arc::new(RwLock::new(bits)),
             part_path,
             unsynced: Arc::default(),
             syncing: Arc::default(),
@@ -226,6 +329,14 @@ impl Partial {
         (0..self.have.len() as u32)
             .filter(|&i| self.have[i as usize].is_none())
             .collect()
+    }
+
+    /// The pieces verified so far.
+    pub fn bitfield(&self) -> Bitfield {
+        self.have_bits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn verified_bytes(&self) -> u64 {
@@ -252,6 +363,10 @@ impl Partial {
     pub fn mark_written(&mut self, i: u32, value: ChainingValue) {
         if let Some(h) = self.have.get_mut(i as usize) {
             *h = Some(value);
+            self.have_bits
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .set(i);
         }
     }
 
