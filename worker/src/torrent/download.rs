@@ -65,7 +65,11 @@ fn check_meta(
 struct MetaFailure(Vec<(PeerId, String, bool)>);
 
 impl Torrents {
-    pub(super) async fn ask(&self, peer: PeerId, req: TorrentRequest) -> Result<TorrentResponse, String> {
+    pub(super) async fn ask(
+        &self,
+        peer: PeerId,
+        req: TorrentRequest,
+    ) -> Result<TorrentResponse, String> {
         // Metadata is small: a peer that cannot answer it quickly (a record
         // of a node that is gone costs a dial timeout) is passed over.
         // Pieces go over TCP, which moves bulk data with less CPU than QUIC
@@ -427,7 +431,7 @@ impl Torrents {
 
 #[cfg(test)]
 mod tests {
-use super::*;
+    use super::*;
 
     fn meta_of_a_file() -> TorrentMeta {
         let dir = std::env::temp_dir().join(format!("llama-check-meta-{}", std::process::id()));

@@ -166,7 +166,8 @@ impl Torrents {
                 if partial {
                     frame[0] = TorrentResponse::piece_frame(index, 0, true)[0];
                 }
-                if (self.0.hooks.corrupt_pieces || (partial && self.0.hooks.corrupt_partial_uploads))
+                if (self.0.hooks.corrupt_pieces
+                    || (partial && self.0.hooks.corrupt_partial_uploads))
                     && n > 0
                 {
                     frame[PIECE_HEADER] ^= 0xff;

@@ -145,10 +145,7 @@ mod tests {
         s.heard("f", c, true, None);
         assert_eq!(s.downloaders("f", None), vec![b, a]);
         assert_eq!(s.downloaders("f", Some(&b)), vec![a]);
-        assert_eq!(
-            s.take_news("f"),
-            vec![(b, PeerNews::Bitfield(vec![3]))]
-        );
+        assert_eq!(s.take_news("f"), vec![(b, PeerNews::Bitfield(vec![3]))]);
         // The wake-up was stored for the loop's next wait.
         assert!(futures::FutureExt::now_or_never(notify.notified()).is_some());
         // A peer that completes or lies leaves the list.

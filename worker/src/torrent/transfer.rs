@@ -12,7 +12,6 @@
 use tokio::sync::mpsc;
 
 use super::bitfield::Bitfield;
-use super::download::META_TIMEOUT;
 use super::picker::{Picker, Rate};
 use super::spans::PeerSpans;
 use super::store::Partial;
@@ -107,13 +106,17 @@ impl Torrents {
                     file_hash: hash.clone(),
                     pieces,
                 };
-                let sends = me
-                    .0
-                    .swarm
-                    .downloaders(&hash, None)
-                    .into_iter()
-                    .map(|p| me.ask(p, req.clone()));
-                let _ = tokio::time::timeout(META_TIMEOUT, futures::future::join_all(sends)).await;
+                // A peer that does not take the news (gone, or no longer
+                // holding the file) is told no more.
+                let sends = me.0.swarm.downloaders(&hash, None).into_iter().map(|p| {
+                    let (me, req) = (me.clone(), req.clone());
+                    async move { (p, me.ask(p, req).await) }
+                });
+                for (p, r) in futures::future::join_all(sends).await {
+                    if !matches!(r, Ok(TorrentResponse::Ack)) {
+                        me.0.swarm.forget(&hash, &p);
+                    }
+                }
             }
         });
     }
@@ -183,10 +186,11 @@ impl Torrents {
         // The providers and the connected peers the DHT did not name (their
         // announcements may be on the way) are asked for their bitfield.
         let is_connected = |p: &PeerId| self.0.state.read(|s| s.connections.contains_key(p));
-        for &p in providers
-            .iter()
-            .chain(tried.iter().filter(|p| !providers.contains(p) && is_connected(p)))
-        {
+        for &p in providers.iter().chain(
+            tried
+                .iter()
+                .filter(|p| !providers.contains(p) && is_connected(p)),
+        ) {
             if p != self.0.me && asked.insert(p) {
                 running.push(self.handshake(p, file_hash, picker.mine()));
             }
@@ -272,7 +276,9 @@ impl Torrents {
                         _ = news.notified() => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
-                    for p in self.apply_news(file_hash, &mut picker, &mut active, &mut asked, &dropped) {
+                    for p in
+                        self.apply_news(file_hash, &mut picker, &mut active, &mut asked, &dropped)
+                    {
                         running.push(self.handshake(p, file_hash, picker.mine()));
                     }
                     continue;
