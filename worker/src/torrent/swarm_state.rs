@@ -91,7 +91,7 @@ impl SwarmState {
                 .filter(|(p, t)| Some(*p) != except && now.duration_since(**t) < DOWNLOADER_TTL)
                 .map(|(p, t)| (*p, *t))
                 .collect();
-            v.sort_by(|a, b| b.1.cmp(&a.1));
+            v.sort_by_key(|e| std::cmp::Reverse(e.1));
             v.into_iter().take(MAX_PEX).map(|(p, _)| p).collect()
         })
     }
