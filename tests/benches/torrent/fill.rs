@@ -145,13 +145,19 @@ async fn one(
     }
 }
 
-/// Every count, partial seeding on and off; `bare` is the manifest alone
-/// (the downloaders' disk holds no shard file).
+/// Every count, partial seeding on and off. The downloaders' disk holds the
+/// manifest and the model's head file (which every shard needs, so only the
+/// shard file itself is fetched).
 pub async fn run(dir: &Path, manifest: &Path, shard_id: &str, hash: &str, cap: u32) -> Vec<Fill> {
     let bare_dir = dir.join("fill-manifest");
     std::fs::create_dir_all(&bare_dir).expect("dir");
     let bare = bare_dir.join("manifest.json");
     std::fs::copy(manifest, &bare).expect("manifest");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(manifest).expect("manifest")).expect("manifest");
+    if let Some(head) = m["head"]["file"].as_str() {
+        std::fs::copy(manifest.with_file_name(head), bare_dir.join(head)).expect("head file");
+    }
     let mut out = Vec::new();
     for partial in [true, false] {
         for n in COUNTS {

@@ -8,8 +8,9 @@
 //! - [`bitfield`]: which pieces of a file a peer holds;
 //! - [`swarm_state`]: who else is fetching a file, and their news;
 //! - [`picker`]: which piece to ask which peer for, and how many at once;
-//! - `download`: a file's metadata, then its pieces (`transfer`), with one
-//!   tracing span per peer (`spans`);
+//! - `download`: a file's metadata, then its pieces (`transfer`; news
+//!   swapped with the other peers in `exchange`), with one tracing span per
+//!   peer (`spans`);
 //! - `serve`: answering other peers (metadata, pieces of complete files and
 //!   verified pieces of downloads in progress, bitfields, "have" news);
 //! - this module: announcing files as DHT providers, the catalog and
@@ -17,6 +18,7 @@
 
 pub mod bitfield;
 mod download;
+mod exchange;
 pub mod meta;
 pub mod picker;
 pub mod protocol;

@@ -1,11 +1,15 @@
 //! Which piece to ask which peer for, and how many requests each peer gets.
 //!
 //! Pieces go rarest first: among the missing pieces a peer has that nobody
-//! was asked for yet, the one the fewest peers hold, ties broken in an order
-//! of this node's own (so downloaders starting together from one seeder ask
-//! it for different pieces). Once every missing piece is asked for
-//! (end game), a peer with nothing new duplicates a piece in flight (at most
-//! two requests per piece). Each peer gets as many requests at once as its
+//! was asked for yet and no clearly faster peer has, the one the fewest
+//! peers hold, ties broken in an order
+//! of this node's own: the file's pieces from an offset drawn from its peer
+//! id, round to the start (so downloaders starting together from one seeder
+//! walk different stretches of the file, and their requests seldom meet).
+//! Once every missing piece is asked for (end game), a peer with nothing new
+//! duplicates a piece in flight (at most two requests per piece) if it is
+//! clearly faster than the peer asked before (a slow seeder's upload is not
+//! spent on copies a downloader will have sooner from elsewhere). Each peer gets as many requests at once as its
 //! measured rate fills in [`WINDOW`] (between 1 and [`MAX_IN_FLIGHT`]): a
 //! seeder whose upload many share gets one or two, an idle peer on a fast
 //! link the most.
@@ -87,18 +91,13 @@ pub struct Picker {
 
 impl Picker {
     /// Pieces of a file of `mine.len()` pieces, holding `mine`; ties broken
-    /// by an order drawn from `me`.
+    /// in file order from an offset drawn from `me`.
     pub fn new(mine: Bitfield, me: &PeerId) -> Picker {
-        let seed = me.to_bytes();
-        let rank = (0..mine.len())
-            .map(|i| {
-                let mut h = blake3::Hasher::new();
-                h.update(&seed);
-                h.update(&i.to_le_bytes());
-                let b = h.finalize();
-                u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or_default())
-            })
-            .collect();
+        let h = blake3::hash(&me.to_bytes());
+        let draw = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default());
+        let n = mine.len() as u64;
+        let offset = draw % n.max(1);
+        let rank = (0..n).map(|i| (i + n - offset) % n).collect();
         Picker {
             avail: vec![0; mine.len() as usize],
             mine,
@@ -171,11 +170,22 @@ impl Picker {
         self.requested.get(&i).map_or(0, HashSet::len)
     }
 
-    /// The next piece to ask `peer` for, if it has one this node wants.
-    pub fn pick(&self, peer: &PeerId) -> Option<u32> {
+    /// The next piece to ask `peer` for, if it has one this node wants;
+    /// `faster(p, q)`: peer `p` is clearly faster than `q` (end game).
+    pub fn pick(&self, peer: &PeerId, faster: impl Fn(&PeerId, &PeerId) -> bool) -> Option<u32> {
         let n = self.mine.len();
+        // A piece that a clearly faster peer also has is left to that peer
+        // (a capped seeder's upload goes to pieces nobody else has).
         let fresh = (0..n)
-            .filter(|&i| self.wanted(i) && self.asked(i) == 0 && self.has(peer, i))
+            .filter(|&i| {
+                self.wanted(i)
+                    && self.asked(i) == 0
+                    && self.has(peer, i)
+                    && !self
+                        .views
+                        .iter()
+                        .any(|(q, v)| q != peer && v.has(i) && faster(q, peer))
+            })
             .min_by_key(|&i| (self.avail[i as usize], self.rank[i as usize]));
         if fresh.is_some() {
             return fresh;
@@ -189,7 +199,10 @@ impl Picker {
                 self.wanted(i)
                     && self.has(peer, i)
                     && self.asked(i) < 2
-                    && !self.requested.get(&i).is_some_and(|w| w.contains(peer))
+                    && self
+                        .requested
+                        .get(&i)
+                        .is_some_and(|w| !w.contains(peer) && w.iter().all(|q| faster(peer, q)))
             })
             .min_by_key(|&i| (self.asked(i), self.rank[i as usize]))
     }
@@ -244,23 +257,34 @@ mod tests {
     fn the_rarest_piece_a_peer_has_comes_first_and_end_game_duplicates_once() {
         let me = PeerId::random();
         let (seeder, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let (yes, no) = (
+            |_: &PeerId, _: &PeerId| true,
+            |_: &PeerId, _: &PeerId| false,
+        );
         let mut p = Picker::new(bits(4, &[0]), &me);
         p.set_view(seeder, Bitfield::full(4));
         p.set_view(a, bits(4, &[1, 2]));
         p.set_view(b, bits(4, &[2]));
         // Piece 3 is held by the seeder alone; 1 by two peers; 2 by three.
-        assert_eq!(p.pick(&seeder), Some(3));
-        assert_eq!(p.pick(&a), Some(1));
-        assert_eq!(p.pick(&b), Some(2));
+        assert_eq!(p.pick(&seeder, no), Some(3));
+        assert_eq!(p.pick(&a, no), Some(1));
+        assert_eq!(p.pick(&b, no), Some(2));
+        // A piece a clearly faster peer has is left to it.
+        let b_is_faster = |x: &PeerId, _: &PeerId| *x == b;
+        assert_eq!(p.pick(&a, b_is_faster), Some(1));
+        assert_eq!(p.pick(&seeder, b_is_faster), Some(3));
         p.requested(3, seeder);
         p.requested(1, a);
-        assert_eq!(p.pick(&seeder), Some(2));
+        assert_eq!(p.pick(&seeder, no), Some(2));
+        assert_eq!(p.pick(&seeder, b_is_faster), None);
         p.requested(2, b);
-        // Everything is asked for: end game, one duplicate per piece.
-        let dup = p.pick(&seeder).unwrap();
+        // Everything is asked for: end game, one duplicate per piece, and
+        // only from a peer faster than the one asked.
+        assert_eq!(p.pick(&seeder, no), None);
+        let dup = p.pick(&seeder, yes).unwrap();
         assert!(dup == 1 || dup == 2, "{dup}");
         p.requested(dup, seeder);
-        assert_eq!(p.pick(&a), Some(2).filter(|_| dup == 1));
+        assert_eq!(p.pick(&a, yes), Some(2).filter(|_| dup == 1));
         // A peer that lied no longer counts.
         p.remove_peer(&a);
         assert!(!p.knows(&a));
@@ -273,13 +297,17 @@ mod tests {
     }
 
     #[test]
-    fn downloaders_break_ties_in_different_orders() {
+    fn downloaders_walk_the_file_from_different_offsets() {
         let seeder = PeerId::random();
         let firsts: HashSet<u32> = (0..8)
             .map(|_| {
                 let mut p = Picker::new(Bitfield::empty(64), &PeerId::random());
                 p.set_view(seeder, Bitfield::full(64));
-                p.pick(&seeder).unwrap()
+                let first = p.pick(&seeder, |_, _| false).unwrap();
+                p.requested(first, seeder);
+                // Then on in file order.
+                assert_eq!(p.pick(&seeder, |_, _| false), Some((first + 1) % 64));
+                first
             })
             .collect();
         assert!(firsts.len() > 1, "{firsts:?}");

@@ -117,7 +117,7 @@ impl Torrents {
         if !self.0.hooks.piece_delay.is_zero() {
             tokio::time::sleep(self.0.hooks.piece_delay).await;
         }
-        let from_partial = self.0.store.seed(&file_hash).is_none();
+        let from_partial = !self.0.store.has_seed(&file_hash);
         if from_partial && !self.0.partial_seeding {
             return TorrentResponse::Error(format!("no complete file {file_hash} here")).encode();
         }

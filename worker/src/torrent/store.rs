@@ -99,6 +99,14 @@ impl Store {
             .insert(meta.file_hash.clone(), Seed { meta, path });
     }
 
+    /// Whether the complete file `hash` is here.
+    pub fn has_seed(&self, hash: &str) -> bool {
+        self.seeds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(hash)
+    }
+
     pub fn seed(&self, hash: &str) -> Option<Seed> {
         self.seeds
             .read()
@@ -508,6 +516,44 @@ mod tests {
         assert!(err.contains("does not match"), "{err}");
         assert!(!store.final_path(&meta.file_hash).exists());
         assert!(store.seed(&meta.file_hash).is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_shared_download_serves_only_its_verified_pieces_until_it_is_complete() {
+        let (dir, store, data, meta) = setup("shared");
+        let mut p = store.partial(&meta).unwrap();
+        store.share(&p);
+        let h = meta.file_hash.clone();
+        let mut out = Vec::new();
+        assert!(store.read_piece_into(&h, 1, &mut out).is_err());
+        assert_eq!(store.piece_len(&h, 1), None);
+        p.writer().write(1, piece(&data, &meta, 1)).unwrap();
+        // Written but not yet recorded as verified: still not served.
+        assert!(store.read_piece_into(&h, 1, &mut out).is_err());
+        p.mark_written(1, value(&meta, &data, 1));
+        assert_eq!(store.bitfield(&h).unwrap().ones().collect::<Vec<_>>(), [1]);
+        assert_eq!(store.shared_meta(&h), Some(meta.clone()));
+        assert_eq!(
+            store.read_piece_into(&h, 1, &mut out),
+            Ok(PieceSource::Partial)
+        );
+        assert_eq!(out, piece(&data, &meta, 1));
+        let w = p.writer();
+        for i in [0, 2, 3] {
+            w.write(i, piece(&data, &meta, i)).unwrap();
+            p.mark_written(i, value(&meta, &data, i));
+        }
+        drop(w);
+        store.complete(p).unwrap();
+        store.unshare(&h);
+        out.clear();
+        assert_eq!(
+            store.read_piece_into(&h, 3, &mut out),
+            Ok(PieceSource::Complete)
+        );
+        assert_eq!(out, piece(&data, &meta, 3));
+        assert!(store.bitfield(&h).unwrap().is_complete());
         let _ = std::fs::remove_dir_all(dir);
     }
 

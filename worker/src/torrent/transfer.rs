@@ -15,7 +15,6 @@ use super::bitfield::Bitfield;
 use super::picker::{Picker, Rate};
 use super::spans::PeerSpans;
 use super::store::Partial;
-use super::swarm_state::PeerNews;
 use super::*;
 
 /// Pieces received and waiting for (or in) verification; no more are asked
@@ -30,7 +29,7 @@ const MAX_BUSY_WAITS: u32 = 120;
 /// for, before a download gives up (resumable).
 const MAX_IDLE_WAITS: u32 = 30;
 /// Peers one download asks for their bitfield.
-const MAX_PEERS: usize = 64;
+pub(super) const MAX_PEERS: usize = 64;
 
 /// What the metadata search found: the metadata, who sent it, the file's
 /// providers and the peers asked (the connected ones among them that the
@@ -64,63 +63,26 @@ enum Verdict {
     WrongSize,
 }
 
+/// Whether peer `a` delivers more than twice as fast as `b` (or `b` has
+/// delivered nothing yet while `a` has).
+fn clearly_faster(rates: &HashMap<PeerId, Rate>, a: &PeerId, b: &PeerId, now: Instant) -> bool {
+    let of = |p: &PeerId| rates.get(p).and_then(|r| r.bytes_per_sec(now));
+    match (of(a), of(b)) {
+        (Some(x), Some(y)) => x > 2.0 * y,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 /// What a request of the download loop was for.
-enum Job {
+pub(super) enum Job {
     Handshake,
     Piece(u32),
 }
 
-type Answer = (PeerId, Job, Result<TorrentResponse, String>);
+pub(super) type Answer = (PeerId, Job, Result<TorrentResponse, String>);
 
 impl Torrents {
-    fn handshake(
-        &self,
-        p: PeerId,
-        file_hash: &str,
-        mine: &Bitfield,
-    ) -> futures::future::BoxFuture<'static, Answer> {
-        let me = self.clone();
-        let req = TorrentRequest::Bitfield {
-            file_hash: file_hash.to_string(),
-            bits: if self.0.partial_seeding {
-                mine.to_bytes()
-            } else {
-                Bitfield::empty(mine.len()).to_bytes()
-            },
-        };
-        async move { (p, Job::Handshake, me.ask(p, req).await) }.boxed()
-    }
-
-    /// Tells the downloaders of `file_hash` this node knows of about the
-    /// pieces it verified, as they come (batched while a round is sent).
-    fn spawn_have_news(&self, file_hash: &str, mut rx: mpsc::UnboundedReceiver<u32>) {
-        let me = self.clone();
-        let hash = file_hash.to_string();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut pieces = vec![first];
-                while let Ok(i) = rx.try_recv() {
-                    pieces.push(i);
-                }
-                let req = TorrentRequest::Have {
-                    file_hash: hash.clone(),
-                    pieces,
-                };
-                // A peer that does not take the news (gone, or no longer
-                // holding the file) is told no more.
-                let sends = me.0.swarm.downloaders(&hash, None).into_iter().map(|p| {
-                    let (me, req) = (me.clone(), req.clone());
-                    async move { (p, me.ask(p, req).await) }
-                });
-                for (p, r) in futures::future::join_all(sends).await {
-                    if !matches!(r, Ok(TorrentResponse::Ack)) {
-                        me.0.swarm.forget(&hash, &p);
-                    }
-                }
-            }
-        });
-    }
-
     pub(super) async fn transfer(
         &self,
         file_hash: &str,
@@ -230,12 +192,16 @@ impl Torrents {
                 .filter(|p| !dropped.contains(p) && !busy_until.contains_key(p))
             {
                 let rate = rates.entry(p).or_default();
-                while rate.in_flight() < rate.window(wall, piece_size)
+                let window = rate.window(wall, piece_size);
+                while rates.get(&p).map_or(0, Rate::in_flight) < window
                     && picker.n_checking() < MAX_CHECKING
                 {
-                    let Some(i) = picker.pick(&p) else { break };
+                    let faster = |a: &PeerId, b: &PeerId| clearly_faster(&rates, a, b, wall);
+                    let Some(i) = picker.pick(&p, faster) else {
+                        break;
+                    };
                     picker.requested(i, p);
-                    rate.sent(wall);
+                    rates.entry(p).or_default().sent(wall);
                     let me = self.clone();
                     let hash = file_hash.to_string();
                     running.push(
@@ -544,63 +510,5 @@ impl Torrents {
             if seeding { ", seeding" } else { "" }
         );
         Ok(path)
-    }
-
-    /// A peer that lied or failed: not asked again in this download, not
-    /// named to others.
-    fn drop_peer(
-        &self,
-        file_hash: &str,
-        peer: &PeerId,
-        dropped: &mut HashSet<PeerId>,
-        picker: &mut Picker,
-    ) {
-        dropped.insert(*peer);
-        picker.remove_peer(peer);
-        self.0.swarm.forget(file_hash, peer);
-    }
-
-    /// Applies what downloaders told this node since the last call: their
-    /// bitfields (a peer that asked for this node's joins the download) and
-    /// their "have" news; returns the peers not known yet that sent news
-    /// (to be asked for their bitfield).
-    fn apply_news(
-        &self,
-        file_hash: &str,
-        picker: &mut Picker,
-        active: &mut Vec<PeerId>,
-        asked: &mut HashSet<PeerId>,
-        dropped: &HashSet<PeerId>,
-    ) -> Vec<PeerId> {
-        let n = picker.mine().len();
-        let mut unknown = Vec::new();
-        for (p, item) in self.0.swarm.take_news(file_hash) {
-            if dropped.contains(&p) || p == self.0.me {
-                continue;
-            }
-            match item {
-                PeerNews::Bitfield(b) => match Bitfield::from_bytes(&b, n) {
-                    Ok(bits) => {
-                        picker.set_view(p, bits);
-                        asked.insert(p);
-                        if !active.contains(&p) {
-                            debug!("[TORRENT] {p} is downloading this file too; using it");
-                            active.push(p);
-                        }
-                    }
-                    Err(e) => debug!("[TORRENT] {p} sent a bad bitfield: {e}"),
-                },
-                PeerNews::Have(pieces) => {
-                    let known = pieces.into_iter().all(|i| picker.add_have(&p, i));
-                    // Asked again even if it once said it lacked the file:
-                    // it has pieces now.
-                    if !known && (asked.contains(&p) || asked.len() < MAX_PEERS) {
-                        asked.insert(p);
-                        unknown.push(p);
-                    }
-                }
-            }
-        }
-        unknown
     }
 }
