@@ -2,10 +2,11 @@
 //!
 //! Pieces go rarest first: among the missing pieces a peer has that nobody
 //! was asked for yet and no clearly faster peer has, the one the fewest
-//! peers hold, ties broken in an order
-//! of this node's own: the file's pieces from an offset drawn from its peer
-//! id, round to the start (so downloaders starting together from one seeder
-//! walk different stretches of the file, and their requests seldom meet).
+//! peers hold, ties broken in a random order of this node's own (drawn from
+//! its peer id, so downloaders starting together from one seeder seldom ask
+//! it for the same pieces; walking the file from different offsets instead
+//! makes a downloader that catches up with another skip straight into the
+//! pieces the other has in flight).
 //! Once every missing piece is asked for (end game), a peer with nothing new
 //! duplicates a piece in flight (at most two requests per piece) if it is
 //! clearly faster than the peer asked before (a slow seeder's upload is not
@@ -25,6 +26,9 @@ use super::bitfield::Bitfield;
 pub const FIRST_IN_FLIGHT: usize = 2;
 /// Most requests in flight to one peer.
 pub const MAX_IN_FLIGHT: usize = 8;
+/// Time with requests outstanding after which a peer's rate counts even if
+/// it delivered nothing.
+pub const MEASURED_AFTER: Duration = Duration::from_millis(200);
 /// Time of transfer a peer's requests in flight should cover.
 pub const WINDOW: Duration = Duration::from_millis(500);
 
@@ -61,10 +65,13 @@ impl Rate {
         self.in_flight
     }
 
-    /// Bytes per second, once something was delivered.
+    /// Bytes per second, once something was delivered or requests were
+    /// outstanding for [`MEASURED_AFTER`] (a peer that sends nothing then
+    /// measures 0).
     pub fn bytes_per_sec(&self, now: Instant) -> Option<f64> {
         let busy = self.busy + self.since.map_or(Duration::ZERO, |s| now.duration_since(s));
-        (self.bytes > 0 && !busy.is_zero()).then(|| self.bytes as f64 / busy.as_secs_f64())
+        ((self.bytes > 0 && !busy.is_zero()) || busy >= MEASURED_AFTER)
+            .then(|| self.bytes as f64 / busy.as_secs_f64())
     }
 
     /// Requests this peer may have in flight, for pieces of `piece_len`.
@@ -91,13 +98,18 @@ pub struct Picker {
 
 impl Picker {
     /// Pieces of a file of `mine.len()` pieces, holding `mine`; ties broken
-    /// in file order from an offset drawn from `me`.
+    /// in an order drawn from `me`.
     pub fn new(mine: Bitfield, me: &PeerId) -> Picker {
-        let h = blake3::hash(&me.to_bytes());
-        let draw = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default());
-        let n = mine.len() as u64;
-        let offset = draw % n.max(1);
-        let rank = (0..n).map(|i| (i + n - offset) % n).collect();
+        let seed = me.to_bytes();
+        let rank = (0..mine.len())
+            .map(|i| {
+                let mut h = blake3::Hasher::new();
+                h.update(&seed);
+                h.update(&i.to_le_bytes());
+                let b = h.finalize();
+                u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or_default())
+            })
+            .collect();
         Picker {
             avail: vec![0; mine.len() as usize],
             mine,
@@ -297,17 +309,13 @@ mod tests {
     }
 
     #[test]
-    fn downloaders_walk_the_file_from_different_offsets() {
+    fn downloaders_break_ties_in_different_orders() {
         let seeder = PeerId::random();
         let firsts: HashSet<u32> = (0..8)
             .map(|_| {
                 let mut p = Picker::new(Bitfield::empty(64), &PeerId::random());
                 p.set_view(seeder, Bitfield::full(64));
-                let first = p.pick(&seeder, |_, _| false).unwrap();
-                p.requested(first, seeder);
-                // Then on in file order.
-                assert_eq!(p.pick(&seeder, |_, _| false), Some((first + 1) % 64));
-                first
+                p.pick(&seeder, |_, _| false).unwrap()
             })
             .collect();
         assert!(firsts.len() > 1, "{firsts:?}");

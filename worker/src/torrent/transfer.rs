@@ -63,15 +63,11 @@ enum Verdict {
     WrongSize,
 }
 
-/// Whether peer `a` delivers more than twice as fast as `b` (or `b` has
-/// delivered nothing yet while `a` has).
+/// Whether peer `a` measurably delivers more than twice as fast as `b`
+/// (a peer not measured yet is neither faster nor slower).
 fn clearly_faster(rates: &HashMap<PeerId, Rate>, a: &PeerId, b: &PeerId, now: Instant) -> bool {
     let of = |p: &PeerId| rates.get(p).and_then(|r| r.bytes_per_sec(now));
-    match (of(a), of(b)) {
-        (Some(x), Some(y)) => x > 2.0 * y,
-        (Some(_), None) => true,
-        (None, _) => false,
-    }
+    matches!((of(a), of(b)), (Some(x), Some(y)) if x > 2.0 * y)
 }
 
 /// What a request of the download loop was for.
