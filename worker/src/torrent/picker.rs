@@ -94,6 +94,8 @@ pub struct Picker {
     views: HashMap<PeerId, Bitfield>,
     requested: HashMap<u32, HashSet<PeerId>>,
     checking: HashSet<u32>,
+    /// Pieces not to ask of a peer until a moment (it sent them elsewhere).
+    deferred: HashMap<(PeerId, u32), Instant>,
 }
 
 impl Picker {
@@ -117,6 +119,7 @@ impl Picker {
             views: HashMap::new(),
             requested: HashMap::new(),
             checking: HashSet::new(),
+            deferred: HashMap::new(),
         }
     }
 
@@ -188,11 +191,13 @@ impl Picker {
         let n = self.mine.len();
         // A piece that a clearly faster peer also has is left to that peer
         // (a capped seeder's upload goes to pieces nobody else has).
+        let now = Instant::now();
         let fresh = (0..n)
             .filter(|&i| {
                 self.wanted(i)
                     && self.asked(i) == 0
                     && self.has(peer, i)
+                    && !self.is_deferred(peer, i, now)
                     && !self
                         .views
                         .iter()
@@ -210,6 +215,7 @@ impl Picker {
             .filter(|&i| {
                 self.wanted(i)
                     && self.has(peer, i)
+                    && !self.is_deferred(peer, i, now)
                     && self.asked(i) < 2
                     && self
                         .requested
@@ -217,6 +223,17 @@ impl Picker {
                         .is_some_and(|w| !w.contains(peer) && w.iter().all(|q| faster(peer, q)))
             })
             .min_by_key(|&i| (self.asked(i), self.rank[i as usize]))
+    }
+
+    /// Piece `i` is not asked of `peer` before `until`.
+    pub fn defer(&mut self, peer: PeerId, i: u32, until: Instant) {
+        let now = Instant::now();
+        self.deferred.retain(|_, t| *t > now);
+        self.deferred.insert((peer, i), until);
+    }
+
+    fn is_deferred(&self, peer: &PeerId, i: u32, now: Instant) -> bool {
+        self.deferred.get(&(*peer, i)).is_some_and(|t| *t > now)
     }
 
     pub fn requested(&mut self, i: u32, peer: PeerId) {
@@ -297,6 +314,12 @@ mod tests {
         assert!(dup == 1 || dup == 2, "{dup}");
         p.requested(dup, seeder);
         assert_eq!(p.pick(&a, yes), Some(2).filter(|_| dup == 1));
+        // A piece a seeder sent elsewhere is not asked of it for a moment.
+        let mut q = Picker::new(Bitfield::empty(2), &me);
+        q.set_view(seeder, Bitfield::full(2));
+        q.defer(seeder, 0, Instant::now() + Duration::from_secs(60));
+        q.defer(seeder, 1, Instant::now());
+        assert_eq!(q.pick(&seeder, no), Some(1));
         // A peer that lied no longer counts.
         p.remove_peer(&a);
         assert!(!p.knows(&a));

@@ -4,8 +4,9 @@
 //! handshake: the answer is the other side's bitfield and the peers it
 //! knows are downloading the file), or "have" news of pieces just verified.
 //! Responses: the metadata, a piece's bytes (from a complete file or from a
-//! download in progress), a bitfield, an acknowledgement, an error, or busy
-//! (ask again later).
+//! download in progress), a bitfield, an acknowledgement, an error, busy
+//! (ask again later), or elsewhere (a capped seeder just sent the piece to
+//! another downloader: get it there).
 
 use bytes::Bytes;
 use libp2p::PeerId;
@@ -95,6 +96,9 @@ pub enum TorrentResponse {
     /// The seeder has the piece but cannot send it soon (its upload limit's
     /// line is long): ask again later, the peer is not at fault.
     Busy(String),
+    /// A capped seeder just sent (or is sending) this piece to another
+    /// downloader: get it from that one, and ask this seeder for another.
+    Elsewhere(String),
 }
 
 fn take<'a>(b: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
@@ -227,6 +231,10 @@ impl TorrentResponse {
                 }
             }
             TorrentResponse::Ack => v.push(7),
+            TorrentResponse::Elsewhere(e) => {
+                v.push(8);
+                v.extend_from_slice(e.as_bytes());
+            }
         }
         v
     }
@@ -286,6 +294,9 @@ impl TorrentResponse {
                 Ok(TorrentResponse::Bitfield { bits, peers })
             }
             7 => Ok(TorrentResponse::Ack),
+            8 => Ok(TorrentResponse::Elsewhere(
+                String::from_utf8_lossy(rest).into_owned(),
+            )),
             k => Err(ProtocolError::ResponseKind(k)),
         }
     }
@@ -334,6 +345,7 @@ mod tests {
             TorrentResponse::Ack,
             TorrentResponse::Error("nope".into()),
             TorrentResponse::Busy("later".into()),
+            TorrentResponse::Elsewhere("from another".into()),
         ] {
             assert_eq!(TorrentResponse::decode(r.encode()).unwrap(), r);
         }

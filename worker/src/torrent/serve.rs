@@ -135,6 +135,13 @@ impl Torrents {
         {
             return TorrentResponse::Busy("test: busy".into()).encode();
         }
+        // A capped seeder's upload is the swarm's scarcest resource: a piece
+        // it is sending to one downloader, or sent a moment ago, the others
+        // get from that one.
+        let claimed = self.0.upload_limit.is_some() && self.0.partial_seeding && len > 0;
+        if claimed && let Some(other) = self.0.swarm.claim(&file_hash, index, from) {
+            return TorrentResponse::Elsewhere(format!("piece {index} went to {other}")).encode();
+        }
         // Under an upload limit the piece waits its turn before it is read
         // (no piece sits in memory while it waits), whether it comes from a
         // complete file or a download in progress.
@@ -142,6 +149,9 @@ impl Torrents {
             && let Err(wait) = l.take_in_line(len).await
         {
             debug!("[TORRENT] busy: piece {index} for {from} would wait {wait:.1?}");
+            if claimed {
+                self.0.swarm.sent(&file_hash, index, &from, false);
+            }
             return TorrentResponse::Busy(format!(
                 "upload limit of {} MB/s: {:.0} s of pieces in line",
                 l.mb_per_sec(),
@@ -151,13 +161,19 @@ impl Torrents {
         }
         // The piece is read straight into the response frame.
         let me = self.clone();
+        let hash = file_hash.clone();
         let r = tokio::task::spawn_blocking(move || {
             let mut frame = TorrentResponse::piece_frame(index, len, false);
             me.0.store
-                .read_piece_into(&file_hash, index, &mut frame)
+                .read_piece_into(&hash, index, &mut frame)
                 .map(|source| (frame, source))
         })
         .await;
+        if claimed {
+            self.0
+                .swarm
+                .sent(&file_hash, index, &from, matches!(r, Ok(Ok(_))));
+        }
         let resp = match r {
             Ok(Ok((mut frame, source))) => {
                 let n = frame.len() - PIECE_HEADER;

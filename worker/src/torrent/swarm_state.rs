@@ -22,6 +22,9 @@ pub const MAX_DOWNLOADERS: usize = 256;
 pub const MAX_NEWS: usize = 4096;
 /// How long a peer that said nothing more stays listed.
 pub const DOWNLOADER_TTL: Duration = Duration::from_secs(600);
+/// How long after a capped seeder sent a piece to one downloader it sends
+/// the others elsewhere for it (that one shares it meanwhile).
+pub const SENT_HOLD: Duration = Duration::from_secs(2);
 
 /// What a peer told this node about its pieces of a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +42,9 @@ struct FileSwarm {
     /// News for this node's download of the file, while it runs.
     news: Option<VecDeque<(PeerId, PeerNews)>>,
     notify: Arc<Notify>,
+    /// Pieces this node (a capped seeder) is sending or sent a moment ago,
+    /// to whom, and since when (`None`: still in line).
+    sent: HashMap<u32, (PeerId, Option<Instant>)>,
 }
 
 #[derive(Default)]
@@ -103,6 +109,40 @@ impl SwarmState {
         })
     }
 
+    /// A capped seeder is asked for piece `i` by `peer`: `Some(other)` when
+    /// it is sending the piece to another downloader, or sent it within
+    /// [`SENT_HOLD`] (`peer` gets it from `other`); else the piece is
+    /// `peer`'s to send, until [`SwarmState::sent`].
+    pub fn claim(&self, file: &str, i: u32, peer: PeerId) -> Option<PeerId> {
+        self.with(file, |f| {
+            let now = Instant::now();
+            f.sent
+                .retain(|_, (_, at)| at.is_none_or(|t| now.duration_since(t) < SENT_HOLD));
+            match f.sent.get(&i) {
+                Some((other, _)) if *other != peer && f.downloaders.contains_key(other) => {
+                    Some(*other)
+                }
+                _ => {
+                    f.sent.insert(i, (peer, None));
+                    None
+                }
+            }
+        })
+    }
+
+    /// The piece claimed by `peer` went out (`ok`) or did not.
+    pub fn sent(&self, file: &str, i: u32, peer: &PeerId, ok: bool) {
+        self.with(file, |f| {
+            if f.sent.get(&i).is_some_and(|(p, _)| p == peer) {
+                if ok {
+                    f.sent.insert(i, (*peer, Some(Instant::now())));
+                } else {
+                    f.sent.remove(&i);
+                }
+            }
+        })
+    }
+
     /// A download of `file` starts: news is queued for it from now on; the
     /// returned [`Notify`] wakes when some arrives.
     pub fn listen(&self, file: &str) -> Arc<Notify> {
@@ -155,6 +195,30 @@ mod tests {
         s.unlisten("f");
         s.heard("f", a, false, Some(PeerNews::Have(vec![2])));
         assert!(s.take_news("f").is_empty());
+    }
+
+    #[test]
+    fn a_piece_sent_to_one_downloader_sends_the_others_there_for_a_moment() {
+        let s = SwarmState::default();
+        let (a, b, stranger) = (PeerId::random(), PeerId::random(), PeerId::random());
+        for p in [a, b] {
+            s.heard("f", p, false, None);
+        }
+        assert_eq!(s.claim("f", 3, a), None);
+        // In line for a: b is sent to a, a itself may ask again.
+        assert_eq!(s.claim("f", 3, b), Some(a));
+        assert_eq!(s.claim("f", 3, a), None);
+        s.sent("f", 3, &a, true);
+        assert_eq!(s.claim("f", 3, b), Some(a));
+        // A failed send frees the piece.
+        assert_eq!(s.claim("f", 4, a), None);
+        s.sent("f", 4, &a, false);
+        assert_eq!(s.claim("f", 4, b), None);
+        // Nobody is sent to a peer that is not known to be downloading.
+        assert_eq!(s.claim("f", 5, stranger), None);
+        assert_eq!(s.claim("f", 5, a), None);
+        s.forget("f", &a);
+        assert_eq!(s.claim("f", 3, b), None);
     }
 
     #[test]

@@ -28,6 +28,8 @@ const MAX_BUSY_WAITS: u32 = 120;
 /// Seconds waited for news from downloaders, with nothing to ask anyone
 /// for, before a download gives up (resumable).
 const MAX_IDLE_WAITS: u32 = 30;
+/// How long a piece a seeder sent elsewhere is not asked of it again.
+const DEFER: Duration = Duration::from_secs(2);
 /// Peers one download asks for their bitfield.
 pub(super) const MAX_PEERS: usize = 64;
 
@@ -451,6 +453,13 @@ impl Torrents {
                 Ok(TorrentResponse::Error(e)) => {
                     debug!("[TORRENT] {peer} could not send piece {i}: {e}");
                     false
+                }
+                Ok(TorrentResponse::Elsewhere(e)) => {
+                    // A capped seeder sent the piece to another downloader:
+                    // it comes from that one (or from the seeder later).
+                    debug!("[TORRENT] {peer} sends piece {i} elsewhere ({e})");
+                    picker.defer(peer, i, Instant::now() + DEFER);
+                    true
                 }
                 Ok(TorrentResponse::Busy(e)) => {
                     // Not the peer's fault: leave it alone for a moment (the
