@@ -232,6 +232,12 @@ impl Picker {
         self.deferred.insert((peer, i), until);
     }
 
+    /// When the first deferral still running ends.
+    pub fn next_undeferred(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.deferred.values().filter(|t| **t > now).min().copied()
+    }
+
     fn is_deferred(&self, peer: &PeerId, i: u32, now: Instant) -> bool {
         self.deferred.get(&(*peer, i)).is_some_and(|t| *t > now)
     }
@@ -320,6 +326,7 @@ mod tests {
         q.defer(seeder, 0, Instant::now() + Duration::from_secs(60));
         q.defer(seeder, 1, Instant::now());
         assert_eq!(q.pick(&seeder, no), Some(1));
+        assert!(q.next_undeferred().is_some());
         // A peer that lied no longer counts.
         p.remove_peer(&a);
         assert!(!p.knows(&a));

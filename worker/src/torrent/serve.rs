@@ -139,7 +139,8 @@ impl Torrents {
         // it is sending to one downloader, or sent a moment ago, the others
         // get from that one.
         let claimed = self.0.upload_limit.is_some() && self.0.partial_seeding && len > 0;
-        if claimed && let Some(other) = self.0.swarm.claim(&file_hash, index, from) {
+        let connected = |p: &PeerId| self.0.state.read(|s| s.connections.contains_key(p));
+        if claimed && let Some(other) = self.0.swarm.claim(&file_hash, index, from, connected) {
             return TorrentResponse::Elsewhere(format!("piece {index} went to {other}")).encode();
         }
         // Under an upload limit the piece waits its turn before it is read

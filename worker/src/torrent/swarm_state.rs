@@ -111,15 +111,24 @@ impl SwarmState {
 
     /// A capped seeder is asked for piece `i` by `peer`: `Some(other)` when
     /// it is sending the piece to another downloader, or sent it within
-    /// [`SENT_HOLD`] (`peer` gets it from `other`); else the piece is
-    /// `peer`'s to send, until [`SwarmState::sent`].
-    pub fn claim(&self, file: &str, i: u32, peer: PeerId) -> Option<PeerId> {
+    /// [`SENT_HOLD`], and that one is still there (`alive`; `peer` gets it
+    /// from `other`); else the piece is `peer`'s to send, until
+    /// [`SwarmState::sent`].
+    pub fn claim(
+        &self,
+        file: &str,
+        i: u32,
+        peer: PeerId,
+        alive: impl Fn(&PeerId) -> bool,
+    ) -> Option<PeerId> {
         self.with(file, |f| {
             let now = Instant::now();
             f.sent
                 .retain(|_, (_, at)| at.is_none_or(|t| now.duration_since(t) < SENT_HOLD));
             match f.sent.get(&i) {
-                Some((other, _)) if *other != peer && f.downloaders.contains_key(other) => {
+                Some((other, _))
+                    if *other != peer && f.downloaders.contains_key(other) && alive(other) =>
+                {
                     Some(*other)
                 }
                 _ => {
@@ -204,21 +213,24 @@ mod tests {
         for p in [a, b] {
             s.heard("f", p, false, None);
         }
-        assert_eq!(s.claim("f", 3, a), None);
+        let yes = |_: &PeerId| true;
+        assert_eq!(s.claim("f", 3, a, yes), None);
         // In line for a: b is sent to a, a itself may ask again.
-        assert_eq!(s.claim("f", 3, b), Some(a));
-        assert_eq!(s.claim("f", 3, a), None);
+        assert_eq!(s.claim("f", 3, b, yes), Some(a));
+        assert_eq!(s.claim("f", 3, a, yes), None);
         s.sent("f", 3, &a, true);
-        assert_eq!(s.claim("f", 3, b), Some(a));
+        assert_eq!(s.claim("f", 3, b, yes), Some(a));
         // A failed send frees the piece.
-        assert_eq!(s.claim("f", 4, a), None);
+        assert_eq!(s.claim("f", 4, a, yes), None);
         s.sent("f", 4, &a, false);
-        assert_eq!(s.claim("f", 4, b), None);
+        assert_eq!(s.claim("f", 4, b, yes), None);
         // Nobody is sent to a peer that is not known to be downloading.
-        assert_eq!(s.claim("f", 5, stranger), None);
-        assert_eq!(s.claim("f", 5, a), None);
+        assert_eq!(s.claim("f", 5, stranger, yes), None);
+        assert_eq!(s.claim("f", 5, a, yes), None);
+        // Nor to one that is gone.
+        assert_eq!(s.claim("f", 3, b, |p: &PeerId| *p != a), None);
         s.forget("f", &a);
-        assert_eq!(s.claim("f", 3, b), None);
+        assert_eq!(s.claim("f", 3, b, yes), None);
     }
 
     #[test]

@@ -117,11 +117,12 @@ impl Torrents {
         span.record("pieces_already_verified", prog.pieces_done);
         span.record("providers", providers.len());
         info!(
-            "[TORRENT] downloading {} ({} bytes, {} of {} pieces already verified) from {} peers",
+            "[TORRENT] downloading {} ({} bytes, {} of {} pieces already verified, {} bytes) from {} peers",
             meta.name,
             meta.size,
             prog.pieces_done,
             prog.pieces_total,
+            prog.verified_bytes,
             providers.len()
         );
         let sharing = self.0.partial_seeding;
@@ -227,6 +228,24 @@ impl Torrents {
                         )));
                     }
                     tokio::time::sleep_until(at).await;
+                    continue;
+                }
+                if let Some(at) = picker
+                    .next_undeferred()
+                    .filter(|_| idle_waits < MAX_IDLE_WAITS)
+                {
+                    idle_waits += 1;
+                    // The pieces left were sent elsewhere a moment ago: they
+                    // may be asked again soon (or come from the others).
+                    tokio::select! {
+                        _ = news.notified() => {}
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                    }
+                    for p in
+                        self.apply_news(file_hash, &mut picker, &mut active, &mut asked, &dropped)
+                    {
+                        running.push(self.handshake(p, file_hash, picker.mine()));
+                    }
                     continue;
                 }
                 let downloading = active
