@@ -111,9 +111,10 @@ impl SwarmState {
 
     /// A capped seeder is asked for piece `i` by `peer`: `Some(other)` when
     /// it is sending the piece to another downloader, or sent it within
-    /// [`SENT_HOLD`], and that one is still there (`alive`; `peer` gets it
-    /// from `other`); else the piece is `peer`'s to send, until
-    /// [`SwarmState::sent`].
+    /// [`SENT_HOLD`], that one is still there (`alive`) and other
+    /// downloaders than `peer` have pieces waiting in this seeder's line
+    /// (its upload is contended); `peer` gets the piece from `other`. Else
+    /// the piece is `peer`'s to send, until [`SwarmState::sent`].
     pub fn claim(
         &self,
         file: &str,
@@ -125,9 +126,13 @@ impl SwarmState {
             let now = Instant::now();
             f.sent
                 .retain(|_, (_, at)| at.is_none_or(|t| now.duration_since(t) < SENT_HOLD));
+            let contended = f.sent.values().any(|(p, at)| at.is_none() && *p != peer);
             match f.sent.get(&i) {
                 Some((other, _))
-                    if *other != peer && f.downloaders.contains_key(other) && alive(other) =>
+                    if contended
+                        && *other != peer
+                        && f.downloaders.contains_key(other)
+                        && alive(other) =>
                 {
                     Some(*other)
                 }
@@ -215,11 +220,21 @@ mod tests {
         }
         let yes = |_: &PeerId| true;
         assert_eq!(s.claim("f", 3, a, yes), None);
-        // In line for a: b is sent to a, a itself may ask again.
+        // In line for a (so a is waiting: contended): b is sent to a, a
+        // itself may ask again.
         assert_eq!(s.claim("f", 3, b, yes), Some(a));
         assert_eq!(s.claim("f", 3, a, yes), None);
         s.sent("f", 3, &a, true);
-        assert_eq!(s.claim("f", 3, b, yes), Some(a));
+        // Sent a moment ago, but nobody else waits in line: b gets it here.
+        assert_eq!(s.claim("f", 3, b, yes), None);
+        s.sent("f", 3, &b, true);
+        // While a has another piece in line, b is sent to a for one a just got.
+        assert_eq!(s.claim("f", 7, a, yes), None);
+        s.sent("f", 7, &a, true);
+        assert_eq!(s.claim("f", 9, a, yes), None);
+        assert_eq!(s.claim("f", 7, b, yes), Some(a));
+        // Nor to one that is gone.
+        assert_eq!(s.claim("f", 7, b, |p: &PeerId| *p != a), None);
         // A failed send frees the piece.
         assert_eq!(s.claim("f", 4, a, yes), None);
         s.sent("f", 4, &a, false);
@@ -227,10 +242,8 @@ mod tests {
         // Nobody is sent to a peer that is not known to be downloading.
         assert_eq!(s.claim("f", 5, stranger, yes), None);
         assert_eq!(s.claim("f", 5, a, yes), None);
-        // Nor to one that is gone.
-        assert_eq!(s.claim("f", 3, b, |p: &PeerId| *p != a), None);
-        s.forget("f", &a);
-        assert_eq!(s.claim("f", 3, b, yes), None);
+        s.forget("f", &b);
+        assert_eq!(s.claim("f", 4, a, yes), None);
     }
 
     #[test]
