@@ -56,6 +56,15 @@ impl SwarmState {
         f(files.entry(file.to_string()).or_default())
     }
 
+    /// Like [`SwarmState::with`], for a file already listed (nothing is
+    /// added for a file this node never held).
+    fn with_listed(&self, file: &str, f: impl FnOnce(&mut FileSwarm)) {
+        let mut files = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = files.get_mut(file) {
+            f(e)
+        }
+    }
+
     /// `peer` spoke about `file` (the caller checked that this node holds
     /// it): listed as downloading unless it holds all of it, and its news
     /// queued for this node's download, if one runs.
@@ -104,7 +113,7 @@ impl SwarmState {
 
     /// A peer that lied or failed: no longer named to others.
     pub fn forget(&self, file: &str, peer: &PeerId) {
-        self.with(file, |f| {
+        self.with_listed(file, |f| {
             f.downloaders.remove(peer);
         })
     }
@@ -168,7 +177,7 @@ impl SwarmState {
 
     /// The download of `file` ended.
     pub fn unlisten(&self, file: &str) {
-        self.with(file, |f| f.news = None)
+        self.with_listed(file, |f| f.news = None)
     }
 
     /// News queued since the last call.
