@@ -112,6 +112,9 @@ pub struct NodeConfig {
     /// Upload rate limit for seeding, in MB/s (10^6 bytes) over all peers
     /// (0: unlimited).
     pub upload_limit_mb_per_sec: f64,
+    /// Serve the verified pieces of a file while it is still downloading
+    /// (announcing it, telling other downloaders which pieces it has).
+    pub partial_seeding: bool,
     /// Prometheus `/metrics` address (`host:port`; empty: off).
     pub metrics_addr: String,
     /// Memory this worker offers for shards, in MB (0: the machine's total
@@ -152,6 +155,9 @@ pub struct NodeConfig {
     pub test_no_tcp_listen: bool,
     /// Test only: publish forged shard records for other peers' shards.
     pub test_forge_records: bool,
+    /// Test only: corrupt the pieces served from a download in progress (a
+    /// lying partial seeder); `LLAMA_CLUSTER_TEST_CORRUPT_UPLOADS=true`.
+    pub test_corrupt_uploads: bool,
 }
 
 impl Default for NodeConfig {
@@ -191,6 +197,7 @@ impl Default for NodeConfig {
             cache_dir: String::new(),
             seed_manifest: true,
             upload_limit_mb_per_sec: 0.0,
+            partial_seeding: true,
             metrics_addr: String::new(),
             memory_mb: 0,
             otlp_endpoint: String::new(),
@@ -208,6 +215,7 @@ impl Default for NodeConfig {
             test_busy_pieces: 0,
             test_no_tcp_listen: false,
             test_forge_records: false,
+            test_corrupt_uploads: false,
         }
     }
 }

@@ -110,6 +110,15 @@ pub struct TorrentStatus {
     pub pieces_total: u32,
     pub peers: u32,
     pub bad_pieces: u32,
+    /// Bytes received for the file from peers holding all of it.
+    #[serde(default)]
+    pub bytes_from_seeders: u64,
+    /// Bytes received for the file from peers still downloading it.
+    #[serde(default)]
+    pub bytes_from_partial: u64,
+    /// Peers dropped for sending bad pieces of it.
+    #[serde(default)]
+    pub bad_peers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,11 @@
 //! The floor (`floor`): the same file sealed, sent, opened, hashed and
 //! written with nothing else in the way, from 1 and from 3 sender processes.
 //!
+//! Then replicas filling at once (`fill`): one seeder capped at
+//! `BENCH_FILL_CAP_MB_S` (default 10) and N = 1, 2, 4, 8 workers loading the
+//! shard together, with partial seeding on and off (`BENCH_FILL_ONLY=1`
+//! runs this part alone).
+//!
 //! cargo build --release --workspace --bins && cargo bench -p llama-cluster-tests --bench torrent
 
 use std::path::Path;
@@ -20,6 +25,8 @@ use std::time::{Duration, Instant};
 use llama_cluster_tests::{NodeProc, binary, cpu, split_with_cli, test_dir, wait_for, worker_args};
 use serde_json::Value;
 
+#[path = "torrent/fill.rs"]
+mod fill;
 #[path = "torrent/floor.rs"]
 mod floor;
 #[path = "torrent/libp2p_floor.rs"]
@@ -29,6 +36,9 @@ mod libp2p_floor;
 const ROUNDS: usize = 5;
 /// Upload cap of each seeder in the capped runs: about a gigabit link.
 const CAP_MB_S: u32 = 100;
+/// Upload cap of the seeder while replicas fill (`BENCH_FILL_CAP_MB_S`):
+/// low enough for this VM's two cores to carry eight downloaders' traffic.
+const FILL_CAP_MB_S: u32 = 10;
 
 fn use_release_binaries() {
     if std::env::var_os("LLAMA_CLUSTER_BIN_DIR").is_none() {
@@ -235,6 +245,17 @@ async fn run() {
         big["size"].as_u64().unwrap(),
     );
     let mb = size as f64 / 1e6;
+    let fill_cap = std::env::var("BENCH_FILL_CAP_MB_S")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&c| c > 0)
+        .unwrap_or(FILL_CAP_MB_S);
+    let shard_id = big["id"].as_str().unwrap().to_string();
+    let fill_run = || fill::run(&dir, &manifest, &shard_id, &hash, fill_cap);
+    if std::env::var_os("BENCH_FILL_ONLY").is_some_and(|v| v == "1") {
+        fill::print(&fill_run().await, &file, mb, fill_cap);
+        return;
+    }
 
     // Every configuration runs side by side, each its own cluster (own
     // bootstrap, DHT and rendezvous namespace, so a leecher sees only its
@@ -496,4 +517,6 @@ async fn run() {
         "(floor: the file in 64 KiB records sealed with ChaCha20-Poly1305 over plain TCP, each opened, hashed with BLAKE3 and written; the least an encrypted, verified transfer takes here)"
     );
     println!("targets: 1 seeder >= 0.80x HTTP; 3 seeders faster than 1");
+    drop(scenarios);
+    fill::print(&fill_run().await, &file, mb, fill_cap);
 }

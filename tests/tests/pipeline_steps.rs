@@ -62,6 +62,7 @@ async fn a_step_delivered_twice_runs_once_and_both_get_its_answer() {
         TestHooks::default(),
         None,
         false,
+        false,
     );
     let cfg = PipelineConfig {
         manifest: Some(manifest.clone()),

@@ -532,6 +532,7 @@ mod tests {
             Default::default(),
             None,
             true,
+            true,
         );
         let pipeline = Pipeline::new(
             state.clone(),

@@ -102,6 +102,9 @@ pub fn status_to_proto(s: NodeStatus) -> GetStatusResponse {
                 pieces_total: t.pieces_total,
                 peers: t.peers,
                 bad_pieces: t.bad_pieces,
+                bytes_from_seeders: t.bytes_from_seeders,
+                bytes_from_partial: t.bytes_from_partial,
+                bad_peers: t.bad_peers,
             })
             .collect(),
         shards: s

@@ -213,6 +213,9 @@ struct NodeArgs {
     /// Upload rate limit for seeding, MB/s over all peers (0: unlimited).
     #[arg(long)]
     upload_limit_mb_per_sec: Option<String>,
+    /// Serve no pieces of a file before it is complete (no partial seeding).
+    #[arg(long)]
+    no_partial_seeding: bool,
     /// Test only: serve corrupted pieces.
     #[arg(long, hide = true)]
     test_corrupt_pieces: bool,
@@ -279,6 +282,9 @@ impl NodeArgs {
         opt("cluster_key_file", &self.cluster_key_file);
         if self.activation_f16 {
             v.push(("activation_f16", "true".into()));
+        }
+        if self.no_partial_seeding {
+            v.push(("partial_seeding", "false".into()));
         }
         if self.no_seed_manifest {
             v.push(("seed_manifest", "false".into()));

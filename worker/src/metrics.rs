@@ -1,7 +1,8 @@
 //! Prometheus metrics of a worker, served as text on `/metrics`
 //! (`metrics_addr`): tokens, time to first token, per-token latency, stage
 //! forward time, bytes per hop, sessions, peers by transport, DHT records,
-//! torrent bytes and bad pieces.
+//! torrent bytes (per download, from complete seeders and from partial
+//! ones) and bad pieces.
 
 use std::sync::OnceLock;
 
@@ -12,6 +13,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// One download's bytes by where they came from: `source` is `seeder`
+/// (a peer holding the whole file) or `partial` (a peer still downloading).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DownloadLabels {
+    pub file: String,
+    pub source: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabel {
@@ -46,6 +55,7 @@ pub struct Metrics {
     pub peers_admitted: Counter,
     pub peers_rejected: Counter,
     pub dht_records_rejected: Counter,
+    pub torrent_download_bytes: Family<DownloadLabels, Counter>,
 }
 
 impl Metrics {
@@ -78,6 +88,7 @@ impl Metrics {
             torrent_bytes_in: Counter::default(),
             torrent_bytes_out: Counter::default(),
             torrent_bad_pieces: Counter::default(),
+            torrent_download_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -209,6 +220,11 @@ impl Metrics {
             "torrent_bad_pieces",
             "Pieces that failed verification",
             m.torrent_bad_pieces.clone(),
+        );
+        registry.register(
+            "torrent_download_bytes",
+            "Shard file bytes downloaded, by file and by source (seeder: a peer holding the whole file; partial: a peer still downloading it)",
+            m.torrent_download_bytes.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -154,6 +154,7 @@ pub async fn start_with(
         .with_context(|| format!("cannot open the file store {}", store_dir.display()))?;
     let hooks = crate::torrent::TestHooks {
         corrupt_pieces: cfg.test_corrupt_pieces || cfg.test_lying_meta,
+        corrupt_partial_uploads: cfg.test_corrupt_uploads,
         lying_meta: cfg.test_lying_meta,
         wrong_size_meta: cfg.test_wrong_size_meta,
         piece_delay: Duration::from_millis(cfg.test_piece_delay_ms),
@@ -166,6 +167,7 @@ pub async fn start_with(
         hooks,
         crate::torrent::upload_limit::UploadLimit::new(cfg.upload_limit_mb_per_sec),
         announce_files,
+        cfg.partial_seeding,
     );
     let pipeline = Pipeline::new(
         state.clone(),

@@ -4,19 +4,33 @@
 //! - [`store`]: complete files, resumable partial downloads, seeds;
 //! - [`protocol`]: the binary piece protocol;
 //! - [`tree_hash`]: the whole-file hash merged from the pieces' hashes;
-//! - [`upload_limit`]: the seeder's upload rate limit;
-//! - `download`: fetching a file from several providers at once;
-//! - this module: serving pieces, announcing files as DHT providers, the
-//!   catalog and progress of downloads.
+//! - [`upload_limit`]: the upload rate limit, over all uploads;
+//! - [`bitfield`]: which pieces of a file a peer holds;
+//! - [`swarm_state`]: who else is fetching a file, and their news;
+//! - [`picker`]: which piece to ask which peer for, and how many at once;
+//! - `download`: a file's metadata, then its pieces (`transfer`; news
+//!   swapped with the other peers in `exchange`), with one tracing span per
+//!   peer (`spans`);
+//! - `serve`: answering other peers (metadata, pieces of complete files and
+//!   verified pieces of downloads in progress, bitfields, "have" news);
+//! - this module: announcing files as DHT providers, the catalog and
+//!   progress of downloads.
 
+pub mod bitfield;
 mod download;
+mod exchange;
 pub mod meta;
+pub mod picker;
 pub mod protocol;
+mod serve;
+mod spans;
 pub mod store;
+pub mod swarm_state;
+mod transfer;
 pub mod tree_hash;
 pub mod upload_limit;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,8 +44,9 @@ use tracing::{Instrument, debug, info, warn};
 use crate::net::{FrameProto, NetHandle};
 use crate::state::SharedState;
 use meta::TorrentMeta;
-use protocol::{PIECE_HEADER, TorrentRequest, TorrentResponse};
+use protocol::{TorrentRequest, TorrentResponse};
 use store::Store;
+use swarm_state::SwarmState;
 use upload_limit::UploadLimit;
 
 /// The node's cache directory (`cache_dir`, else `$LLAMA_CLUSTER_CACHE`,
@@ -62,6 +77,9 @@ pub enum TorrentError {
 #[derive(Debug, Clone, Default)]
 pub struct TestHooks {
     pub corrupt_pieces: bool,
+    /// Corrupt the pieces served from a download in progress (a lying
+    /// partial seeder; `LLAMA_CLUSTER_TEST_CORRUPT_UPLOADS`).
+    pub corrupt_partial_uploads: bool,
     /// Metadata whose piece hashes match the corrupted pieces.
     pub lying_meta: bool,
     /// Metadata whose size is one byte short (the pieces stay right).
@@ -84,6 +102,12 @@ pub struct DownloadProgress {
     pub pieces_total: u32,
     pub peers: u32,
     pub bad_pieces: u32,
+    /// Bytes received from peers holding the whole file.
+    pub from_seeders_bytes: u64,
+    /// Bytes received from peers still downloading it.
+    pub from_partial_bytes: u64,
+    /// Peers dropped for sending bad pieces.
+    pub bad_peers: Vec<String>,
     pub done: bool,
 }
 
@@ -106,6 +130,9 @@ struct Inner {
     upload_limit: Option<UploadLimit>,
     /// Announce files as their provider (off for a one-shot `fetch`).
     announce: bool,
+    /// Serve the verified pieces of downloads in progress.
+    partial_seeding: bool,
+    swarm: SwarmState,
     progress: Mutex<HashMap<String, DownloadProgress>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Peers whose metadata a file's own data proved wrong: not asked again.
@@ -123,6 +150,7 @@ impl Torrents {
         hooks: TestHooks,
         upload_limit: Option<UploadLimit>,
         announce: bool,
+        partial_seeding: bool,
     ) -> Self {
         let me = state.peer_id();
         if let Some(l) = &upload_limit {
@@ -136,6 +164,8 @@ impl Torrents {
             hooks,
             upload_limit,
             announce,
+            partial_seeding,
+            swarm: SwarmState::default(),
             progress: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             distrusted: Mutex::new(HashSet::new()),
@@ -168,6 +198,9 @@ impl Torrents {
                     pieces_total: m.n_pieces(),
                     peers: p.map(|p| p.peers).unwrap_or(0),
                     bad_pieces: p.map(|p| p.bad_pieces).unwrap_or(0),
+                    bytes_from_seeders: p.map(|p| p.from_seeders_bytes).unwrap_or(0),
+                    bytes_from_partial: p.map(|p| p.from_partial_bytes).unwrap_or(0),
+                    bad_peers: p.map(|p| p.bad_peers.clone()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -184,6 +217,9 @@ impl Torrents {
                     pieces_total: p.pieces_total,
                     peers: p.peers,
                     bad_pieces: p.bad_pieces,
+                    bytes_from_seeders: p.from_seeders_bytes,
+                    bytes_from_partial: p.from_partial_bytes,
+                    bad_peers: p.bad_peers,
                 });
             }
         }
@@ -252,99 +288,5 @@ impl Torrents {
         for m in self.0.store.catalog() {
             self.0.net.provide(m.file_hash);
         }
-    }
-
-    /// Answers one inbound piece-protocol request.
-    pub async fn serve(&self, from: PeerId, bytes: Vec<u8>) -> Vec<u8> {
-        let resp = match TorrentRequest::decode(&bytes) {
-            Err(e) => {
-                warn!("[TORRENT] malformed request from {from}: {e}");
-                TorrentResponse::Error(format!("malformed request: {e}"))
-            }
-            Ok(TorrentRequest::Meta { file_hash }) => match self.0.store.seed(&file_hash) {
-                Some(s) if self.0.hooks.lying_meta => {
-                    let me = self.clone();
-                    let meta = tokio::task::spawn_blocking(move || {
-                        let mut m = s.meta.clone();
-                        for i in 0..m.n_pieces() {
-                            if let Ok(mut d) = me.0.store.read_piece(&m.file_hash, i) {
-                                if let Some(b) = d.first_mut() {
-                                    *b ^= 0xff;
-                                }
-                                m.pieces[i as usize] =
-                                    meta::hex(&tree_hash::piece_value(&d, i, m.piece_size, m.size));
-                            }
-                        }
-                        m
-                    })
-                    .await;
-                    match meta {
-                        Ok(m) => TorrentResponse::Meta(m.encode()),
-                        Err(e) => TorrentResponse::Error(e.to_string()),
-                    }
-                }
-                Some(s) if self.0.hooks.wrong_size_meta => {
-                    let mut m = s.meta.clone();
-                    m.size = m.size.saturating_sub(1);
-                    TorrentResponse::Meta(m.encode())
-                }
-                Some(s) => TorrentResponse::Meta(s.meta.encode()),
-                None => TorrentResponse::Error(format!("no complete file {file_hash} here")),
-            },
-            Ok(TorrentRequest::Piece { file_hash, index }) => {
-                if !self.0.hooks.piece_delay.is_zero() {
-                    tokio::time::sleep(self.0.hooks.piece_delay).await;
-                }
-                let len = self.0.store.piece_len(&file_hash, index).unwrap_or(0) as usize;
-                if self
-                    .0
-                    .hooks
-                    .busy_pieces
-                    .fetch_update(
-                        std::sync::atomic::Ordering::Relaxed,
-                        std::sync::atomic::Ordering::Relaxed,
-                        |n| n.checked_sub(1),
-                    )
-                    .is_ok()
-                {
-                    return TorrentResponse::Busy("test: busy".into()).encode();
-                }
-                // Under an upload limit the piece waits its turn before it is
-                // read (no piece sits in memory while it waits).
-                if let Some(l) = &self.0.upload_limit
-                    && let Err(wait) = l.take_in_line(len).await
-                {
-                    debug!("[TORRENT] busy: piece {index} for {from} would wait {wait:.1?}");
-                    return TorrentResponse::Busy(format!(
-                        "upload limit of {} MB/s: {:.0} s of pieces in line",
-                        l.mb_per_sec(),
-                        wait.as_secs_f64()
-                    ))
-                    .encode();
-                }
-                // The piece is read straight into the response frame.
-                let me = self.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    let mut frame = TorrentResponse::piece_frame(index, len);
-                    me.0.store
-                        .read_piece_into(&file_hash, index, &mut frame)
-                        .map(|_| frame)
-                })
-                .await;
-                match r {
-                    Ok(Ok(mut frame)) => {
-                        let n = frame.len() - PIECE_HEADER;
-                        crate::metrics::metrics().torrent_bytes_out.inc_by(n as u64);
-                        if self.0.hooks.corrupt_pieces && n > 0 {
-                            frame[PIECE_HEADER] ^= 0xff;
-                        }
-                        return frame;
-                    }
-                    Ok(Err(e)) => TorrentResponse::Error(e),
-                    Err(e) => TorrentResponse::Error(e.to_string()),
-                }
-            }
-        };
-        resp.encode()
     }
 }

@@ -2,7 +2,9 @@
 //! (`files/<hash>`, with `meta/<hash>.json`), downloads in progress
 //! (`partial/<hash>.part`, pieces re-verified on resume), and files seeded
 //! from elsewhere on disk (a split directory). Nothing is served or placed
-//! under its final name before it is verified.
+//! under its final name before it is verified; a download in progress
+//! shared with other downloaders ([`Store::share`]) serves only the pieces
+//! it verified.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -14,6 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use blake3::hazmat::ChainingValue;
 
+use super::bitfield::Bitfield;
 use super::meta::TorrentMeta;
 use super::tree_hash;
 
@@ -28,9 +31,28 @@ pub struct Seed {
     pub path: PathBuf,
 }
 
+/// Where a piece that was read comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PieceSource {
+    Complete,
+    /// A download in progress (the piece is verified).
+    Partial,
+}
+
+/// A download in progress whose verified pieces are served: its metadata,
+/// its open `.part` file (reads keep working across the final rename) and
+/// which pieces are verified and written.
+#[derive(Clone)]
+struct SharedPartial {
+    meta: Arc<TorrentMeta>,
+    file: Arc<File>,
+    have: Arc<RwLock<Bitfield>>,
+}
+
 pub struct Store {
     root: PathBuf,
     seeds: RwLock<HashMap<String, Seed>>,
+    partials: RwLock<HashMap<String, SharedPartial>>,
 }
 
 impl Store {
@@ -42,6 +64,7 @@ impl Store {
         let store = Store {
             root: root.to_path_buf(),
             seeds: RwLock::new(HashMap::new()),
+            partials: RwLock::new(HashMap::new()),
         };
         for entry in std::fs::read_dir(root.join("meta"))? {
             let path = entry?.path();
@@ -76,6 +99,14 @@ impl Store {
             .insert(meta.file_hash.clone(), Seed { meta, path });
     }
 
+    /// Whether the complete file `hash` is here.
+    pub fn has_seed(&self, hash: &str) -> bool {
+        self.seeds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(hash)
+    }
+
     pub fn seed(&self, hash: &str) -> Option<Seed> {
         self.seeds
             .read()
@@ -84,14 +115,69 @@ impl Store {
             .cloned()
     }
 
-    /// Length of piece `i` of a complete file here (no copy of its metadata).
+    /// Length of piece `i` of file `hash` when it can be served: from a
+    /// complete file, or verified in a shared download (no copy of its
+    /// metadata).
     pub fn piece_len(&self, hash: &str, i: u32) -> Option<u64> {
-        self.seeds
+        let complete = self
+            .seeds
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(hash)
             .filter(|s| i < s.meta.n_pieces())
-            .map(|s| s.meta.piece_len(i))
+            .map(|s| s.meta.piece_len(i));
+        complete.or_else(|| {
+            self.shared(hash)
+                .filter(|p| p.have.read().unwrap_or_else(|e| e.into_inner()).has(i))
+                .map(|p| p.meta.piece_len(i))
+        })
+    }
+
+    fn shared(&self, hash: &str) -> Option<SharedPartial> {
+        self.partials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .cloned()
+    }
+
+    /// Serves the verified pieces of download `p` from now on (until
+    /// [`Store::unshare`]).
+    pub fn share(&self, p: &Partial) {
+        self.partials
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                p.meta.file_hash.clone(),
+                SharedPartial {
+                    meta: Arc::new(p.meta.clone()),
+                    file: p.file.clone(),
+                    have: p.have_bits.clone(),
+                },
+            );
+    }
+
+    /// Stops serving the download of `hash` (it ended, finished or not).
+    pub fn unshare(&self, hash: &str) {
+        self.partials
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(hash);
+    }
+
+    /// The metadata of a shared download in progress.
+    pub fn shared_meta(&self, hash: &str) -> Option<TorrentMeta> {
+        self.shared(hash).map(|p| (*p.meta).clone())
+    }
+
+    /// Which pieces of `hash` this node can serve: all of a complete file,
+    /// the verified ones of a shared download, else `None`.
+    pub fn bitfield(&self, hash: &str) -> Option<Bitfield> {
+        if let Some(s) = self.seed(hash) {
+            return Some(Bitfield::full(s.meta.n_pieces()));
+        }
+        self.shared(hash)
+            .map(|p| p.have.read().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     pub fn catalog(&self) -> Vec<TorrentMeta> {
@@ -114,11 +200,27 @@ impl Store {
     }
 
     /// Appends piece `i` of file `hash` to `out` (a response frame being
-    /// built, so the piece is copied once, from the page cache).
-    pub fn read_piece_into(&self, hash: &str, i: u32, out: &mut Vec<u8>) -> Result<(), String> {
-        let seed = self
-            .seed(hash)
-            .ok_or_else(|| format!("no complete file {hash} here"))?;
+    /// built, so the piece is copied once, from the page cache): from the
+    /// complete file, else from a shared download that verified it.
+    pub fn read_piece_into(
+        &self,
+        hash: &str,
+        i: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<PieceSource, String> {
+        let Some(seed) = self.seed(hash) else {
+            let p = self
+                .shared(hash)
+                .filter(|p| p.have.read().unwrap_or_else(|e| e.into_inner()).has(i))
+                .ok_or_else(|| format!("no complete file {hash} or verified piece {i} here"))?;
+            let len = p.meta.piece_len(i) as usize;
+            let at = out.len();
+            out.resize(at + len, 0);
+            p.file
+                .read_exact_at(&mut out[at..], i as u64 * p.meta.piece_size)
+                .map_err(|e| format!("reading piece {i} of a download in progress: {e}"))?;
+            return Ok(PieceSource::Partial);
+        };
         if i >= seed.meta.n_pieces() {
             return Err(format!(
                 "piece {i} out of range (the file has {})",
@@ -138,7 +240,7 @@ impl Store {
                 seed.path.display()
             ));
         }
-        Ok(())
+        Ok(PieceSource::Complete)
     }
 
     /// Opens (or resumes) the download of `meta`.
@@ -171,6 +273,8 @@ pub struct Partial {
     pub meta: TorrentMeta,
     file: Arc<File>,
     have: Vec<Option<ChainingValue>>,
+    /// The pieces of `have`, as served to other downloaders.
+    have_bits: Arc<RwLock<Bitfield>>,
     part_path: PathBuf,
     unsynced: Arc<AtomicU64>,
     syncing: Arc<AtomicBool>,
@@ -212,10 +316,17 @@ impl Partial {
                 }
             }
         }
+        let mut bits = Bitfield::empty(n as u32);
+        for (i, h) in have.iter().enumerate() {
+            if h.is_some() {
+                bits.set(i as u32);
+            }
+        }
         Ok(Partial {
             meta: meta.clone(),
             file: Arc::new(file),
             have,
+            have_bits: Arc::new(RwLock::new(bits)),
             part_path,
             unsynced: Arc::default(),
             syncing: Arc::default(),
@@ -226,6 +337,14 @@ impl Partial {
         (0..self.have.len() as u32)
             .filter(|&i| self.have[i as usize].is_none())
             .collect()
+    }
+
+    /// The pieces verified so far.
+    pub fn bitfield(&self) -> Bitfield {
+        self.have_bits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn verified_bytes(&self) -> u64 {
@@ -252,6 +371,10 @@ impl Partial {
     pub fn mark_written(&mut self, i: u32, value: ChainingValue) {
         if let Some(h) = self.have.get_mut(i as usize) {
             *h = Some(value);
+            self.have_bits
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .set(i);
         }
     }
 
@@ -393,6 +516,44 @@ mod tests {
         assert!(err.contains("does not match"), "{err}");
         assert!(!store.final_path(&meta.file_hash).exists());
         assert!(store.seed(&meta.file_hash).is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_shared_download_serves_only_its_verified_pieces_until_it_is_complete() {
+        let (dir, store, data, meta) = setup("shared");
+        let mut p = store.partial(&meta).unwrap();
+        store.share(&p);
+        let h = meta.file_hash.clone();
+        let mut out = Vec::new();
+        assert!(store.read_piece_into(&h, 1, &mut out).is_err());
+        assert_eq!(store.piece_len(&h, 1), None);
+        p.writer().write(1, piece(&data, &meta, 1)).unwrap();
+        // Written but not yet recorded as verified: still not served.
+        assert!(store.read_piece_into(&h, 1, &mut out).is_err());
+        p.mark_written(1, value(&meta, &data, 1));
+        assert_eq!(store.bitfield(&h).unwrap().ones().collect::<Vec<_>>(), [1]);
+        assert_eq!(store.shared_meta(&h), Some(meta.clone()));
+        assert_eq!(
+            store.read_piece_into(&h, 1, &mut out),
+            Ok(PieceSource::Partial)
+        );
+        assert_eq!(out, piece(&data, &meta, 1));
+        let w = p.writer();
+        for i in [0, 2, 3] {
+            w.write(i, piece(&data, &meta, i)).unwrap();
+            p.mark_written(i, value(&meta, &data, i));
+        }
+        drop(w);
+        store.complete(p).unwrap();
+        store.unshare(&h);
+        out.clear();
+        assert_eq!(
+            store.read_piece_into(&h, 3, &mut out),
+            Ok(PieceSource::Complete)
+        );
+        assert_eq!(out, piece(&data, &meta, 3));
+        assert!(store.bitfield(&h).unwrap().is_complete());
         let _ = std::fs::remove_dir_all(dir);
     }
 
