@@ -23,7 +23,7 @@ const MAX_META_RESTARTS: usize = 3;
 /// did and whether it only said that it does not have the file.
 fn check_meta(
     p: PeerId,
-    answer: Result<TorrentResponse, String>,
+    answer: Result<TorrentResponse, AskError>,
     file_hash: &str,
     pin: &str,
     distrusted: bool,
@@ -55,7 +55,7 @@ fn check_meta(
         },
         Ok(TorrentResponse::Error(e)) => return Err((e, true)),
         Ok(_) => "answered out of turn".to_string(),
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
     Err((why, false))
 }
@@ -69,7 +69,7 @@ impl Torrents {
         &self,
         peer: PeerId,
         req: TorrentRequest,
-    ) -> Result<TorrentResponse, String> {
+    ) -> Result<TorrentResponse, AskError> {
         // Metadata is small: a peer that cannot answer it quickly (a record
         // of a node that is gone costs a dial timeout) is passed over.
         // Pieces go over TCP, which moves bulk data with less CPU than QUIC
@@ -78,13 +78,8 @@ impl Torrents {
             TorrentRequest::Piece { .. } => (PIECE_TIMEOUT, FrameProto::TorrentTcp),
             _ => (META_TIMEOUT, FrameProto::Torrent),
         };
-        let bytes = self
-            .0
-            .net
-            .frame(proto, peer, req.encode(), timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        TorrentResponse::decode(bytes).map_err(|e| e.to_string())
+        let bytes = self.0.net.frame(proto, peer, req.encode(), timeout).await?;
+        TorrentResponse::decode(bytes).map_err(|source| AskError::Undecodable { peer, source })
     }
 
     /// Counts and reports a piece that failed its hash check, naming its
@@ -169,7 +164,7 @@ impl Torrents {
         &self,
         p: PeerId,
         file_hash: &str,
-    ) -> futures::future::BoxFuture<'static, (PeerId, Result<TorrentResponse, String>)> {
+    ) -> futures::future::BoxFuture<'static, (PeerId, Result<TorrentResponse, AskError>)> {
         let me = self.clone();
         let req = TorrentRequest::Meta {
             file_hash: file_hash.to_string(),

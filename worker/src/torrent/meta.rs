@@ -118,41 +118,40 @@ impl TorrentMeta {
     }
 
     /// Checks that the description is self-consistent and within limits.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), MetaError> {
         if !is_hex_hash(&self.file_hash) {
-            return Err("file hash is not a BLAKE3 hex digest".into());
+            return Err(MetaError::FileHash);
         }
         if !(MIN_PIECE..=MAX_PIECE).contains(&self.piece_size) || !self.piece_size.is_power_of_two()
         {
-            return Err(format!("piece size {} out of range", self.piece_size));
+            return Err(MetaError::PieceSize(self.piece_size));
         }
         if self.pieces.len() as u64 != self.size.div_ceil(self.piece_size) {
-            return Err(format!(
-                "{} piece hashes for {} bytes in pieces of {}",
-                self.pieces.len(),
-                self.size,
-                self.piece_size
-            ));
+            return Err(MetaError::PieceCount {
+                pieces: self.pieces.len(),
+                size: self.size,
+                piece_size: self.piece_size,
+            });
         }
         if self.pieces.len() as u64 > MAX_PIECES * 16 {
-            return Err("too many pieces".into());
+            return Err(MetaError::TooManyPieces);
         }
         if let Some(bad) = self.pieces.iter().find(|p| !is_hex_hash(p)) {
-            return Err(format!("piece hash {bad:?} is not a BLAKE3 hex digest"));
+            return Err(MetaError::PieceHash(bad.clone()));
         }
         if self.name.is_empty()
             || self.name.contains('/')
             || self.name.contains('\\')
             || self.name.starts_with('.')
         {
-            return Err(format!("file name {:?} is not a plain name", self.name));
+            return Err(MetaError::Name(self.name.clone()));
         }
         let values: Option<Vec<ChainingValue>> = self.pieces.iter().map(|p| unhex(p)).collect();
         let adds_up = values
             .and_then(|v| tree_hash::root(&v, self.piece_size, self.size))
             .is_some_and(|root| root.to_hex().as_str() == self.file_hash);
         if !adds_up {
-            return Err(PIECES_DO_NOT_ADD_UP.into());
+            return Err(MetaError::DoesNotAddUp);
         }
         Ok(())
     }
@@ -195,6 +194,29 @@ impl TorrentMeta {
 /// Why [`TorrentMeta::validate`] refuses metadata whose piece hashes are not
 /// the pieces of its file.
 pub const PIECES_DO_NOT_ADD_UP: &str = "its piece hashes do not add up to the file's hash";
+
+/// Why a torrent description is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    #[error("file hash is not a BLAKE3 hex digest")]
+    FileHash,
+    #[error("piece size {0} out of range")]
+    PieceSize(u64),
+    #[error("{pieces} piece hashes for {size} bytes in pieces of {piece_size}")]
+    PieceCount {
+        pieces: usize,
+        size: u64,
+        piece_size: u64,
+    },
+    #[error("too many pieces")]
+    TooManyPieces,
+    #[error("piece hash {0:?} is not a BLAKE3 hex digest")]
+    PieceHash(String),
+    #[error("file name {0:?} is not a plain name")]
+    Name(String),
+    #[error("{PIECES_DO_NOT_ADD_UP}")]
+    DoesNotAddUp,
+}
 
 /// Lowercase hex of a piece hash.
 pub fn hex(value: &ChainingValue) -> String {
@@ -257,7 +279,7 @@ mod tests {
         // Piece hashes in another order.
         let mut swapped = m.clone();
         swapped.pieces.swap(0, 1);
-        assert_eq!(swapped.validate(), Err(PIECES_DO_NOT_ADD_UP.into()));
+        assert_eq!(swapped.validate(), Err(MetaError::DoesNotAddUp));
         // One piece hash describing other bytes (what a lying seeder sends).
         data[5] ^= 0xff;
         let mut lying = m.clone();
@@ -267,11 +289,11 @@ mod tests {
             m.piece_size,
             m.size,
         ));
-        assert_eq!(lying.validate(), Err(PIECES_DO_NOT_ADD_UP.into()));
+        assert_eq!(lying.validate(), Err(MetaError::DoesNotAddUp));
         // The same pieces claimed for another file hash.
         let mut other = m.clone();
         other.file_hash = blake3::hash(b"other").to_hex().to_string();
-        assert_eq!(other.validate(), Err(PIECES_DO_NOT_ADD_UP.into()));
+        assert_eq!(other.validate(), Err(MetaError::DoesNotAddUp));
         let _ = std::fs::remove_dir_all(dir);
     }
 

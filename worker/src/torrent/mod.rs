@@ -58,6 +58,19 @@ pub fn cache_dir(cfg: &llama_cluster_shared::config::NodeConfig) -> PathBuf {
     llama_cluster_engine::cache_root()
 }
 
+/// Why asking a peer for metadata, a bitfield or a piece got no answer
+/// (the peer is in the error: [`AskError::peer`]).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AskError {
+    #[error(transparent)]
+    Net(#[from] crate::network::error::NetError),
+    #[error("{peer} sent an undecodable answer: {source}")]
+    Undecodable {
+        peer: PeerId,
+        source: protocol::ProtocolError,
+    },
+}
+
 /// Why a download failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TorrentError {

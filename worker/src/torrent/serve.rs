@@ -191,7 +191,7 @@ impl Torrents {
                 }
                 return frame;
             }
-            Ok(Err(e)) => TorrentResponse::Error(e),
+            Ok(Err(e)) => TorrentResponse::Error(e.to_string()),
             Err(e) => TorrentResponse::Error(e.to_string()),
         };
         resp.encode()

@@ -31,6 +31,29 @@ pub struct Seed {
     pub path: PathBuf,
 }
 
+/// Why a piece could not be read for a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum PieceReadError {
+    #[error("no complete file {hash} or verified piece {index} here")]
+    NotHere { hash: String, index: u32 },
+    #[error("reading piece {index} of a download in progress: {source}")]
+    InProgress { index: u32, source: io::Error },
+    #[error("piece {index} out of range (the file has {pieces})")]
+    OutOfRange { index: u32, pieces: u32 },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "{}: piece {index} is short ({got} of {len} bytes): the file changed on disk",
+        path.display()
+    )]
+    Short {
+        path: PathBuf,
+        index: u32,
+        got: usize,
+        len: u64,
+    },
+}
+
 /// Where a piece that was read comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PieceSource {
@@ -193,7 +216,7 @@ impl Store {
     }
 
     /// Reads piece `i` of a seeded file (blocking).
-    pub fn read_piece(&self, hash: &str, i: u32) -> Result<Vec<u8>, String> {
+    pub fn read_piece(&self, hash: &str, i: u32) -> Result<Vec<u8>, PieceReadError> {
         let mut buf = Vec::new();
         self.read_piece_into(hash, i, &mut buf)?;
         Ok(buf)
@@ -207,38 +230,46 @@ impl Store {
         hash: &str,
         i: u32,
         out: &mut Vec<u8>,
-    ) -> Result<PieceSource, String> {
+    ) -> Result<PieceSource, PieceReadError> {
         let Some(seed) = self.seed(hash) else {
             let p = self
                 .shared(hash)
                 .filter(|p| p.have.read().unwrap_or_else(|e| e.into_inner()).has(i))
-                .ok_or_else(|| format!("no complete file {hash} or verified piece {i} here"))?;
+                .ok_or_else(|| PieceReadError::NotHere {
+                    hash: hash.to_string(),
+                    index: i,
+                })?;
             let len = p.meta.piece_len(i) as usize;
             let at = out.len();
             out.resize(at + len, 0);
             p.file
                 .read_exact_at(&mut out[at..], i as u64 * p.meta.piece_size)
-                .map_err(|e| format!("reading piece {i} of a download in progress: {e}"))?;
+                .map_err(|source| PieceReadError::InProgress { index: i, source })?;
             return Ok(PieceSource::Partial);
         };
         if i >= seed.meta.n_pieces() {
-            return Err(format!(
-                "piece {i} out of range (the file has {})",
-                seed.meta.n_pieces()
-            ));
+            return Err(PieceReadError::OutOfRange {
+                index: i,
+                pieces: seed.meta.n_pieces(),
+            });
         }
         let len = seed.meta.piece_len(i);
-        let err = |e: io::Error| format!("{}: {e}", seed.path.display());
+        let err = |source: io::Error| PieceReadError::Io {
+            path: seed.path.clone(),
+            source,
+        };
         let mut f = File::open(&seed.path).map_err(err)?;
         f.seek(SeekFrom::Start(i as u64 * seed.meta.piece_size))
             .map_err(err)?;
         out.reserve_exact(len as usize);
         let n = f.take(len).read_to_end(out).map_err(err)?;
         if n as u64 != len {
-            return Err(format!(
-                "{}: piece {i} is short ({n} of {len} bytes): the file changed on disk",
-                seed.path.display()
-            ));
+            return Err(PieceReadError::Short {
+                path: seed.path.clone(),
+                index: i,
+                got: n,
+                len,
+            });
         }
         Ok(PieceSource::Complete)
     }
@@ -535,8 +566,8 @@ mod tests {
         assert_eq!(store.bitfield(&h).unwrap().ones().collect::<Vec<_>>(), [1]);
         assert_eq!(store.shared_meta(&h), Some(meta.clone()));
         assert_eq!(
-            store.read_piece_into(&h, 1, &mut out),
-            Ok(PieceSource::Partial)
+            store.read_piece_into(&h, 1, &mut out).ok(),
+            Some(PieceSource::Partial)
         );
         assert_eq!(out, piece(&data, &meta, 1));
         let w = p.writer();
@@ -549,8 +580,8 @@ mod tests {
         store.unshare(&h);
         out.clear();
         assert_eq!(
-            store.read_piece_into(&h, 3, &mut out),
-            Ok(PieceSource::Complete)
+            store.read_piece_into(&h, 3, &mut out).ok(),
+            Some(PieceSource::Complete)
         );
         assert_eq!(out, piece(&data, &meta, 3));
         assert!(store.bitfield(&h).unwrap().is_complete());

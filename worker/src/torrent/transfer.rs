@@ -82,7 +82,7 @@ pub(super) enum Job {
     Piece(u32),
 }
 
-pub(super) type Answer = (PeerId, Job, Result<TorrentResponse, String>);
+pub(super) type Answer = (PeerId, Job, Result<TorrentResponse, super::AskError>);
 
 impl Torrents {
     pub(super) async fn transfer(
@@ -419,9 +419,10 @@ impl Torrents {
                             }
                         }
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) | Err(e) => {
+                        Ok(Err(e)) => {
                             debug!("[TORRENT] {peer} does not serve {}: {e}", meta.name)
                         }
+                        Err(e) => debug!("[TORRENT] {peer} does not serve {}: {e}", meta.name),
                     }
                     continue;
                 }
@@ -497,7 +498,7 @@ impl Torrents {
                         "[TORRENT] {peer} failed while sending piece {i} of {}: {e}; dropping it",
                         meta.name
                     );
-                    peers.failed(span, &peer, &e);
+                    peers.failed(span, &peer, &e.to_string());
                     false
                 }
             };
