@@ -17,8 +17,9 @@ use llama_cluster_shared::config::NodeConfig;
 use llama_cluster_shared::protocol::JSON_PROTOCOL;
 
 use super::frame_codec::FrameCodec;
+use super::gate::Gated;
 use super::json_codec::JsonCodec;
-use super::membership::{Gated, Members, MembershipBehaviour, membership_behaviour};
+use super::membership::{Members, MembershipBehaviour, membership_behaviour};
 use super::tcp_only::TcpOnly;
 use crate::torrent::protocol::{MAX_FRAME as MAX_TORRENT_FRAME, TORRENT_PROTOCOL};
 

@@ -3,6 +3,7 @@
 pub mod behaviour;
 pub mod error;
 pub mod frame_codec;
+pub mod gate;
 pub mod json_codec;
 pub mod links;
 pub mod membership;
