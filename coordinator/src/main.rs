@@ -23,6 +23,15 @@ struct Cli {
         default_value = ""
     )]
     tls_ca_file: String,
+    /// The name checked in every gRPC server's certificate, whatever
+    /// address is dialled (workers are found by IP); empty: the host dialled.
+    #[arg(
+        long,
+        global = true,
+        env = "LLAMA_CLUSTER_TLS_SERVER_NAME",
+        default_value = ""
+    )]
+    tls_server_name: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -138,7 +147,7 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match llama_cluster_shared::tls::ClientTls::load(&cli.tls_ca_file) {
+    match llama_cluster_shared::tls::ClientTls::load(&cli.tls_ca_file, &cli.tls_server_name) {
         Ok(t) => llama_coordinator::tls::set_client(t),
         Err(e) => {
             eprintln!("error: {e}");

@@ -150,24 +150,36 @@ impl ServerTls {
 #[derive(Clone, Debug)]
 pub struct ClientTls {
     ca_pem: Vec<u8>,
+    /// The name every server's certificate must carry, whatever address
+    /// is dialled (workers found by IP); `None`: the dialled host.
+    server_name: Option<String>,
 }
 
 impl ClientTls {
     /// The CA from a PEM file; `None` when `ca_file` is empty (plaintext).
-    pub fn load(ca_file: &str) -> Result<Option<ClientTls>, TlsError> {
+    /// `server_name` (empty: the dialled host) is the name checked in every
+    /// server's certificate.
+    pub fn load(ca_file: &str, server_name: &str) -> Result<Option<ClientTls>, TlsError> {
         if ca_file.is_empty() {
             return Ok(None);
         }
         install_provider();
         let ca_pem = read("tls_ca_file", ca_file)?;
         certs("tls_ca_file", ca_file, &ca_pem)?;
-        Ok(Some(ClientTls { ca_pem }))
+        Ok(Some(ClientTls {
+            ca_pem,
+            server_name: (!server_name.is_empty()).then(|| server_name.to_string()),
+        }))
     }
 
     /// For a tonic channel.
     pub fn tonic(&self) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+        let c = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        match &self.server_name {
+            Some(n) => c.domain_name(n.clone()),
+            None => c,
+        }
     }
 }
 
@@ -218,9 +230,9 @@ mod tests {
             e.contains("tls_cert_file") && e.contains("no PEM certificate"),
             "{e}"
         );
-        let e = ClientTls::load(j).unwrap_err().to_string();
+        let e = ClientTls::load(j, "").unwrap_err().to_string();
         assert!(e.contains("tls_ca_file"), "{e}");
-        assert!(ClientTls::load("").unwrap().is_none());
+        assert!(ClientTls::load("", "").unwrap().is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -190,6 +190,9 @@ async fn tls_worker_grpc_and_coordinator_https() {
             s(&pki.key),
             "--tls-ca-file",
             s(&pki.ca),
+            // Checked against every worker's certificate (dialled by IP).
+            "--tls-server-name",
+            "localhost",
         ],
         &[],
     )
