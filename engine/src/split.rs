@@ -159,8 +159,10 @@ fn kv_bytes_per_token(source: &Source, arch: &str, n_embd: u32, a: u32, b: u32) 
     Ok(total)
 }
 
-/// Largest `block_count` taken from a file: it sizes the per-layer tables.
-pub const MAX_LAYERS: u32 = 1 << 16;
+/// Largest `block_count` taken from a file: it sizes the per-layer tables,
+/// and the byte balancing is quadratic in it (the largest models have a
+/// few hundred layers).
+pub const MAX_LAYERS: u32 = 4096;
 
 /// What the splitter reads from a GGUF's header before it writes anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
