@@ -99,7 +99,8 @@ pub fn default_model_path() -> std::path::PathBuf {
     }
 }
 
-static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
+static BACKEND: OnceLock<std::result::Result<LlamaBackend, llama_cpp_2::LlamaCppError>> =
+    OnceLock::new();
 
 /// Initialises llama.cpp once per process (logs go to `tracing` at debug level).
 pub fn backend() -> Result<&'static LlamaBackend> {
@@ -109,7 +110,7 @@ pub fn backend() -> Result<&'static LlamaBackend> {
                 llama_cpp_2::LogOptions::default()
                     .with_logs_enabled(std::env::var("LLAMA_CLUSTER_LLAMA_LOGS").is_ok()),
             );
-            LlamaBackend::init().map_err(|e| e.to_string())
+            LlamaBackend::init()
         })
         .as_ref()
         .map_err(|e| EngineError::Load(format!("llama.cpp backend: {e}")))

@@ -129,6 +129,12 @@ pub struct NodeConfig {
     /// empty: open.
     pub api_token: String,
     pub api_token_file: String,
+    /// The cluster's shared secret (64 hex digits; `llama-worker keygen`
+    /// writes a file): only peers that prove it are served. Set it through
+    /// `cluster_key_file` (or `LLAMA_CLUSTER_KEY_FILE`), or the environment
+    /// (`LLAMA_CLUSTER_KEY`); empty: the cluster is open.
+    pub cluster_key: String,
+    pub cluster_key_file: String,
     /// PEM certificate chain and private key of the gRPC server: TLS on
     /// (clients need the CA, `tls_ca_file`); both empty: plaintext.
     pub tls_cert_file: String,
@@ -148,6 +154,8 @@ pub struct NodeConfig {
     pub test_busy_pieces: u32,
     /// Test only: listen on QUIC alone (peers cannot reach it over TCP).
     pub test_no_tcp_listen: bool,
+    /// Test only: publish forged shard records for other peers' shards.
+    pub test_forge_records: bool,
 }
 
 impl Default for NodeConfig {
@@ -194,6 +202,8 @@ impl Default for NodeConfig {
             admin_token_file: String::new(),
             api_token: String::new(),
             api_token_file: String::new(),
+            cluster_key: String::new(),
+            cluster_key_file: String::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             trace_decode_every: 1,
@@ -203,6 +213,7 @@ impl Default for NodeConfig {
             test_piece_delay_ms: 0,
             test_busy_pieces: 0,
             test_no_tcp_listen: false,
+            test_forge_records: false,
         }
     }
 }
@@ -450,25 +461,42 @@ impl NodeConfig {
         }
         parse_layer_range(&self.shard_layers)
             .map(Some)
-            .map_err(|reason| ConfigError::invalid("shard_layers", reason))
+            .map_err(|reason| ConfigError::invalid("shard_layers", reason.to_string()))
     }
 }
 
+/// A layer range that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayerRangeError {
+    #[error("{0:?} is not a layer range START-END (for example 0-14)")]
+    NotARange(String),
+    #[error("{range:?}: {which} {value:?} is not a layer number")]
+    NotANumber {
+        range: String,
+        which: &'static str,
+        value: String,
+    },
+    #[error("{0:?}: start is after end")]
+    Reversed(String),
+}
+
 /// Parses `START-END` (inclusive, START <= END).
-pub fn parse_layer_range(s: &str) -> Result<(u32, u32), String> {
+pub fn parse_layer_range(s: &str) -> Result<(u32, u32), LayerRangeError> {
     let (a, b) = s
         .split_once('-')
-        .ok_or_else(|| format!("{s:?} is not a layer range START-END (for example 0-14)"))?;
-    let a: u32 = a
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: start {a:?} is not a layer number"))?;
-    let b: u32 = b
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: end {b:?} is not a layer number"))?;
+        .ok_or_else(|| LayerRangeError::NotARange(s.to_string()))?;
+    let number = |which: &'static str, v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| LayerRangeError::NotANumber {
+                range: s.to_string(),
+                which,
+                value: v.to_string(),
+            })
+    };
+    let (a, b) = (number("start", a)?, number("end", b)?);
     if a > b {
-        return Err(format!("{s:?}: start is after end"));
+        return Err(LayerRangeError::Reversed(s.to_string()));
     }
     Ok((a, b))
 }

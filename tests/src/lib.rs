@@ -232,17 +232,20 @@ pub fn start_coordinator(
 
 /// A bootstrap (rendezvous) node on 127.0.0.1, gRPC on a free port.
 pub fn start_bootstrap(dir: &Path) -> anyhow::Result<NodeProc> {
-    NodeProc::start(
-        dir,
+    start_bootstrap_with(dir, &[])
+}
+
+/// [`start_bootstrap`] with more arguments (a cluster key, say).
+pub fn start_bootstrap_with(dir: &Path, extra: &[&str]) -> anyhow::Result<NodeProc> {
+    let mut args = vec![
         "bootstrap",
-        &[
-            "bootstrap",
-            "--p2p-host",
-            "127.0.0.1",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ],
-    )
+        "--p2p-host",
+        "127.0.0.1",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    NodeProc::start(dir, "bootstrap", &args)
 }
 
 /// Common worker arguments: P2P on `host`, gRPC on a free port, bootstrap
@@ -554,8 +557,21 @@ impl ReplicaCluster {
         replicas: usize,
         extra: &[&str],
     ) -> anyhow::Result<ReplicaCluster> {
+        Self::start_with(dir, manifest, first_host, replicas, extra, &[]).await
+    }
+
+    /// [`ReplicaCluster::start`], with `bootstrap_extra` args for the
+    /// bootstrap node.
+    pub async fn start_with(
+        dir: &Path,
+        manifest: &Path,
+        first_host: u8,
+        replicas: usize,
+        extra: &[&str],
+        bootstrap_extra: &[&str],
+    ) -> anyhow::Result<ReplicaCluster> {
         let shard_ids = shard_ids_of(manifest)?;
-        let bootstrap = start_bootstrap(dir)?;
+        let bootstrap = start_bootstrap_with(dir, bootstrap_extra)?;
         let mut c = ReplicaCluster {
             bootstrap,
             workers: Vec::new(),

@@ -3,8 +3,8 @@
 //! they have without a fault when a stage of their route is killed, when
 //! their driver is killed (the coordinator resumes them on another driver),
 //! and when a stage stops answering (SIGSTOP); sessions of a dead driver are
-//! freed within the lease; a range left without a live replica fails with
-//! UNAVAILABLE naming it, and serves again once a replica is back.
+//! freed within the lease. (A range left without a live replica, and its
+//! re-placement by the coordinator: `placement.rs`.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -282,36 +282,4 @@ async fn streams_survive_the_loss_of_a_stage_a_driver_and_a_silent_stage() {
         "failover took {worst:?}"
     );
     one_request(&w0).await.expect("a request after SIGCONT");
-
-    // 4. The last replicas of shard 1 gone: UNAVAILABLE naming the range,
-    // within a bounded time; a new replica serves again.
-    cluster.workers[3].kill();
-    cluster.workers[4].kill();
-    let t0 = Instant::now();
-    let e = loop {
-        match one_request(&w0).await {
-            Err(e) => break e,
-            Ok(_) => assert!(t0.elapsed() < Duration::from_secs(30), "still served"),
-        }
-    };
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    let range = format!(
-        "layers {}-{}",
-        m["shards"][1]["layer_start"], m["shards"][1]["layer_end"]
-    );
-    assert!(e.message().contains(&range), "{}", e.message());
-    assert!(
-        t0.elapsed() < Duration::from_secs(STAGE_TIMEOUT_SECS + 12),
-        "{:?}",
-        t0.elapsed()
-    );
-    let w5 = cluster.worker(&dir, &manifest, 176, 1, &extra).unwrap();
-    cluster.workers.push(w5);
-    let text = wait_for("shard 1 served again", Duration::from_secs(60), || async {
-        one_request(&w0).await.ok()
-    })
-    .await
-    .unwrap();
-    assert!(!text.is_empty());
 }

@@ -7,7 +7,7 @@
 //! SWARM_READY drop and re-placement brings it back; a worker that joins
 //! gets work on the next round.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llama_cluster_engine::EngineSettings;
 use llama_cluster_engine::baseline::Baseline;
@@ -31,6 +31,7 @@ fn start_worker(
     boot: &str,
     memory_mb: u32,
     manifest: Option<&std::path::Path>,
+    extra: &[&str],
 ) -> NodeProc {
     let mut args = worker_args(host, &[boot], None);
     args.extend([
@@ -39,6 +40,7 @@ fn start_worker(
         "--threads".into(),
         "1".into(),
     ]);
+    args.extend(extra.iter().map(|a| a.to_string()));
     if let Some(m) = manifest {
         args.extend(["--manifest".into(), m.display().to_string()]);
     }
@@ -73,22 +75,25 @@ fn serves(st: &GetClusterStatusResponse, addr: &str, shard: &str) -> bool {
 }
 
 async fn complete(c: &mut CoordinatorClient<Channel>) -> Vec<i32> {
+    try_complete(c).await.unwrap()
+}
+
+async fn try_complete(c: &mut CoordinatorClient<Channel>) -> Result<Vec<i32>, tonic::Status> {
     let mut stream = c
         .inference(InferenceRequest {
             prompt: "The capital of France is".into(),
             max_tokens: N_GEN,
             ..Default::default()
         })
-        .await
-        .unwrap()
+        .await?
         .into_inner();
     let mut tokens = Vec::new();
-    while let Some(m) = stream.message().await.unwrap() {
+    while let Some(m) = stream.message().await? {
         if let Some(Event::Chunk(c)) = m.event {
             tokens.extend(c.token_ids);
         }
     }
-    tokens
+    Ok(tokens)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,9 +117,17 @@ async fn coordinator_places_shards_by_memory_and_replans_on_leave_and_join() {
     let boot = llama_cluster_tests::start_bootstrap(&dir).unwrap();
     let b = boot.addr("quic-v1");
     // Only the seeder has the split; the others start with nothing.
-    let seeder = start_worker(&dir, "seeder", "127.0.0.160", &b, 4000, Some(&manifest));
-    let mut w1 = start_worker(&dir, "w1", "127.0.0.161", &b, 2000, None);
-    let w2 = start_worker(&dir, "w2", "127.0.0.162", &b, 1000, None);
+    let seeder = start_worker(
+        &dir,
+        "seeder",
+        "127.0.0.160",
+        &b,
+        4000,
+        Some(&manifest),
+        &[],
+    );
+    let mut w1 = start_worker(&dir, "w1", "127.0.0.161", &b, 2000, None, &[]);
+    let w2 = start_worker(&dir, "w2", "127.0.0.162", &b, 1000, None, &[]);
     // The coordinator knows one worker; it finds the rest through it.
     let coord = start_coordinator(
         &dir,
@@ -212,7 +225,7 @@ async fn coordinator_places_shards_by_memory_and_replans_on_leave_and_join() {
     assert_eq!(got[..], want[..got.len()], "tokens after re-placement");
 
     // Join: a new worker is found through the swarm and gets a shard.
-    let w3 = start_worker(&dir, "w3", "127.0.0.163", &b, 1500, None);
+    let w3 = start_worker(&dir, "w3", "127.0.0.163", &b, 1500, None, &[]);
     let w3_addr = w3.grpc_addr.clone();
     wait_for("the joiner to get work", WAIT, || {
         let mut c = c.clone();
@@ -266,8 +279,8 @@ async fn a_model_that_does_not_fit_is_refused_with_a_reason() {
     let boot = llama_cluster_tests::start_bootstrap(&dir).unwrap();
     let b = boot.addr("quic-v1");
     // Two workers offering 80 MiB each: no shard fits (each needs > 80 MiB).
-    let a = start_worker(&dir, "a", "127.0.0.170", &b, 80, Some(&manifest));
-    let _b = start_worker(&dir, "b", "127.0.0.171", &b, 80, None);
+    let a = start_worker(&dir, "a", "127.0.0.170", &b, 80, Some(&manifest), &[]);
+    let _b = start_worker(&dir, "b", "127.0.0.171", &b, 80, None, &[]);
     let coord = start_coordinator(
         &dir,
         &a.grpc_addr,
@@ -316,4 +329,101 @@ async fn a_model_that_does_not_fit_is_refused_with_a_reason() {
     let e = w.load_shard(load(m.to_string())).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("not a plain file name"), "{e:?}");
+}
+
+/// The last replica of a range gone (#16): requests through the coordinator
+/// fail with UNAVAILABLE naming the range, within a bounded time, while no
+/// worker can take the shard; once a worker joins, the coordinator places
+/// the shard on it (fetched through the swarm) and the same request
+/// succeeds with the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_replica_gone_fails_with_unavailable_until_the_coordinator_re_places_it() {
+    let dir = test_dir("last-replica");
+    let manifest = split_with_cli(&dir.join("split"), 2).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let ids = llama_cluster_tests::shard_ids_of(&manifest).unwrap();
+    let boot = llama_cluster_tests::start_bootstrap(&dir).unwrap();
+    let b = boot.addr("quic-v1");
+    let fast = ["--stage-timeout-secs", "3"];
+    // Both hold the split; the coordinator gives each one shard.
+    let mut ws = [
+        start_worker(&dir, "a", "127.0.0.172", &b, 2000, Some(&manifest), &fast),
+        start_worker(&dir, "z", "127.0.0.173", &b, 2000, Some(&manifest), &fast),
+    ];
+    let coord = start_coordinator(
+        &dir,
+        &ws[0].grpc_addr,
+        &[
+            "--manifest",
+            &manifest.display().to_string(),
+            "--replicas",
+            "1",
+            "--poll-ms",
+            "500",
+        ],
+        &[],
+    )
+    .unwrap();
+    let mut c = client_of(&coord).await;
+    wait_for("placement and SWARM_READY", WAIT, || {
+        let mut c = c.clone();
+        async move { cluster(&mut c).await.swarm_ready.then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", coord.log()));
+    let want = wait_for("a first completion", WAIT, || {
+        let mut c = c.clone();
+        async move { try_complete(&mut c).await.ok() }
+    })
+    .await
+    .unwrap();
+    assert!(!want.is_empty());
+
+    // The holder of the last shard goes: the other one still drives.
+    let st = cluster(&mut c).await;
+    let last = ws
+        .iter()
+        .position(|w| serves(&st, &w.grpc_addr, &ids[1]))
+        .expect("a worker serves the last shard");
+    ws[last].kill();
+    let t0 = Instant::now();
+    let e = loop {
+        match try_complete(&mut c).await {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "still served 30 s after the last replica went"
+            ),
+        }
+    };
+    let took = t0.elapsed();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    let range = format!(
+        "layers {}-{}",
+        m["shards"][1]["layer_start"], m["shards"][1]["layer_end"]
+    );
+    assert!(e.message().contains(&range), "{}", e.message());
+    assert!(took < Duration::from_secs(20), "UNAVAILABLE after {took:?}");
+    eprintln!("UNAVAILABLE after {took:?}: {}", e.message());
+    // Nobody can take the shard (the survivor serves the other one): the
+    // answer stays UNAVAILABLE rather than hanging.
+    let e = try_complete(&mut c).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+
+    // A worker joins with nothing: the coordinator places the shard on it,
+    // it fetches the file through the swarm, and requests succeed again.
+    let j = start_worker(&dir, "joiner", "127.0.0.174", &b, 2000, None, &fast);
+    let got = wait_for("the shard re-placed and served", WAIT, || {
+        let mut c = c.clone();
+        async move { try_complete(&mut c).await.ok() }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", coord.log(), j.log()));
+    assert_eq!(got, want, "tokens after re-placement");
+    let st = cluster(&mut c).await;
+    assert!(
+        serves(&st, &j.grpc_addr, &ids[1]),
+        "the joiner serves the last shard"
+    );
+    assert!(coord.log().contains("[PLACEMENT]"));
 }

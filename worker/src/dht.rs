@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryResult, Quorum, Record, RecordKey};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use llama_cluster_shared::dht_keys::{ShardRecord, members_key, parse_shard_key, shard_key};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::network::behaviour::Role;
 use crate::node::Node;
@@ -38,9 +38,16 @@ impl Node {
         if announce && let Err(e) = kad.start_providing(RecordKey::new(&members_key(&cluster))) {
             debug!("[DHT] cannot announce membership: {e}");
         }
+        if self.cfg.test_forge_records {
+            self.publish_forged_records();
+        }
+        let kad = &mut self.swarm.behaviour_mut().kad;
         if let Some(rec) = record {
             let key = shard_key(&cluster, &rec.shard_id);
-            let mut r = Record::new(RecordKey::new(&key), rec.to_bytes());
+            let mut r = Record::new(
+                RecordKey::new(&key),
+                crate::records::seal(&rec, &self.keypair),
+            );
             r.expires = Some(Instant::now() + Duration::from_secs(self.cfg.record_ttl_secs));
             match kad.put_record(r, Quorum::One) {
                 Ok(_) => debug!("[DHT] publishing {key} ({})", rec.state.as_str()),
@@ -50,6 +57,34 @@ impl Node {
     }
 
     /// Asks the DHT for the latest record of every shard id we know of.
+    /// Test only (`test_forge_records`): publishes, for every shard record
+    /// of another peer this node knows, a copy that marks it failed, signed
+    /// with this node's own key (it has no other). Members must ignore it.
+    fn publish_forged_records(&mut self) {
+        let me = self.local_peer_id().to_string();
+        let victims: Vec<ShardRecord> = self.state.read(|s| {
+            s.shards
+                .values()
+                .filter(|r| r.peer_id != me)
+                .cloned()
+                .collect()
+        });
+        for mut rec in victims {
+            rec.state = llama_cluster_shared::dht_keys::ShardState::Failed;
+            rec.updated_at = llama_cluster_shared::unix_now_ms();
+            let key = shard_key(&self.cfg.cluster, &rec.shard_id);
+            let r = Record::new(
+                RecordKey::new(&key),
+                crate::records::seal(&rec, &self.keypair),
+            );
+            info!(
+                "[DHT] test: publishing a forged record for {key} of {}",
+                rec.peer_id
+            );
+            let _ = self.swarm.behaviour_mut().kad.put_record(r, Quorum::One);
+        }
+    }
+
     pub(crate) fn query_known_shards(&mut self) {
         let ids: std::collections::BTreeSet<String> = self
             .state
@@ -78,7 +113,7 @@ impl Node {
             .kad
             .store_mut()
             .records()
-            .filter_map(|r| decode_record(&cluster, &r))
+            .filter_map(|r| decode_record(&cluster, &r).ok())
             .collect();
         for rec in records {
             self.learn_shard(rec, "DHT store");
@@ -136,8 +171,16 @@ impl Node {
                 id, result, step, ..
             } => match result {
                 QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(r))) => {
-                    if let Some(rec) = decode_record(&self.cfg.cluster, &r.record) {
-                        self.learn_shard(rec, "DHT query");
+                    match decode_record(&self.cfg.cluster, &r.record) {
+                        Ok(rec) => self.learn_shard(rec, "DHT query"),
+                        Err(e) => {
+                            crate::metrics::metrics().dht_records_rejected.inc();
+                            warn!(
+                                "[DHT] ignored the record {} from {:?}: {e}",
+                                String::from_utf8_lossy(r.record.key.as_ref()),
+                                r.peer
+                            );
+                        }
                     }
                 }
                 QueryResult::GetRecord(Err(e)) => debug!("[DHT] get_record: {e}"),
@@ -203,10 +246,28 @@ impl Node {
     }
 }
 
-/// A shard record of `cluster` stored under its own key, if `r` is one.
-fn decode_record(cluster: &str, r: &Record) -> Option<ShardRecord> {
-    let key = std::str::from_utf8(r.key.as_ref()).ok()?;
-    let (c, id) = parse_shard_key(key)?;
-    let rec = ShardRecord::from_bytes(&r.value)?;
-    (c == cluster && rec.shard_id == id).then_some(rec)
+/// Why a DHT record was not taken as a shard record.
+#[derive(Debug, thiserror::Error)]
+enum DecodeError {
+    #[error("not a shard record key of this cluster")]
+    Key,
+    #[error("the record is for shard {0}, not the one its key names")]
+    Mismatch(String),
+    #[error(transparent)]
+    Record(#[from] crate::records::RecordError),
+}
+
+/// A shard record of `cluster`, stored under its own key and signed by the
+/// peer it names.
+fn decode_record(cluster: &str, r: &Record) -> Result<ShardRecord, DecodeError> {
+    let key = std::str::from_utf8(r.key.as_ref()).map_err(|_| DecodeError::Key)?;
+    let (c, id) = parse_shard_key(key).ok_or(DecodeError::Key)?;
+    if c != cluster {
+        return Err(DecodeError::Key);
+    }
+    let rec = crate::records::open(&r.value)?;
+    if rec.shard_id != id {
+        return Err(DecodeError::Mismatch(rec.shard_id));
+    }
+    Ok(rec)
 }

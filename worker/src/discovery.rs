@@ -147,6 +147,17 @@ impl Node {
         let identify::Event::Received { peer_id, info, .. } = ev else {
             return;
         };
+        if !self.members.admits(&peer_id) {
+            // Acted on once the peer has proven the cluster key.
+            self.identify_stash.insert(peer_id, info);
+            return;
+        }
+        self.identified(peer_id, info);
+    }
+
+    /// What an admitted peer's identify answer tells: its addresses (for
+    /// Kademlia), rendezvous, a status probe.
+    pub(crate) fn identified(&mut self, peer_id: PeerId, info: identify::Info) {
         let is_llama = info.agent_version.starts_with(AGENT_PREFIX);
         let is_worker = is_llama && info.agent_version.ends_with("/worker");
         self.state.write(|s| {

@@ -290,14 +290,14 @@ impl Dispatcher {
                 &cmd.command,
                 &me,
                 ErrorCode::Unavailable,
-                e,
+                e.to_string(),
             ),
         }
     }
 
     /// Exchanges catalogs with every connected worker; with `fetch_missing`,
     /// downloads the files this node lacks.
-    pub async fn sync_torrents(&self, fetch_missing: bool) -> Result<Vec<CatalogEntry>, String> {
+    pub async fn sync_torrents(&self, fetch_missing: bool) -> Result<Vec<CatalogEntry>, SyncError> {
         let me = self.me();
         let torrents = self.pipeline.torrents();
         let mut entries: std::collections::BTreeMap<String, CatalogEntry> = torrents
@@ -377,11 +377,11 @@ impl Dispatcher {
                         e.local = true;
                         e.providers.push(me.clone());
                     }
-                    Err(err) => failed.push(format!("{}: {err}", e.name)),
+                    Err(err) => failed.push((e.name.clone(), err)),
                 }
             }
             if !failed.is_empty() {
-                return Err(format!("some downloads failed: {}", failed.join("; ")));
+                return Err(SyncError { failed });
             }
         }
         Ok(entries.into_values().collect())
@@ -597,4 +597,12 @@ mod tests {
         let wrong = ask(&d, br#"{"command":"GET_STATUS","to":"someone-else"}"#).await;
         assert_eq!(wrong["error"]["code"], "wrong_recipient");
     }
+}
+
+/// Downloads that failed during a SYNC_TORRENTS with `fetch_missing`.
+#[derive(Debug, thiserror::Error)]
+#[error("some downloads failed: {}", failed.iter().map(|(name, e)| format!("{name}: {e}")).collect::<Vec<_>>().join("; "))]
+pub struct SyncError {
+    /// Each file's name and why it failed.
+    pub failed: Vec<(String, crate::torrent::TorrentError)>,
 }

@@ -39,6 +39,19 @@ enum Cmd {
     Split(SplitArgs),
     /// Join the swarm, download one file by its content hash (progress bar), copy it out.
     Fetch(FetchArgs),
+    /// Write a new random cluster key (give every member the same file, as
+    /// `--cluster-key-file` or `LLAMA_CLUSTER_KEY_FILE`).
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args, Debug)]
+struct KeygenArgs {
+    /// Where to write the key (mode 0600).
+    #[arg(long, default_value = "cluster.key")]
+    out: PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -171,6 +184,10 @@ struct NodeArgs {
     /// Time one pipeline step may take, in seconds.
     #[arg(long)]
     stage_timeout_secs: Option<String>,
+    /// The cluster key file (`llama-worker keygen`): only peers that prove
+    /// the key are served.
+    #[arg(long, env = "LLAMA_CLUSTER_KEY_FILE")]
+    cluster_key_file: Option<String>,
     /// Send hidden states as f16 (half the bytes; not bit-exact).
     #[arg(long)]
     activation_f16: bool,
@@ -259,6 +276,7 @@ impl NodeArgs {
         opt("queue_timeout_secs", &self.queue_timeout_secs);
         opt("max_queued", &self.max_queued);
         opt("stage_timeout_secs", &self.stage_timeout_secs);
+        opt("cluster_key_file", &self.cluster_key_file);
         if self.activation_f16 {
             v.push(("activation_f16", "true".into()));
         }
@@ -322,6 +340,12 @@ struct SendArgs {
     /// Timeout in seconds.
     #[arg(long, default_value_t = 10)]
     timeout_secs: u64,
+    /// The cluster key file, for a keyed cluster.
+    #[arg(long, env = "LLAMA_CLUSTER_KEY_FILE")]
+    cluster_key_file: Option<PathBuf>,
+    /// The cluster's name (the key handshake is bound to it).
+    #[arg(long, env = "LLAMA_CLUSTER_CLUSTER", default_value = "llama-cluster")]
+    cluster: String,
 }
 
 fn main() -> ExitCode {
@@ -366,6 +390,7 @@ fn main() -> ExitCode {
             Some(Cmd::Send(a)) => send(a).await,
             Some(Cmd::Split(a)) => split(a).await,
             Some(Cmd::Fetch(a)) => fetch(a).await,
+            Some(Cmd::Keygen(a)) => keygen(a),
         }
     });
     match result {
@@ -375,6 +400,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = llama_worker::network::membership::ClusterKey::generate()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .create_new(!a.force)
+        .truncate(true)
+        .mode(0o600)
+        .open(&a.out)
+        .with_context(|| {
+            format!(
+                "cannot create {} (it exists? --force replaces it)",
+                a.out.display()
+            )
+        })?;
+    f.write_all(key.to_file_text().as_bytes())
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    eprintln!(
+        "wrote a new cluster key to {}; start every member with --cluster-key-file {} (or LLAMA_CLUSTER_KEY_FILE)",
+        a.out.display(),
+        a.out.display()
+    );
+    Ok(())
 }
 
 async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
@@ -539,7 +591,14 @@ async fn send(a: SendArgs) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("give one of --json, --message or --command");
     };
-    let mut client = JsonClient::connect(&addr, Duration::from_secs(a.timeout_secs)).await?;
+    let key = a
+        .cluster_key_file
+        .as_deref()
+        .map(llama_worker::network::membership::ClusterKey::load)
+        .transpose()?;
+    let mut client =
+        JsonClient::connect_with(&addr, Duration::from_secs(a.timeout_secs), key, &a.cluster)
+            .await?;
     let resp = client.request(body).await?;
     println!("{}", String::from_utf8_lossy(&resp));
     Ok(())
@@ -556,9 +615,7 @@ async fn split(a: SplitArgs) -> anyhow::Result<()> {
         (None, false) => SplitPlan::Ranges(
             a.ranges
                 .iter()
-                .map(|r| {
-                    llama_cluster_shared::config::parse_layer_range(r).map_err(anyhow::Error::msg)
-                })
+                .map(|r| Ok(llama_cluster_shared::config::parse_layer_range(r)?))
                 .collect::<anyhow::Result<Vec<_>>>()?,
         ),
         (None, true) => SplitPlan::Count(2),

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub torrent_bytes_in: Counter,
     pub torrent_bytes_out: Counter,
     pub torrent_bad_pieces: Counter,
+    pub peers_admitted: Counter,
+    pub peers_rejected: Counter,
+    pub dht_records_rejected: Counter,
 }
 
 impl Metrics {
@@ -67,6 +70,9 @@ impl Metrics {
             queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             requests_refused: Counter::default(),
             failovers: Counter::default(),
+            peers_admitted: Counter::default(),
+            peers_rejected: Counter::default(),
+            dht_records_rejected: Counter::default(),
             peers: Family::default(),
             dht_shard_records: Gauge::default(),
             torrent_bytes_in: Counter::default(),
@@ -153,6 +159,21 @@ impl Metrics {
             "requests_refused",
             "Requests refused because the queue was full or the wait too long",
             m.requests_refused.clone(),
+        );
+        registry.register(
+            "peers_admitted",
+            "Peers that proved the cluster key",
+            m.peers_admitted.clone(),
+        );
+        registry.register(
+            "peers_rejected",
+            "Peers disconnected for not proving the cluster key",
+            m.peers_rejected.clone(),
+        );
+        registry.register(
+            "dht_records_rejected",
+            "Shard records ignored: not signed by the peer they name",
+            m.dht_records_rejected.clone(),
         );
         registry.register(
             "failovers",

@@ -77,6 +77,14 @@ pub(crate) type PendingFrames = HashMap<(FrameProto, OutboundRequestId), Outboun
 /// The swarm task's state.
 pub struct Node {
     pub(crate) swarm: Swarm<NodeBehaviour>,
+    /// This node's identity (it signs the shard records it publishes).
+    pub(crate) keypair: libp2p::identity::Keypair,
+    /// Peers admitted to the cluster (all, without a cluster key).
+    pub(crate) members: crate::network::membership::Members,
+    /// The cluster key handshakes (`None`: an open cluster).
+    pub(crate) handshake: Option<crate::network::membership::Handshake>,
+    /// Identify answers of peers not admitted yet, acted on at admission.
+    pub(crate) identify_stash: HashMap<PeerId, libp2p::identify::Info>,
     /// Whether this node announces itself: rendezvous registration, DHT
     /// membership and provider records (a one-shot `fetch` does not).
     pub(crate) announce: bool,
@@ -170,6 +178,7 @@ impl Node {
                     self.answer_provider_queries();
                     self.check_swarm_ready();
                     self.drop_abandoned();
+                    self.membership_deadlines();
                 }
                 _ = status_tick.tick() => self.report_status(),
                 _ = discovery_tick.tick() => self.discovery_round(),
@@ -299,6 +308,7 @@ impl Node {
                 NodeBehaviourEvent::Torrent(ev) => self.on_frames(FrameProto::Torrent, ev),
                 NodeBehaviourEvent::TorrentTcp(ev) => self.on_frames(FrameProto::TorrentTcp, ev),
                 NodeBehaviourEvent::Ping(ev) => self.p2p_metrics.record(&ev),
+                NodeBehaviourEvent::Membership(ev) => self.on_membership(ev),
             },
             SwarmEvent::NewListenAddr { address, .. } => {
                 let full = address.clone().with(Protocol::P2p(self.local_peer_id()));
@@ -332,6 +342,9 @@ impl Node {
                         (send_back_addr.clone(), false)
                     }
                 };
+                if num_established.get() == 1 {
+                    self.membership_connected(peer_id);
+                }
                 let transport = transport_of(&address);
                 self.state.clear_suspect(&peer_id);
                 if num_established.get() == 1 {
@@ -391,6 +404,7 @@ impl Node {
                     }
                 });
                 if num_established == 0 {
+                    self.membership_disconnected(&peer_id);
                     self.quic_upgrade_tried.remove(&peer_id);
                     self.pipeline.peer_gone(&peer_id);
                     info!(

@@ -12,13 +12,14 @@ use libp2p::{Multiaddr, PeerId};
 use llama_cluster_shared::config::NodeConfig;
 use llama_cluster_shared::dht_keys::{ShardRecord, ShardState};
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::dispatcher::Dispatcher;
 use crate::net::NetHandle;
 use crate::net::frame::{ACTIVATION_PROTOCOL, MAX_FRAME as MAX_ACTIVATION_FRAME};
 use crate::network::behaviour::{Role, build_swarm};
 use crate::network::links::{LinkCounters, Links};
+use crate::network::membership::{ClusterKey, Handshake, Members};
 use crate::node::Node;
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::state::SharedState;
@@ -93,7 +94,16 @@ pub async fn start_with(
     let bootstrap_addrs = parse_addr_list("bootstrap", &cfg.bootstrap)?;
     let external_addrs = parse_addr_list("external_addrs", &cfg.external_addrs)?;
     let peer_id = keypair.public().to_peer_id();
-    let mut swarm = build_swarm(keypair, &cfg, role)?;
+    let key = ClusterKey::configured(&cfg)?;
+    let members = Members::new(key.is_some());
+    match &key {
+        Some(_) => info!("[MEMBERSHIP] cluster key set: only peers that prove it are served"),
+        None => warn!(
+            "[MEMBERSHIP] no cluster key (cluster_key_file or LLAMA_CLUSTER_KEY_FILE): any process that reaches this node's ports can join the swarm, read and write its records and fetch its files"
+        ),
+    }
+    let handshake = key.map(|k| Handshake::new(k, &cfg.cluster, peer_id, members.clone()));
+    let mut swarm = build_swarm(keypair.clone(), &cfg, role, members.clone())?;
     let mut listeners = HashSet::new();
     for addr in listen_addrs_for(&cfg)? {
         let id = swarm
@@ -169,6 +179,7 @@ pub async fn start_with(
             control,
             ACTIVATION_PROTOCOL,
             MAX_ACTIVATION_FRAME,
+            members.clone(),
             move |peer, req| {
                 let pipeline = pipeline.clone();
                 async move { pipeline.handle_inbound(peer, req).await }
@@ -179,6 +190,10 @@ pub async fn start_with(
     let (resp_tx, resp_rx) = mpsc::channel(256);
     let (frame_tx, frame_rx) = mpsc::channel(1024);
     let mut node = Node {
+        keypair,
+        members,
+        handshake,
+        identify_stash: HashMap::new(),
         announce: announce_files,
         swarm,
         cfg,

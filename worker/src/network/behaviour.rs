@@ -18,6 +18,7 @@ use llama_cluster_shared::protocol::JSON_PROTOCOL;
 
 use super::frame_codec::FrameCodec;
 use super::json_codec::JsonCodec;
+use super::membership::{Gated, Members, MembershipBehaviour, membership_behaviour};
 use super::tcp_only::TcpOnly;
 use crate::torrent::protocol::{MAX_FRAME as MAX_TORRENT_FRAME, TORRENT_PROTOCOL};
 
@@ -51,30 +52,37 @@ pub fn kad_protocol(cluster: &str) -> anyhow::Result<StreamProtocol> {
         .context("invalid cluster name for the Kademlia protocol")
 }
 
+/// Every behaviour that serves a peer or learns from it is [`Gated`]: with a
+/// cluster key, it sees nothing of a peer that has not proven the key
+/// (`membership`).
 #[derive(NetworkBehaviour)]
 pub struct NodeBehaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
-    pub kad: kad::Behaviour<kad::store::MemoryStore>,
-    pub rendezvous_server: Toggle<rendezvous::server::Behaviour>,
-    pub rendezvous_client: Toggle<rendezvous::client::Behaviour>,
-    pub messaging: request_response::Behaviour<JsonCodec>,
+    /// The cluster key handshake (only with a key).
+    pub membership: Toggle<MembershipBehaviour>,
+    pub kad: Gated<kad::Behaviour<kad::store::MemoryStore>>,
+    pub rendezvous_server: Gated<Toggle<rendezvous::server::Behaviour>>,
+    pub rendezvous_client: Gated<Toggle<rendezvous::client::Behaviour>>,
+    pub messaging: Gated<request_response::Behaviour<JsonCodec>>,
     /// Persistent activation streams between stages (see `links`).
     pub streams: libp2p_stream::Behaviour,
     /// Serves pieces on every connection; asks over QUIC only for a peer
     /// that cannot be reached over TCP.
-    pub torrent: request_response::Behaviour<FrameCodec>,
+    pub torrent: Gated<request_response::Behaviour<FrameCodec>>,
     /// Asks for pieces over TCP connections only (see `tcp_only`). The last
     /// field: no behaviour after it can deny a connection it has accepted
     /// (the swarm would then never tell it that the connection closed).
-    pub torrent_tcp: TcpOnly<request_response::Behaviour<FrameCodec>>,
+    pub torrent_tcp: Gated<TcpOnly<request_response::Behaviour<FrameCodec>>>,
 }
 
-/// Builds the swarm of a node with `keypair`.
+/// Builds the swarm of a node with `keypair`; `members` gates the
+/// behaviours (keyed: the membership handshake runs).
 pub fn build_swarm(
     keypair: Keypair,
     cfg: &NodeConfig,
     role: Role,
+    members: Members,
 ) -> anyhow::Result<Swarm<NodeBehaviour>> {
     let kad_proto = kad_protocol(&cfg.cluster)?;
     let ttl = Duration::from_secs(cfg.record_ttl_secs);
@@ -113,7 +121,10 @@ pub fn build_swarm(
                 .set_provider_record_ttl(Some(ttl))
                 .set_provider_publication_interval(Some(ttl / 2))
                 .set_query_timeout(Duration::from_secs(20))
-                .set_periodic_bootstrap_interval(Some(discovery_interval));
+                .set_periodic_bootstrap_interval(Some(discovery_interval))
+                // Records others put are checked (signed by the peer they
+                // name) before they are stored: `dht`.
+                .set_record_filtering(kad::StoreInserts::FilterBoth);
             let mut kad = kad::Behaviour::with_config(
                 peer_id,
                 kad::store::MemoryStore::new(peer_id),
@@ -159,17 +170,24 @@ pub fn build_swarm(
                 )
             };
             NodeBehaviour {
-                torrent: torrent_behaviour(request_response::ProtocolSupport::Full),
-                torrent_tcp: TcpOnly::new(torrent_behaviour(
-                    request_response::ProtocolSupport::Outbound,
-                )),
+                membership: (!members.is_open()).then(membership_behaviour).into(),
+                torrent: Gated::new(
+                    torrent_behaviour(request_response::ProtocolSupport::Full),
+                    members.clone(),
+                ),
+                torrent_tcp: Gated::new(
+                    TcpOnly::new(torrent_behaviour(
+                        request_response::ProtocolSupport::Outbound,
+                    )),
+                    members.clone(),
+                ),
                 streams: libp2p_stream::Behaviour::new(),
                 identify,
                 ping: ping::Behaviour::new(ping::Config::new()),
-                kad,
-                rendezvous_server: server.into(),
-                rendezvous_client: client.into(),
-                messaging,
+                kad: Gated::new(kad, members.clone()),
+                rendezvous_server: Gated::new(server.into(), members.clone()),
+                rendezvous_client: Gated::new(client.into(), members.clone()),
+                messaging: Gated::new(messaging, members.clone()),
             }
         })?
         // Connections stay up between workers; they carry the pipeline.
@@ -191,7 +209,13 @@ mod tests {
                 quic,
                 ..NodeConfig::default()
             };
-            let mut swarm = build_swarm(Keypair::generate_ed25519(), &cfg, Role::Worker).unwrap();
+            let mut swarm = build_swarm(
+                Keypair::generate_ed25519(),
+                &cfg,
+                Role::Worker,
+                Members::new(false),
+            )
+            .unwrap();
             assert_eq!(swarm.listen_on(quic_addr.clone()).is_ok(), quic);
             assert!(swarm.listen_on(tcp_addr.clone()).is_ok());
         }

@@ -332,6 +332,7 @@ pub fn serve<H, F>(
     mut control: libp2p_stream::Control,
     protocol: &'static str,
     max_frame: usize,
+    members: super::membership::Members,
     handler: H,
 ) -> anyhow::Result<()>
 where
@@ -343,6 +344,11 @@ where
         .map_err(|e| anyhow::anyhow!("cannot accept {protocol} streams: {e}"))?;
     tokio::spawn(async move {
         while let Some((peer, mut stream)) = incoming.next().await {
+            if !members.admits(&peer) {
+                debug!("[LINK] refused a stream from {peer}: not a cluster member");
+                drop(stream);
+                continue;
+            }
             let handler = handler.clone();
             tokio::spawn(async move {
                 loop {

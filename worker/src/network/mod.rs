@@ -5,6 +5,7 @@ pub mod error;
 pub mod frame_codec;
 pub mod json_codec;
 pub mod links;
+pub mod membership;
 pub mod tcp_only;
 
 use libp2p::Multiaddr;

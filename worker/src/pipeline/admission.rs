@@ -281,11 +281,24 @@ impl Pipeline {
         loop {
             match self.plan_free(model, n_layer, excluded) {
                 Ok(r) => return Ok(Some(r)),
-                Err(PlanError::Full(_)) => return Ok(None),
-                Err(PlanError::NoRoute(e)) if *looked_up => {
-                    return Err(PipelineError::Unavailable(e));
+                Err(PlanError::Full { .. }) => return Ok(None),
+                Err(e @ PlanError::NoRoute { .. }) if *looked_up => {
+                    // Name the range from the manifest when no record of
+                    // it is left.
+                    let ranges: Vec<(u32, u32, String)> = match self.model_info().await {
+                        Ok(info) => info
+                            .manifest
+                            .shards
+                            .iter()
+                            .map(|s| (s.layer_start, s.layer_end, s.id.clone()))
+                            .collect(),
+                        Err(_) => vec![],
+                    };
+                    return Err(PipelineError::Unavailable(
+                        e.with_ranges(&ranges).to_string(),
+                    ));
                 }
-                Err(PlanError::NoRoute(e)) => {
+                Err(e @ PlanError::NoRoute { .. }) => {
                     // A shard loaded a moment ago may not have reached
                     // this worker yet.
                     self.lookup_shards(model, n_layer, &e).await;
@@ -298,7 +311,7 @@ impl Pipeline {
     /// Looks the model's shard records up in the DHT until a route exists
     /// (ignoring capacity), for at most [`ROUTE_LOOKUP`]: a shard loaded a
     /// moment ago may not have reached this worker's view yet.
-    async fn lookup_shards(&self, model: &str, n_layer: u32, missing: &str) {
+    async fn lookup_shards(&self, model: &str, n_layer: u32, missing: &PlanError) {
         let Ok(info) = self.model_info().await else {
             return;
         };

@@ -311,9 +311,9 @@ impl Pipeline {
             kv_budget_bytes: self.kv_budget(entry.file.size),
         };
         let expected = entry.file.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<StageEngine, String> {
+        let result = tokio::task::spawn_blocking(move || -> Result<StageEngine, ShardLoadError> {
             verify(&shard_path, expected.size, &expected.hash)?;
-            StageEngine::start(spec).map_err(|e| e.to_string())
+            Ok(StageEngine::start(spec)?)
         })
         .await
         .map_err(|e| PipelineError::Internal(e.to_string()))?;
@@ -410,14 +410,42 @@ impl Pipeline {
     }
 }
 
-fn verify(path: &Path, size: u64, hash: &str) -> Result<(), String> {
-    let (got_size, got_hash) =
-        hash_file(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+/// Why a shard file did not become a stage.
+#[derive(Debug, thiserror::Error)]
+enum ShardLoadError {
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: llama_cluster_engine::EngineError,
+    },
+    #[error(
+        "{} does not match the manifest (size {got_size} vs {size}, blake3 {got_hash} vs {hash})",
+        path.display()
+    )]
+    Mismatch {
+        path: PathBuf,
+        size: u64,
+        got_size: u64,
+        hash: String,
+        got_hash: String,
+    },
+    #[error(transparent)]
+    Engine(#[from] llama_cluster_engine::EngineError),
+}
+
+fn verify(path: &Path, size: u64, hash: &str) -> Result<(), ShardLoadError> {
+    let (got_size, got_hash) = hash_file(path).map_err(|source| ShardLoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if got_size != size || got_hash != hash {
-        return Err(format!(
-            "{} does not match the manifest (size {got_size} vs {size}, blake3 {got_hash} vs {hash})",
-            path.display()
-        ));
+        return Err(ShardLoadError::Mismatch {
+            path: path.to_path_buf(),
+            size,
+            got_size,
+            hash: hash.to_string(),
+            got_hash,
+        });
     }
     Ok(())
 }

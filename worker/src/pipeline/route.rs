@@ -7,12 +7,40 @@ use llama_cluster_shared::status::{Availability, ShardStatus};
 use crate::net::frame::Hop;
 
 /// Why no route was planned.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     /// A layer range has no ready, reachable replica.
-    NoRoute(String),
+    #[error(
+        "no route for model {model}: {range} of 0-{last_layer} has no ready, live replica; known shards: [{known}]"
+    )]
+    NoRoute {
+        model: String,
+        /// The range left without a replica ("layers 22-29 (id)", or
+        /// "layers starting at 22" when no record of it is known).
+        range: String,
+        /// Its first layer.
+        first_layer: u32,
+        last_layer: u32,
+        known: String,
+    },
     /// Routes exist, but a layer range has no replica with a free session.
-    Full(String),
+    #[error("every replica of {range} is busy (no free session)")]
+    Full { range: String },
+}
+
+impl PlanError {
+    /// Names the range from `ranges` (the manifest's `(start, end, id)`)
+    /// when no record of it was known.
+    pub fn with_ranges(mut self, ranges: &[(u32, u32, String)]) -> PlanError {
+        if let PlanError::NoRoute {
+            range, first_layer, ..
+        } = &mut self
+            && let Some((a, b, id)) = ranges.iter().find(|(a, _, _)| a == first_layer)
+        {
+            *range = format!("layers {a}-{b} ({id})");
+        }
+        self
+    }
 }
 
 /// A route whose every stage has a free session ([`ShardStatus::free_sessions`]):
@@ -22,8 +50,8 @@ pub fn plan_free(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Ve
     match plan_by(shards, model, n_layer, true) {
         Ok(r) => Ok(r),
         Err(busy) => match plan_by(shards, model, n_layer, false) {
-            Ok(_) => Err(PlanError::Full(busy)),
-            Err(e) => Err(PlanError::NoRoute(e)),
+            Ok(_) => Err(busy),
+            Err(e) => Err(e),
         },
     }
 }
@@ -32,7 +60,7 @@ pub fn plan_free(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Ve
 /// ended: reachable (this worker or a connected peer) and ready; then the
 /// longest range (fewer hops), the most free sessions, this worker first,
 /// then the least loaded.
-pub fn plan(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Vec<Hop>, String> {
+pub fn plan(shards: &[ShardStatus], model: &str, n_layer: u32) -> Result<Vec<Hop>, PlanError> {
     plan_by(shards, model, n_layer, false)
 }
 
@@ -41,7 +69,7 @@ fn plan_by(
     model: &str,
     n_layer: u32,
     need_free: bool,
-) -> Result<Vec<Hop>, String> {
+) -> Result<Vec<Hop>, PlanError> {
     let usable: Vec<&ShardStatus> = shards
         .iter()
         .filter(|s| {
@@ -88,13 +116,15 @@ fn plan_by(
                 .next()
                 .unwrap_or_else(|| format!("layers starting at {next}"));
             return Err(if need_free {
-                format!("every replica of {range} is busy (no free session)")
+                PlanError::Full { range }
             } else {
-                format!(
-                    "no route for model {model}: {range} of 0-{} has no ready, live replica; known shards: [{}]",
-                    n_layer - 1,
-                    known.join(", ")
-                )
+                PlanError::NoRoute {
+                    model: model.to_string(),
+                    range,
+                    first_layer: next,
+                    last_layer: n_layer.saturating_sub(1),
+                    known: known.join(", "),
+                }
             });
         };
         route.push(Hop {
@@ -151,12 +181,18 @@ mod tests {
         let r = plan(&s, "m", 30).unwrap();
         let peers: Vec<&str> = r.iter().map(|h| h.peer.as_str()).collect();
         assert_eq!(peers, ["p2", "p5", "p6"]);
-        let e = plan(&s[..5], "m", 30).unwrap_err();
+        let e = plan(&s[..5], "m", 30).unwrap_err().to_string();
         assert!(
             e.contains("layers starting at 20 of 0-29 has no ready, live replica"),
             "{e}"
         );
         assert!(plan(&s, "other", 30).is_err());
+        // With the manifest's ranges, the range is named in full.
+        let e = plan(&s[..5], "m", 30)
+            .unwrap_err()
+            .with_ranges(&[(0, 9, "a".into()), (20, 29, "c".into())])
+            .to_string();
+        assert!(e.contains("layers 20-29 (c) of 0-29"), "{e}");
     }
 
     #[test]
@@ -204,11 +240,15 @@ mod capacity {
         assert_eq!(peers, ["p2", "p4"], "the most free sessions per range");
         let full = vec![shard("a", "p1", 0, 9, 4), shard("b", "p3", 10, 19, 0)];
         match plan_free(&full, "m", 20) {
-            Err(PlanError::Full(e)) => assert!(e.contains("layers 0-9 (a) is busy"), "{e}"),
+            Err(e @ PlanError::Full { .. }) => {
+                assert!(e.to_string().contains("layers 0-9 (a) is busy"), "{e}")
+            }
             other => panic!("{other:?}"),
         }
         match plan_free(&full[1..], "m", 20) {
-            Err(PlanError::NoRoute(e)) => assert!(e.contains("layers starting at 0"), "{e}"),
+            Err(e @ PlanError::NoRoute { .. }) => {
+                assert!(e.to_string().contains("layers starting at 0"), "{e}")
+            }
             other => panic!("{other:?}"),
         }
     }
