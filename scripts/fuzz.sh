@@ -30,18 +30,20 @@ flags=(-s none --debug-assertions)
 nice -n 10 cargo +nightly fuzz build "${flags[@]}" || exit 1
 mkdir -p logs
 failed=0
-printf '%-18s %10s %8s %8s %10s  %s\n' target runs cov corpus exec/s result
+printf '%-18s %10s %8s %8s %10s %8s  %s\n' target runs cov corpus runs/s secs result
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "regressions/$t"
   log="logs/$t.log"
+  start=$(date +%s.%N)
   nice -n 10 cargo +nightly fuzz run "${flags[@]}" "$t" "corpus/$t" "seeds/$t" "regressions/$t" -- \
     -runs="$runs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1
   rc=$?
+  secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
   done_line=$(grep -E '^#[0-9]+' "$log" | tail -1)
   n=$(sed -nE 's/^#([0-9]+).*/\1/p' <<<"$done_line")
   cov=$(sed -nE 's/.*cov: ([0-9]+).*/\1/p' <<<"$done_line")
   corp=$(sed -nE 's/.*corp: ([0-9]+).*/\1/p' <<<"$done_line")
-  eps=$(sed -nE 's/.*exec\/s: ([0-9]+).*/\1/p' <<<"$done_line")
+  eps=$(awk -v n="${n:-0}" -v s="$secs" 'BEGIN { if (s > 0) printf "%d", n / s; else print "?" }')
   if [ $rc -eq 0 ]; then
     result=ok
   else
@@ -49,6 +51,6 @@ for t in "${targets[@]}"; do
     crash=$(ls -t "artifacts/$t"/* 2>/dev/null | head -1)
     result="CRASH (exit $rc) ${crash:-see fuzz/$log}"
   fi
-  printf '%-18s %10s %8s %8s %10s  %s\n' "$t" "${n:-?}" "${cov:-?}" "${corp:-?}" "${eps:-?}" "$result"
+  printf '%-18s %10s %8s %8s %10s %8s  %s\n' "$t" "${n:-?}" "${cov:-?}" "${corp:-?}" "${eps:-?}" "$secs" "$result"
 done
 exit $failed
