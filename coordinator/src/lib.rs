@@ -14,4 +14,5 @@ pub mod openai;
 pub mod placement;
 pub mod placer;
 pub mod status_table;
+pub mod tls;
 pub mod workers;

@@ -14,6 +14,24 @@ use llama_coordinator::{demo, drivers, openai, placer, status_table};
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// PEM CA certificate the workers' (and coordinators') gRPC
+    /// certificates are checked against: TLS to them (empty: plaintext).
+    #[arg(
+        long,
+        global = true,
+        env = "LLAMA_CLUSTER_TLS_CA_FILE",
+        default_value = ""
+    )]
+    tls_ca_file: String,
+    /// The name checked in every gRPC server's certificate, whatever
+    /// address is dialled (workers are found by IP); empty: the host dialled.
+    #[arg(
+        long,
+        global = true,
+        env = "LLAMA_CLUSTER_TLS_SERVER_NAME",
+        default_value = ""
+    )]
+    tls_server_name: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,6 +105,13 @@ enum Cmd {
         /// LLAMA_CLUSTER_API_TOKEN. None: inference is open.
         #[arg(long, env = "LLAMA_CLUSTER_API_TOKEN_FILE", default_value = "")]
         api_token_file: String,
+        /// PEM certificate chain of the HTTP API and the gRPC service: TLS
+        /// on both (with --tls-key-file); empty: plaintext.
+        #[arg(long, env = "LLAMA_CLUSTER_TLS_CERT_FILE", default_value = "")]
+        tls_cert_file: String,
+        /// PEM private key of --tls-cert-file.
+        #[arg(long, env = "LLAMA_CLUSTER_TLS_KEY_FILE", default_value = "")]
+        tls_key_file: String,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), place a
     /// split model with the coordinator's placement (shards travel through
@@ -122,6 +147,13 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    match llama_cluster_shared::tls::ClientTls::load(&cli.tls_ca_file, &cli.tls_server_name) {
+        Ok(t) => llama_coordinator::tls::set_client(t),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let r = match cli.command {
         Cmd::Status {
             workers,
@@ -151,6 +183,8 @@ async fn main() -> ExitCode {
             driver_attempts,
             admin_token_file,
             api_token_file,
+            tls_cert_file,
+            tls_key_file,
         } => {
             let telemetry = llama_cluster_shared::telemetry::init(
                 llama_cluster_shared::config::LogFormat::Text,
@@ -166,6 +200,10 @@ async fn main() -> ExitCode {
                         if replicas == 0 {
                             anyhow::bail!("--replicas must be at least 1");
                         }
+                        let tls = llama_cluster_shared::tls::ServerTls::load(
+                            &tls_cert_file,
+                            &tls_key_file,
+                        )?;
                         let env = |k: &str| std::env::var(k).unwrap_or_default();
                         let tokens = llama_cluster_shared::auth::Tokens::load(
                             &env("LLAMA_CLUSTER_ADMIN_TOKEN"),
@@ -198,6 +236,7 @@ async fn main() -> ExitCode {
                                 driver_attempts as usize,
                                 tokens,
                             ),
+                            tls,
                         );
                         // Ctrl-C or SIGTERM (Kubernetes) ends it cleanly, so
                         // the spans still buffered are sent.

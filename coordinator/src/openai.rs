@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -447,20 +448,34 @@ pub async fn serve(
     placer: Option<crate::placer::Placer>,
     poll: Duration,
     drivers: crate::drivers::Drivers,
+    tls: Option<llama_cluster_shared::tls::ServerTls>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(http).await?;
+    let listener = tokio::net::TcpListener::bind(http)
+        .await
+        .with_context(|| format!("cannot bind {http}"))?;
     let bound = listener.local_addr()?;
-    let (grpc_bound, grpc_server) =
-        crate::grpc::serve(grpc, workers.clone(), placer, poll, drivers.clone()).await?;
+    let (grpc_bound, grpc_server) = crate::grpc::serve(
+        grpc,
+        workers.clone(),
+        placer,
+        poll,
+        drivers.clone(),
+        tls.as_ref(),
+    )
+    .await?;
     println!(
         "LLAMA_CLUSTER_READY {}",
-        json!({"role": "coordinator", "http_addr": bound.to_string(), "grpc_addr": grpc_bound.to_string()})
+        json!({"role": "coordinator", "http_addr": bound.to_string(), "grpc_addr": grpc_bound.to_string(), "tls": tls.is_some()})
     );
-    info!("[API] OpenAI-compatible API on http://{bound}/v1, gRPC on {grpc_bound}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!("[API] OpenAI-compatible API on {scheme}://{bound}/v1, gRPC on {grpc_bound}");
+    let app = router(ApiState { workers, drivers });
     let http_server = async move {
-        axum::serve(listener, router(ApiState { workers, drivers }))
-            .await
-            .map_err(anyhow::Error::from)
+        match tls {
+            Some(t) => axum::serve(crate::tls::TlsListener::new(listener, &t)?, app).await,
+            None => axum::serve(listener, app).await,
+        }
+        .map_err(anyhow::Error::from)
     };
     tokio::try_join!(http_server, grpc_server)?;
     Ok(())

@@ -233,7 +233,7 @@ impl Placer {
 
     async fn load(&self, addr: String, shard: String, generation: u64) {
         let r = async {
-            let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+            let ch = crate::tls::endpoint(&addr)?
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(LOAD_TIMEOUT)
                 .connect()

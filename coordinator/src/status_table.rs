@@ -5,12 +5,10 @@ use std::time::Duration;
 use anyhow::Context;
 use llama_cluster_proto::v1::worker_client::WorkerClient;
 use llama_cluster_proto::v1::{GetStatusRequest, GetStatusResponse};
-use tonic::transport::Channel;
 
 /// Calls GetStatus on the worker at `addr` (`host:port`).
 pub async fn fetch_status(addr: &str) -> anyhow::Result<GetStatusResponse> {
-    let ch = Channel::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("bad worker address {addr:?}"))?
+    let ch = crate::tls::endpoint(addr)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5))
         .connect()
@@ -125,8 +123,7 @@ pub fn render(statuses: &[(String, GetStatusResponse)]) -> String {
 /// Prints a coordinator's view: the table, unreachable workers, SWARM_READY,
 /// models and the placement.
 pub async fn print_cluster(coordinator: &str) -> anyhow::Result<()> {
-    let ch = Channel::from_shared(format!("http://{coordinator}"))
-        .with_context(|| format!("bad coordinator address {coordinator:?}"))?
+    let ch = crate::tls::endpoint(coordinator)?
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await

@@ -256,3 +256,17 @@ impl TokenEmbeddings {
         Ok(out)
     }
 }
+
+/// Drops ggml's log lines (the gguf reader reports every malformed file on
+/// stderr): for tools that read many files that may be malformed, such as
+/// the fuzz targets.
+pub fn silence_ggml_logs() {
+    unsafe extern "C" fn drop_line(
+        _level: sys::ggml_log_level,
+        _text: *const std::os::raw::c_char,
+        _user: *mut c_void,
+    ) {
+    }
+    // SAFETY: the callback ignores its arguments and lives forever.
+    unsafe { sys::ggml_log_set(Some(drop_line), std::ptr::null_mut()) }
+}

@@ -42,7 +42,7 @@ pub struct ShardEntry {
 
 impl ShardEntry {
     pub fn n_layers(&self) -> u32 {
-        self.layer_end - self.layer_start + 1
+        (self.layer_end.saturating_sub(self.layer_start)).saturating_add(1)
     }
 
     /// Memory the shard needs for a context of `n_ctx` tokens: its tensors
@@ -54,7 +54,7 @@ impl ShardEntry {
         } else {
             self.file.size
         };
-        tensors + self.kv_bytes_per_token * n_ctx as u64
+        tensors.saturating_add(self.kv_bytes_per_token.saturating_mul(n_ctx as u64))
     }
 }
 
@@ -130,7 +130,12 @@ impl Manifest {
                     self.model, s.id, s.layer_start, s.layer_end
                 )));
             }
-            next = s.layer_end + 1;
+            next = s.layer_end.checked_add(1).ok_or_else(|| {
+                EngineError::Load(format!(
+                    "manifest of {}: shard {} ends at layer {}",
+                    self.model, s.id, s.layer_end
+                ))
+            })?;
         }
         if next != self.n_layer {
             return Err(EngineError::Load(format!(

@@ -95,8 +95,10 @@ pub fn shard_bytes(ranges: &[(u32, u32)], layer_bytes: &[u64], last_extra: u64) 
         .iter()
         .enumerate()
         .map(|(i, &(a, b))| {
-            let layers: u64 = layer_bytes[a as usize..=b as usize].iter().sum();
-            layers + if i + 1 == ranges.len() { last_extra } else { 0 }
+            let layers = layer_bytes[a as usize..=b as usize]
+                .iter()
+                .fold(0u64, |s, &x| s.saturating_add(x));
+            layers.saturating_add(if i + 1 == ranges.len() { last_extra } else { 0 })
         })
         .collect()
 }
@@ -109,7 +111,8 @@ fn balance(w: &[u64], k: usize, last_extra: u64, align: usize) -> Vec<(u32, u32)
     let n = w.len();
     let mut prefix = vec![0u64; n + 1];
     for i in 0..n {
-        prefix[i + 1] = prefix[i] + w[i];
+        // Saturating: the sums stay ordered, so differences do not wrap.
+        prefix[i + 1] = prefix[i].saturating_add(w[i]);
     }
     let sum = |a: usize, b: usize| prefix[b] - prefix[a]; // layers a..b
     // best[j][i]: smallest largest shard of layers 0..i in j ranges; cut[j][i]: start of the j-th.
@@ -123,7 +126,7 @@ fn balance(w: &[u64], k: usize, last_extra: u64, align: usize) -> Vec<(u32, u32)
                 if best[j - 1][p] == u64::MAX || p % align != 0 {
                     continue;
                 }
-                let cost = best[j - 1][p].max(sum(p, i) + extra);
+                let cost = best[j - 1][p].max(sum(p, i).saturating_add(extra));
                 if cost < best[j][i] {
                     best[j][i] = cost;
                     cut[j][i] = p;

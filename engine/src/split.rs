@@ -126,9 +126,11 @@ fn weigh(source: &Source, names: &[String], n_layer: u32) -> Result<(Vec<u64>, u
         // SAFETY: a valid tensor description.
         let bytes = unsafe { sys::ggml_nbytes(&t) } as u64;
         match layer_of(name)? {
-            Some((il, _)) if il < n_layer => layers[il as usize] += bytes,
+            Some((il, _)) if il < n_layer => {
+                layers[il as usize] = layers[il as usize].saturating_add(bytes)
+            }
             Some(_) => {}
-            None => last += bytes,
+            None => last = last.saturating_add(bytes),
         }
     }
     Ok((layers, last))
@@ -141,29 +143,56 @@ fn kv_bytes_per_token(source: &Source, arch: &str, n_embd: u32, a: u32, b: u32) 
     for il in a..=b {
         let per_layer = match get("attention.kv_lora_rank", il)? {
             // MLA caches the compressed KV and the RoPE part of K.
-            Some(rank) => rank + get("rope.dimension_count", il)?.unwrap_or(0),
+            Some(rank) => {
+                u64::from(rank) + u64::from(get("rope.dimension_count", il)?.unwrap_or(0))
+            }
             None => {
                 let n_head = get("attention.head_count", il)?.unwrap_or(1).max(1);
                 let n_kv = get("attention.head_count_kv", il)?.unwrap_or(n_head);
                 let k = get("attention.key_length", il)?.unwrap_or(n_embd / n_head);
                 let v = get("attention.value_length", il)?.unwrap_or(k);
-                n_kv * (k + v)
+                u64::from(n_kv).saturating_mul(u64::from(k) + u64::from(v))
             }
         };
-        total += per_layer as u64 * 2;
+        total = total.saturating_add(per_layer.saturating_mul(2));
     }
     Ok(total)
 }
 
-/// Splits `src` into `out_dir` following `plan`; returns the manifest (also
-/// written to `out_dir/manifest.json`). `name` overrides the model name.
-/// Architectures without a rule in [`crate::arch`] are refused.
-pub fn split_model(
-    src: &Path,
-    out_dir: &Path,
-    plan: &SplitPlan,
-    name: Option<&str>,
-) -> Result<Manifest> {
+/// Largest `block_count` taken from a file: it sizes the per-layer tables,
+/// and the byte balancing is quadratic in it (the largest models have a
+/// few hundred layers).
+pub const MAX_LAYERS: u32 = 4096;
+
+/// What the splitter reads from a GGUF's header before it writes anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub architecture: String,
+    /// Layers in the file, MTP layers included, and the trunk's.
+    pub n_layer_all: u32,
+    pub n_layer: u32,
+    pub n_embd: u32,
+    pub n_vocab: u32,
+    /// Bytes of each trunk layer's tensors, and of what only the last shard
+    /// holds (full embeddings, head, output norm).
+    pub layer_bytes: Vec<u64>,
+    pub last_bytes: u64,
+    /// The shards' layer ranges for the plan, and each one's KV-cache bytes
+    /// per token.
+    pub ranges: Vec<(u32, u32)>,
+    pub kv_bytes_per_token: Vec<u64>,
+}
+
+/// An open source and what was read from it.
+struct Opened {
+    source: Source,
+    rule: &'static Rule,
+    embd: sys::ggml_tensor,
+    names: Vec<String>,
+    header: Header,
+}
+
+fn open(src: &Path, plan: &SplitPlan) -> Result<Opened> {
     let source = Source::open(src)?;
     let arch = source
         .str_val("general.architecture")?
@@ -172,6 +201,11 @@ pub fn split_model(
     let n_layer_all = source
         .u32_val(&format!("{arch}.block_count"))?
         .ok_or_else(|| EngineError::Unsupported(format!("{arch}.block_count is missing")))?;
+    if n_layer_all > MAX_LAYERS {
+        return Err(EngineError::Unsupported(format!(
+            "{arch}.block_count {n_layer_all} is beyond {MAX_LAYERS}"
+        )));
+    }
     let nextn = source
         .u32_val(&format!("{arch}.nextn_predict_layers"))?
         .unwrap_or(0);
@@ -184,8 +218,9 @@ pub fn split_model(
         .unwrap_or(0);
     let n_vocab = source
         .arr_len("tokenizer.ggml.tokens")?
-        .ok_or_else(|| EngineError::Unsupported("the file has no tokenizer".into()))?
-        as u32;
+        .ok_or_else(|| EngineError::Unsupported("the file has no tokenizer".into()))?;
+    let n_vocab = u32::try_from(n_vocab)
+        .map_err(|_| EngineError::Unsupported(format!("a vocabulary of {n_vocab} tokens")))?;
     let embd = source.tensor("token_embd.weight")?;
     crate::gguf::check_embedding_type(embd.type_, embd.ne[0])?;
     let names = source.tensor_names();
@@ -198,6 +233,67 @@ pub fn split_model(
         n_vocab,
     };
     arch::check_plan(&source, &m, &ranges)?;
+    let kv_bytes_per_token = ranges
+        .iter()
+        .map(|&(a, b)| kv_bytes_per_token(&source, &arch, n_embd, a, b))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Opened {
+        rule,
+        embd,
+        names,
+        header: Header {
+            architecture: arch,
+            n_layer_all,
+            n_layer,
+            n_embd,
+            n_vocab,
+            layer_bytes,
+            last_bytes,
+            ranges,
+            kv_bytes_per_token,
+        },
+        source,
+    })
+}
+
+/// Reads `src`'s header as [`split_model`] does (metadata, tensor
+/// descriptions, the plan's ranges), writing nothing.
+pub fn inspect(src: &Path, plan: &SplitPlan) -> Result<Header> {
+    Ok(open(src, plan)?.header)
+}
+
+/// Splits `src` into `out_dir` following `plan`; returns the manifest (also
+/// written to `out_dir/manifest.json`). `name` overrides the model name.
+/// Architectures without a rule in [`crate::arch`] are refused.
+pub fn split_model(
+    src: &Path,
+    out_dir: &Path,
+    plan: &SplitPlan,
+    name: Option<&str>,
+) -> Result<Manifest> {
+    let Opened {
+        source,
+        rule,
+        embd,
+        names,
+        header,
+    } = open(src, plan)?;
+    let Header {
+        architecture: arch,
+        n_layer_all,
+        n_layer,
+        n_embd,
+        n_vocab,
+        ranges,
+        kv_bytes_per_token: kv,
+        ..
+    } = header;
+    let m = arch::Model {
+        arch: &arch,
+        n_layer_all,
+        n_layer,
+        n_vocab,
+    };
     let model = match name {
         Some(n) => slug(n),
         None => default_model_name(src),
@@ -314,7 +410,7 @@ pub fn split_model(
             layer_start: a,
             layer_end: b,
             tensor_bytes,
-            kv_bytes_per_token: kv_bytes_per_token(&source, &arch, n_embd, a, b)?,
+            kv_bytes_per_token: kv[si],
             file: FileEntry {
                 file,
                 size,

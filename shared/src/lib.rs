@@ -9,6 +9,7 @@ pub mod logging;
 pub mod protocol;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 
 /// Crate version, reported in status and identify.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

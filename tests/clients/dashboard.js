@@ -2,8 +2,11 @@
 // drives /usr/bin/chromium; no browser is downloaded), waits for the worker
 // rows and the layer bar, asks a question in the chat box and waits for the
 // streamed answer, saves a screenshot and prints what the page shows as JSON.
+// With DASHBOARD_API_KEY set, it first asks with the API key field empty
+// (the page's 401 message is reported), then types the key, reloads the
+// page (the key is kept in localStorage) and asks again.
 //
-// usage: NODE_PATH=<node_modules> node dashboard.js BASE_URL SCREENSHOT USER_DATA_DIR WORKERS QUESTION MAX_TOKENS
+// usage: [DASHBOARD_API_KEY=…] NODE_PATH=<node_modules> node dashboard.js BASE_URL SCREENSHOT USER_DATA_DIR WORKERS QUESTION MAX_TOKENS
 "use strict";
 const { chromium } = require("playwright-core");
 
@@ -23,12 +26,30 @@ async function main() {
     page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
     await page.goto(base + "/", { waitUntil: "load", timeout: 30000 });
     // Every worker listed with its shard ready, every layer served.
-    await page.waitForFunction((n) => {
+    const allReady = () => page.waitForFunction((n) => {
       const rows = document.querySelectorAll("#workers tr.worker");
       const layers = [...document.querySelectorAll("#layers .layer")];
       return rows.length === n && [...rows].every((r) => r.querySelector(".state-ready")) &&
         layers.length > 0 && layers.every((l) => l.dataset.replicas !== "0");
     }, Number(workers), { timeout: 30000 });
+    await allReady();
+    const apiKey = process.env.DASHBOARD_API_KEY;
+    let unauthorized = null, keyAfterReload = null, errorsBeforeReload = null;
+    if (apiKey !== undefined) {
+      await page.fill("#api-key", "");
+      await page.fill("#chat-input", question);
+      await page.click("#chat-send");
+      await page.waitForSelector('#chat-log .msg[data-done="true"]', { timeout: 60000 });
+      unauthorized = await page.evaluate(() => {
+        const m = document.querySelector("#chat-log .msg.assistant, #chat-log .msg.error");
+        return { text: m.textContent, class: m.className, status: m.dataset.status || null };
+      });
+      await page.fill("#api-key", apiKey);
+      errorsBeforeReload = errors.splice(0);
+      await page.reload({ waitUntil: "load", timeout: 30000 });
+      await allReady();
+      keyAfterReload = await page.inputValue("#api-key");
+    }
     await page.fill("#max-tokens", maxTokens);
     await page.fill("#chat-input", question);
     await page.click("#chat-send");
@@ -63,6 +84,7 @@ async function main() {
         tokens_per_second: text("tokens-per-second"),
       };
     });
+    if (apiKey !== undefined) Object.assign(facts, { unauthorized, key_after_reload: keyAfterReload, errors_before_reload: errorsBeforeReload });
     await page.screenshot({ path: shot, fullPage: true });
     console.log(JSON.stringify({ ...facts, errors }));
   } finally {

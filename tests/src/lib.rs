@@ -14,6 +14,7 @@ use serde_json::Value;
 use tonic::transport::Channel;
 
 pub mod clients;
+pub mod fuzz_cases;
 pub mod torrent;
 
 /// Path of a workspace binary, built by `cargo build --workspace --bins`

@@ -4,7 +4,9 @@
 //! its peer id and ready shard, a layer bar with every layer served once by
 //! the worker holding it, and the chat box's streamed answer, which is what
 //! the pipeline answers; the page's token count is the coordinator's own
-//! metric. A screenshot is saved next to the test's logs.
+//! metric. A screenshot is saved next to the test's logs. In front of a
+//! coordinator with an API token, the chat without the key shows the 401
+//! message, and with the key typed in (kept across a reload) it answers.
 
 use std::process::Command;
 use std::time::Duration;
@@ -20,6 +22,101 @@ use serde_json::Value;
 const QUESTION: &str = "What is the capital of France?";
 const MAX_TOKENS: u32 = 24;
 
+/// What the pipeline of `w` answers to QUESTION (greedy), with `token`.
+async fn pipeline_answer(w: &llama_cluster_tests::NodeProc, token: Option<&str>) -> String {
+    let mut req = tonic::Request::new(InferenceRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: QUESTION.into(),
+        }],
+        max_tokens: MAX_TOKENS,
+        ..Default::default()
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let mut stream = w
+        .client()
+        .await
+        .unwrap()
+        .inference(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut want = String::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(Event::Chunk(c)) = m.event {
+            want.push_str(&c.text);
+        }
+    }
+    assert!(!want.is_empty());
+    want
+}
+
+/// tests/clients/dashboard.js in headless Chromium against `base`: what the
+/// page showed.
+fn run_page(base: &str, dir: &std::path::Path, workers: usize, env: &[(&str, &str)]) -> Value {
+    let shot = dir.join("dashboard.png");
+    let profile = dir.join("chromium-profile");
+    std::fs::create_dir_all(&profile).unwrap();
+    let mut cmd = Command::new("node");
+    cmd.env("NODE_PATH", clients::node_modules())
+        .arg(clients::script("dashboard.js"))
+        .arg(base)
+        .arg(&shot)
+        .arg(&profile)
+        .args([&workers.to_string(), QUESTION, &MAX_TOKENS.to_string()]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = clients::run(&mut cmd, Duration::from_secs(180)).expect("node runs");
+    assert!(
+        out.ok,
+        "the browser (scripts/setup.sh installs chromium and playwright-core): {}",
+        out.all(),
+    );
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", out.all()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_chat_sends_the_api_key() {
+    const API: &str = "dashboard-api-key-7";
+    let dir = test_dir("dashboard-key");
+    let manifest = split_with_cli(&dir.join("split"), 1).unwrap();
+    let env = [("LLAMA_CLUSTER_API_TOKEN", API)];
+    let cluster = PipelineCluster::start_with_env(&dir, &manifest, 178, &[], &env)
+        .await
+        .unwrap();
+    let coord =
+        start_coordinator(&dir, &cluster.grpc_addrs(), &["--poll-ms", "300"], &env).unwrap();
+    let base = format!("http://{}", coord.ready["http_addr"].as_str().unwrap());
+    let want = pipeline_answer(&cluster.workers[0], Some(API)).await;
+
+    let page = run_page(&base, &dir, 1, &[("DASHBOARD_API_KEY", API)]);
+    println!("{}", serde_json::to_string_pretty(&page).unwrap());
+    // Without the key: the 401, said in the page.
+    let refused = &page["unauthorized"];
+    assert_eq!(refused["class"], "msg error", "{refused}");
+    assert_eq!(refused["status"], "401", "{refused}");
+    let text = refused["text"].as_str().unwrap();
+    assert!(
+        text.contains("401: the coordinator needs an API key")
+            && text.contains("enter it in the API key field")
+            && text.contains("needs the API token"),
+        "{text}"
+    );
+    // The browser's own note of the refused request, nothing else.
+    for e in page["errors_before_reload"].as_array().unwrap() {
+        assert!(e.as_str().unwrap_or_default().contains("401"), "{e}");
+    }
+    // The key typed once is kept, and the chat answers with it.
+    assert_eq!(page["key_after_reload"], API);
+    assert_eq!(page["errors"], serde_json::json!([]), "no script errors");
+    assert_eq!(page["answer_class"], "msg assistant", "{}", page["answer"]);
+    assert_eq!(page["answer"], want.as_str());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
     let dir = test_dir("dashboard");
@@ -31,28 +128,7 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
     let base = format!("http://{}", coord.ready["http_addr"].as_str().unwrap());
 
     // What the pipeline answers to the chat message (greedy), asked directly.
-    let mut stream = cluster.workers[0]
-        .client()
-        .await
-        .unwrap()
-        .inference(InferenceRequest {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: QUESTION.into(),
-            }],
-            max_tokens: MAX_TOKENS,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut want = String::new();
-    while let Some(m) = stream.message().await.unwrap() {
-        if let Some(Event::Chunk(c)) = m.event {
-            want.push_str(&c.text);
-        }
-    }
-    assert!(!want.is_empty());
+    let want = pipeline_answer(&cluster.workers[0], None).await;
 
     // The JSON the page reads.
     let api: Value =
@@ -72,27 +148,7 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
     );
 
     let shot = dir.join("dashboard.png");
-    let profile = dir.join("chromium-profile");
-    std::fs::create_dir_all(&profile).unwrap();
-    let out = clients::run(
-        Command::new("node")
-            .env("NODE_PATH", clients::node_modules())
-            .arg(clients::script("dashboard.js"))
-            .arg(&base)
-            .arg(&shot)
-            .arg(&profile)
-            .args(["2", QUESTION, &MAX_TOKENS.to_string()]),
-        Duration::from_secs(180),
-    )
-    .expect("node runs");
-    assert!(
-        out.ok,
-        "the browser (scripts/setup.sh installs chromium and playwright-core): {}\n{}",
-        out.all(),
-        coord.log()
-    );
-    let page: Value =
-        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", out.all()));
+    let page = run_page(&base, &dir, 2, &[]);
     println!("{}", serde_json::to_string_pretty(&page).unwrap());
     // Kept where a person can look at it after the run.
     let _ = std::fs::copy(&shot, dir.join("../dashboard-latest.png"));

@@ -412,6 +412,7 @@ pub async fn serve(
     net: NetHandle,
     peer_id: PeerId,
     tokens: Tokens,
+    tls: Option<&llama_cluster_shared::tls::ServerTls>,
 ) -> anyhow::Result<(
     SocketAddr,
     impl std::future::Future<Output = anyhow::Result<()>>,
@@ -465,9 +466,14 @@ pub async fn serve(
         peer_id: peer_id.to_string(),
         tokens,
     };
-    info!("[STATUS] gRPC on {bound} (reflection, grpc.health.v1)");
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        builder = builder.tls_config(t.tonic()).context("gRPC TLS")?;
+    }
+    let mode = if tls.is_some() { "TLS" } else { "plaintext" };
+    info!("[STATUS] gRPC on {bound} ({mode}; reflection, grpc.health.v1)");
     let fut = async move {
-        tonic::transport::Server::builder()
+        builder
             .trace_fn(llama_cluster_shared::telemetry::grpc_server_span)
             .add_service(health_service)
             .add_service(reflection)

@@ -436,6 +436,8 @@ fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
 }
 
 async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
+    // Certificates are checked before anything starts.
+    let tls = llama_cluster_shared::tls::ServerTls::load(&cfg.tls_cert_file, &cfg.tls_key_file)?;
     // Bound before the node starts, so its status names a reachable address.
     let grpc_listener = grpc::bind(&cfg.grpc_addr).await?;
     cfg.grpc_addr = grpc::advertised(
@@ -494,6 +496,7 @@ async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
         running.net.clone(),
         running.peer_id,
         tokens,
+        tls.as_ref(),
     )
     .await?;
     let mut metrics_bound = String::new();

@@ -1,0 +1,6 @@
+#![no_main]
+//! Fuzzes `llama_cluster_tests::fuzz_cases::torrent`.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = llama_cluster_tests::fuzz_cases::torrent(data);
+});
