@@ -1,7 +1,8 @@
 //! Only members get in (#18), on real processes: a cluster whose bootstrap
 //! and workers hold a cluster key answers prompts; a node without the key
-//! and one with a wrong key are disconnected, learn no shard record, and
-//! have no command or piece request answered (`llama-worker send` and
+//! and one with a wrong key are disconnected, learn no shard record, get
+//! none of theirs stored, never register at the rendezvous, and have no
+//! command or piece request answered (`llama-worker send` and
 //! `fetch`), while the same requests with the right key succeed; a member
 //! that publishes a forged record for another member's shard is ignored
 //! and logged, and the shard stays ready.
@@ -134,8 +135,9 @@ async fn only_peers_that_prove_the_cluster_key_are_served() {
     .unwrap();
 
     // Two outsiders dial the bootstrap and a worker.
+    // Each announces a shard of its own, so it would put a record.
     let outsider = |name: &str, host: &str, extra: &[&str]| {
-        let mut args = worker_args(host, &[&b, &w0_tcp], None);
+        let mut args = worker_args(host, &[&b, &w0_tcp], Some((name, "0-9")));
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         NodeProc::start_with_env(&dir, name, &args, &[]).unwrap()
