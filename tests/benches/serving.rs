@@ -10,10 +10,15 @@
 //!   (`taskset`, 1 thread): two one-core machines;
 //! - (c) llama-cluster, 1 stage on 1 core;
 //!
-//! with the ratios of the same run and the busy fraction of each stage's
-//! llama.cpp thread.
+//! with the ratios of the same run, and where the two cores went in each
+//! level: each stage's llama.cpp thread (its busy time), each worker's
+//! other threads, the coordinator and the load generator (CPU seconds over
+//! wall seconds). Two one-core machines would not share their cores with
+//! the last two.
 //!
 //! cargo build --workspace --bins && cargo bench -p llama-cluster-tests --bench serving
+//! (LLAMA_CLUSTER_BIN_DIR=target/release after `cargo build --release
+//! --workspace --bins` for optimised workers and coordinator)
 //! (BENCH_CONCURRENCY=1,4,8 for fewer levels, BENCH_TOKENS for another length)
 
 use std::path::{Path, PathBuf};
@@ -21,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use llama_cluster_tests::{
-    NodeProc, metric, model_path, scrape, split_with_cli, start_bootstrap, start_coordinator,
+    NodeProc, cpu, metric, model_path, scrape, split_with_cli, start_bootstrap, start_coordinator,
     test_dir, wait_for, worker_args,
 };
 use serde_json::Value;
@@ -49,16 +54,36 @@ struct Figures {
     tok_s: f64,
     tpot_p50_ms: f64,
     tpot_p99_ms: f64,
+    /// Wall seconds of the level.
+    wall: f64,
+    /// CPU seconds of the load generator.
+    client_cpu: f64,
+}
+
+/// Where the machine's CPU went during one level, in cores (CPU seconds
+/// over wall seconds): what two one-core machines would not have to share.
+#[derive(Debug, Clone, Default)]
+struct CpuUse {
+    /// Each stage's llama.cpp thread (its busy time).
+    llama: Vec<f64>,
+    /// Each worker's other threads (async runtime: frames, gRPC, sampling).
+    rest: Vec<f64>,
+    coordinator: f64,
+    client: f64,
 }
 
 fn load(dir: &Path, base: &str, model: &str, conc: usize) -> Option<Figures> {
     let script = dir.join("load.py");
     std::fs::write(&script, LOAD).ok()?;
+    let cpu0 = cpu::of_waited_children();
+    let t0 = std::time::Instant::now();
     let out = Command::new("python3")
         .arg(&script)
         .args([base, model, &conc.to_string(), &n_tokens().to_string()])
         .output()
         .ok()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let client_cpu = cpu::of_waited_children() - cpu0;
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
     if let Some(e) = v["errors"].as_array().filter(|e| !e.is_empty()) {
         eprintln!("  errors at concurrency {conc}: {e:?}");
@@ -79,6 +104,8 @@ fn load(dir: &Path, base: &str, model: &str, conc: usize) -> Option<Figures> {
         tok_s: v["tok_s"].as_f64()?,
         tpot_p50_ms: pct(0.5),
         tpot_p99_ms: pct(0.99),
+        wall,
+        client_cpu,
     })
 }
 
@@ -165,6 +192,39 @@ async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
     .await
     .expect("ready");
     c
+}
+
+/// Runs one level against a cluster and reads where the CPU went.
+fn measure(c: &Cluster, dir: &Path, conc: usize) -> (Option<Figures>, CpuUse) {
+    let pids: Vec<u32> = c.workers.iter().map(|w| w.child.id()).collect();
+    let cpu_of = |pid: u32| cpu::of_pid(pid).unwrap_or(0.0);
+    let busy0: Vec<f64> = c.workers.iter().map(busy_seconds).collect();
+    let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_of(p)).collect();
+    let coord0 = cpu_of(c.coordinator.child.id());
+    let f = load(dir, &c.base, &c.model, conc);
+    let Some(fig) = f else {
+        return (None, CpuUse::default());
+    };
+    let wall = fig.wall.max(1e-9);
+    let llama: Vec<f64> = c
+        .workers
+        .iter()
+        .zip(&busy0)
+        .map(|(w, b)| (busy_seconds(w) - b) / wall)
+        .collect();
+    let rest = pids
+        .iter()
+        .zip(&cpu0)
+        .zip(&llama)
+        .map(|((&p, c0), l)| ((cpu_of(p) - c0) / wall - l).max(0.0))
+        .collect();
+    let cpu = CpuUse {
+        llama,
+        rest,
+        coordinator: (cpu_of(c.coordinator.child.id()) - coord0) / wall,
+        client: fig.client_cpu / wall,
+    };
+    (f, cpu)
 }
 
 fn busy_seconds(w: &NodeProc) -> f64 {
@@ -262,30 +322,23 @@ async fn main() {
     );
     println!("cells: aggregate tok/s (p50/p99 ms per output token)");
     // (b) 2 stages on their own cores, (c) 1 stage on 1 core.
-    let mut b_rows = Vec::new();
-    let mut busy = Vec::new();
+    let (mut b_rows, mut b_cpu) = (Vec::new(), Vec::new());
     {
         let c = start_cluster("2stages", 2, 60).await;
         for &conc in &levels {
-            let before: Vec<f64> = c.workers.iter().map(busy_seconds).collect();
-            let t0 = std::time::Instant::now();
-            b_rows.push(load(&dir, &c.base, &c.model, conc));
-            let wall = t0.elapsed().as_secs_f64();
-            busy.push(
-                c.workers
-                    .iter()
-                    .zip(&before)
-                    .map(|(w, b)| (busy_seconds(w) - b) / wall)
-                    .collect::<Vec<f64>>(),
-            );
+            let (f, u) = measure(&c, &dir, conc);
+            b_rows.push(f);
+            b_cpu.push(u);
         }
         drop(c.coordinator);
     }
-    let mut c_rows = Vec::new();
+    let (mut c_rows, mut c_cpu) = (Vec::new(), Vec::new());
     {
         let c = start_cluster("1stage", 1, 70).await;
         for &conc in &levels {
-            c_rows.push(load(&dir, &c.base, &c.model, conc));
+            let (f, u) = measure(&c, &dir, conc);
+            c_rows.push(f);
+            c_cpu.push(u);
         }
     }
     // (a) llama-server on 1 and 2 cores.
@@ -324,10 +377,43 @@ async fn main() {
     ratio("(b) / (a, 2 cores)  goal >= 0.9", &b_rows, &a2);
     ratio("(c) / (a, 1 core)   goal >= 0.9", &c_rows, &a1);
     ratio("(b) / (c)", &b_rows, &c_rows);
-    print!("{:<34}", "(b) busy fraction per stage");
-    for b in &busy {
-        let s: Vec<String> = b.iter().map(|x| format!("{x:.2}")).collect();
-        print!(" {:>21}", s.join("/"));
+    cores("(b) cores: llama.cpp per stage", &b_cpu, |u| join(&u.llama));
+    cores("(b) cores: workers' other threads", &b_cpu, |u| {
+        join(&u.rest)
+    });
+    cores("(b) cores: coordinator / client", &b_cpu, |u| {
+        format!("{:.2}/{:.2}", u.coordinator, u.client)
+    });
+    cores("(c) cores: llama.cpp / worker rest", &c_cpu, |u| {
+        format!("{}/{}", join(&u.llama), join(&u.rest))
+    });
+    cores("(c) cores: coordinator / client", &c_cpu, |u| {
+        format!("{:.2}/{:.2}", u.coordinator, u.client)
+    });
+    print!("{:<34}", "(a, 1 core) cores: client");
+    for f in &a1 {
+        match f {
+            Some(f) if f.wall > 0.0 => print!(" {:>21.2}", f.client_cpu / f.wall),
+            _ => print!(" {:>21}", "-"),
+        }
+    }
+    println!();
+    println!(
+        "cores: CPU seconds over wall seconds of each level; two one-core machines would not share theirs with the coordinator and the client"
+    );
+}
+
+fn join(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn cores(name: &str, rows: &[CpuUse], cell: impl Fn(&CpuUse) -> String) {
+    print!("{name:<34}");
+    for u in rows {
+        print!(" {:>21}", cell(u));
     }
     println!();
 }

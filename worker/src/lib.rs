@@ -3,6 +3,7 @@
 //! Kademlia DHT and serves the gRPC control plane.
 
 pub mod allocator;
+pub mod catalog_sync;
 pub mod client;
 pub mod dht;
 pub mod discovery;
@@ -20,6 +21,7 @@ pub mod records;
 pub mod resources;
 pub mod startup;
 pub mod state;
+pub mod swarm_status;
 pub mod torrent;
 
 /// Prefix of the machine-readable line a node prints on stdout once it is up.

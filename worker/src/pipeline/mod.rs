@@ -10,6 +10,7 @@ pub mod admission;
 pub mod driver;
 mod hop;
 pub mod host;
+pub mod request;
 pub mod route;
 mod stage_state;
 pub mod stop;
