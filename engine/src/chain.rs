@@ -75,6 +75,7 @@ impl LocalChain {
                 want_logits,
                 sample: i + 1 == n,
                 span: tracing::Span::none(),
+                depth: n as u32,
             })?;
             if i + 1 == n {
                 return Ok((r.token, r.logits));

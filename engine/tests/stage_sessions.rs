@@ -29,6 +29,7 @@ fn req(session: u64, pos0: u32, input: StageInput) -> ForwardRequest {
         want_logits: false,
         sample: false,
         span: tracing::Span::none(),
+        depth: 1,
     }
 }
 

@@ -102,6 +102,10 @@ pub struct NodeConfig {
     pub queue_timeout_secs: u64,
     /// Requests that may wait for capacity at once; more are refused.
     pub max_queued: usize,
+    /// A stage of a route of D stages runs its sessions in D waves, so that
+    /// all stages compute at once (false: every stage waits for all its
+    /// sessions and runs them in one call).
+    pub pipeline_waves: bool,
     /// Send hidden states between stages as f16 (half the bytes, not bit-exact).
     pub activation_f16: bool,
     /// Directory for downloaded shard files and other cached data (empty:
@@ -197,6 +201,7 @@ impl Default for NodeConfig {
             max_reroutes: 3,
             queue_timeout_secs: 120,
             max_queued: 256,
+            pipeline_waves: true,
             activation_f16: false,
             cache_dir: String::new(),
             seed_manifest: true,

@@ -72,6 +72,24 @@ struct CpuUse {
     client: f64,
 }
 
+/// One short completion before the levels, so that none of them pays for
+/// what a first request does once (connections, caches).
+fn warm_up(base: &str, model: &str) {
+    let body = serde_json::json!({"model": model, "prompt": "Hello", "max_tokens": 8});
+    let _ = Command::new("curl")
+        .args([
+            "-sf",
+            "-m",
+            "120",
+            "-H",
+            "content-type: application/json",
+            "-d",
+        ])
+        .arg(body.to_string())
+        .arg(format!("{base}/v1/completions"))
+        .output();
+}
+
 fn load(dir: &Path, base: &str, model: &str, conc: usize) -> Option<Figures> {
     let script = dir.join("load.py");
     std::fs::write(&script, LOAD).ok()?;
@@ -191,6 +209,7 @@ async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
     })
     .await
     .expect("ready");
+    warm_up(&c.base, &c.model);
     c
 }
 
@@ -284,6 +303,7 @@ async fn start_llama_server(
     })
     .await
     .ok()?;
+    warm_up(&format!("http://127.0.0.1:{port}"), "m");
     Some(s)
 }
 

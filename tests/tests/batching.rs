@@ -1,7 +1,9 @@
 //! Continuous batching at a stage (#15): on each stage process of a
 //! 2-stage pipeline, concurrent greedy sessions run in far fewer
-//! `llama_decode` calls than steps (the workers' metrics), and each
-//! session's tokens equal its tokens when it runs alone.
+//! `llama_decode` calls than steps (the workers' metrics), in two waves
+//! (no call runs more than half of them, so that while one stage computes
+//! a wave the other computes the other), and each session's tokens equal
+//! its tokens when it runs alone.
 
 use llama_cluster_proto::v1::InferenceRequest;
 use llama_cluster_proto::v1::inference_response::Event;
@@ -61,7 +63,20 @@ async fn a_stage_batches_its_sessions_and_each_text_equals_its_text_alone() {
     for (w, (s0, c0)) in cluster.workers.iter().zip(before) {
         let (s1, c1) = counts(w);
         let (steps, calls) = (s1 - s0, c1 - c0);
-        eprintln!("{}: {steps} steps in {calls} llama_decode calls", w.name);
+        let most =
+            metric(&scrape(w).unwrap(), "llama_cluster_stage_decode_batch_max").unwrap_or(0.0);
+        eprintln!(
+            "{}: {steps} steps in {calls} llama_decode calls, at most {most} in one",
+            w.name
+        );
+        // 2 stages: 2 waves of N/2 sessions take turns.
+        assert!(
+            (2.0..=(N / 2) as f64).contains(&most),
+            "{}: {most} steps in one call: not {} waves of at most {}",
+            w.name,
+            2,
+            N / 2
+        );
         assert!(steps >= (N * 40) as f64, "{}: {steps} steps", w.name);
         assert!(
             calls < 0.6 * steps,

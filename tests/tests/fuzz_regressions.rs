@@ -128,6 +128,7 @@ fn write_seeds() {
         budget_ms: 1000,
         trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
         driver: "peer-d".into(),
+        depth: 2,
         route: vec![hop("a"), hop("b")],
         sampling: Some(SamplingParams {
             temperature: 0.7,

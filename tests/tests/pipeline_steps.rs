@@ -27,6 +27,7 @@ fn frame(session: u64, pos0: u32, tokens: Vec<i32>, hop: &Hop) -> Vec<u8> {
         budget_ms: 60_000,
         trace: String::new(),
         driver: String::new(),
+        depth: 1,
         route: vec![hop.clone()],
         sampling: Some(SamplingParams {
             temperature: 0.0,
@@ -78,6 +79,7 @@ async fn a_step_delivered_twice_runs_once_and_both_get_its_answer() {
         queue_timeout: Duration::from_secs(10),
         max_queued: 8,
         f16: false,
+        waves: true,
         trace_decode_every: 0,
     };
     let pipeline = Pipeline::new(state, net, cfg, torrents);

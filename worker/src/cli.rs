@@ -205,6 +205,10 @@ pub struct NodeArgs {
     /// Serve no pieces of a file before it is complete (no partial seeding).
     #[arg(long)]
     pub no_partial_seeding: bool,
+    /// Run a stage's sessions in one wave even on a route of several stages
+    /// (no pipelining across sessions).
+    #[arg(long)]
+    pub no_pipeline_waves: bool,
     /// Test only: serve corrupted pieces.
     #[arg(long, hide = true)]
     pub test_corrupt_pieces: bool,
@@ -271,6 +275,9 @@ impl NodeArgs {
         opt("cluster_key_file", &self.cluster_key_file);
         if self.activation_f16 {
             v.push(("activation_f16", "true".into()));
+        }
+        if self.no_pipeline_waves {
+            v.push(("pipeline_waves", "false".into()));
         }
         if self.no_partial_seeding {
             v.push(("partial_seeding", "false".into()));

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub stage_steps: Counter,
     pub stage_decode_calls: Gauge,
+    pub stage_batch_max: Gauge,
     pub stage_busy: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub requests_queued: Gauge,
     pub queue_wait: Histogram,
@@ -75,6 +76,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             stage_steps: Counter::default(),
             stage_decode_calls: Gauge::default(),
+            stage_batch_max: Gauge::default(),
             stage_busy: Gauge::default(),
             requests_queued: Gauge::default(),
             queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
@@ -150,6 +152,11 @@ impl Metrics {
             "stage_decode_calls",
             "llama_decode calls of this worker's stage (steps of several sessions share one)",
             m.stage_decode_calls.clone(),
+        );
+        registry.register(
+            "stage_decode_batch_max",
+            "The most steps (sessions) one llama_decode call of this worker's stage has run: at most the open sessions over the stages of their route",
+            m.stage_batch_max.clone(),
         );
         registry.register(
             "stage_busy_seconds",

@@ -59,6 +59,8 @@ pub struct StageCounters {
     pub rows: AtomicU64,
     /// Nanoseconds spent in llama.cpp.
     pub busy_ns: AtomicU64,
+    /// The most steps one call has run so far.
+    pub max_steps: AtomicU64,
 }
 
 /// Facts about a loaded stage.
@@ -110,6 +112,10 @@ pub struct ForwardRequest {
     /// Parent of the `llama.decode` and `sampling` spans recorded on the
     /// stage thread (`Span::none()`: none).
     pub span: tracing::Span,
+    /// Stages in the session's route (1: this stage alone). A stage of a
+    /// route of D stages runs its sessions in D waves, so that while it
+    /// computes one wave the other stages compute the others.
+    pub depth: u32,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -28,6 +28,8 @@ pub(super) struct Session {
     n_past: u32,
     sampler: Option<Sampler>,
     last_used: Instant,
+    /// Stages in the session's route (from its last step).
+    depth: u32,
 }
 
 /// A step checked and ready for llama.cpp.
@@ -103,9 +105,10 @@ impl Worker {
             // Steps of other open sessions are on their way back from the
             // other stages: wait for them a moment (about one round, within
             // [GATHER_MIN, GATHER_MAX]; never with one session), so that
-            // they share the next call.
+            // they share the next call. On a route of D stages a wave is
+            // 1/D of the sessions: the others are at the other stages.
             let gather_until = Instant::now() + last_round.clamp(GATHER_MIN, GATHER_MAX);
-            while !self.pending.is_empty() && self.waiting_sessions() < self.sessions.len() {
+            while !self.pending.is_empty() && self.waiting_sessions() < self.wave() {
                 match rx.recv_timeout(gather_until.saturating_duration_since(Instant::now())) {
                     Ok(job) => self.accept(job),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
@@ -122,6 +125,15 @@ impl Worker {
         }
         self.sessions.clear();
         self.count.store(0, Ordering::Relaxed);
+    }
+
+    /// Single-token steps one round runs: the open sessions over the
+    /// stages of their routes (at least one), so that on a route of D
+    /// stages D waves of sessions take turns and every stage computes one
+    /// while the others compute theirs; all of them on a route of one.
+    fn wave(&self) -> usize {
+        let depth = self.sessions.values().map(|s| s.depth).max().unwrap_or(1);
+        self.sessions.len().div_ceil(depth.max(1) as usize).max(1)
     }
 
     /// Open sessions with a step waiting.
@@ -177,6 +189,7 @@ impl Worker {
     fn round(&mut self) {
         let n_embd = self.model.n_embd;
         let n_batch = self.spec.settings.n_batch as usize;
+        let wave = self.wave();
         let mut singles = Vec::new();
         let mut multi = None;
         let mut seen = HashSet::new();
@@ -185,7 +198,7 @@ impl Worker {
             let n = req.input.n_tokens(n_embd);
             if seen.contains(&req.session) {
                 rest.push_back((req, reply));
-            } else if n <= 1 && singles.len() < n_batch {
+            } else if n <= 1 && singles.len() < n_batch.min(wave) {
                 seen.insert(req.session);
                 singles.push((req, reply));
             } else if n > 1 && multi.is_none() {
@@ -306,6 +319,7 @@ impl Worker {
                     n_past: 0,
                     sampler,
                     last_used: Instant::now(),
+                    depth: req.depth.max(1),
                 },
             );
             self.count.store(self.sessions.len(), Ordering::Relaxed);
@@ -353,6 +367,7 @@ impl Worker {
         let c = self.counters.clone();
         c.decode_calls.fetch_add(1, Ordering::Relaxed);
         c.steps.fetch_add(ready.len() as u64, Ordering::Relaxed);
+        c.max_steps.fetch_max(ready.len() as u64, Ordering::Relaxed);
         c.busy_ns
             .fetch_add(compute.as_nanos() as u64, Ordering::Relaxed);
         let last_index = match result {

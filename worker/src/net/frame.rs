@@ -3,8 +3,8 @@
 //! and per response, little-endian, raw f32 (or f16) hidden states — no JSON
 //! floats on the hot path.
 //!
-//! Request: `LCA2`, kind, session, pos0, flags, budget_ms, trace context,
-//! the driver's peer id,
+//! Request: `LCA3`, kind, session, pos0, flags, budget_ms, trace context,
+//! the driver's peer id, the stages in the whole route (depth),
 //! the remaining route, sampling (at session start), prompt history, payload
 //! (token ids or a `[n_tokens][n_embd]` hidden state).
 //! Response: `LCR1`, status, error (with the peer at fault), sampled token,
@@ -21,7 +21,7 @@ pub const ACTIVATION_PROTOCOL: &str = "/llama-cluster/activation/1.0";
 /// Largest frame accepted (bytes).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
-const REQ_MAGIC: &[u8; 4] = b"LCA2";
+const REQ_MAGIC: &[u8; 4] = b"LCA3";
 const RESP_MAGIC: &[u8; 4] = b"LCR2";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +66,10 @@ pub struct ActivationRequest {
     /// Peer id of the driver of the session: a stage frees the session
     /// when its connection to the driver closes.
     pub driver: String,
+    /// Stages in the session's whole route (the driver's count; `route`
+    /// holds only the rest of it): a stage runs its sessions in as many
+    /// waves, so that all stages compute at once.
+    pub depth: u8,
     /// This hop first, then the rest of the chain.
     pub route: Vec<Hop>,
     pub sampling: Option<SamplingParams>,
@@ -255,6 +259,7 @@ impl ActivationRequest {
         w.u32(self.budget_ms);
         w.str16(&self.trace);
         w.str8(&self.driver);
+        w.u8(self.depth);
         w.u8(self.route.len().min(255) as u8);
         for h in self.route.iter().take(255) {
             w.str8(&h.peer);
@@ -324,6 +329,7 @@ impl ActivationRequest {
         let budget_ms = r.u32()?;
         let trace = r.str16()?;
         let driver = r.str8()?;
+        let depth = r.u8()?;
         let n_hops = r.u8()? as usize;
         let mut route = Vec::with_capacity(n_hops);
         for _ in 0..n_hops {
@@ -400,6 +406,7 @@ impl ActivationRequest {
             budget_ms,
             trace,
             driver,
+            depth,
             route,
             sampling,
             history,
@@ -489,6 +496,7 @@ mod tests {
             budget_ms: 30_000,
             trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
             driver: "12D3KooWdriver".into(),
+            depth: 2,
             route: vec![Hop {
                 peer: "12D3KooW".into(),
                 shard_id: "m-L0-9".into(),

@@ -178,6 +178,11 @@ impl Pipeline {
             budget_ms: 5_000,
             trace: String::new(),
             driver: self.0.me.clone(),
+            depth: if self.0.cfg.waves {
+                hops.len().clamp(1, 255) as u8
+            } else {
+                1
+            },
             route: hops,
             sampling: None,
             history: vec![],
@@ -321,6 +326,11 @@ impl Pipeline {
                 budget_ms,
                 trace: String::new(),
                 driver: self.0.me.clone(),
+                depth: if self.0.cfg.waves {
+                    hops.len().clamp(1, 255) as u8
+                } else {
+                    1
+                },
                 route: hops.to_vec(),
                 sampling: Some(req.sampling.clone()),
                 history,

@@ -53,6 +53,8 @@ pub struct PipelineConfig {
     pub queue_timeout: Duration,
     pub max_queued: usize,
     pub f16: bool,
+    /// Sessions run in as many waves as their route has stages.
+    pub waves: bool,
     /// Trace every N-th decode step in detail (0: none).
     pub trace_decode_every: u32,
 }
@@ -79,6 +81,7 @@ impl PipelineConfig {
             queue_timeout: Duration::from_secs(cfg.queue_timeout_secs),
             max_queued: cfg.max_queued,
             f16: cfg.activation_f16,
+            waves: cfg.pipeline_waves,
             trace_decode_every: cfg.trace_decode_every,
         }
     }
@@ -457,6 +460,7 @@ impl Pipeline {
                 want_logits: req.want_logits,
                 sample: req.sample,
                 span: tracing::Span::current(),
+                depth: u32::from(req.depth),
             })
             .await;
         let out = match out {
@@ -519,6 +523,7 @@ impl Pipeline {
             budget_ms,
             trace: String::new(),
             driver: req.driver.clone(),
+            depth: req.depth,
             route: req.route[1..].to_vec(),
             sampling: req.sampling,
             history: req.history,

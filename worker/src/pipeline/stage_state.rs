@@ -35,6 +35,13 @@ impl Pipeline {
             .unwrap_or(0)
     }
 
+    /// The most steps one `llama_decode` call of this worker's stage has run.
+    pub fn max_batch(&self) -> u64 {
+        self.loaded()
+            .map(|l| l.engine.counters().max_steps.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
     /// Seconds this worker's stage spent in llama.cpp so far.
     pub fn busy_seconds(&self) -> f64 {
         self.loaded()
