@@ -7,8 +7,14 @@ use crate::{EngineError, Result};
 /// How to cut the layers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SplitPlan {
-    /// This many shards of (nearly) equal layer counts.
+    /// This many shards of (nearly) equal layer counts (by bytes, with
+    /// [`SplitPlan::ranges_by_bytes`]).
     Count(u32),
+    /// This many shards whose compute per token balances: weights counted
+    /// in elements, whatever their type, and the last shard carrying the
+    /// output head (not the embedding table, which the first stage only
+    /// looks rows up in). Pipelines run as fast as their slowest stage.
+    ComputeCount(u32),
     /// Explicit inclusive ranges, covering every layer in order.
     Ranges(Vec<(u32, u32)>),
 }
@@ -17,17 +23,17 @@ impl SplitPlan {
     /// The ranges for a model of `n_layer` layers.
     pub fn ranges(&self, n_layer: u32) -> Result<Vec<(u32, u32)>> {
         let ranges = match self {
-            SplitPlan::Count(0) => {
+            SplitPlan::Count(0) | SplitPlan::ComputeCount(0) => {
                 return Err(EngineError::InvalidInput(
                     "shard count must be at least 1".into(),
                 ));
             }
-            SplitPlan::Count(n) if *n > n_layer => {
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) if *n > n_layer => {
                 return Err(EngineError::InvalidInput(format!(
                     "cannot cut {n_layer} layers into {n} shards"
                 )));
             }
-            SplitPlan::Count(n) => {
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) => {
                 let (base, extra) = (n_layer / n, n_layer % n);
                 let mut start = 0;
                 (0..*n)
@@ -75,11 +81,13 @@ impl SplitPlan {
         let n_layer = layer_bytes.len() as u32;
         let align = align.max(1);
         match self {
-            SplitPlan::Count(n) if *n >= 1 && *n <= n_layer.div_ceil(align) => {
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n)
+                if *n >= 1 && *n <= n_layer.div_ceil(align) =>
+            {
                 let r = balance(layer_bytes, *n as usize, last_extra, align as usize);
                 SplitPlan::Ranges(r).ranges(n_layer)
             }
-            SplitPlan::Count(n) if *n >= 1 && *n <= n_layer => {
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) if *n >= 1 && *n <= n_layer => {
                 Err(EngineError::InvalidInput(format!(
                     "cannot cut {n_layer} layers into {n} shards starting at multiples of {align}"
                 )))

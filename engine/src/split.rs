@@ -119,12 +119,38 @@ fn one_row(t: &mut sys::ggml_tensor) {
 /// Byte sizes: each trunk layer's tensors, and what only the last shard
 /// holds beyond its layers (full embeddings, head, output norm).
 fn weigh(source: &Source, names: &[String], n_layer: u32) -> Result<(Vec<u64>, u64)> {
+    weigh_by(source, names, n_layer, |_, t| {
+        // SAFETY: a valid tensor description.
+        unsafe { sys::ggml_nbytes(t) as u64 }
+    })
+}
+
+/// Elements of each trunk layer's tensors, and of the output head (an
+/// `output.weight`, else the tied `token_embd.weight`): what a token costs
+/// each shard to compute, whatever the weights' types.
+fn weigh_compute(source: &Source, names: &[String], n_layer: u32) -> Result<(Vec<u64>, u64)> {
+    let tied = !names.iter().any(|n| n == "output.weight");
+    weigh_by(source, names, n_layer, |name, t| {
+        let head = name == "output.weight" || (tied && name == "token_embd.weight");
+        if layer_of(name).ok().flatten().is_none() && !head {
+            return 0;
+        }
+        // SAFETY: a valid tensor description.
+        unsafe { sys::ggml_nelements(t) as u64 }
+    })
+}
+
+fn weigh_by(
+    source: &Source,
+    names: &[String],
+    n_layer: u32,
+    weight: impl Fn(&str, &sys::ggml_tensor) -> u64,
+) -> Result<(Vec<u64>, u64)> {
     let mut layers = vec![0u64; n_layer as usize];
     let mut last = 0u64;
     for name in names {
         let t = source.tensor(name)?;
-        // SAFETY: a valid tensor description.
-        let bytes = unsafe { sys::ggml_nbytes(&t) } as u64;
+        let bytes = weight(name, &t);
         match layer_of(name)? {
             Some((il, _)) if il < n_layer => {
                 layers[il as usize] = layers[il as usize].saturating_add(bytes)
@@ -225,7 +251,13 @@ fn open(src: &Path, plan: &SplitPlan) -> Result<Opened> {
     crate::gguf::check_embedding_type(embd.type_, embd.ne[0])?;
     let names = source.tensor_names();
     let (layer_bytes, last_bytes) = weigh(&source, &names, n_layer)?;
-    let ranges = plan.ranges_by_bytes(&layer_bytes, last_bytes, rule.align)?;
+    let ranges = match plan {
+        SplitPlan::ComputeCount(_) => {
+            let (layer_cost, head_cost) = weigh_compute(&source, &names, n_layer)?;
+            plan.ranges_by_bytes(&layer_cost, head_cost, rule.align)?
+        }
+        _ => plan.ranges_by_bytes(&layer_bytes, last_bytes, rule.align)?,
+    };
     let m = arch::Model {
         arch: &arch,
         n_layer_all,

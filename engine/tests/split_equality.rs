@@ -57,10 +57,23 @@ fn split_stages_match_the_unsplit_model() {
         .iter()
         .map(|p| base.greedy(p, N_GEN).unwrap())
         .collect();
-    for n in [1u32, 2, 3] {
-        let dir = out_dir(&format!("split{n}"));
-        let m = split_model(&model, &dir, &SplitPlan::Count(n), None).unwrap();
+    let mut first_shard = Vec::new();
+    for (tag, plan) in [
+        ("1", SplitPlan::Count(1)),
+        ("2", SplitPlan::Count(2)),
+        ("3", SplitPlan::Count(3)),
+        ("2 by compute", SplitPlan::ComputeCount(2)),
+    ] {
+        let n = match plan {
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) => n,
+            SplitPlan::Ranges(ref r) => r.len() as u32,
+        };
+        let dir = out_dir(&format!("split{}", tag.replace(' ', "-")));
+        let m = split_model(&model, &dir, &plan, None).unwrap();
         assert_eq!(m.shards.len(), n as usize);
+        if n == 2 {
+            first_shard.push(m.shards[0].layer_end);
+        }
         assert_eq!(m.model, "smollm2-135m-instruct");
         let mpath = dir.join("manifest.json");
         let loaded = Manifest::load(&mpath).unwrap();
@@ -71,15 +84,31 @@ fn split_stages_match_the_unsplit_model() {
             let got = chain.greedy(p, N_GEN).unwrap();
             let diff = max_abs_diff(&got.prompt_logits, &want.prompt_logits);
             println!(
-                "{n} stage(s), prompt of {} tokens: logits max|diff| = {diff:e}, tokens equal: {}",
+                "{tag} stage(s), prompt of {} tokens: logits max|diff| = {diff:e}, tokens equal: {}",
                 p.len(),
                 got.tokens == want.tokens
             );
-            assert!(diff <= TOLERANCE, "{n} stages: logits differ by {diff}");
-            assert_eq!(got.tokens, want.tokens, "{n} stages: greedy tokens differ");
+            assert!(diff <= TOLERANCE, "{tag} stages: logits differ by {diff}");
+            assert_eq!(
+                got.tokens, want.tokens,
+                "{tag} stages: greedy tokens differ"
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+    // SmolLM2's head is its embedding table, stored with more bits per
+    // weight than its Q4_1 layers: by bytes the head weighs more than by
+    // compute, so balancing compute gives the first shard fewer layers.
+    println!(
+        "first shard ends at layer {} by bytes, {} by compute",
+        first_shard[0], first_shard[1]
+    );
+    assert!(
+        first_shard[1] < first_shard[0],
+        "by compute the first shard ends at {}, by bytes at {}",
+        first_shard[1],
+        first_shard[0]
+    );
 }
 
 #[test]

@@ -26,8 +26,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use llama_cluster_tests::{
-    NodeProc, cpu, metric, model_path, scrape, split_with_cli, start_bootstrap, start_coordinator,
-    test_dir, wait_for, worker_args,
+    NodeProc, cpu, metric, model_path, scrape, split_with_cli_args, start_bootstrap,
+    start_coordinator, test_dir, wait_for, worker_args,
 };
 use serde_json::Value;
 
@@ -138,7 +138,13 @@ struct Cluster {
 
 async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
     let dir = test_dir(&format!("bench-serving-{name}"));
-    let manifest = split_with_cli(&dir.join("split"), shards).expect("split");
+    // Pipelines run as fast as their slowest stage: cut where compute
+    // balances (BENCH_BALANCE=bytes for the memory-balanced default).
+    let balance = std::env::var("BENCH_BALANCE").unwrap_or_else(|_| "compute".into());
+    let n = shards.to_string();
+    let manifest =
+        split_with_cli_args(&dir.join("split"), &["--shards", &n, "--balance", &balance])
+            .expect("split");
     let m: Value =
         serde_json::from_slice(&std::fs::read(&manifest).expect("manifest")).expect("json");
     let bootstrap = start_bootstrap(&dir).expect("bootstrap");
@@ -190,6 +196,16 @@ async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
         coordinator.ready["http_addr"].as_str().unwrap_or_default()
     );
     let model = m["model"].as_str().unwrap_or_default().to_string();
+    let ranges: Vec<String> = m["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| format!("{}-{}", s["layer_start"], s["layer_end"]))
+        .collect();
+    println!(
+        "{name}: layers {} (split balancing {balance})",
+        ranges.join(", ")
+    );
     let c = Cluster {
         _bootstrap: bootstrap,
         workers,

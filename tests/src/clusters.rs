@@ -83,11 +83,7 @@ impl PipelineCluster {
 
     /// The workers' gRPC addresses, comma-separated.
     pub fn grpc_addrs(&self) -> String {
-        self.workers
-            .iter()
-            .map(|w| w.grpc_addr.clone())
-            .collect::<Vec<_>>()
-            .join(",")
+        grpc_addrs(&self.workers)
     }
 
     /// Waits until `node` sees every shard ready and reachable.
@@ -225,11 +221,7 @@ impl ReplicaCluster {
 
     /// The workers' gRPC addresses, comma-separated.
     pub fn grpc_addrs(&self) -> String {
-        self.workers
-            .iter()
-            .map(|w| w.grpc_addr.clone())
-            .collect::<Vec<_>>()
-            .join(",")
+        grpc_addrs(&self.workers)
     }
 
     /// Waits until `node` sees every worker's shard ready and reachable.
@@ -244,4 +236,13 @@ impl ReplicaCluster {
         )
         .await
     }
+}
+
+/// The gRPC addresses of `workers`, comma-separated.
+fn grpc_addrs(workers: &[NodeProc]) -> String {
+    workers
+        .iter()
+        .map(|w| w.grpc_addr.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -66,12 +66,24 @@ pub struct SplitArgs {
     /// Number of shards, cut where their bytes balance (the last one carries the output head).
     #[arg(long, conflicts_with = "ranges")]
     pub shards: Option<u32>,
+    /// What `--shards` balances: `bytes` (memory; the default) or
+    /// `compute` (weights counted in elements, the head on the last shard:
+    /// the stages of a pipeline then take about as long per token).
+    #[arg(long, value_enum, default_value_t = Balance::Bytes, requires = "shards")]
+    pub balance: Balance,
     /// Explicit layer ranges, e.g. 0-9,10-19,20-29.
     #[arg(long, value_delimiter = ',')]
     pub ranges: Vec<String>,
     /// Model name used in requests (default: from the file name).
     #[arg(long)]
     pub name: Option<String>,
+}
+
+/// What `split --shards` balances.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    Bytes,
+    Compute,
 }
 
 /// Node options; each overrides the config file and `LLAMA_CLUSTER_*` env.

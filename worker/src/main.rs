@@ -284,6 +284,7 @@ async fn split(a: SplitArgs) -> anyhow::Result<()> {
         None => default_model_path()?,
     };
     let plan = match (a.shards, a.ranges.is_empty()) {
+        (Some(n), true) if a.balance == cli::Balance::Compute => SplitPlan::ComputeCount(n),
         (Some(n), true) => SplitPlan::Count(n),
         (None, false) => SplitPlan::Ranges(
             a.ranges
