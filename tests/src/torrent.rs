@@ -9,7 +9,7 @@ use std::time::Duration;
 use llama_cluster_proto::v1::{GetStatusResponse, LoadShardRequest};
 use serde_json::Value;
 
-use crate::{NodeProc, split_with_cli_args, wait_for, worker_args};
+use crate::{NodeProc, binary, split_with_cli_args, test_dir, wait_for, worker_args};
 
 pub const WAIT: Duration = Duration::from_secs(90);
 
@@ -128,4 +128,76 @@ pub async fn load(
         })
         .await
         .map(|r| r.into_inner())
+}
+
+/// A test's directory, split and bootstrap node (`b`: its QUIC address),
+/// and a worker seeding the split's files.
+pub struct Seeded {
+    pub dir: PathBuf,
+    pub s: Split,
+    /// The bootstrap node (kept running).
+    pub boot: NodeProc,
+    pub b: String,
+    pub seeder: NodeProc,
+}
+
+/// [`Seeded`] for test `test`, its seeder at `host` started with `flags`.
+pub async fn seeded(test: &str, host: &str, flags: &[&str]) -> Seeded {
+    let dir = test_dir(test);
+    let s = split(&dir);
+    let boot = bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let seeder = start(&dir, "seeder", host, &b, &s.manifest, flags);
+    wait_seeding(&seeder, &s.hash).await;
+    Seeded {
+        dir,
+        s,
+        boot,
+        b,
+        seeder,
+    }
+}
+
+/// A worker at `host` with only the manifest, after LoadShard of the
+/// split's shard fetched its file through the swarm (checked: ready, and the
+/// file's hash).
+pub async fn loaded_leecher(dir: &Path, s: &Split, b: &str, host: &str) -> NodeProc {
+    let m = bare_manifest(dir, "leech", &s.manifest);
+    let leech = start(dir, "leech", host, b, &m, &[]);
+    let r = load(&leech, &s.shard_id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", leech.log()));
+    assert_eq!(r.state, "ready");
+    assert_eq!(blake3_of(&stored_file(&leech, &s.hash)), s.hash);
+    leech
+}
+
+/// Runs `llama-worker fetch` of `hash` (no manifest, so no pin) as `name`
+/// at `host`, bounded: whether it succeeded, and its log.
+pub async fn fetch_cli(
+    dir: &Path,
+    name: &str,
+    hash: &str,
+    boot: &str,
+    host: &str,
+) -> (bool, String) {
+    let log = dir.join(format!("{name}.log"));
+    let fetch = tokio::process::Command::new(binary("llama-worker"))
+        .args(["fetch", "--hash", hash, "--out"])
+        .arg(dir.join(format!("{name}.out")))
+        .args(["--bootstrap", boot, "--p2p-host", host])
+        .args(["--grpc-addr", "127.0.0.1:0", "--cache-dir"])
+        .arg(dir.join(format!("{name}.cache")))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .status();
+    let st = tokio::time::timeout(Duration::from_secs(120), fetch)
+        .await
+        .expect("the fetch ends within 120 s")
+        .unwrap();
+    (
+        st.success(),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
 }
