@@ -167,6 +167,16 @@ impl Pipeline {
         result
     }
 
+    /// Stages the frames of a route of `hops` tell the stages to run their
+    /// sessions in waves over (1: one wave, with `pipeline_waves` off).
+    fn depth(&self, hops: &[Hop]) -> u8 {
+        if self.0.cfg.waves {
+            hops.len().clamp(1, 255) as u8
+        } else {
+            1
+        }
+    }
+
     /// Frees a session's contexts along its route, in the background.
     fn close_session(&self, session: u64, hops: Vec<Hop>) {
         let close = ActivationRequest {
@@ -178,11 +188,7 @@ impl Pipeline {
             budget_ms: 5_000,
             trace: String::new(),
             driver: self.0.me.clone(),
-            depth: if self.0.cfg.waves {
-                hops.len().clamp(1, 255) as u8
-            } else {
-                1
-            },
+            depth: self.depth(&hops),
             route: hops,
             sampling: None,
             history: vec![],
@@ -326,11 +332,7 @@ impl Pipeline {
                 budget_ms,
                 trace: String::new(),
                 driver: self.0.me.clone(),
-                depth: if self.0.cfg.waves {
-                    hops.len().clamp(1, 255) as u8
-                } else {
-                    1
-                },
+                depth: self.depth(hops),
                 route: hops.to_vec(),
                 sampling: Some(req.sampling.clone()),
                 history,
