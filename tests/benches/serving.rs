@@ -19,7 +19,8 @@
 //! cargo build --workspace --bins && cargo bench -p llama-cluster-tests --bench serving
 //! (LLAMA_CLUSTER_BIN_DIR=target/release after `cargo build --release
 //! --workspace --bins` for optimised workers and coordinator)
-//! (BENCH_CONCURRENCY=1,4,8 for fewer levels, BENCH_TOKENS for another length)
+//! (BENCH_CONCURRENCY=1,4,8 for fewer levels, BENCH_TOKENS for another length,
+//! BENCH_ONLY=b (or a, c, or several: b,c) for some of the configurations)
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +40,11 @@ fn levels() -> Vec<usize> {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect()
+}
+
+/// Whether configuration `x` ("a", "b" or "c") runs (`BENCH_ONLY`).
+fn runs(x: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|s| s.trim() == x))
 }
 
 fn n_tokens() -> usize {
@@ -70,6 +76,8 @@ struct CpuUse {
     rest: Vec<f64>,
     coordinator: f64,
     client: f64,
+    /// Each stage's steps, `llama_decode` calls and llama.cpp micro-batches.
+    calls: Vec<[f64; 3]>,
 }
 
 /// One short completion before the levels, so that none of them pays for
@@ -234,6 +242,7 @@ fn measure(c: &Cluster, dir: &Path, conc: usize) -> (Option<Figures>, CpuUse) {
     let pids: Vec<u32> = c.workers.iter().map(|w| w.child.id()).collect();
     let cpu_of = |pid: u32| cpu::of_pid(pid).unwrap_or(0.0);
     let busy0: Vec<f64> = c.workers.iter().map(busy_seconds).collect();
+    let calls0: Vec<[f64; 3]> = c.workers.iter().map(decode_counts).collect();
     let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_of(p)).collect();
     let coord0 = cpu_of(c.coordinator.child.id());
     let f = load(dir, &c.base, &c.model, conc);
@@ -258,8 +267,28 @@ fn measure(c: &Cluster, dir: &Path, conc: usize) -> (Option<Figures>, CpuUse) {
         rest,
         coordinator: (cpu_of(c.coordinator.child.id()) - coord0) / wall,
         client: fig.client_cpu / wall,
+        calls: c
+            .workers
+            .iter()
+            .zip(&calls0)
+            .map(|(w, c0)| {
+                let c1 = decode_counts(w);
+                [c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]]
+            })
+            .collect(),
     };
     (f, cpu)
+}
+
+/// A stage's steps, `llama_decode` calls and micro-batches so far.
+fn decode_counts(w: &NodeProc) -> [f64; 3] {
+    let m = scrape(w).unwrap_or_default();
+    [
+        "llama_cluster_stage_steps_total",
+        "llama_cluster_stage_decode_calls",
+        "llama_cluster_stage_micro_batches",
+    ]
+    .map(|k| metric(&m, k).unwrap_or(0.0))
 }
 
 fn busy_seconds(w: &NodeProc) -> f64 {
@@ -359,7 +388,7 @@ async fn main() {
     println!("cells: aggregate tok/s (p50/p99 ms per output token)");
     // (b) 2 stages on their own cores, (c) 1 stage on 1 core.
     let (mut b_rows, mut b_cpu) = (Vec::new(), Vec::new());
-    {
+    if runs("b") {
         let c = start_cluster("2stages", 2, 60).await;
         for &conc in &levels {
             let (f, u) = measure(&c, &dir, conc);
@@ -369,7 +398,7 @@ async fn main() {
         drop(c.coordinator);
     }
     let (mut c_rows, mut c_cpu) = (Vec::new(), Vec::new());
-    {
+    if runs("c") {
         let c = start_cluster("1stage", 1, 70).await;
         for &conc in &levels {
             let (f, u) = measure(&c, &dir, conc);
@@ -379,7 +408,7 @@ async fn main() {
     }
     // (a) llama-server on 1 and 2 cores.
     let (mut a1, mut a2) = (Vec::new(), Vec::new());
-    match llama_server_bin() {
+    match llama_server_bin().filter(|_| runs("a")) {
         Some(bin) => {
             for &conc in &levels {
                 for (cores, threads, out) in [("0", 1, &mut a1), ("0,1", 2, &mut a2)] {
@@ -391,6 +420,10 @@ async fn main() {
                     out.push(f);
                 }
             }
+        }
+        None if !runs("a") => {
+            a1 = vec![None; levels.len()];
+            a2 = vec![None; levels.len()];
         }
         None => {
             println!(
@@ -414,6 +447,10 @@ async fn main() {
     ratio("(c) / (a, 1 core)   goal >= 0.9", &c_rows, &a1);
     ratio("(b) / (c)", &b_rows, &c_rows);
     cores("(b) cores: llama.cpp per stage", &b_cpu, |u| join(&u.llama));
+    cores("(b) steps per call, stage 0 / 1", &b_cpu, |u| {
+        per_call(u, 0)
+    });
+    cores("(b) micro-batches per call", &b_cpu, |u| per_call(u, 2));
     cores("(b) cores: workers' other threads", &b_cpu, |u| {
         join(&u.rest)
     });
@@ -437,6 +474,15 @@ async fn main() {
     println!(
         "cores: CPU seconds over wall seconds of each level; two one-core machines would not share theirs with the coordinator and the client"
     );
+}
+
+/// Steps (`k` 0) or micro-batches (`k` 2) per `llama_decode` call of each stage.
+fn per_call(u: &CpuUse, k: usize) -> String {
+    u.calls
+        .iter()
+        .map(|c| format!("{:.2}", c[k] / c[1].max(1.0)))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn join(v: &[f64]) -> String {

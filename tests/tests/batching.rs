@@ -1,9 +1,11 @@
 //! Continuous batching at a stage (#15): on each stage process of a
-//! 2-stage pipeline, concurrent greedy sessions run in far fewer
-//! `llama_decode` calls than steps (the workers' metrics), in two waves
-//! (no call runs more than half of them, so that while one stage computes
-//! a wave the other computes the other), and each session's tokens equal
-//! its tokens when it runs alone.
+//! 2-stage pipeline, concurrent greedy sessions (driven by both workers in
+//! turn, as the coordinator spreads them) run in far fewer `llama_decode`
+//! calls than steps (the workers' metrics), in two waves (no call runs
+//! more than half of them, so that while one stage computes a wave the
+//! other computes the other), each wave a run of consecutive sequence ids
+//! that llama.cpp computes as one micro-batch, and each session's tokens
+//! equal its tokens when it runs alone.
 
 use llama_cluster_proto::v1::InferenceRequest;
 use llama_cluster_proto::v1::inference_response::Event;
@@ -46,13 +48,19 @@ async fn a_stage_batches_its_sessions_and_each_text_equals_its_text_alone() {
     }
     let counts = |w: &NodeProc| {
         let m = scrape(w).unwrap();
-        (
-            metric(&m, "llama_cluster_stage_steps_total").unwrap_or(0.0),
-            metric(&m, "llama_cluster_stage_decode_calls").unwrap_or(0.0),
-        )
+        [
+            "llama_cluster_stage_steps_total",
+            "llama_cluster_stage_decode_calls",
+            "llama_cluster_stage_micro_batches",
+        ]
+        .map(|k| metric(&m, k).unwrap_or(0.0))
     };
-    let before: Vec<(f64, f64)> = cluster.workers.iter().map(counts).collect();
-    let together = futures::future::join_all((0..N).map(|i| tokens_of(driver, prompt(i)))).await;
+    let before: Vec<[f64; 3]> = cluster.workers.iter().map(counts).collect();
+    // The sessions' steps come back to the first stage from two drivers,
+    // one a hop further away: their waves must still be runs of ids.
+    let together =
+        futures::future::join_all((0..N).map(|i| tokens_of(&cluster.workers[i % 2], prompt(i))))
+            .await;
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a.len(), 40);
         assert_eq!(
@@ -60,13 +68,20 @@ async fn a_stage_batches_its_sessions_and_each_text_equals_its_text_alone() {
             "session {i}: its tokens with {N} sessions at once differ"
         );
     }
-    for (w, (s0, c0)) in cluster.workers.iter().zip(before) {
-        let (s1, c1) = counts(w);
-        let (steps, calls) = (s1 - s0, c1 - c0);
+    for (w, [s0, c0, u0]) in cluster.workers.iter().zip(before) {
+        let [s1, c1, u1] = counts(w);
+        let (steps, calls, micro) = (s1 - s0, c1 - c0, u1 - u0);
         let most =
             metric(&scrape(w).unwrap(), "llama_cluster_stage_decode_batch_max").unwrap_or(0.0);
         eprintln!(
-            "{}: {steps} steps in {calls} llama_decode calls, at most {most} in one",
+            "{}: {steps} steps in {calls} llama_decode calls ({micro} micro-batches), at most {most} in one",
+            w.name
+        );
+        // A wave of scattered sequence ids would be cut into a micro-batch
+        // per run of ids, costing nearly what its steps cost one by one.
+        assert!(
+            micro <= 1.2 * calls,
+            "{}: {micro} micro-batches for {calls} llama_decode calls: waves are not runs of consecutive sequence ids",
             w.name
         );
         // 2 stages: 2 waves of N/2 sessions take turns.

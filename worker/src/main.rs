@@ -177,6 +177,7 @@ async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
             m.stage_decode_calls.set(pipeline.decode_calls() as i64);
             m.stage_busy.set(pipeline.busy_seconds());
             m.stage_batch_max.set(pipeline.max_batch() as i64);
+            m.stage_micro_batches.set(pipeline.micro_batches() as i64);
             let snap = state.snapshot();
             m.dht_shard_records.set(snap.shards.len() as i64);
             for t in ["QUIC", "TCP"] {

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub stage_steps: Counter,
     pub stage_decode_calls: Gauge,
     pub stage_batch_max: Gauge,
+    pub stage_micro_batches: Gauge,
     pub stage_busy: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub requests_queued: Gauge,
     pub queue_wait: Histogram,
@@ -77,6 +78,7 @@ impl Metrics {
             stage_steps: Counter::default(),
             stage_decode_calls: Gauge::default(),
             stage_batch_max: Gauge::default(),
+            stage_micro_batches: Gauge::default(),
             stage_busy: Gauge::default(),
             requests_queued: Gauge::default(),
             queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
@@ -157,6 +159,11 @@ impl Metrics {
             "stage_decode_batch_max",
             "The most steps (sessions) one llama_decode call of this worker's stage has run: at most the open sessions over the stages of their route",
             m.stage_batch_max.clone(),
+        );
+        registry.register(
+            "stage_micro_batches",
+            "Micro-batches llama.cpp ran for this worker's stage: one per run of consecutive sequence ids in a call (sessions have a KV stream each), so as many as its llama_decode calls when every wave is a run",
+            m.stage_micro_batches.clone(),
         );
         registry.register(
             "stage_busy_seconds",

@@ -19,6 +19,7 @@ use tracing::info;
 
 use worker::{Worker, session_limit};
 
+mod waves;
 mod worker;
 
 use crate::batched::{SharedContext, kv_bytes_per_session};
@@ -61,6 +62,10 @@ pub struct StageCounters {
     pub busy_ns: AtomicU64,
     /// The most steps one call has run so far.
     pub max_steps: AtomicU64,
+    /// Micro-batches llama.cpp ran for those calls: with a KV stream per
+    /// session it puts only consecutive sequence ids in one, so a call of
+    /// several sessions runs one micro-batch per run of consecutive ids.
+    pub micro_batches: AtomicU64,
 }
 
 /// Facts about a loaded stage.
@@ -203,6 +208,7 @@ impl StageEngine {
                             pending: VecDeque::new(),
                             count,
                             counters: thread_counters,
+                            next_block: 0,
                         },
                         per,
                     ))

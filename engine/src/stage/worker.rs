@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use super::waves::{Waves, runs};
 use super::{
     AUTO_MAX_SESSIONS, ForwardRequest, ForwardResult, Job, Reply, StageCounters, StageInput,
     StageSpec,
@@ -53,6 +54,8 @@ pub(super) struct Worker {
     pub(super) pending: VecDeque<(Box<ForwardRequest>, Reply)>,
     pub(super) count: Arc<AtomicUsize>,
     pub(super) counters: Arc<StageCounters>,
+    /// The block of sessions ([`Waves`]) whose turn comes next.
+    pub(super) next_block: usize,
 }
 
 /// How many sessions fit: `max` (0: as many as the budget allows, at most
@@ -106,9 +109,10 @@ impl Worker {
             // other stages: wait for them a moment (about one round, within
             // [GATHER_MIN, GATHER_MAX]; never with one session), so that
             // they share the next call. On a route of D stages a wave is
-            // 1/D of the sessions: the others are at the other stages.
+            // a block of 1/D of the sessions: the others are at the other
+            // stages.
             let gather_until = Instant::now() + last_round.clamp(GATHER_MIN, GATHER_MAX);
-            while !self.pending.is_empty() && self.waiting_sessions() < self.wave() {
+            while !self.pending.is_empty() && !self.wave_ready() {
                 match rx.recv_timeout(gather_until.saturating_duration_since(Instant::now())) {
                     Ok(job) => self.accept(job),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
@@ -127,24 +131,49 @@ impl Worker {
         self.count.store(0, Ordering::Relaxed);
     }
 
-    /// Single-token steps one round runs: the open sessions over the
-    /// stages of their routes (at least one), so that on a route of D
-    /// stages D waves of sessions take turns and every stage computes one
-    /// while the others compute theirs; all of them on a route of one.
-    fn wave(&self) -> usize {
+    /// The open sessions in blocks of consecutive sequence ids, one block
+    /// per stage of their routes: on a route of D stages D waves take
+    /// turns and every stage computes one while the others compute theirs;
+    /// all sessions in one on a route of one.
+    fn waves(&self) -> Waves {
         let depth = self.sessions.values().map(|s| s.depth).max().unwrap_or(1);
-        self.sessions.len().div_ceil(depth.max(1) as usize).max(1)
+        Waves::new(
+            self.sessions.iter().map(|(id, s)| (*id, s.seq)),
+            depth as usize,
+        )
     }
 
     /// Open sessions with a step waiting.
-    fn waiting_sessions(&self) -> usize {
-        let ids: HashSet<u64> = self
-            .pending
+    fn waiting_sessions(&self) -> HashSet<u64> {
+        self.pending
             .iter()
             .map(|(r, _)| r.session)
             .filter(|id| self.sessions.contains_key(id))
-            .collect();
-        ids.len()
+            .collect()
+    }
+
+    /// Sessions whose first waiting step is a single token (in order).
+    fn waiting_singles(&self) -> Vec<u64> {
+        let n_embd = self.model.n_embd;
+        let mut seen = HashSet::new();
+        self.pending
+            .iter()
+            .filter(|(r, _)| seen.insert(r.session) && r.input.n_tokens(n_embd) <= 1)
+            .map(|(r, _)| r.session)
+            .collect()
+    }
+
+    /// Whether the round may start: every session of the block whose turn
+    /// it is has its step here; with no single-token step waiting, a
+    /// wave's worth of sessions has a step here (a prompt chunk waits a
+    /// moment for the decode steps on their way).
+    fn wave_ready(&self) -> bool {
+        let waves = self.waves();
+        let with_step = self.waiting_sessions();
+        match waves.turn(self.next_block, self.waiting_singles()) {
+            Some(b) => waves.complete(b, &with_step),
+            None => with_step.len() >= waves.size(),
+        }
     }
 
     fn accept(&mut self, job: Job) {
@@ -184,25 +213,30 @@ impl Worker {
         }
     }
 
-    /// One round: the single-token steps of every session with one waiting
-    /// (in one `llama_decode`), then the oldest multi-token step alone.
+    /// One round: the single-token steps of the block whose turn it is
+    /// (and of sessions not open yet, while there is room) in one
+    /// `llama_decode`, then the oldest multi-token step alone.
     fn round(&mut self) {
         let n_embd = self.model.n_embd;
         let n_batch = self.spec.settings.n_batch as usize;
-        let wave = self.wave();
+        let waves = self.waves();
+        let block = waves.turn(self.next_block, self.waiting_singles());
+        if let Some(b) = block {
+            self.next_block = (b + 1) % waves.count();
+        }
+        let room = n_batch.min(waves.size());
         let mut singles = Vec::new();
         let mut multi = None;
         let mut seen = HashSet::new();
         let mut rest = VecDeque::new();
         for (req, reply) in std::mem::take(&mut self.pending) {
             let n = req.input.n_tokens(n_embd);
-            if seen.contains(&req.session) {
-                rest.push_back((req, reply));
-            } else if n <= 1 && singles.len() < n_batch.min(wave) {
-                seen.insert(req.session);
+            // Only the first waiting step of a session may run.
+            let first = seen.insert(req.session);
+            let in_turn = waves.block_of(req.session).is_none_or(|b| Some(b) == block);
+            if first && n <= 1 && in_turn && singles.len() < room {
                 singles.push((req, reply));
-            } else if n > 1 && multi.is_none() {
-                seen.insert(req.session);
+            } else if first && n > 1 && multi.is_none() {
                 multi = Some((req, reply));
             } else {
                 rest.push_back((req, reply));
@@ -368,6 +402,8 @@ impl Worker {
         c.decode_calls.fetch_add(1, Ordering::Relaxed);
         c.steps.fetch_add(ready.len() as u64, Ordering::Relaxed);
         c.max_steps.fetch_max(ready.len() as u64, Ordering::Relaxed);
+        c.micro_batches
+            .fetch_add(runs(ready.iter().map(|r| r.seq)) as u64, Ordering::Relaxed);
         c.busy_ns
             .fetch_add(compute.as_nanos() as u64, Ordering::Relaxed);
         let last_index = match result {

@@ -42,6 +42,14 @@ impl Pipeline {
             .unwrap_or(0)
     }
 
+    /// Micro-batches llama.cpp ran for this worker's stage so far (one per
+    /// run of consecutive sequence ids in a call).
+    pub fn micro_batches(&self) -> u64 {
+        self.loaded()
+            .map(|l| l.engine.counters().micro_batches.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
     /// Seconds this worker's stage spent in llama.cpp so far.
     pub fn busy_seconds(&self) -> f64 {
         self.loaded()
