@@ -23,7 +23,8 @@
 //! --workspace --bins` for optimised workers and coordinator)
 //! (BENCH_CONCURRENCY=1,4,8 for fewer levels, BENCH_TOKENS for another length,
 //! BENCH_ONLY=b (or a, c, or several: b,c) for some of the configurations,
-//! BENCH_ROUNDS=N to measure every level N times and keep each figure's best)
+//! BENCH_ROUNDS=N to measure every level N times and keep each figure's best,
+//! BENCH_RANGES=0-17,18-29 for other ranges of the 2 stages)
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -150,12 +151,18 @@ struct Cluster {
 async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
     let dir = test_dir(&format!("bench-serving-{name}"));
     // Pipelines run as fast as their slowest stage: cut where compute
-    // balances (BENCH_BALANCE=bytes for the memory-balanced default).
+    // balances (BENCH_BALANCE=bytes for the memory-balanced default,
+    // BENCH_RANGES=0-17,18-29 for the 2 stages' ranges as given).
     let balance = std::env::var("BENCH_BALANCE").unwrap_or_else(|_| "compute".into());
     let n = shards.to_string();
-    let manifest =
-        split_with_cli_args(&dir.join("split"), &["--shards", &n, "--balance", &balance])
-            .expect("split");
+    let ranges = std::env::var("BENCH_RANGES")
+        .ok()
+        .filter(|r| shards == 2 && !r.is_empty());
+    let args: Vec<&str> = match &ranges {
+        Some(r) => vec!["--ranges", r],
+        None => vec!["--shards", &n, "--balance", &balance],
+    };
+    let manifest = split_with_cli_args(&dir.join("split"), &args).expect("split");
     let m: Value =
         serde_json::from_slice(&std::fs::read(&manifest).expect("manifest")).expect("json");
     let bootstrap = start_bootstrap(&dir).expect("bootstrap");
@@ -213,10 +220,14 @@ async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
         .flatten()
         .map(|s| format!("{}-{}", s["layer_start"], s["layer_end"]))
         .collect();
-    println!(
-        "{name}: layers {} (split balancing {balance})",
-        ranges.join(", ")
-    );
+    let how = match std::env::var("BENCH_RANGES")
+        .ok()
+        .filter(|r| shards == 2 && !r.is_empty())
+    {
+        Some(_) => "ranges given by BENCH_RANGES".to_string(),
+        None => format!("split balancing {balance}"),
+    };
+    println!("{name}: layers {} ({how})", ranges.join(", "));
     let c = Cluster {
         _bootstrap: bootstrap,
         workers,
