@@ -255,8 +255,7 @@ async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
 fn measure(c: &Cluster, dir: &Path, conc: usize) -> (Option<Figures>, CpuUse) {
     let pids: Vec<u32> = c.workers.iter().map(|w| w.child.id()).collect();
     let cpu_of = |pid: u32| cpu::of_pid(pid).unwrap_or(0.0);
-    let busy0: Vec<f64> = c.workers.iter().map(busy_seconds).collect();
-    let calls0: Vec<[f64; 3]> = c.workers.iter().map(decode_counts).collect();
+    let stage0: Vec<[f64; 4]> = c.workers.iter().map(stage_counts).collect();
     let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_of(p)).collect();
     let coord0 = cpu_of(c.coordinator.child.id());
     let f = load(dir, &c.base, &c.model, conc);
@@ -264,12 +263,18 @@ fn measure(c: &Cluster, dir: &Path, conc: usize) -> (Option<Figures>, CpuUse) {
         return (None, CpuUse::default());
     };
     let wall = fig.wall.max(1e-9);
-    let llama: Vec<f64> = c
+    // Each stage's counters over the level: busy seconds, steps, calls,
+    // micro-batches.
+    let during: Vec<[f64; 4]> = c
         .workers
         .iter()
-        .zip(&busy0)
-        .map(|(w, b)| (busy_seconds(w) - b) / wall)
+        .zip(&stage0)
+        .map(|(w, a)| {
+            let b = stage_counts(w);
+            std::array::from_fn(|k| b[k] - a[k])
+        })
         .collect();
+    let llama: Vec<f64> = during.iter().map(|d| d[0] / wall).collect();
     let rest = pids
         .iter()
         .zip(&cpu0)
@@ -281,35 +286,22 @@ fn measure(c: &Cluster, dir: &Path, conc: usize) -> (Option<Figures>, CpuUse) {
         rest,
         coordinator: (cpu_of(c.coordinator.child.id()) - coord0) / wall,
         client: fig.client_cpu / wall,
-        calls: c
-            .workers
-            .iter()
-            .zip(&calls0)
-            .map(|(w, c0)| {
-                let c1 = decode_counts(w);
-                [c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]]
-            })
-            .collect(),
+        calls: during.iter().map(|d| [d[1], d[2], d[3]]).collect(),
     };
     (f, cpu)
 }
 
-/// A stage's steps, `llama_decode` calls and micro-batches so far.
-fn decode_counts(w: &NodeProc) -> [f64; 3] {
+/// A stage's busy seconds in llama.cpp, steps, `llama_decode` calls and
+/// micro-batches so far (one scrape).
+fn stage_counts(w: &NodeProc) -> [f64; 4] {
     let m = scrape(w).unwrap_or_default();
     [
+        "llama_cluster_stage_busy_seconds",
         "llama_cluster_stage_steps_total",
         "llama_cluster_stage_decode_calls",
         "llama_cluster_stage_micro_batches",
     ]
     .map(|k| metric(&m, k).unwrap_or(0.0))
-}
-
-fn busy_seconds(w: &NodeProc) -> f64 {
-    scrape(w)
-        .ok()
-        .and_then(|m| metric(&m, "llama_cluster_stage_busy_seconds"))
-        .unwrap_or(0.0)
 }
 
 /// llama-server, if it was built into the cache.
