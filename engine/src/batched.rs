@@ -19,7 +19,7 @@ use std::rc::Rc;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::ffi::{Capture, LoadedModel, ThreadPool, capture_cb};
+use crate::ffi::{Capture, EvalCallback, LoadedModel, ThreadPool, capture_cb};
 use crate::{EngineError, EngineSettings, Result};
 
 /// One session's part of a batch.
@@ -67,11 +67,6 @@ impl SharedContext {
         capture_hidden: bool,
         pool: Option<Rc<ThreadPool>>,
     ) -> Result<SharedContext> {
-        if n_seq == 0 || n_seq > 256 {
-            return Err(EngineError::InvalidInput(format!(
-                "{n_seq} sessions per stage: must be 1 to 256"
-            )));
-        }
         let mut capture = capture_hidden.then(|| {
             Box::new(Capture {
                 target: CString::new(format!("l_out-{}", model.n_layer - 1)).unwrap_or_default(),
@@ -79,8 +74,39 @@ impl SharedContext {
                 failed: false,
             })
         });
-        // SAFETY: params are plain data; the callback's user data is the boxed
-        // Capture, which lives as long as the context (dropped after it).
+        let callback = capture.as_mut().map(|cap| {
+            (
+                capture_cb as EvalCallback,
+                &mut **cap as *mut Capture as *mut c_void,
+            )
+        });
+        // SAFETY: the callback's user data is the boxed Capture, which the
+        // context keeps and drops after freeing itself (field order).
+        let mut sc = unsafe { Self::with_eval_callback(model, s, n_seq, callback, pool)? };
+        sc.capture = capture;
+        Ok(sc)
+    }
+
+    /// A context for `n_seq` sessions whose graph runs `callback` (ggml's
+    /// eval callback, with its user data) at the nodes it asks for.
+    ///
+    /// # Safety
+    /// The user data must stay valid, and be used by nothing else during a
+    /// decode, until the context is dropped.
+    pub(crate) unsafe fn with_eval_callback(
+        model: Rc<LoadedModel>,
+        s: &EngineSettings,
+        n_seq: u32,
+        callback: Option<(EvalCallback, *mut c_void)>,
+        pool: Option<Rc<ThreadPool>>,
+    ) -> Result<SharedContext> {
+        if n_seq == 0 || n_seq > 256 {
+            return Err(EngineError::InvalidInput(format!(
+                "{n_seq} sessions per stage: must be 1 to 256"
+            )));
+        }
+        // SAFETY: params are plain data; the callback's user data outlives
+        // the context (the caller's promise).
         let ctx = unsafe {
             let mut cp = sys::llama_context_default_params();
             cp.n_ctx = s.n_ctx.saturating_mul(n_seq);
@@ -91,9 +117,9 @@ impl SharedContext {
             cp.n_threads = s.threads;
             cp.n_threads_batch = s.threads;
             cp.no_perf = true;
-            if let Some(cap) = capture.as_mut() {
-                cp.cb_eval = Some(capture_cb);
-                cp.cb_eval_user_data = &mut **cap as *mut Capture as *mut c_void;
+            if let Some((f, data)) = callback {
+                cp.cb_eval = Some(f);
+                cp.cb_eval_user_data = data;
             }
             sys::llama_init_from_model(model.ptr.as_ptr(), cp)
         };
@@ -111,7 +137,7 @@ impl SharedContext {
         let n_ctx = unsafe { sys::llama_n_ctx_seq(ctx.as_ptr()) }.min(s.n_ctx);
         Ok(SharedContext {
             ctx,
-            capture,
+            capture: None,
             model,
             _pool: pool,
             n_ctx,

@@ -95,6 +95,11 @@ impl Drop for ThreadPool {
     }
 }
 
+/// ggml's eval callback: asked (`ask`) whether a node is wanted, then
+/// called again once a wanted node is computed; `false` then stops the graph.
+pub(crate) type EvalCallback =
+    unsafe extern "C" fn(*mut sys::ggml_tensor, bool, *mut c_void) -> bool;
+
 /// Where the eval callback writes the captured hidden state.
 pub(crate) struct Capture {
     pub(crate) target: CString,

@@ -17,6 +17,7 @@ pub mod ffi;
 mod gguf;
 pub mod manifest;
 pub mod plan;
+pub mod profile;
 pub mod sampling;
 pub mod split;
 pub mod stage;

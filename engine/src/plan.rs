@@ -1,6 +1,6 @@
 //! How to cut a model's layers into shards: equal layer counts, explicit
 //! ranges, or (what `split --shards N` uses) contiguous ranges balanced by
-//! bytes, the head counted on the last shard.
+//! bytes, elements or measured time, the head counted on the last shard.
 
 use crate::{EngineError, Result};
 
@@ -15,6 +15,9 @@ pub enum SplitPlan {
     /// output head (not the embedding table, which the first stage only
     /// looks rows up in). Pipelines run as fast as their slowest stage.
     ComputeCount(u32),
+    /// This many shards whose time per step balances, each layer and the
+    /// head timed with llama.cpp on this machine (see [`crate::profile`]).
+    MeasuredCount(u32),
     /// Explicit inclusive ranges, covering every layer in order.
     Ranges(Vec<(u32, u32)>),
 }
@@ -23,17 +26,19 @@ impl SplitPlan {
     /// The ranges for a model of `n_layer` layers.
     pub fn ranges(&self, n_layer: u32) -> Result<Vec<(u32, u32)>> {
         let ranges = match self {
-            SplitPlan::Count(0) | SplitPlan::ComputeCount(0) => {
+            SplitPlan::Count(0) | SplitPlan::ComputeCount(0) | SplitPlan::MeasuredCount(0) => {
                 return Err(EngineError::InvalidInput(
                     "shard count must be at least 1".into(),
                 ));
             }
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) if *n > n_layer => {
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n)
+                if *n > n_layer =>
+            {
                 return Err(EngineError::InvalidInput(format!(
                     "cannot cut {n_layer} layers into {n} shards"
                 )));
             }
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) => {
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n) => {
                 let (base, extra) = (n_layer / n, n_layer % n);
                 let mut start = 0;
                 (0..*n)
@@ -81,13 +86,15 @@ impl SplitPlan {
         let n_layer = layer_bytes.len() as u32;
         let align = align.max(1);
         match self {
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n)
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n)
                 if *n >= 1 && *n <= n_layer.div_ceil(align) =>
             {
                 let r = balance(layer_bytes, *n as usize, last_extra, align as usize);
                 SplitPlan::Ranges(r).ranges(n_layer)
             }
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) if *n >= 1 && *n <= n_layer => {
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n)
+                if *n >= 1 && *n <= n_layer =>
+            {
                 Err(EngineError::InvalidInput(format!(
                     "cannot cut {n_layer} layers into {n} shards starting at multiples of {align}"
                 )))

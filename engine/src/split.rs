@@ -256,6 +256,28 @@ fn open(src: &Path, plan: &SplitPlan) -> Result<Opened> {
             let (layer_cost, head_cost) = weigh_compute(&source, &names, n_layer)?;
             plan.ranges_by_bytes(&layer_cost, head_cost, rule.align)?
         }
+        SplitPlan::MeasuredCount(_) => {
+            let t = crate::profile::time_layers(
+                src,
+                n_layer,
+                &crate::profile::Timing::default(),
+                |what| info!("{what}"),
+            )?;
+            let ranges = plan.ranges_by_bytes(&t.layers, t.head, rule.align)?;
+            let ms = crate::plan::shard_bytes(&ranges, &t.layers, t.head)
+                .iter()
+                .map(|&ns| format!("{:.2} ms", ns as f64 / 1e6))
+                .collect::<Vec<_>>();
+            info!(
+                ?ranges,
+                "measured: the shards take {} per step of {} sessions (head {:.2} ms, every stage {:.2} ms more)",
+                ms.join(", "),
+                crate::profile::Timing::default().sessions,
+                t.head as f64 / 1e6,
+                t.fixed as f64 / 1e6
+            );
+            ranges
+        }
         _ => plan.ranges_by_bytes(&layer_bytes, last_bytes, rule.align)?,
     };
     let m = arch::Model {

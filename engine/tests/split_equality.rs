@@ -63,9 +63,10 @@ fn split_stages_match_the_unsplit_model() {
         ("2", SplitPlan::Count(2)),
         ("3", SplitPlan::Count(3)),
         ("2 by compute", SplitPlan::ComputeCount(2)),
+        ("2 measured", SplitPlan::MeasuredCount(2)),
     ] {
         let n = match plan {
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) => n,
+            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n) => n,
             SplitPlan::Ranges(ref r) => r.len() as u32,
         };
         let dir = out_dir(&format!("split{}", tag.replace(' ', "-")));
@@ -100,8 +101,15 @@ fn split_stages_match_the_unsplit_model() {
     // weight than its Q4_1 layers: by bytes the head weighs more than by
     // compute, so balancing compute gives the first shard fewer layers.
     println!(
-        "first shard ends at layer {} by bytes, {} by compute",
-        first_shard[0], first_shard[1]
+        "first shard ends at layer {} by bytes, {} by compute, {} measured",
+        first_shard[0], first_shard[1], first_shard[2]
+    );
+    // Timed, the head (49152 x 576 weights) costs several layers' time on
+    // the last shard, so the first shard takes more of the 30 layers.
+    assert!(
+        first_shard[2] >= 15,
+        "measured, the first shard ends at layer {}: the head's time is not counted",
+        first_shard[2]
     );
     assert!(
         first_shard[1] < first_shard[0],

@@ -4,7 +4,8 @@
 //! OpenAI-compatible `/v1/completions`), for
 //!
 //! - (a) llama.cpp's `llama-server` (continuous batching, `-np` = the
-//!   concurrency) pinned to 1 core and to 2 cores, when it is built
+//!   concurrency) pinned to 1 core (core 0, and core 1 to compare the
+//!   VM's cores) and to 2 cores, when it is built
 //!   (`bash scripts/build-llama-server.sh`; else the row is skipped);
 //! - (b) llama-cluster, 2 stages, each worker pinned to a core of its own
 //!   (`taskset`, 1 thread): two one-core machines;
@@ -24,7 +25,8 @@
 //! (BENCH_CONCURRENCY=1,4,8 for fewer levels, BENCH_TOKENS for another length,
 //! BENCH_ONLY=b (or a, c, or several: b,c) for some of the configurations,
 //! BENCH_ROUNDS=N to measure every level N times and keep each figure's best,
-//! BENCH_RANGES=0-17,18-29 for other ranges of the 2 stages)
+//! BENCH_RANGES=0-17,18-29 for other ranges of the 2 stages, BENCH_BALANCE=
+//! compute or bytes for another cut than the measured one)
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -150,10 +152,11 @@ struct Cluster {
 
 async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
     let dir = test_dir(&format!("bench-serving-{name}"));
-    // Pipelines run as fast as their slowest stage: cut where compute
-    // balances (BENCH_BALANCE=bytes for the memory-balanced default,
+    // Pipelines run as fast as their slowest stage: cut where the layers'
+    // times measured with llama.cpp balance (BENCH_BALANCE=compute for
+    // weights counted in elements, bytes for the memory-balanced default,
     // BENCH_RANGES=0-17,18-29 for the 2 stages' ranges as given).
-    let balance = std::env::var("BENCH_BALANCE").unwrap_or_else(|_| "compute".into());
+    let balance = std::env::var("BENCH_BALANCE").unwrap_or_else(|_| "measured".into());
     let n = shards.to_string();
     let ranges = std::env::var("BENCH_RANGES")
         .ok()
@@ -410,7 +413,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let n = levels.len();
-    let (mut a1, mut a2) = (vec![None; n], vec![None; n]);
+    let (mut a1, mut a1b, mut a2) = (vec![None; n], vec![None; n], vec![None; n]);
     let (mut b_rows, mut c_rows) = (vec![None; n], vec![None; n]);
     let (mut b_cpu, mut c_cpu) = (vec![CpuUse::default(); n], vec![CpuUse::default(); n]);
     // (b) 2 stages on their own cores, (c) 1 stage on 1 core.
@@ -442,7 +445,11 @@ async fn main() {
                 keep_best(&mut c_rows[i], &mut c_cpu[i], f, u);
             }
             if let Some(bin) = &server {
-                for (cores, threads, out) in [("0", 1, &mut a1), ("0,1", 2, &mut a2)] {
+                // On each core alone (the VM's two cores need not be equally
+                // fast, and (b) uses both), then on both.
+                for (cores, threads, out) in
+                    [("0", 1, &mut a1), ("1", 1, &mut a1b), ("0,1", 2, &mut a2)]
+                {
                     let port = 18080 + conc as u16 + 100 * round as u16;
                     let f = match start_llama_server(bin, cores, threads, conc, port).await {
                         Some(_s) => load(&dir, &format!("http://127.0.0.1:{port}"), "m", conc),
@@ -459,6 +466,7 @@ async fn main() {
     }
     println!();
     row("(a) llama-server, 1 core", &a1);
+    row("(a) llama-server, the other core", &a1b);
     row("(a) llama-server, 2 cores", &a2);
     row("(b) llama-cluster, 2 stages x 1 core", &b_rows);
     row("(c) llama-cluster, 1 stage, 1 core", &c_rows);
@@ -466,6 +474,7 @@ async fn main() {
     ratio("(b) / (a, 2 cores)  goal >= 0.9", &b_rows, &a2);
     ratio("(c) / (a, 1 core)   goal >= 0.9", &c_rows, &a1);
     ratio("(b) / (c)", &b_rows, &c_rows);
+    ratio("(a, the other core) / (a, 1 core)", &a1b, &a1);
     cores("(b) cores: llama.cpp per stage", &b_cpu, |u| join(&u.llama));
     cores("(b) steps per call, stage 0 / 1", &b_cpu, |u| {
         per_call(u, 0)

@@ -66,9 +66,11 @@ pub struct SplitArgs {
     /// Number of shards, cut where their bytes balance (the last one carries the output head).
     #[arg(long, conflicts_with = "ranges")]
     pub shards: Option<u32>,
-    /// What `--shards` balances: `bytes` (memory; the default) or
+    /// What `--shards` balances: `bytes` (memory; the default),
     /// `compute` (weights counted in elements, the head on the last shard:
-    /// the stages of a pipeline then take about as long per token).
+    /// the stages of a pipeline then take about as long per token) or
+    /// `measured` (each layer and the head timed with llama.cpp here, in
+    /// steps of 8 sessions on one thread: loads the whole model once).
     #[arg(long, value_enum, default_value_t = Balance::Bytes, requires = "shards")]
     pub balance: Balance,
     /// Explicit layer ranges, e.g. 0-9,10-19,20-29.
@@ -84,6 +86,7 @@ pub struct SplitArgs {
 pub enum Balance {
     Bytes,
     Compute,
+    Measured,
 }
 
 /// Node options; each overrides the config file and `LLAMA_CLUSTER_*` env.
