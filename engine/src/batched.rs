@@ -155,6 +155,26 @@ impl SharedContext {
         self.n_seq
     }
 
+    /// Makes session `to` hold a copy of session `from`'s KV cells (a copy of
+    /// its whole stream, done at the next decode).
+    pub(crate) fn copy_session(&mut self, from: i32, to: i32) -> Result<()> {
+        for seq in [from, to] {
+            if seq < 0 || seq as u32 >= self.n_seq {
+                return Err(EngineError::Session(format!(
+                    "sequence {seq} outside 0..{}",
+                    self.n_seq
+                )));
+            }
+        }
+        // SAFETY: live context; both ids are in range, and a whole-stream
+        // copy (p0 = p1 = -1) is what llama.cpp supports across streams.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ctx.as_ptr());
+            sys::llama_memory_seq_cp(mem, from, to, -1, -1);
+        }
+        Ok(())
+    }
+
     /// Empties a session's KV cells.
     pub fn clear(&mut self, seq: i32) {
         // SAFETY: live context; removing a whole sequence cannot fail.

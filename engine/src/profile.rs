@@ -151,21 +151,21 @@ pub fn time_layers(
     // Distinct tokens spread over the vocabulary: what they are does not
     // change the time, only how many the caches hold.
     let token = |i: u32| ((i as u64 * 7919 + 13) % table.n_vocab as u64) as i32;
-    for seq in 0..t.sessions {
-        progress(&format!(
-            "filling session {}/{} with {} tokens",
-            seq + 1,
-            t.sessions,
-            t.context
-        ));
-        let toks: Vec<i32> = (0..t.context).map(|i| token(seq * t.context + i)).collect();
-        let rows = table.embed(&toks)?;
-        let item = Item {
-            seq: seq as i32,
-            pos0: 0,
-            rows: &rows,
-        };
-        ctx.decode(&[item], false)?;
+    // One session is filled; the others get copies of its cache.
+    progress(&format!(
+        "filling {} sessions with {} tokens",
+        t.sessions, t.context
+    ));
+    let toks: Vec<i32> = (0..t.context).map(token).collect();
+    let rows = table.embed(&toks)?;
+    let item = Item {
+        seq: 0,
+        pos0: 0,
+        rows: &rows,
+    };
+    ctx.decode(&[item], false)?;
+    for seq in 1..t.sessions {
+        ctx.copy_session(0, seq as i32)?;
     }
     let (mut layers, mut head, mut fixed) = (vec![Vec::new(); n], Vec::new(), Vec::new());
     for step in 0..=t.steps {

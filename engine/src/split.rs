@@ -256,7 +256,8 @@ fn open(src: &Path, plan: &SplitPlan) -> Result<Opened> {
             let (layer_cost, head_cost) = weigh_compute(&source, &names, n_layer)?;
             plan.ranges_by_bytes(&layer_cost, head_cost, rule.align)?
         }
-        SplitPlan::MeasuredCount(_) => {
+        SplitPlan::MeasuredCount(n) if *n > 1 => {
+            plan.ranges(n_layer)?; // a count that cannot fit fails before timing
             let t = crate::profile::time_layers(
                 src,
                 n_layer,

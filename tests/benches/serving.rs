@@ -24,7 +24,8 @@
 //! --workspace --bins` for optimised workers and coordinator)
 //! (BENCH_CONCURRENCY=1,4,8 for fewer levels, BENCH_TOKENS for another length,
 //! BENCH_ONLY=b (or a, c, or several: b,c) for some of the configurations,
-//! BENCH_ROUNDS=N to measure every level N times and keep each figure's best,
+//! BENCH_ROUNDS=N to measure every level N times and keep each figure's best
+//! (and print the ratios of each round: median, min and max),
 //! BENCH_RANGES=0-17,18-29 for other ranges of the 2 stages, BENCH_BALANCE=
 //! compute or bytes for another cut than the measured one)
 
@@ -416,6 +417,9 @@ async fn main() {
     let (mut a1, mut a1b, mut a2) = (vec![None; n], vec![None; n], vec![None; n]);
     let (mut b_rows, mut c_rows) = (vec![None; n], vec![None; n]);
     let (mut b_cpu, mut c_cpu) = (vec![CpuUse::default(); n], vec![CpuUse::default(); n]);
+    // tok/s of every round: [configuration][level][round] (a1, a1 on the
+    // other core, a2, b, c), for the ratios round by round.
+    let mut tok: Vec<Vec<Vec<Option<f64>>>> = vec![vec![Vec::new(); n]; 5];
     // (b) 2 stages on their own cores, (c) 1 stage on 1 core.
     let b = if runs("b") {
         Some(start_cluster("2stages", 2, 60).await)
@@ -438,23 +442,28 @@ async fn main() {
         for (i, &conc) in levels.iter().enumerate() {
             if let Some(cl) = &b {
                 let (f, u) = measure(cl, &dir, conc);
+                tok[3][i].push(f.as_ref().map(|f| f.tok_s));
                 keep_best(&mut b_rows[i], &mut b_cpu[i], f, u);
             }
             if let Some(cl) = &c {
                 let (f, u) = measure(cl, &dir, conc);
+                tok[4][i].push(f.as_ref().map(|f| f.tok_s));
                 keep_best(&mut c_rows[i], &mut c_cpu[i], f, u);
             }
             if let Some(bin) = &server {
                 // On each core alone (the VM's two cores need not be equally
                 // fast, and (b) uses both), then on both.
-                for (cores, threads, out) in
+                for (k, (cores, threads, out)) in
                     [("0", 1, &mut a1), ("1", 1, &mut a1b), ("0,1", 2, &mut a2)]
+                        .into_iter()
+                        .enumerate()
                 {
                     let port = 18080 + conc as u16 + 100 * round as u16;
                     let f = match start_llama_server(bin, cores, threads, conc, port).await {
                         Some(_s) => load(&dir, &format!("http://127.0.0.1:{port}"), "m", conc),
                         None => None,
                     };
+                    tok[k][i].push(f.as_ref().map(|f| f.tok_s));
                     keep_best(&mut out[i], &mut CpuUse::default(), f, CpuUse::default());
                 }
             }
@@ -475,6 +484,13 @@ async fn main() {
     ratio("(c) / (a, 1 core)   goal >= 0.9", &c_rows, &a1);
     ratio("(b) / (c)", &b_rows, &c_rows);
     ratio("(a, the other core) / (a, 1 core)", &a1b, &a1);
+    if rounds > 1 {
+        println!("ratios round by round (each round measures all in turn): median (min-max)");
+        ratio_by_round("(b) / (a, 1 core)", &tok[3], &tok[0]);
+        ratio_by_round("(b) / (a, 2 cores)", &tok[3], &tok[2]);
+        ratio_by_round("(c) / (a, 1 core)", &tok[4], &tok[0]);
+        ratio_by_round("(a, the other core) / (a, 1 core)", &tok[1], &tok[0]);
+    }
     cores("(b) cores: llama.cpp per stage", &b_cpu, |u| join(&u.llama));
     cores("(b) steps per call, stage 0 / 1", &b_cpu, |u| {
         per_call(u, 0)
@@ -503,6 +519,27 @@ async fn main() {
     println!(
         "cores: CPU seconds over wall seconds of each level; two one-core machines would not share theirs with the coordinator and the client"
     );
+}
+
+/// The ratio of `x` to `y` in each round of each level: median (min-max).
+fn ratio_by_round(name: &str, x: &[Vec<Option<f64>>], y: &[Vec<Option<f64>>]) {
+    print!("{name:<34}");
+    for (xs, ys) in x.iter().zip(y) {
+        let mut r: Vec<f64> = xs
+            .iter()
+            .zip(ys)
+            .filter_map(|(a, b)| Some(a.as_ref()? / b.filter(|b| *b > 0.0)?))
+            .collect();
+        r.sort_by(f64::total_cmp);
+        match (r.first(), r.last()) {
+            (Some(lo), Some(hi)) => {
+                let cell = format!("{:.2} ({lo:.2}-{hi:.2})", r[r.len() / 2]);
+                print!(" {cell:>21}");
+            }
+            _ => print!(" {:>21}", "-"),
+        }
+    }
+    println!();
 }
 
 /// Steps (`k` 0) or micro-batches (`k` 2) per `llama_decode` call of each stage.
