@@ -60,7 +60,7 @@ impl Node {
     /// Test only (`test_forge_records`): publishes, for every shard record
     /// of another peer this node knows, a copy that marks it failed, signed
     /// with this node's own key (it has no other). Members must ignore it.
-    fn publish_forged_records(&mut self) {
+    pub(crate) fn publish_forged_records(&mut self) {
         let me = self.local_peer_id().to_string();
         let victims: Vec<ShardRecord> = self.state.read(|s| {
             s.shards

@@ -180,7 +180,14 @@ impl Node {
                     self.membership_deadlines();
                 }
                 _ = status_tick.tick() => self.report_status(),
-                _ = discovery_tick.tick() => self.discovery_round(),
+                _ = discovery_tick.tick() => {
+                    self.discovery_round();
+                    if self.cfg.test_forge_records {
+                        // Test only: again each round, so that shards learnt
+                        // after the first publish are forged too.
+                        self.publish_forged_records();
+                    }
+                }
                 _ = republish_tick.tick() => self.publish_local_records(),
             }
         }
