@@ -16,8 +16,12 @@ pub enum SplitPlan {
     /// looks rows up in). Pipelines run as fast as their slowest stage.
     ComputeCount(u32),
     /// This many shards whose time per step balances, each layer and the
-    /// head timed with llama.cpp on this machine (see [`crate::profile`]).
-    MeasuredCount(u32),
+    /// head timed with llama.cpp on this machine (see [`crate::profile`])
+    /// in steps of `sessions` sessions: what a stage decodes at once under
+    /// load. The head's time per step hardly grows with the sessions (its
+    /// weights are read once per step), so the fewer they are, the more
+    /// layers the first shards take.
+    Measured { shards: u32, sessions: u32 },
     /// Explicit inclusive ranges, covering every layer in order.
     Ranges(Vec<(u32, u32)>),
 }
@@ -26,19 +30,25 @@ impl SplitPlan {
     /// The ranges for a model of `n_layer` layers.
     pub fn ranges(&self, n_layer: u32) -> Result<Vec<(u32, u32)>> {
         let ranges = match self {
-            SplitPlan::Count(0) | SplitPlan::ComputeCount(0) | SplitPlan::MeasuredCount(0) => {
+            SplitPlan::Count(0)
+            | SplitPlan::ComputeCount(0)
+            | SplitPlan::Measured { shards: 0, .. } => {
                 return Err(EngineError::InvalidInput(
                     "shard count must be at least 1".into(),
                 ));
             }
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n)
+            SplitPlan::Count(n)
+            | SplitPlan::ComputeCount(n)
+            | SplitPlan::Measured { shards: n, .. }
                 if *n > n_layer =>
             {
                 return Err(EngineError::InvalidInput(format!(
                     "cannot cut {n_layer} layers into {n} shards"
                 )));
             }
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n) => {
+            SplitPlan::Count(n)
+            | SplitPlan::ComputeCount(n)
+            | SplitPlan::Measured { shards: n, .. } => {
                 let (base, extra) = (n_layer / n, n_layer % n);
                 let mut start = 0;
                 (0..*n)
@@ -86,13 +96,17 @@ impl SplitPlan {
         let n_layer = layer_bytes.len() as u32;
         let align = align.max(1);
         match self {
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n)
+            SplitPlan::Count(n)
+            | SplitPlan::ComputeCount(n)
+            | SplitPlan::Measured { shards: n, .. }
                 if *n >= 1 && *n <= n_layer.div_ceil(align) =>
             {
                 let r = balance(layer_bytes, *n as usize, last_extra, align as usize);
                 SplitPlan::Ranges(r).ranges(n_layer)
             }
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n)
+            SplitPlan::Count(n)
+            | SplitPlan::ComputeCount(n)
+            | SplitPlan::Measured { shards: n, .. }
                 if *n >= 1 && *n <= n_layer =>
             {
                 Err(EngineError::InvalidInput(format!(

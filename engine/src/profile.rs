@@ -34,7 +34,7 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            sessions: 8,
+            sessions: 4,
             context: 64,
             steps: 8,
             threads: 1,

@@ -256,14 +256,13 @@ fn open(src: &Path, plan: &SplitPlan) -> Result<Opened> {
             let (layer_cost, head_cost) = weigh_compute(&source, &names, n_layer)?;
             plan.ranges_by_bytes(&layer_cost, head_cost, rule.align)?
         }
-        SplitPlan::MeasuredCount(n) if *n > 1 => {
+        SplitPlan::Measured { shards, sessions } if *shards > 1 => {
             plan.ranges(n_layer)?; // a count that cannot fit fails before timing
-            let t = crate::profile::time_layers(
-                src,
-                n_layer,
-                &crate::profile::Timing::default(),
-                |what| info!("{what}"),
-            )?;
+            let timing = crate::profile::Timing {
+                sessions: *sessions,
+                ..Default::default()
+            };
+            let t = crate::profile::time_layers(src, n_layer, &timing, |what| info!("{what}"))?;
             let ranges = plan.ranges_by_bytes(&t.layers, t.head, rule.align)?;
             let ms = crate::plan::shard_bytes(&ranges, &t.layers, t.head)
                 .iter()
@@ -273,7 +272,7 @@ fn open(src: &Path, plan: &SplitPlan) -> Result<Opened> {
                 ?ranges,
                 "measured: the shards take {} per step of {} sessions (head {:.2} ms, every stage {:.2} ms more)",
                 ms.join(", "),
-                crate::profile::Timing::default().sessions,
+                sessions,
                 t.head as f64 / 1e6,
                 t.fixed as f64 / 1e6
             );

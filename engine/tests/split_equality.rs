@@ -63,10 +63,18 @@ fn split_stages_match_the_unsplit_model() {
         ("2", SplitPlan::Count(2)),
         ("3", SplitPlan::Count(3)),
         ("2 by compute", SplitPlan::ComputeCount(2)),
-        ("2 measured", SplitPlan::MeasuredCount(2)),
+        (
+            "2 measured",
+            SplitPlan::Measured {
+                shards: 2,
+                sessions: 4,
+            },
+        ),
     ] {
         let n = match plan {
-            SplitPlan::Count(n) | SplitPlan::ComputeCount(n) | SplitPlan::MeasuredCount(n) => n,
+            SplitPlan::Count(n)
+            | SplitPlan::ComputeCount(n)
+            | SplitPlan::Measured { shards: n, .. } => n,
             SplitPlan::Ranges(ref r) => r.len() as u32,
         };
         let dir = out_dir(&format!("split{}", tag.replace(' ', "-")));

@@ -27,7 +27,11 @@
 //! BENCH_ROUNDS=N to measure every level N times and keep each figure's best
 //! (and print the ratios of each round: median, min and max),
 //! BENCH_RANGES=0-17,18-29 for other ranges of the 2 stages, BENCH_BALANCE=
-//! compute or bytes for another cut than the measured one)
+//! compute or bytes for another cut than the measured one,
+//! BENCH_MEASURE_SESSIONS=N to time the measured cut in steps of N sessions)
+//!
+//! With (a) and (b), it first times llama.cpp's steps of c and c/2 sessions
+//! and prints the most (b) can give over (a, 1 core) (`serving/bound.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,6 +42,9 @@ use llama_cluster_tests::{
     start_coordinator, test_dir, wait_for, worker_args,
 };
 use serde_json::Value;
+
+#[path = "serving/bound.rs"]
+mod bound;
 
 const LOAD: &str = include_str!("serving/load.py");
 
@@ -166,6 +173,14 @@ async fn start_cluster(name: &str, shards: u32, host: u8) -> Cluster {
         Some(r) => vec!["--ranges", r],
         None => vec!["--shards", &n, "--balance", &balance],
     };
+    // The measured cut times steps of the sessions a stage runs at once
+    // (BENCH_MEASURE_SESSIONS; the CLI's default, 4, is concurrency 8 over
+    // 2 stages).
+    let sessions = std::env::var("BENCH_MEASURE_SESSIONS").unwrap_or_default();
+    let mut args = args;
+    if balance == "measured" && ranges.is_none() && !sessions.is_empty() {
+        args.extend(["--measure-sessions", &sessions]);
+    }
     let manifest = split_with_cli_args(&dir.join("split"), &args).expect("split");
     let m: Value =
         serde_json::from_slice(&std::fs::read(&manifest).expect("manifest")).expect("json");
@@ -417,6 +432,13 @@ async fn main() {
     let (mut a1, mut a1b, mut a2) = (vec![None; n], vec![None; n], vec![None; n]);
     let (mut b_rows, mut c_rows) = (vec![None; n], vec![None; n]);
     let (mut b_cpu, mut c_cpu) = (vec![CpuUse::default(); n], vec![CpuUse::default(); n]);
+    // What the kernels allow (b) at most, timed first on an idle machine.
+    let bound = if runs("b") {
+        println!("timing llama.cpp's steps of c and c/2 sessions for (b)'s bound …");
+        bound::two_stage_bound(&levels)
+    } else {
+        vec![None; n]
+    };
     // tok/s of every round: [configuration][level][round] (a1, a1 on the
     // other core, a2, b, c), for the ratios round by round.
     let mut tok: Vec<Vec<Vec<Option<f64>>>> = vec![vec![Vec::new(); n]; 5];
@@ -483,6 +505,12 @@ async fn main() {
     ratio("(b) / (a, 2 cores)  goal >= 0.9", &b_rows, &a2);
     ratio("(c) / (a, 1 core)   goal >= 0.9", &c_rows, &a1);
     ratio("(b) / (c)", &b_rows, &c_rows);
+    cores("(b) / (a, 1 core) at most", &bound, |x| {
+        x.map_or("-".into(), |(r, _, _)| format!("{r:.2}"))
+    });
+    cores("  ms/token, steps of c / c/2", &bound, |x| {
+        x.map_or("-".into(), |(_, a, b)| format!("{a:.2}/{b:.2}"))
+    });
     ratio("(a, the other core) / (a, 1 core)", &a1b, &a1);
     if rounds > 1 {
         println!("ratios round by round (each round measures all in turn): median (min-max)");
@@ -558,7 +586,7 @@ fn join(v: &[f64]) -> String {
         .join("/")
 }
 
-fn cores(name: &str, rows: &[CpuUse], cell: impl Fn(&CpuUse) -> String) {
+fn cores<T>(name: &str, rows: &[T], cell: impl Fn(&T) -> String) {
     print!("{name:<34}");
     for u in rows {
         print!(" {:>21}", cell(u));

@@ -70,9 +70,17 @@ pub struct SplitArgs {
     /// `compute` (weights counted in elements, the head on the last shard:
     /// the stages of a pipeline then take about as long per token) or
     /// `measured` (each layer and the head timed with llama.cpp here, in
-    /// steps of 8 sessions on one thread: loads the whole model once).
+    /// steps of `--measure-sessions` sessions on one thread: loads the
+    /// whole model once).
     #[arg(long, value_enum, default_value_t = Balance::Bytes, requires = "shards")]
     pub balance: Balance,
+    /// With `--balance measured`: the sessions a stage decodes in one step
+    /// when busy, about the concurrent requests ÷ the stages (a stage runs
+    /// its sessions in as many blocks as the route has stages). The head
+    /// costs about the same per step however many sessions it holds, so
+    /// fewer sessions move the cut towards the last shard.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub measure_sessions: u32,
     /// Explicit layer ranges, e.g. 0-9,10-19,20-29.
     #[arg(long, value_delimiter = ',')]
     pub ranges: Vec<String>,

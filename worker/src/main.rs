@@ -286,7 +286,10 @@ async fn split(a: SplitArgs) -> anyhow::Result<()> {
     };
     let plan = match (a.shards, a.ranges.is_empty()) {
         (Some(n), true) if a.balance == cli::Balance::Compute => SplitPlan::ComputeCount(n),
-        (Some(n), true) if a.balance == cli::Balance::Measured => SplitPlan::MeasuredCount(n),
+        (Some(n), true) if a.balance == cli::Balance::Measured => SplitPlan::Measured {
+            shards: n,
+            sessions: a.measure_sessions,
+        },
         (Some(n), true) => SplitPlan::Count(n),
         (None, false) => SplitPlan::Ranges(
             a.ranges

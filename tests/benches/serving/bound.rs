@@ -1,0 +1,90 @@
+//! The most (b) can give over (a, 1 core), from llama.cpp's own time per
+//! token at the step sizes each runs, measured in the same run.
+//!
+//! At concurrency c, llama-server on one core decodes the c sessions in one
+//! step; (b)'s two stages take turns with two blocks of c/2 sessions each
+//! (so that both compute at once). A step's time is not proportional to its
+//! sessions: the head (SmolLM2: a 49152 x 576 Q8_0 matrix, 30 MB) is read
+//! from memory once per step whatever it holds, so per token it costs about
+//! twice as much in a step of 4 as in one of 8. With W(n) the whole model's
+//! time per token in steps of n, two cores busy all the time give at most
+//! 2 W(c) / W(c/2) times one core; at c = 1 the stages run one after the
+//! other, and the bound is 1.
+
+use std::collections::BTreeMap;
+
+use llama_cluster_engine::profile::{Timing, time_layers};
+
+/// Pins the calling thread to `core` (where (a, 1 core) runs).
+fn pin(core: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in
+    // bounds for core < CPU_SETSIZE; 0 is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The whole model's time per token (ms) in steps of each size `n`: every
+/// layer, the head and the part before the first layer, which every stage
+/// pays (`stages` times), the best of two rounds taken in turn.
+fn per_token_ms(
+    model: &std::path::Path,
+    n_layer: u32,
+    sizes: &[u32],
+    stages: u32,
+) -> BTreeMap<u32, f64> {
+    let mut best = BTreeMap::new();
+    for _round in 0..2 {
+        for &n in sizes {
+            let t = Timing {
+                sessions: n,
+                steps: 5,
+                ..Timing::default()
+            };
+            match time_layers(model, n_layer, &t, |_| {}) {
+                Ok(x) => {
+                    let step = x.layers.iter().sum::<u64>() + x.head + stages as u64 * x.fixed;
+                    let ms = step as f64 / 1e6 / n as f64;
+                    let e = best.entry(n).or_insert(f64::MAX);
+                    *e = e.min(ms);
+                }
+                Err(e) => println!("bound: timing steps of {n} sessions failed: {e}"),
+            }
+        }
+    }
+    best
+}
+
+/// For each concurrency level: the bound on (b) ÷ (a, 1 core), with the
+/// times per token it comes from. Runs on a thread pinned to core 0.
+pub fn two_stage_bound(levels: &[usize]) -> Vec<Option<(f64, f64, f64)>> {
+    let model = llama_cluster_engine::default_model_path();
+    let levels = levels.to_vec();
+    let run = std::thread::spawn(move || {
+        pin(0);
+        let n_layer = 30;
+        let mut sizes: Vec<u32> = levels
+            .iter()
+            .flat_map(|&c| [c as u32, (c as u32 / 2).max(1)])
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let one = per_token_ms(&model, n_layer, &sizes, 1);
+        let two = per_token_ms(&model, n_layer, &sizes, 2);
+        levels
+            .iter()
+            .map(|&c| {
+                let c = c as u32;
+                let w_a = *one.get(&c)?;
+                if c < 2 {
+                    return Some((1.0, w_a, *two.get(&c)?));
+                }
+                let w_b = *two.get(&(c / 2))?;
+                Some((2.0 * w_a / w_b, w_a, w_b))
+            })
+            .collect()
+    });
+    run.join().unwrap_or_default()
+}
