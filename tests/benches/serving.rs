@@ -508,6 +508,17 @@ async fn main() {
     cores("(b) / (a, 1 core) at most", &bound, |x| {
         x.map_or("-".into(), |(r, _, _)| format!("{r:.2}"))
     });
+    // (b) <= bound x (a, 1 core), so (b) / (a, 2 cores) <= bound x (a, 1
+    // core) / (a, 2 cores).
+    let bound_a2: Vec<Option<f64>> = (0..n)
+        .map(|i| {
+            let a2 = a2[i].as_ref().filter(|f| f.tok_s > 0.0)?;
+            Some(bound[i]?.0 * a1[i].as_ref()?.tok_s / a2.tok_s)
+        })
+        .collect();
+    cores("(b) / (a, 2 cores) at most", &bound_a2, |x| {
+        x.map_or("-".into(), |r| format!("{r:.2}"))
+    });
     cores("  ms/token, steps of c / c/2", &bound, |x| {
         x.map_or("-".into(), |(_, a, b)| format!("{a:.2}/{b:.2}"))
     });
