@@ -18,9 +18,9 @@ pub enum SplitPlan {
     /// This many shards whose time per step balances, each layer and the
     /// head timed with llama.cpp on this machine (see [`crate::profile`])
     /// in steps of `sessions` sessions: what a stage decodes at once under
-    /// load. The head's time per step hardly grows with the sessions (its
-    /// weights are read once per step), so the fewer they are, the more
-    /// layers the first shards take.
+    /// load. The head's time per step hardly grows with the sessions
+    /// (SmolLM2's: 7.9 ms for 4, 9.2 for 8), so the fewer they are, the
+    /// more layers the first shards take.
     Measured { shards: u32, sessions: u32 },
     /// Explicit inclusive ranges, covering every layer in order.
     Ranges(Vec<(u32, u32)>),

@@ -64,8 +64,8 @@ fn bad_input_is_an_error() {
     assert!(time_layers(&model, 30, &zero, |_| {}).is_err());
 }
 
-/// `split --balance measured --measure-sessions N`: the head is read once
-/// per step whatever the step holds, so in steps of 2 sessions it weighs
+/// `split --balance measured --measure-sessions N`: the head takes about
+/// the same time per step whatever the step holds, so in steps of 2 sessions it weighs
 /// far more layers than in steps of 16, and the cut moves towards the last
 /// shard (SmolLM2 here: head 6.8 ms against 0.56 ms a layer per step of
 /// 2, 16 ms against 3.1 ms per step of 16; cut 0-20 against 0-17).

@@ -30,8 +30,9 @@
 //! compute or bytes for another cut than the measured one,
 //! BENCH_MEASURE_SESSIONS=N to time the measured cut in steps of N sessions)
 //!
-//! With (a) and (b), it first times llama.cpp's steps of c and c/2 sessions
-//! and prints the most (b) can give over (a, 1 core) (`serving/bound.rs`).
+//! With (b), it first times llama.cpp's steps of c and c/2 sessions and
+//! prints the most (b) can give over (a, 1 core), and with (a) over (a, 2
+//! cores) (`serving/bound.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -4,9 +4,10 @@
 //! At concurrency c, llama-server on one core decodes the c sessions in one
 //! step; (b)'s two stages take turns with two blocks of c/2 sessions each
 //! (so that both compute at once). A step's time is not proportional to its
-//! sessions: the head (SmolLM2: a 49152 x 576 Q8_0 matrix, 30 MB) is read
-//! from memory once per step whatever it holds, so per token it costs about
-//! twice as much in a step of 4 as in one of 8. With W(n) the whole model's
+//! sessions: the head (SmolLM2: a 49152 x 576 Q8_0 matrix, 30 MB, through
+//! llamafile's tinyBLAS) takes about the same time per step whatever it
+//! holds, so per token it costs about twice as much in a step of 4 as in
+//! one of 8. With W(n) the whole model's
 //! time per token in steps of n, two cores busy all the time give at most
 //! 2 W(c) / W(c/2) times one core; at c = 1 the stages run one after the
 //! other, and the bound is 1.
@@ -26,15 +27,10 @@ fn pin(core: usize) {
     }
 }
 
-/// The whole model's time per token (ms) in steps of each size `n`: every
-/// layer, the head and the part before the first layer, which every stage
-/// pays (`stages` times), the best of two rounds taken in turn.
-fn per_token_ms(
-    model: &std::path::Path,
-    n_layer: u32,
-    sizes: &[u32],
-    stages: u32,
-) -> BTreeMap<u32, f64> {
+/// For each step size `n`, the best of two rounds taken in turn: the
+/// time (ns) of one step through every layer and the head, and of the part
+/// before the first layer (which every stage pays).
+fn step_ns(model: &std::path::Path, n_layer: u32, sizes: &[u32]) -> BTreeMap<u32, (u64, u64)> {
     let mut best = BTreeMap::new();
     for _round in 0..2 {
         for &n in sizes {
@@ -45,10 +41,9 @@ fn per_token_ms(
             };
             match time_layers(model, n_layer, &t, |_| {}) {
                 Ok(x) => {
-                    let step = x.layers.iter().sum::<u64>() + x.head + stages as u64 * x.fixed;
-                    let ms = step as f64 / 1e6 / n as f64;
-                    let e = best.entry(n).or_insert(f64::MAX);
-                    *e = e.min(ms);
+                    let step = x.layers.iter().sum::<u64>() + x.head;
+                    let e = best.entry(n).or_insert((u64::MAX, u64::MAX));
+                    *e = (e.0.min(step), e.1.min(x.fixed));
                 }
                 Err(e) => println!("bound: timing steps of {n} sessions failed: {e}"),
             }
@@ -71,17 +66,22 @@ pub fn two_stage_bound(levels: &[usize]) -> Vec<Option<(f64, f64, f64)>> {
             .collect();
         sizes.sort_unstable();
         sizes.dedup();
-        let one = per_token_ms(&model, n_layer, &sizes, 1);
-        let two = per_token_ms(&model, n_layer, &sizes, 2);
+        let times = step_ns(&model, n_layer, &sizes);
+        // Time per token (ms) in steps of n, the part before the first
+        // layer paid by `stages` stages.
+        let per_token = |n: u32, stages: u64| {
+            let &(step, fixed) = times.get(&n)?;
+            Some((step + stages * fixed) as f64 / 1e6 / n as f64)
+        };
         levels
             .iter()
             .map(|&c| {
                 let c = c as u32;
-                let w_a = *one.get(&c)?;
+                let w_a = per_token(c, 1)?;
                 if c < 2 {
-                    return Some((1.0, w_a, *two.get(&c)?));
+                    return Some((1.0, w_a, per_token(c, 2)?));
                 }
-                let w_b = *two.get(&(c / 2))?;
+                let w_b = per_token(c / 2, 2)?;
                 Some((2.0 * w_a / w_b, w_a, w_b))
             })
             .collect()
