@@ -506,23 +506,10 @@ async fn main() {
     ratio("(b) / (a, 2 cores)  goal >= 0.9", &b_rows, &a2);
     ratio("(c) / (a, 1 core)   goal >= 0.9", &c_rows, &a1);
     ratio("(b) / (c)", &b_rows, &c_rows);
-    cores("(b) / (a, 1 core) at most", &bound, |x| {
-        x.map_or("-".into(), |(r, _, _)| format!("{r:.2}"))
-    });
-    // (b) <= bound x (a, 1 core), so (b) / (a, 2 cores) <= bound x (a, 1
-    // core) / (a, 2 cores).
-    let bound_a2: Vec<Option<f64>> = (0..n)
-        .map(|i| {
-            let a2 = a2[i].as_ref().filter(|f| f.tok_s > 0.0)?;
-            Some(bound[i]?.0 * a1[i].as_ref()?.tok_s / a2.tok_s)
-        })
-        .collect();
-    cores("(b) / (a, 2 cores) at most", &bound_a2, |x| {
-        x.map_or("-".into(), |r| format!("{r:.2}"))
-    });
-    cores("  ms/token, steps of c / c/2", &bound, |x| {
-        x.map_or("-".into(), |(_, a, b)| format!("{a:.2}/{b:.2}"))
-    });
+    let tok_s = |v: &[Option<Figures>]| -> Vec<Option<f64>> {
+        v.iter().map(|f| f.as_ref().map(|f| f.tok_s)).collect()
+    };
+    bound::print_rows(&levels, &bound, &tok_s(&a1), &tok_s(&a2), &tok_s(&b_rows));
     ratio("(a, the other core) / (a, 1 core)", &a1b, &a1);
     if rounds > 1 {
         println!("ratios round by round (each round measures all in turn): median (min-max)");

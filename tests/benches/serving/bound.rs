@@ -88,3 +88,55 @@ pub fn two_stage_bound(levels: &[usize]) -> Vec<Option<(f64, f64, f64)>> {
     });
     run.join().unwrap_or_default()
 }
+
+/// Prints the bound rows: the most (b) can give over (a, 1 core) and over
+/// (a, 2 cores), the times per token they come from, and how much of its
+/// kernels' speed each of (a, 1 core) and (b) reaches. Arguments are tok/s
+/// per level of `levels` (the concurrencies).
+///
+/// The bound compares the kernels' speeds, so it holds for the measured
+/// ratio only if (b) reaches no more of its kernels' speed than llama-server
+/// does of its own: the last row says how far each is from its kernels.
+pub fn print_rows(
+    levels: &[usize],
+    bound: &[Option<(f64, f64, f64)>],
+    a1: &[Option<f64>],
+    a2: &[Option<f64>],
+    b: &[Option<f64>],
+) {
+    super::cores("(b) / (a, 1 core) at most", bound, |x| {
+        x.map_or("-".into(), |(r, _, _)| format!("{r:.2}"))
+    });
+    // (b) <= bound x (a, 1 core), so (b) / (a, 2 cores) <= bound x (a, 1
+    // core) / (a, 2 cores).
+    let bound_a2: Vec<Option<f64>> = (0..bound.len())
+        .map(|i| {
+            let a2 = a2[i].filter(|&t| t > 0.0)?;
+            Some(bound[i]?.0 * a1[i]? / a2)
+        })
+        .collect();
+    super::cores("(b) / (a, 2 cores) at most", &bound_a2, |x| {
+        x.map_or("-".into(), |r| format!("{r:.2}"))
+    });
+    super::cores("  ms/token, steps of c / c/2", bound, |x| {
+        x.map_or("-".into(), |(_, a, b)| format!("{a:.2}/{b:.2}"))
+    });
+    // The kernels' tok/s: 1000 / W(c) for (a, 1 core); for (b) two stages
+    // at 1000 / W(c/2) each (c >= 2), or one after the other at c = 1.
+    let share: Vec<Option<(Option<f64>, Option<f64>)>> = bound
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let (_, w_a, w_b) = (*x)?;
+            let stages = if levels[i] < 2 { 1.0 } else { 2.0 };
+            Some((
+                a1[i].map(|t| t * w_a / 1000.0),
+                b[i].map(|t| t * w_b / (1000.0 * stages)),
+            ))
+        })
+        .collect();
+    super::cores("  of its kernels' speed, (a1) / (b)", &share, |x| {
+        let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+        x.map_or("-".into(), |(a, b)| format!("{}/{}", f(a), f(b)))
+    });
+}
