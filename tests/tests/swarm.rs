@@ -484,3 +484,93 @@ async fn malformed_unknown_and_oversized_requests_get_errors() {
     assert_eq!(echo["message"], "ok?");
     assert!(a.log().contains("rejected request"), "{}", a.log());
 }
+
+/// The state worker `of` has for the shard record of `peer`.
+async fn record_state(of: &NodeProc, peer: &str) -> Option<String> {
+    let st = of.status().await.ok()?;
+    st.shards
+        .iter()
+        .find(|s| s.peer_id == peer)
+        .map(|s| s.state.clone())
+}
+
+/// A changed shard record reaches the other workers at once: the record a
+/// worker puts in the DHT is stored (signed by the peer it names) and
+/// learnt by the nodes it lands on. Here the safety net runs every 300 s
+/// and identify's status probe every 60 s, so neither can be what tells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_shard_record_reaches_the_other_workers_at_once() {
+    let dir = test_dir("record-news");
+    let manifest = llama_cluster_tests::split_with_cli(&dir.join("split"), 2).unwrap();
+    let ids = llama_cluster_tests::shard_ids_of(&manifest).unwrap();
+    let boot = start_bootstrap(&dir);
+    let b = boot.addr("quic-v1");
+    let workers: Vec<NodeProc> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut args = worker_args(&format!("127.0.0.{}", 244 + i), &[&b], None);
+            if let Some(at) = args.iter().position(|a| a == "--discovery-interval-secs") {
+                args[at + 1] = "300".into();
+            }
+            args.extend(["--manifest".into(), manifest.display().to_string()]);
+            args.extend([
+                "--shard-id".into(),
+                id.clone(),
+                "--threads".into(),
+                "1".into(),
+            ]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            NodeProc::start(&dir, &format!("stage{i}"), &args)
+                .unwrap_or_else(|e| panic!("stage{i} starts: {e:#}"))
+        })
+        .collect();
+    let (w0, w1) = (&workers[0], &workers[1]);
+    let state_is = |want: &'static str| {
+        move || async move {
+            (record_state(w0, &w1.peer_id).await.as_deref() == Some(want)).then_some(())
+        }
+    };
+    wait_for(
+        "stage0 to see stage1's shard ready",
+        WAIT,
+        state_is("ready"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", w0.log()));
+    let mut c1 = w1.client().await.unwrap();
+    let r = c1
+        .load_shard(LoadShardRequest {
+            unload: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "announced");
+    let soon = Duration::from_secs(10);
+    wait_for("stage0 to see stage1's unload", soon, state_is("announced"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", w0.log()));
+    let r = c1
+        .load_shard(LoadShardRequest {
+            shard_id: ids[1].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "ready");
+    wait_for(
+        "stage0 to see stage1's shard ready again",
+        soon,
+        state_is("ready"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", w0.log()));
+    assert!(
+        w0.log().contains("from DHT store"),
+        "learnt from the stored record:\n{}",
+        w0.log()
+    );
+}

@@ -5,9 +5,13 @@
 
 use std::time::{Duration, Instant};
 
+use libp2p::PeerId;
+use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryResult, Quorum, Record, RecordKey};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use llama_cluster_shared::dht_keys::{ShardRecord, members_key, parse_shard_key, shard_key};
+use llama_cluster_shared::dht_keys::{
+    ShardRecord, members_key, parse_shard_key, shard_key, swarm_ready_key,
+};
 use tracing::{debug, info, warn};
 
 use crate::network::behaviour::Role;
@@ -105,7 +109,6 @@ impl Node {
 
     /// Picks up shard records other workers stored on this node.
     pub(crate) fn refresh_from_local_store(&mut self) {
-        use kad::store::RecordStore;
         let cluster = self.cfg.cluster.clone();
         let records: Vec<ShardRecord> = self
             .swarm
@@ -118,6 +121,47 @@ impl Node {
         for rec in records {
             self.learn_shard(rec, "DHT store");
         }
+    }
+
+    /// A record a peer put here. With `StoreInserts::FilterBoth` Kademlia
+    /// stores nothing itself: a shard record is kept (and learnt at once)
+    /// only when signed by the peer it names, and never over a newer one.
+    fn store_inbound_record(&mut self, source: PeerId, record: Record) {
+        if record.key.as_ref() == swarm_ready_key(&self.cfg.cluster).as_bytes() {
+            // The cluster's readiness notice, kept when put by the worker it
+            // names (the connection authenticates the sender).
+            let by = serde_json::from_slice::<serde_json::Value>(&record.value)
+                .ok()
+                .and_then(|v| v.get("by")?.as_str().map(str::to_owned));
+            if by.as_deref() == Some(source.to_string().as_str()) {
+                if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
+                    debug!("[DHT] record not stored: {e}");
+                }
+            } else {
+                debug!("[DHT] refused a readiness record put by {source} for {by:?}");
+            }
+            return;
+        }
+        let rec = match decode_record(&self.cfg.cluster, &record) {
+            Ok(rec) => rec,
+            Err(e) => {
+                crate::metrics::metrics().dht_records_rejected.inc();
+                warn!(
+                    "[DHT] refused the record {} put by {source}: {e}",
+                    String::from_utf8_lossy(record.key.as_ref())
+                );
+                return;
+            }
+        };
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        let newer_held = store
+            .get(&record.key)
+            .and_then(|held| decode_record(&self.cfg.cluster, &held).ok())
+            .is_some_and(|held| held.peer_id == rec.peer_id && held.updated_at > rec.updated_at);
+        if !newer_held && let Err(e) = store.put(record) {
+            debug!("[DHT] record not stored: {e}");
+        }
+        self.learn_shard(rec, "DHT store");
     }
 
     pub(crate) fn learn_shard(&mut self, rec: ShardRecord, source: &str) {
@@ -162,10 +206,34 @@ impl Node {
                 }
             }
             kad::Event::InboundRequest {
-                request: kad::InboundRequest::PutRecord { .. },
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
             } => {
-                // Event-driven: a peer just stored (or updated) a record here.
-                self.refresh_from_local_store();
+                // Event-driven: a peer stores (or updates) a record here.
+                self.store_inbound_record(source, record);
+            }
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::AddProvider {
+                        record: Some(provider),
+                    },
+            } => {
+                // Kademlia passes on only provider records sent by the
+                // provider itself; with `StoreInserts::FilterBoth` it
+                // stores none of them.
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .add_provider(provider)
+                {
+                    debug!("[DHT] provider record not stored: {e}");
+                }
             }
             kad::Event::OutboundQueryProgressed {
                 id, result, step, ..
