@@ -485,13 +485,18 @@ async fn malformed_unknown_and_oversized_requests_get_errors() {
     assert!(a.log().contains("rejected request"), "{}", a.log());
 }
 
-/// The state worker `of` has for the shard record of `peer`.
-async fn record_state(of: &NodeProc, peer: &str) -> Option<String> {
-    let st = of.status().await.ok()?;
-    st.shards
-        .iter()
-        .find(|s| s.peer_id == peer)
-        .map(|s| s.state.clone())
+/// Waits until `of` holds the shard record of `peer` in state `want`.
+async fn sees_state(of: &NodeProc, peer: &NodeProc, want: &str, timeout: Duration) {
+    let what = format!("{} to see {}'s shard {want}", of.name, peer.name);
+    wait_for(&what, timeout, || async {
+        let st = of.status().await.ok()?;
+        st.shards
+            .iter()
+            .any(|s| s.peer_id == peer.peer_id && s.state == want)
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", of.log()));
 }
 
 /// A changed shard record reaches the other workers at once: the record a
@@ -526,18 +531,7 @@ async fn a_changed_shard_record_reaches_the_other_workers_at_once() {
         })
         .collect();
     let (w0, w1) = (&workers[0], &workers[1]);
-    let state_is = |want: &'static str| {
-        move || async move {
-            (record_state(w0, &w1.peer_id).await.as_deref() == Some(want)).then_some(())
-        }
-    };
-    wait_for(
-        "stage0 to see stage1's shard ready",
-        WAIT,
-        state_is("ready"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", w0.log()));
+    sees_state(w0, w1, "ready", WAIT).await;
     let mut c1 = w1.client().await.unwrap();
     let r = c1
         .load_shard(LoadShardRequest {
@@ -549,9 +543,7 @@ async fn a_changed_shard_record_reaches_the_other_workers_at_once() {
         .into_inner();
     assert_eq!(r.state, "announced");
     let soon = Duration::from_secs(10);
-    wait_for("stage0 to see stage1's unload", soon, state_is("announced"))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", w0.log()));
+    sees_state(w0, w1, "announced", soon).await;
     let r = c1
         .load_shard(LoadShardRequest {
             shard_id: ids[1].clone(),
@@ -561,13 +553,7 @@ async fn a_changed_shard_record_reaches_the_other_workers_at_once() {
         .unwrap()
         .into_inner();
     assert_eq!(r.state, "ready");
-    wait_for(
-        "stage0 to see stage1's shard ready again",
-        soon,
-        state_is("ready"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", w0.log()));
+    sees_state(w0, w1, "ready", soon).await;
     assert!(
         w0.log().contains("from DHT store"),
         "learnt from the stored record:\n{}",
