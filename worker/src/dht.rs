@@ -107,22 +107,6 @@ impl Node {
         }
     }
 
-    /// Picks up shard records other workers stored on this node.
-    pub(crate) fn refresh_from_local_store(&mut self) {
-        let cluster = self.cfg.cluster.clone();
-        let records: Vec<ShardRecord> = self
-            .swarm
-            .behaviour_mut()
-            .kad
-            .store_mut()
-            .records()
-            .filter_map(|r| decode_record(&cluster, &r).ok())
-            .collect();
-        for rec in records {
-            self.learn_shard(rec, "DHT store");
-        }
-    }
-
     /// A record a peer put here. With `StoreInserts::FilterBoth` Kademlia
     /// stores nothing itself: a shard record is kept (and learnt at once)
     /// only when signed by the peer it names, and never over a newer one.

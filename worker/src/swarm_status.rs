@@ -101,7 +101,6 @@ impl Node {
 
     /// Prints the periodic `[STATUS]` report.
     pub(crate) fn report_status(&mut self) {
-        self.refresh_from_local_store();
         let st = self.state.snapshot();
         let quic = st
             .peers
