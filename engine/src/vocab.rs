@@ -5,14 +5,22 @@
 use std::path::Path;
 
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
+use tracing::warn;
 
 use crate::{EngineError, Result};
 
 pub struct Vocab {
     model: LlamaModel,
+    /// The model's own chat template, or ChatML when it carries none (as
+    /// llama.cpp's server does).
+    chat_template: LlamaChatTemplate,
 }
+
+/// The template used for a model that carries none: llama.cpp's server falls
+/// back to ChatML too (`common_chat_templates_init`).
+pub const FALLBACK_CHAT_TEMPLATE: &str = "chatml";
 
 impl Vocab {
     /// Loads the tokenizer of a head file (or of any full GGUF).
@@ -31,7 +39,21 @@ impl Vocab {
                 path.display()
             ))
         })?;
-        Ok(Vocab { model })
+        let chat_template = match model.chat_template(None) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(
+                    "{} has no chat template ({e}); chat requests use {FALLBACK_CHAT_TEMPLATE}, as llama.cpp's server does",
+                    path.display()
+                );
+                LlamaChatTemplate::new(FALLBACK_CHAT_TEMPLATE)
+                    .map_err(|e| EngineError::Load(format!("chat template: {e}")))?
+            }
+        };
+        Ok(Vocab {
+            model,
+            chat_template,
+        })
     }
 
     pub fn n_vocab(&self) -> usize {
@@ -58,19 +80,16 @@ impl Vocab {
             .token_to_piece(LlamaToken(token), false, None)
     }
 
-    /// Applies the model's chat template to `(role, content)` messages,
-    /// ending with the assistant's turn.
+    /// Applies the model's chat template (ChatML when it has none) to
+    /// `(role, content)` messages, ending with the assistant's turn.
     pub fn apply_chat_template(&self, messages: &[(String, String)]) -> Result<String> {
-        let tmpl = self.model.chat_template(None).map_err(|e| {
-            EngineError::Unsupported(format!("the model has no chat template: {e}"))
-        })?;
         let msgs = messages
             .iter()
             .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| EngineError::InvalidInput(format!("chat message: {e}")))?;
         self.model
-            .apply_chat_template(&tmpl, &msgs, true)
+            .apply_chat_template(&self.chat_template, &msgs, true)
             .map_err(|e| EngineError::InvalidInput(format!("chat template: {e}")))
     }
 }

@@ -6,6 +6,8 @@
 //! stage only), split by `llama-worker split` at uneven boundaries, each
 //! shard run by its own `llama-worker` process. Greedy tokens and the
 //! prompt's last-token logits must equal the unsplit model's in this process.
+//! The test models carry no chat template: a chat request is answered in
+//! ChatML, as llama.cpp's server does.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -77,18 +79,27 @@ async fn check(name: &str, ranges: &str, first_host: u8) {
         },
     )
     .unwrap();
-    for (i, prompt) in [
-        "a",
-        "the rivers and the old roads of a city, again and again",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let want = base.greedy(&base.tokenize(prompt), N_GEN as usize).unwrap();
+    // (prompt, sent as a chat message, the text the unsplit model is given)
+    let cases = [
+        ("a", false, "a".to_string()),
+        (
+            "the rivers and the old roads of a city, again and again",
+            false,
+            "the rivers and the old roads of a city, again and again".to_string(),
+        ),
+        (
+            "the old roads",
+            true,
+            "<|im_start|>user\nthe old roads<|im_end|>\n<|im_start|>assistant\n".to_string(),
+        ),
+    ];
+    for (i, (prompt, chat, text)) in cases.iter().enumerate() {
+        let want = base.greedy(&base.tokenize(text), N_GEN as usize).unwrap();
         let driver = &cluster.workers[i % cluster.workers.len()];
         let mut client = driver.client().await.unwrap();
         let req = InferenceRequest {
             prompt: prompt.to_string(),
+            chat: *chat,
             max_tokens: N_GEN,
             return_prompt_logits: true,
             ..Default::default()
@@ -108,7 +119,7 @@ async fn check(name: &str, ranges: &str, first_host: u8) {
         }
         let diff = max_abs_diff(&logits, &want.prompt_logits);
         println!(
-            "{name} {ranges}, driver {}: logits max|diff| {diff:e}, tokens {tokens:?}",
+            "{name} {ranges}, driver {}, chat {chat}: logits max|diff| {diff:e}, tokens {tokens:?}",
             driver.name
         );
         assert!(diff <= 1e-4, "{name}: logits differ by {diff}");
