@@ -67,6 +67,49 @@ except Exception as e:
 print(json.dumps(out))
 "#;
 
+const CLIENT_MORE: &str = r#"
+import json, sys, urllib.request, urllib.error
+from openai import OpenAI
+base = sys.argv[1]
+c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+model = "smollm2-135m-instruct"
+out = {}
+q = "What is the capital of France?"
+parts = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": [{"type": "text", "text": q}]}]
+out["parts"] = c.chat.completions.create(model=model, messages=parts, max_tokens=24).choices[0].message.content
+dev = [{"role": "developer", "content": "You are brief."}, {"role": "user", "content": q}]
+out["developer"] = c.chat.completions.create(model=model, messages=dev, max_tokens=24).choices[0].message.content
+r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, n=2)
+out["n"] = {"texts": [x.text for x in r.choices], "indexes": [x.index for x in r.choices],
+            "usage": [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]}
+texts, finishes, usage = {}, {}, None
+for ch in c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, n=2, stream=True):
+    for x in ch.choices:
+        texts[x.index] = texts.get(x.index, "") + (x.text or "")
+        if x.finish_reason:
+            finishes[x.index] = x.finish_reason
+    if getattr(ch, "usage", None):
+        usage = [ch.usage.prompt_tokens, ch.usage.completion_tokens, ch.usage.total_tokens]
+out["n_stream"] = {"texts": [texts[i] for i in sorted(texts)], "finishes": [finishes[i] for i in sorted(finishes)], "usage": usage}
+out["ids"] = [c.completions.create(model=model, prompt="Hi", max_tokens=1).id for _ in range(3)]
+def raw(path, body):
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return [resp.status, json.loads(resp.read())]
+    except urllib.error.HTTPError as e:
+        return [e.code, json.loads(e.read())]
+hi = [{"role": "user", "content": "hi"}]
+out["refused"] = {
+    "logprobs": raw("/v1/chat/completions", {"model": model, "messages": hi, "logprobs": True, "top_logprobs": 2}),
+    "image": raw("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}),
+    "tools": raw("/v1/chat/completions", {"model": model, "messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    "json": raw("/v1/chat/completions", {"model": model, "messages": hi, "response_format": {"type": "json_object"}}),
+    "penalty": raw("/v1/completions", {"model": model, "prompt": "hi", "presence_penalty": 1.0}),
+}
+print(json.dumps(out))
+"#;
+
 /// The completion request both the pipeline and the API are asked.
 fn capital_of_france() -> InferenceRequest {
     InferenceRequest {
@@ -131,31 +174,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         .into_inner();
     let want_chat = text_of(stream).await;
 
-    let script = dir.join("client.py");
-    std::fs::write(&script, CLIENT).unwrap();
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .arg(&base)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 with the openai package (scripts/setup.sh installs it)");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the openai client did not finish within 180 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        coord.log()
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = run_client(&dir, "client.py", CLIENT, &base, &coord);
     println!("{}", serde_json::to_string_pretty(&r).unwrap());
 
     assert_eq!(r["models"], serde_json::json!(["smollm2-135m-instruct"]));
@@ -271,7 +290,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         "2 chats, 2 completions of 16 tokens, 1 gRPC request of 16"
     );
     type Labels<'a> = &'a [(&'a str, &'a str)];
-    let want: [(&str, Labels, f64); 7] = [
+    let want_metrics: [(&str, Labels, f64); 7] = [
         (
             "inference_requests_total",
             &[("api", "openai"), ("outcome", "ok")],
@@ -300,11 +319,80 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
             2.0,
         ),
     ];
-    for (name, labels, value) in want {
+    for (name, labels, value) in want_metrics {
         assert_eq!(m(name, labels), value, "{name} {labels:?}");
     }
     assert_eq!(m("swarm_ready", &[]), 1.0);
     assert_eq!(m("workers_reachable", &[]), 2.0);
+
+    // What clients send beyond the basics: text parts, several choices, and
+    // fields the API cannot honour (refused by name, never dropped).
+    let r = run_client(&dir, "client_more.py", CLIENT_MORE, &base, &coord);
+    println!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r["parts"], chat["text"], "text parts read as the string");
+    assert_eq!(r["developer"], chat["text"], "developer is system");
+    let answer = want.as_str();
+    assert_eq!(r["n"]["texts"], serde_json::json!([answer, answer]));
+    assert_eq!(r["n"]["indexes"], serde_json::json!([0, 1]));
+    assert_eq!(r["n"]["usage"], serde_json::json!([5, 32, 37]));
+    assert_eq!(r["n_stream"]["texts"], serde_json::json!([answer, answer]));
+    assert_eq!(r["n_stream"]["usage"], serde_json::json!([5, 32, 37]));
+    assert_eq!(
+        r["n_stream"]["finishes"],
+        serde_json::json!(["length", "length"])
+    );
+    let ids = r["ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 3);
+    assert!(
+        ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+        "{ids:?}"
+    );
+    for (case, param) in [
+        ("logprobs", "logprobs"),
+        ("image", "messages"),
+        ("tools", "tools"),
+        ("json", "response_format"),
+        ("penalty", "presence_penalty"),
+    ] {
+        let e = &r["refused"][case];
+        assert_eq!(e[0], 400, "{case}: {e}");
+        assert_eq!(e[1]["error"]["param"], param, "{case}: {e}");
+    }
+}
+
+/// Runs a Python client script against the API at `base`: its stdout JSON.
+fn run_client(
+    dir: &std::path::Path,
+    name: &str,
+    code: &str,
+    base: &str,
+    coord: &llama_cluster_tests::NodeProc,
+) -> Value {
+    let script = dir.join(name);
+    std::fs::write(&script, code).unwrap();
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(base)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 with the openai package (scripts/setup.sh installs it)");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the openai client {name} did not finish within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "client {name} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        coord.log()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 async fn health(grpc_addr: &str, service: &str) -> Option<ServingStatus> {
