@@ -39,11 +39,24 @@ impl Vocab {
                 path.display()
             ))
         })?;
-        let chat_template = match model.chat_template(None) {
+        // llama.cpp applies the templates it recognises; for one it does
+        // not, its server falls back to ChatML too.
+        let own = model
+            .chat_template(None)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                let probe =
+                    LlamaChatMessage::new("user".into(), "hi".into()).map_err(|e| e.to_string())?;
+                model
+                    .apply_chat_template(&t, &[probe], true)
+                    .map(|_| t)
+                    .map_err(|e| format!("llama.cpp cannot apply it: {e}"))
+            });
+        let chat_template = match own {
             Ok(t) => t,
             Err(e) => {
                 warn!(
-                    "{} has no chat template ({e}); chat requests use {FALLBACK_CHAT_TEMPLATE}, as llama.cpp's server does",
+                    "{}: no usable chat template ({e}); chat requests use {FALLBACK_CHAT_TEMPLATE}, as llama.cpp's server does",
                     path.display()
                 );
                 LlamaChatTemplate::new(FALLBACK_CHAT_TEMPLATE)
