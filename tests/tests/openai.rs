@@ -83,7 +83,8 @@ r = c.completions.create(model=model, prompt="The capital of France is", max_tok
 out["n"] = {"texts": [x.text for x in r.choices], "indexes": [x.index for x in r.choices],
             "usage": [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]}
 texts, finishes, usage = {}, {}, None
-for ch in c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, n=2, stream=True):
+for ch in c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, n=2, stream=True,
+                               stream_options={"include_usage": True}):
     for x in ch.choices:
         texts[x.index] = texts.get(x.index, "") + (x.text or "")
         if x.finish_reason:
@@ -92,6 +93,13 @@ for ch in c.completions.create(model=model, prompt="The capital of France is", m
         usage = [ch.usage.prompt_tokens, ch.usage.completion_tokens, ch.usage.total_tokens]
 out["n_stream"] = {"texts": [texts[i] for i in sorted(texts)], "finishes": [finishes[i] for i in sorted(finishes)], "usage": usage}
 out["ids"] = [c.completions.create(model=model, prompt="Hi", max_tokens=1).id for _ in range(3)]
+poem = dict(model=model, prompt="Write a poem about the sea:", max_tokens=16, temperature=1.5)
+r = c.completions.create(n=2, seed=5, **poem)
+out["seeded"] = {"choices": [x.text for x in r.choices],
+                 "alone": [c.completions.create(seed=s, **poem).choices[0].text for s in (5, 6)]}
+out["unseeded"] = [c.completions.create(**poem).choices[0].text for _ in range(2)]
+r = c.completions.create(model=model, prompt=["Hi", "The capital of France is"], max_tokens=16)
+out["batch"] = {"texts": [x.text for x in r.choices], "prompt_tokens": r.usage.prompt_tokens}
 def raw(path, body):
     req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     try:
@@ -106,6 +114,7 @@ out["refused"] = {
     "tools": raw("/v1/chat/completions", {"model": model, "messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}),
     "json": raw("/v1/chat/completions", {"model": model, "messages": hi, "response_format": {"type": "json_object"}}),
     "penalty": raw("/v1/completions", {"model": model, "prompt": "hi", "presence_penalty": 1.0}),
+    "tool_message": raw("/v1/chat/completions", {"model": model, "messages": hi + [{"role": "tool", "content": "42", "tool_call_id": "x"}]}),
 }
 print(json.dumps(out))
 "#;
@@ -341,6 +350,13 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         r["n_stream"]["finishes"],
         serde_json::json!(["length", "length"])
     );
+    // A seed moves by the choice's index; without one, each request draws
+    // its own (16 tokens at temperature 1.5 do not repeat by chance).
+    assert_eq!(r["seeded"]["choices"], r["seeded"]["alone"]);
+    assert_ne!(r["unseeded"][0], r["unseeded"][1], "{}", r["unseeded"]);
+    // A list of prompts: one choice each, in order, their prompts counted.
+    assert_eq!(r["batch"]["texts"][1], answer);
+    assert_eq!(r["batch"]["prompt_tokens"], 1 + 5);
     let ids = r["ids"].as_array().unwrap();
     assert_eq!(ids.len(), 3);
     assert!(
@@ -353,6 +369,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         ("tools", "tools"),
         ("json", "response_format"),
         ("penalty", "presence_penalty"),
+        ("tool_message", "messages"),
     ] {
         let e = &r["refused"][case];
         assert_eq!(e[0], 400, "{case}: {e}");

@@ -16,7 +16,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use llama_cluster_proto::v1::InferenceStats;
 use llama_cluster_proto::v1::inference_response::Event;
+
+use crate::metrics::Metered;
 use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span};
 
@@ -168,33 +171,50 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
         );
     }
     st.drivers.learn_if_empty(&st.workers).await;
-    // One run per choice, each a session of its own; every one is admitted
-    // (or refused) before the answer starts.
-    let runs = futures::future::join_all((0..api.n).map(|i| st.drivers.run(api.choice(i)))).await;
-    let mut streams = Vec::with_capacity(runs.len());
-    for r in runs {
-        match r {
-            Ok(s) => streams.push(crate::metrics::Metered::new(s, "openai")),
-            Err(s) => return status_to_http(&s),
-        }
+    let mut runs = api.runs();
+    let n_runs = runs.len();
+    let rest = runs.split_off(1);
+    // The first run's admission decides the response's status (429 when
+    // the queue is full, …); the others, if any, wait in the queue like any
+    // request while the admitted ones are read, so they never hold sessions
+    // their siblings wait for.
+    let first = match st.drivers.run(runs.remove(0)).await {
+        Ok(s) => Metered::new(s, "openai").boxed(),
+        Err(s) => return status_to_http(&s),
+    };
+    let mut streams = vec![first];
+    for r in rest {
+        let drivers = st.drivers.clone();
+        let run =
+            futures::stream::once(async move { drivers.run(r).await }).flat_map(|a| match a {
+                Ok(s) => Metered::new(s, "openai").boxed(),
+                Err(s) => futures::stream::iter([Err(s)]).boxed(),
+            });
+        streams.push(run.boxed());
     }
+    let answers = futures::stream::select_all(
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.map(move |m| (i, m))),
+    );
     let head = Head {
         id: response_id(chat),
         created: now(),
         model,
         chat,
+        n: api.n as usize,
     };
     info!(
-        "[API] {} for {} (stream {}, {} choice(s))",
+        "[API] {} for {} (stream {}, {n_runs} run(s))",
         head.object(),
         head.model,
         api.stream,
-        api.n
     );
     if api.stream {
-        stream::respond(head, streams)
+        stream::respond(head, answers.boxed(), n_runs, api.include_usage)
     } else {
-        whole(head, streams).await
+        whole(head, answers.boxed(), n_runs).await
     }
 }
 
@@ -218,6 +238,8 @@ pub(crate) struct Head {
     created: u64,
     model: String,
     chat: bool,
+    /// Choices per prompt: the runs of indexes `k × n` read each prompt.
+    n: usize,
 }
 
 impl Head {
@@ -230,45 +252,64 @@ impl Head {
     }
 }
 
-/// The answer in one JSON body: the choices in order, usage over all.
-async fn whole(head: Head, streams: Vec<stream::Answer>) -> Response {
-    let texts = futures::future::join_all(streams.into_iter().map(collect)).await;
-    let (mut choices, mut prompt_tokens, mut completion_tokens) = (vec![], 0, 0);
-    for (i, r) in texts.into_iter().enumerate() {
-        let (text, s) = match r {
-            Ok(t) => t,
-            Err(s) => return status_to_http(&s),
-        };
-        prompt_tokens = s.prompt_tokens;
-        completion_tokens += s.generated_tokens;
-        choices.push(if head.chat {
-            json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(&s.finish_reason), "logprobs": null})
-        } else {
-            json!({"index": i, "text": text, "finish_reason": finish_reason(&s.finish_reason), "logprobs": null})
-        });
-    }
-    axum::Json(json!({
-        "id": head.id, "object": head.object(), "created": head.created, "model": head.model,
-        "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    }))
-    .into_response()
+/// Usage over a request's runs: each prompt counted once, every choice's
+/// tokens.
+#[derive(Default)]
+struct Usage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
 }
 
-/// The text and statistics of one run.
-async fn collect(
-    mut grpc: stream::Answer,
-) -> Result<(String, llama_cluster_proto::v1::InferenceStats), tonic::Status> {
-    let (mut text, mut stats) = (String::new(), None);
-    while let Some(m) = grpc.next().await {
-        match m?.event {
-            Some(Event::Chunk(c)) => text.push_str(&c.text),
-            Some(Event::Stats(s)) => stats = Some(s),
-            None => {}
+impl Usage {
+    fn add(&mut self, head: &Head, index: usize, s: &InferenceStats) {
+        if index.is_multiple_of(head.n.max(1)) {
+            self.prompt_tokens += s.prompt_tokens;
+        }
+        self.completion_tokens += s.generated_tokens;
+    }
+
+    fn json(&self) -> Value {
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+               "total_tokens": self.prompt_tokens + self.completion_tokens})
+    }
+}
+
+/// The answer in one JSON body: the choices in index order, usage over
+/// all; the first failed run fails the request (and cancels the others).
+async fn whole(head: Head, mut answers: stream::Answers, n_runs: usize) -> Response {
+    let mut texts = vec![String::new(); n_runs];
+    let mut finish = vec![String::new(); n_runs];
+    let mut usage = Usage::default();
+    while let Some((i, m)) = answers.next().await {
+        match m {
+            Ok(m) => match m.event {
+                Some(Event::Chunk(c)) => texts[i].push_str(&c.text),
+                Some(Event::Stats(s)) => {
+                    usage.add(&head, i, &s);
+                    finish[i] = s.finish_reason;
+                }
+                None => {}
+            },
+            Err(s) => return status_to_http(&s),
         }
     }
-    Ok((text, stats.unwrap_or_default()))
+    let choices: Vec<Value> = texts
+        .into_iter()
+        .zip(&finish)
+        .enumerate()
+        .map(|(i, (text, f))| {
+            if head.chat {
+                json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(f), "logprobs": null})
+            } else {
+                json!({"index": i, "text": text, "finish_reason": finish_reason(f), "logprobs": null})
+            }
+        })
+        .collect();
+    axum::Json(json!({
+        "id": head.id, "object": head.object(), "created": head.created, "model": head.model,
+        "choices": choices, "usage": usage.json(),
+    }))
+    .into_response()
 }
 
 /// The API's routes.

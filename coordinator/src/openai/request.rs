@@ -12,29 +12,51 @@ use serde_json::{Map, Value};
 /// Largest `max_tokens` accepted before asking a worker.
 const MAX_TOKENS_LIMIT: u64 = 1 << 20;
 
-/// Most choices one request may ask for (`n`): each is a session of its own.
-pub const MAX_CHOICES: u64 = 64;
+/// Most choices one request may ask for (`n`).
+pub const MAX_CHOICES: u64 = 16;
+
+/// Most runs one request may make: prompts × `n`, each a session of its
+/// own that waits in the queue like any other request.
+pub const MAX_RUNS: usize = 64;
 
 /// A request the API can serve.
 #[derive(Debug)]
 pub struct ApiRequest {
-    /// The request each choice runs (its seed is moved by the choice's
-    /// index, see [`ApiRequest::choice`]).
+    /// The fields every run shares (chat: the conversation too).
     pub req: InferenceRequest,
+    /// The prompts of a completion (several: a batch, OpenAI's prompt list);
+    /// empty for a chat.
+    pub prompts: Vec<String>,
     pub stream: bool,
-    /// Choices asked for (`n`).
+    /// Choices per prompt (`n`).
     pub n: u32,
+    /// `stream_options.include_usage`: the usage in a last chunk of its own.
+    pub include_usage: bool,
 }
 
 impl ApiRequest {
-    /// The request of choice `i`: a given seed is moved by `i`, so that
+    /// The runs, in the order of their choice index: prompt `p`'s choice
+    /// `j` is index `p × n + j`, its seed the request's moved by `j`, so that
     /// sampled choices differ and each is reproducible.
-    pub fn choice(&self, i: u32) -> InferenceRequest {
-        let mut r = self.req.clone();
-        if r.seed != 0 {
-            r.seed = r.seed.wrapping_add(u64::from(i));
+    pub fn runs(&self) -> Vec<InferenceRequest> {
+        let prompts: Vec<Option<&String>> = if self.prompts.is_empty() {
+            vec![None]
+        } else {
+            self.prompts.iter().map(Some).collect()
+        };
+        let mut runs = Vec::with_capacity(prompts.len() * self.n as usize);
+        for p in prompts {
+            for j in 0..self.n {
+                let mut r = self.req.clone();
+                if let Some(p) = p {
+                    r.prompt = p.clone();
+                }
+                // Workers seed with 32 bits.
+                r.seed = u64::from((r.seed as u32).wrapping_add(j));
+                runs.push(r);
+            }
         }
-        r
+        runs
     }
 }
 
@@ -70,10 +92,11 @@ pub fn parse(body: &[u8], chat: bool) -> Result<ApiRequest, BadRequest> {
         model: model.to_string(),
         ..Default::default()
     };
+    let mut prompts = vec![];
     if chat {
         req.messages = messages(&body)?;
     } else {
-        req.prompt = prompt(&body)?;
+        prompts = prompt(&body)?;
     }
     refuse_unserved(&body, chat)?;
     sampling(&body, &mut req)?;
@@ -85,12 +108,37 @@ pub fn parse(body: &[u8], chat: bool) -> Result<ApiRequest, BadRequest> {
             .ok_or_else(|| bad(format!("n must be between 1 and {MAX_CHOICES}"), "n"))?
             as u32,
     };
+    if prompts.len().max(1) * n as usize > MAX_RUNS {
+        return Err(bad(
+            format!(
+                "{} prompts × n = {n} asks for more than {MAX_RUNS} completions in one request",
+                prompts.len()
+            ),
+            "n",
+        ));
+    }
     let stream = match field(&body, "stream") {
         None => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad("stream must be a boolean", "stream")),
     };
-    Ok(ApiRequest { req, stream, n })
+    let include_usage = match field(&body, "stream_options").map(|o| o.get("include_usage")) {
+        None | Some(None | Some(Value::Null)) => false,
+        Some(Some(Value::Bool(b))) => *b,
+        Some(Some(_)) => {
+            return Err(bad(
+                "stream_options.include_usage must be a boolean",
+                "stream_options",
+            ));
+        }
+    };
+    Ok(ApiRequest {
+        req,
+        prompts,
+        stream,
+        n,
+        include_usage,
+    })
 }
 
 /// A field that is present and not null.
@@ -98,21 +146,29 @@ fn field<'a>(body: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
     body.get(k).filter(|v| !v.is_null())
 }
 
-fn prompt(body: &Map<String, Value>) -> Result<String, BadRequest> {
+/// The prompt of a completion, or OpenAI's list of prompts (a batch).
+fn prompt(body: &Map<String, Value>) -> Result<Vec<String>, BadRequest> {
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(String::from);
     match body.get("prompt") {
-        Some(Value::String(p)) if !p.is_empty() => Ok(p.clone()),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].as_str().is_some_and(|s| !s.is_empty()) => {
-            Ok(a[0].as_str().unwrap_or_default().to_string())
-        }
-        Some(Value::Array(a)) if a.len() > 1 && a.iter().all(Value::is_string) => Err(bad(
-            "one prompt per request: send each prompt as a request of its own",
-            "prompt",
-        )),
+        Some(Value::String(p)) if !p.is_empty() => Ok(vec![p.clone()]),
         Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_number) => Err(bad(
             "prompts of token ids are not served: send the prompt as text",
             "prompt",
         )),
-        _ => Err(bad("prompt must be a non-empty string", "prompt")),
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .iter()
+            .map(text)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                bad(
+                    "every prompt in the list must be a non-empty string",
+                    "prompt",
+                )
+            }),
+        _ => Err(bad(
+            "prompt must be a non-empty string or a list of them",
+            "prompt",
+        )),
     }
 }
 
@@ -133,6 +189,27 @@ fn messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, BadRequest> {
                 .get("role")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad("every message needs a string role", "messages"))?;
+            let role = match role {
+                "system" | "developer" => "system",
+                "user" | "assistant" => role,
+                "tool" | "function" => {
+                    return Err(bad(
+                        format!("{role} messages are not served: there is no function calling"),
+                        "messages",
+                    ));
+                }
+                other => return Err(bad(format!("unknown message role {other:?}"), "messages")),
+            };
+            if m.get("tool_calls")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty())
+                || m.get("function_call").is_some_and(|f| !f.is_null())
+            {
+                return Err(bad(
+                    "messages with tool calls are not served: there is no function calling",
+                    "messages",
+                ));
+            }
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Null) | None if role == "assistant" => String::new(),
@@ -144,7 +221,6 @@ fn messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, BadRequest> {
                     ));
                 }
             };
-            let role = if role == "developer" { "system" } else { role };
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
@@ -191,12 +267,11 @@ fn refuse_unserved(body: &Map<String, Value>, chat: bool) -> Result<(), BadReque
         Some(Value::Object(o)) => !o.is_empty(),
         Some(_) => true,
     };
-    let refused: [(&'static str, &str); 10] = [
+    let refused: [(&'static str, &str); 9] = [
         ("logprobs", "log-probabilities are not returned"),
         ("top_logprobs", "log-probabilities are not returned"),
         ("tools", "tools (function calling) are not served"),
         ("functions", "functions (function calling) are not served"),
-        ("logit_bias", "logit_bias is not served"),
         (
             "frequency_penalty",
             "frequency_penalty is not served; repeat_penalty (llama.cpp's) is",
@@ -213,6 +288,11 @@ fn refuse_unserved(body: &Map<String, Value>, chat: bool) -> Result<(), BadReque
         if truthy(k) {
             return Err(bad(why, k));
         }
+    }
+    if let Some(Value::Object(biases)) = field(body, "logit_bias")
+        && biases.values().any(|b| b.as_f64() != Some(0.0))
+    {
+        return Err(bad("logit_bias is not served", "logit_bias"));
     }
     if let Some(b) = field(body, "best_of")
         && b.as_u64() != Some(1)
@@ -292,11 +372,15 @@ fn sampling(body: &Map<String, Value>, req: &mut InferenceRequest) -> Result<(),
                 )
             })? as f32;
     }
-    if let Some(s) = field(body, "seed") {
-        req.seed = s
+    // Without a seed, one is drawn, as OpenAI and llama-server sample
+    // afresh each time; a resumed request keeps it (the coordinator resends
+    // the same request), so its sampled tokens stay the same.
+    req.seed = match field(body, "seed") {
+        Some(s) => s
             .as_u64()
-            .ok_or_else(|| bad("seed must be a non-negative integer", "seed"))?;
-    }
+            .ok_or_else(|| bad("seed must be a non-negative integer", "seed"))?,
+        None => getrandom::u32().map_or(0, u64::from),
+    };
     match field(body, "stop") {
         None => {}
         Some(Value::String(s)) => req.stop = vec![s.clone()],
@@ -390,16 +474,49 @@ mod tests {
     }
 
     #[test]
-    fn llama_server_extensions_are_read_and_choices_move_the_seed() {
+    fn llama_server_extensions_are_read_and_runs_are_prompts_times_choices() {
         let r = parse(
-            br#"{"model":"m","prompt":["p"],"top_k":5,"repeat_penalty":1.1,"seed":7,"n":2}"#,
+            br#"{"model":"m","prompt":["p","q"],"top_k":5,"repeat_penalty":1.1,"seed":7,"n":2}"#,
             false,
         )
         .unwrap();
         assert_eq!((r.req.top_k, r.req.repeat_penalty), (5, 1.1));
-        assert_eq!((r.choice(0).seed, r.choice(1).seed), (7, 8));
-        assert_eq!(r.req.prompt, "p");
+        let runs: Vec<_> = r.runs().into_iter().map(|x| (x.prompt, x.seed)).collect();
+        let want = [("p", 7), ("p", 8), ("q", 7), ("q", 8)].map(|(p, s)| (p.to_string(), s));
+        assert_eq!(runs, want);
         let e = parse(br#"{"model":"m","prompt":[1,2]}"#, false).unwrap_err();
         assert!(e.message.contains("token ids"), "{e}");
+        let e = parse(br#"{"model":"m","prompt":["a", ""]}"#, false).unwrap_err();
+        assert_eq!(e.param, "prompt");
+        let e = parse(
+            br#"{"model":"m","prompt":["a","b","c","d","e"],"n":16}"#,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(e.param, "n", "80 runs: {e}");
+        // Without a seed one is drawn: two requests sample differently.
+        let a = parse(br#"{"model":"m","prompt":"p","temperature":1}"#, false).unwrap();
+        let b = parse(br#"{"model":"m","prompt":"p","temperature":1}"#, false).unwrap();
+        assert_ne!(a.req.seed, b.req.seed);
+    }
+
+    #[test]
+    fn roles_and_tool_calls_are_checked_here() {
+        let msgs = |m: Value| chat(serde_json::json!({"model": "m", "messages": m}));
+        for m in [
+            serde_json::json!([{"role": "tool", "content": "42", "tool_call_id": "x"}]),
+            serde_json::json!([{"role": "wizard", "content": "hi"}]),
+            serde_json::json!([{"role": "assistant", "content": null, "tool_calls": [{"id": "x"}]}]),
+        ] {
+            let e = msgs(m.clone()).unwrap_err();
+            assert_eq!(e.param, "messages", "{m}: {e}");
+        }
+        let ok = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "logit_bias": {"50256": 0}, "stream_options": {"include_usage": true}});
+        let r = chat(ok).unwrap();
+        assert!(r.include_usage);
+        let bias = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "logit_bias": {"50256": -100}});
+        assert_eq!(chat(bias).unwrap_err().param, "logit_bias");
     }
 }

@@ -1,8 +1,8 @@
 //! A streamed answer: server-sent events, one per text chunk of any
 //! choice (tagged with its index), a last one per choice with its finish
-//! reason, then `[DONE]`. With one choice the usage rides on that last
-//! chunk; with several it follows in a chunk of its own with no choices, as
-//! OpenAI sends it.
+//! reason, then `[DONE]`. With `stream_options.include_usage` the usage
+//! follows in a chunk of its own with no choices, as OpenAI sends it;
+//! without, a single choice's finish chunk carries it (as before).
 
 use std::convert::Infallible;
 
@@ -14,10 +14,16 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::{Head, finish_reason};
+use super::{Head, Usage, finish_reason};
 
-/// One choice's gRPC answer, counted in the coordinator's metrics.
-pub type Answer = crate::metrics::Metered<crate::drivers::Answers>;
+/// The messages of all runs of one request, tagged with their choice index.
+pub type Answers = futures::stream::BoxStream<
+    'static,
+    (
+        usize,
+        Result<llama_cluster_proto::v1::InferenceResponse, tonic::Status>,
+    ),
+>;
 
 type ReceiverSse = tokio_stream::wrappers::ReceiverStream<Result<SseEvent, Infallible>>;
 
@@ -48,14 +54,15 @@ impl Head {
     }
 }
 
-/// Streams `streams` (one per choice) as server-sent events.
-pub fn respond(head: Head, streams: Vec<Answer>) -> Response {
+/// Streams `answers` (of `n_runs` choices) as server-sent events; the
+/// usage in a last chunk of its own with `include_usage`, else on the
+/// finish chunk of a single choice.
+pub fn respond(head: Head, mut answers: Answers, n_runs: usize, include_usage: bool) -> Response {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
-    let n = streams.len();
     tokio::spawn(
         async move {
             if head.chat {
-                for i in 0..n {
+                for i in 0..n_runs {
                     let role = json!({"role": "assistant", "content": ""});
                     if tx
                         .send(Ok(head.chunk(Some(i), role, Value::Null, Value::Null)))
@@ -66,30 +73,23 @@ pub fn respond(head: Head, streams: Vec<Answer>) -> Response {
                     }
                 }
             }
-            let mut all = futures::stream::select_all(
-                streams
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, s)| s.map(move |m| (i, m))),
-            );
-            let (mut prompt_tokens, mut completion_tokens) = (0u32, 0u32);
+            let mut usage = Usage::default();
             let mut failed = false;
-            while let Some((i, m)) = all.next().await {
+            while let Some((i, m)) = answers.next().await {
                 let event = match m {
                     Ok(m) => match m.event {
                         Some(Event::Chunk(c)) if !c.text.is_empty() => {
                             head.chunk(Some(i), json!({"content": c.text}), Value::Null, Value::Null)
                         }
                         Some(Event::Stats(s)) => {
-                            prompt_tokens = s.prompt_tokens;
-                            completion_tokens += s.generated_tokens;
-                            let usage = if n == 1 {
-                                usage_of(prompt_tokens, completion_tokens)
+                            usage.add(&head, i, &s);
+                            let on_finish = if n_runs == 1 && !include_usage {
+                                usage.json()
                             } else {
                                 Value::Null
                             };
                             let finish = json!(finish_reason(&s.finish_reason));
-                            head.chunk(Some(i), json!({}), finish, usage)
+                            head.chunk(Some(i), json!({}), finish, on_finish)
                         }
                         _ => continue,
                     },
@@ -101,13 +101,12 @@ pub fn respond(head: Head, streams: Vec<Answer>) -> Response {
                     }
                 };
                 if tx.send(Ok(event)).await.is_err() {
-                    return; // client went away: dropping the streams stops generation
+                    return; // client went away: dropping the runs stops generation
                 }
             }
-            if n > 1 && !failed {
-                let usage = usage_of(prompt_tokens, completion_tokens);
+            if include_usage && !failed {
                 let _ = tx
-                    .send(Ok(head.chunk(None, Value::Null, Value::Null, usage)))
+                    .send(Ok(head.chunk(None, Value::Null, Value::Null, usage.json())))
                     .await;
             }
             let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
@@ -117,9 +116,4 @@ pub fn respond(head: Head, streams: Vec<Answer>) -> Response {
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx) as ReceiverSse)
         .keep_alive(KeepAlive::default())
         .into_response()
-}
-
-fn usage_of(prompt_tokens: u32, completion_tokens: u32) -> Value {
-    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-           "total_tokens": prompt_tokens + completion_tokens})
 }
