@@ -5,7 +5,7 @@
 //!   none refused; they land on both replicas of every shard and on more
 //!   than one driver; a request past the queue bound gets 429 with the
 //!   queue's figures, and a client that disconnects while queued frees its
-//!   place;
+//!   place; one request for 2 × the capacity of choices (`n`) completes;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -58,6 +58,18 @@ if phase == "many":
     out, ts = run(range(int(sys.argv[3])), max_tokens=12)
     [t.join() for t in ts]
     res["answers"] = out
+elif phase == "choices":
+    # One request for more choices than the cluster has sessions: each
+    # choice queues like a request of its own while the others are read.
+    try:
+        r = client().chat.completions.create(
+            model=model, max_tokens=160, temperature=0, n=int(sys.argv[3]),
+            messages=[{"role": "user", "content": "Count to a thousand."}],
+            extra_body={"ignore_eos": True})
+        res["choices"] = {"status": 200, "n": len(r.choices), "tokens": r.usage.completion_tokens,
+                          "distinct": len({c.message.content for c in r.choices})}
+    except Exception as e:
+        res["choices"] = {"status": "error", "message": f"{type(e).__name__}: {e}"}
 else:
     cap, bound = int(sys.argv[3]), int(sys.argv[4])
     # The cluster busy with `cap` long requests …
@@ -170,6 +182,19 @@ async fn many_users_are_queued_and_spread_over_replicas_and_drivers() {
         }
     }
     assert!(drivers >= 2, "requests went to {drivers} driver(s)");
+
+    // One request with 2 × the capacity of choices, each longer than the
+    // streams' buffers: all complete, greedy alike.
+    let n = 2 * cap as u64;
+    let r = python(&dir, &[&base, "choices", &n.to_string()]);
+    let c = &r["choices"];
+    assert_eq!(c["status"], 200, "{c}");
+    assert_eq!(
+        (c["n"].as_u64(), c["tokens"].as_u64()),
+        (Some(n), Some(n * 160)),
+        "{c}"
+    );
+    assert_eq!(c["distinct"], 1, "{c}");
 
     // The queue's bound, and a client that leaves it.
     let r = python(&dir, &[&base, "bound", &cap.to_string(), "8"]);
