@@ -51,6 +51,17 @@ impl Baseline {
     /// Greedy continuation of `prompt` for `n_gen` tokens; the prompt is fed
     /// in chunks of `n_batch`, as the pipeline does.
     pub fn greedy(&self, prompt: &[i32], n_gen: usize) -> Result<GreedyRun> {
+        self.greedy_with(prompt, n_gen, |_, _| {})
+    }
+
+    /// [`Baseline::greedy`] with `adjust(tokens so far, logits)` applied to
+    /// the logits before each pick (a reference for the samplers' penalties).
+    pub fn greedy_with(
+        &self,
+        prompt: &[i32],
+        n_gen: usize,
+        mut adjust: impl FnMut(&[i32], &mut [f32]),
+    ) -> Result<GreedyRun> {
         let backend = crate::backend()?;
         let s = self.settings;
         let params = LlamaContextParams::default()
@@ -81,7 +92,15 @@ impl Baseline {
         }
         let prompt_logits = ctx.get_logits_ith(batch.n_tokens() - 1).to_vec();
         let prompt_time = t0.elapsed();
-        let mut tokens = vec![argmax(&prompt_logits)];
+        let mut seen = prompt.to_vec();
+        let mut pick = |logits: &[f32], seen: &mut Vec<i32>| {
+            let mut l = logits.to_vec();
+            adjust(seen, &mut l);
+            let t = argmax(&l);
+            seen.push(t);
+            t
+        };
+        let mut tokens = vec![pick(&prompt_logits, &mut seen)];
         let t1 = Instant::now();
         while tokens.len() < n_gen {
             batch.clear();
@@ -91,7 +110,7 @@ impl Baseline {
                 .map_err(|e| llama(&e))?;
             ctx.decode(&mut batch).map_err(|e| llama(&e))?;
             pos += 1;
-            tokens.push(argmax(ctx.get_logits_ith(0)));
+            tokens.push(pick(ctx.get_logits_ith(0), &mut seen));
         }
         Ok(GreedyRun {
             tokens,

@@ -1,6 +1,6 @@
 //! Token sampling at the last stage, with llama.cpp's own samplers:
-//! repetition penalty, top-k, top-p, temperature, seeded distribution, or
-//! greedy when the temperature is 0.
+//! repetition, frequency and presence penalties, top-k, top-p, temperature,
+//! seeded distribution, or greedy when the temperature is 0.
 
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
@@ -20,9 +20,17 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// 1 disables the penalty.
     pub repeat_penalty: f32,
-    /// How many recent tokens the penalty looks at.
+    /// How many recent tokens the penalties look at.
     pub penalty_last_n: i32,
     pub seed: u32,
+    /// Subtracted from a token's logit once per time it occurs in the
+    /// recent tokens (OpenAI's `frequency_penalty`; 0: off).
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    /// Subtracted from the logit of every token that occurs in the recent
+    /// tokens (OpenAI's `presence_penalty`; 0: off).
+    #[serde(default)]
+    pub presence_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +42,8 @@ impl Default for SamplingParams {
             repeat_penalty: 1.0,
             penalty_last_n: 64,
             seed: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
     }
 }
@@ -53,6 +63,16 @@ impl SamplingParams {
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
             return bad("repeat_penalty must be greater than 0");
         }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return Err(EngineError::InvalidInput(format!(
+                    "{name} must be between -2 and 2"
+                )));
+            }
+        }
         if self.penalty_last_n < -1 {
             return bad("penalty_last_n must be -1 (whole context), 0 (off) or positive");
         }
@@ -61,6 +81,11 @@ impl SamplingParams {
 
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
+    }
+
+    /// Whether any of the three penalties is on.
+    pub fn has_penalties(&self) -> bool {
+        self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
 }
 
@@ -86,13 +111,13 @@ impl Sampler {
     pub fn new(p: &SamplingParams, n_vocab: usize) -> Result<Sampler> {
         p.validate()?;
         let mut list = Vec::new();
-        if p.repeat_penalty != 1.0 {
+        if p.has_penalties() {
             list.push(LlamaSampler::penalties(
                 n_vocab as i32,
                 p.penalty_last_n,
                 p.repeat_penalty,
-                0.0,
-                0.0,
+                p.frequency_penalty,
+                p.presence_penalty,
             ));
         }
         if p.is_greedy() {
@@ -169,6 +194,24 @@ mod tests {
         let mut s = Sampler::new(&p, 4).unwrap();
         s.accept_history(&[1]);
         assert_eq!(s.sample(&logits, 0).unwrap(), 2, "token 1 is penalised");
+        // 3.0 - 2 × 0.06 < 2.9 (twice seen), but 3.0 - 0.06 > 2.9 (once).
+        let p = SamplingParams {
+            frequency_penalty: 0.06,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(&p, 4).unwrap();
+        s.accept_history(&[1, 1]);
+        assert_eq!(s.sample(&logits, 0).unwrap(), 2, "twice seen");
+        let mut s = Sampler::new(&p, 4).unwrap();
+        s.accept_history(&[1]);
+        assert_eq!(s.sample(&logits, 0).unwrap(), 1, "once seen");
+        let p = SamplingParams {
+            presence_penalty: 0.2,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(&p, 4).unwrap();
+        s.accept_history(&[1]);
+        assert_eq!(s.sample(&logits, 0).unwrap(), 2, "present");
     }
 
     #[test]
@@ -218,6 +261,14 @@ mod tests {
             },
             SamplingParams {
                 temperature: f32::NAN,
+                ..Default::default()
+            },
+            SamplingParams {
+                frequency_penalty: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                presence_penalty: f32::NAN,
                 ..Default::default()
             },
         ] {

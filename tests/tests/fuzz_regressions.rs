@@ -137,6 +137,8 @@ fn write_seeds() {
             repeat_penalty: 1.1,
             penalty_last_n: 64,
             seed: 42,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
         }),
         history: vec![1, 2, 3],
         payload,

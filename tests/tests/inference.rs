@@ -267,6 +267,39 @@ async fn three_worker_processes_match_single_node_llama_cpp() {
         .collect();
     assert_eq!(ids, want.tokens);
 
+    // The frequency and presence penalties equal the unsplit model's logits
+    // with OpenAI's formula applied by hand over the last 64 tokens.
+    let (freq, presence) = (0.8f32, 0.5f32);
+    let prompt = "List the numbers: one, two, one, two, one,";
+    let want = base
+        .greedy_with(&base.tokenize(prompt), 24, |seen, logits| {
+            let window = &seen[seen.len().saturating_sub(64)..];
+            let mut count = std::collections::HashMap::<i32, f32>::new();
+            for &t in window {
+                *count.entry(t).or_default() += 1.0;
+            }
+            for (&t, &c) in &count {
+                logits[t as usize] -= c * freq + presence;
+            }
+        })
+        .unwrap();
+    let plain = base.greedy(&base.tokenize(prompt), 24).unwrap();
+    assert_ne!(want.tokens, plain.tokens, "the penalties change this text");
+    let penalised = infer(
+        &cluster.workers[0],
+        InferenceRequest {
+            prompt: prompt.into(),
+            max_tokens: 24,
+            frequency_penalty: freq,
+            presence_penalty: presence,
+            ignore_eos: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(penalised.tokens, want.tokens);
+
     // Seeded sampling repeats itself; stop strings cut the text.
     let sampled = InferenceRequest {
         prompt: "Once upon a time".into(),

@@ -79,6 +79,9 @@ parts = [{"role": "system", "content": "You are brief."}, {"role": "user", "cont
 out["parts"] = c.chat.completions.create(model=model, messages=parts, max_tokens=24).choices[0].message.content
 dev = [{"role": "developer", "content": "You are brief."}, {"role": "user", "content": q}]
 out["developer"] = c.chat.completions.create(model=model, messages=dev, max_tokens=24).choices[0].message.content
+pen = dict(model=model, prompt=sys.argv[2], max_tokens=24, extra_body={"ignore_eos": True})
+out["penalised"] = c.completions.create(frequency_penalty=0.8, presence_penalty=0.5, **pen).choices[0].text
+out["unpenalised"] = c.completions.create(**pen).choices[0].text
 r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, n=2)
 out["n"] = {"texts": [x.text for x in r.choices], "indexes": [x.index for x in r.choices],
             "usage": [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]}
@@ -113,11 +116,14 @@ out["refused"] = {
     "image": raw("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}),
     "tools": raw("/v1/chat/completions", {"model": model, "messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}),
     "json": raw("/v1/chat/completions", {"model": model, "messages": hi, "response_format": {"type": "json_object"}}),
-    "penalty": raw("/v1/completions", {"model": model, "prompt": "hi", "presence_penalty": 1.0}),
+    "penalty": raw("/v1/completions", {"model": model, "prompt": "hi", "presence_penalty": 3.0}),
     "tool_message": raw("/v1/chat/completions", {"model": model, "messages": hi + [{"role": "tool", "content": "42", "tool_call_id": "x"}]}),
 }
 print(json.dumps(out))
 "#;
+
+/// The prompt the penalties are tried on (the numbers repeat).
+const PENALISED: &str = "List the numbers: one, two, one, two, one,";
 
 /// The completion request both the pipeline and the API are asked.
 fn capital_of_france() -> InferenceRequest {
@@ -183,7 +189,22 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         .into_inner();
     let want_chat = text_of(stream).await;
 
-    let r = run_client(&dir, "client.py", CLIENT, &base, &coord);
+    // … and with OpenAI's penalties.
+    let stream = client
+        .inference(InferenceRequest {
+            prompt: PENALISED.into(),
+            max_tokens: 24,
+            frequency_penalty: 0.8,
+            presence_penalty: 0.5,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let want_penalised = text_of(stream).await;
+
+    let r = run_client(&dir, "client.py", CLIENT, &[&base], &coord);
     println!("{}", serde_json::to_string_pretty(&r).unwrap());
 
     assert_eq!(r["models"], serde_json::json!(["smollm2-135m-instruct"]));
@@ -336,9 +357,17 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
 
     // What clients send beyond the basics: text parts, several choices, and
     // fields the API cannot honour (refused by name, never dropped).
-    let r = run_client(&dir, "client_more.py", CLIENT_MORE, &base, &coord);
+    let r = run_client(
+        &dir,
+        "client_more.py",
+        CLIENT_MORE,
+        &[&base, PENALISED],
+        &coord,
+    );
     println!("{}", serde_json::to_string_pretty(&r).unwrap());
     assert_eq!(r["parts"], chat["text"], "text parts read as the string");
+    assert_eq!(r["penalised"], want_penalised.as_str());
+    assert_ne!(r["penalised"], r["unpenalised"]);
     assert_eq!(r["developer"], chat["text"], "developer is system");
     let answer = want.as_str();
     assert_eq!(r["n"]["texts"], serde_json::json!([answer, answer]));
@@ -377,19 +406,20 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
     }
 }
 
-/// Runs a Python client script against the API at `base`: its stdout JSON.
+/// Runs a Python client script (arguments: the API's base URL, …): its
+/// stdout JSON.
 fn run_client(
     dir: &std::path::Path,
     name: &str,
     code: &str,
-    base: &str,
+    args: &[&str],
     coord: &llama_cluster_tests::NodeProc,
 ) -> Value {
     let script = dir.join(name);
     std::fs::write(&script, code).unwrap();
     let mut child = Command::new("python3")
         .arg(&script)
-        .arg(base)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -43,6 +43,10 @@ struct InferenceParams {
     #[serde(default)]
     repeat_penalty: Option<f32>,
     #[serde(default)]
+    frequency_penalty: f32,
+    #[serde(default)]
+    presence_penalty: f32,
+    #[serde(default)]
     seed: u32,
     #[serde(default)]
     stop: Vec<String>,
@@ -313,6 +317,8 @@ impl Dispatcher {
                 repeat_penalty: p.repeat_penalty.unwrap_or(defaults.repeat_penalty),
                 penalty_last_n: defaults.penalty_last_n,
                 seed: p.seed,
+                frequency_penalty: p.frequency_penalty,
+                presence_penalty: p.presence_penalty,
             },
             stop: p.stop,
             return_prompt_logits: false,

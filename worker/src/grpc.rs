@@ -191,6 +191,8 @@ impl Worker for WorkerService {
                 },
                 penalty_last_n: SamplingParams::default().penalty_last_n,
                 seed: r.seed as u32,
+                frequency_penalty: r.frequency_penalty,
+                presence_penalty: r.presence_penalty,
             },
             stop: r.stop,
             return_prompt_logits: r.return_prompt_logits,

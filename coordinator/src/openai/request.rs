@@ -2,8 +2,8 @@
 //!
 //! What llama-cluster serves is read (with llama-server's extensions
 //! `top_k`, `repeat_penalty` and `ignore_eos`); a field it would otherwise
-//! have to ignore (log-probabilities, tools, a JSON response format,
-//! penalties it has no sampler for, …) is refused with a 400 that names it,
+//! have to ignore (log-probabilities, tools, a JSON response format, …) is
+//! refused with a 400 that names it,
 //! so that no client gets an answer to a question it did not ask.
 
 use llama_cluster_proto::v1::{ChatMessage, InferenceRequest};
@@ -267,19 +267,11 @@ fn refuse_unserved(body: &Map<String, Value>, chat: bool) -> Result<(), BadReque
         Some(Value::Object(o)) => !o.is_empty(),
         Some(_) => true,
     };
-    let refused: [(&'static str, &str); 9] = [
+    let refused: [(&'static str, &str); 7] = [
         ("logprobs", "log-probabilities are not returned"),
         ("top_logprobs", "log-probabilities are not returned"),
         ("tools", "tools (function calling) are not served"),
         ("functions", "functions (function calling) are not served"),
-        (
-            "frequency_penalty",
-            "frequency_penalty is not served; repeat_penalty (llama.cpp's) is",
-        ),
-        (
-            "presence_penalty",
-            "presence_penalty is not served; repeat_penalty (llama.cpp's) is",
-        ),
         ("echo", "echo is not served"),
         ("suffix", "suffix (insertion) is not served"),
         ("audio", "audio output is not served"),
@@ -371,6 +363,18 @@ fn sampling(body: &Map<String, Value>, req: &mut InferenceRequest) -> Result<(),
                     "repeat_penalty",
                 )
             })? as f32;
+    }
+    for (k, slot) in [
+        ("frequency_penalty", &mut req.frequency_penalty),
+        ("presence_penalty", &mut req.presence_penalty),
+    ] {
+        if let Some(v) = field(body, k) {
+            *slot = v
+                .as_f64()
+                .filter(|v| (-2.0..=2.0).contains(v))
+                .ok_or_else(|| bad(format!("{k} must be between -2 and 2"), k))?
+                as f32;
+        }
     }
     // Without a seed, one is drawn, as OpenAI and llama-server sample
     // afresh each time; a resumed request keeps it (the coordinator resends

@@ -267,16 +267,23 @@ impl ActivationRequest {
             w.u32(h.layer_start);
             w.u32(h.layer_end);
         }
+        // Flag 2 adds the frequency and presence penalties; without them
+        // the frame is the one of workers that predate them (flag 1).
         match &self.sampling {
             None => w.u8(0),
             Some(s) => {
-                w.u8(1);
+                let extended = s.frequency_penalty != 0.0 || s.presence_penalty != 0.0;
+                w.u8(if extended { 2 } else { 1 });
                 w.f32(s.temperature);
                 w.i32(s.top_k);
                 w.f32(s.top_p);
                 w.f32(s.repeat_penalty);
                 w.i32(s.penalty_last_n);
                 w.u32(s.seed);
+                if extended {
+                    w.f32(s.frequency_penalty);
+                    w.f32(s.presence_penalty);
+                }
             }
         }
         w.u32(self.history.len() as u32);
@@ -342,14 +349,22 @@ impl ActivationRequest {
         }
         let sampling = match r.u8()? {
             0 => None,
-            1 => Some(SamplingParams {
-                temperature: r.f32()?,
-                top_k: r.i32()?,
-                top_p: r.f32()?,
-                repeat_penalty: r.f32()?,
-                penalty_last_n: r.i32()?,
-                seed: r.u32()?,
-            }),
+            flag @ (1 | 2) => {
+                let mut s = SamplingParams {
+                    temperature: r.f32()?,
+                    top_k: r.i32()?,
+                    top_p: r.f32()?,
+                    repeat_penalty: r.f32()?,
+                    penalty_last_n: r.i32()?,
+                    seed: r.u32()?,
+                    ..Default::default()
+                };
+                if flag == 2 {
+                    s.frequency_penalty = r.f32()?;
+                    s.presence_penalty = r.f32()?;
+                }
+                Some(s)
+            }
             x => return Err(bad(format!("bad sampling flag {x}"))),
         };
         let n_hist = r.count(4)?;
@@ -483,121 +498,5 @@ impl ActivationResponse {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample_request(payload: Payload) -> ActivationRequest {
-        ActivationRequest {
-            kind: FrameKind::Forward,
-            session: 0xdead_beef_0000_0001,
-            pos0: 17,
-            want_logits: true,
-            sample: true,
-            budget_ms: 30_000,
-            trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-            driver: "12D3KooWdriver".into(),
-            depth: 2,
-            route: vec![Hop {
-                peer: "12D3KooW".into(),
-                shard_id: "m-L0-9".into(),
-                layer_start: 0,
-                layer_end: 9,
-            }],
-            sampling: Some(SamplingParams {
-                temperature: 0.7,
-                seed: 9,
-                ..Default::default()
-            }),
-            history: vec![1, 2, 3],
-            payload,
-        }
-    }
-
-    #[test]
-    fn requests_round_trip() {
-        for p in [
-            Payload::None,
-            Payload::Tokens(vec![5, 6, 7]),
-            Payload::Hidden {
-                n_tokens: 2,
-                n_embd: 3,
-                data: vec![1.5, -2.0, 0.0, 1e-7, 3.25, -0.5],
-                f16: false,
-            },
-        ] {
-            let r = sample_request(p);
-            assert_eq!(ActivationRequest::decode(&r.encode()).unwrap(), r);
-        }
-        let r = sample_request(Payload::Hidden {
-            n_tokens: 1,
-            n_embd: 2,
-            data: vec![1.5, -2.0],
-            f16: true,
-        });
-        let back = ActivationRequest::decode(&r.encode()).unwrap();
-        assert_eq!(back, r, "values exactly representable in f16 survive");
-    }
-
-    #[test]
-    fn f32_payload_is_raw_bytes() {
-        let data: Vec<f32> = (0..576).map(|i| i as f32 * 0.01).collect();
-        let r = sample_request(Payload::Hidden {
-            n_tokens: 1,
-            n_embd: 576,
-            data,
-            f16: false,
-        });
-        let bytes = r.encode();
-        let overhead = bytes.len() - 576 * 4;
-        assert!(overhead < 200, "header is {overhead} bytes");
-    }
-
-    #[test]
-    fn garbage_is_rejected_not_panicking() {
-        assert!(ActivationRequest::decode(b"").is_err());
-        assert!(ActivationRequest::decode(b"LCA1").is_err());
-        assert!(ActivationRequest::decode(b"XXXX\x01").is_err());
-        let mut good = sample_request(Payload::Tokens(vec![1])).encode();
-        good.push(0);
-        assert!(ActivationRequest::decode(&good).is_err(), "trailing bytes");
-        let mut lie = sample_request(Payload::Hidden {
-            n_tokens: 1,
-            n_embd: 2,
-            data: vec![1.0, 2.0],
-            f16: false,
-        })
-        .encode();
-        lie.truncate(lie.len() - 4);
-        assert!(
-            ActivationRequest::decode(&lie).is_err(),
-            "short hidden state"
-        );
-        for cut in 0..40 {
-            let b = sample_request(Payload::Tokens(vec![1, 2])).encode();
-            let _ = ActivationRequest::decode(&b[..cut.min(b.len())]);
-        }
-    }
-
-    #[test]
-    fn responses_round_trip() {
-        let r = ActivationResponse {
-            error: None,
-            token: Some(42),
-            logits: vec![0.5, -1.0],
-            hops: vec![HopStats {
-                peer: "p".into(),
-                shard_id: "s".into(),
-                compute_us: 1234,
-                bytes_in: 2304,
-                open_sessions: 3,
-                max_sessions: 8,
-                batched: 2,
-            }],
-        };
-        assert_eq!(ActivationResponse::decode(&r.encode()).unwrap(), r);
-        let e = ActivationResponse::error(codes::ROUTE, "route mismatch");
-        assert_eq!(ActivationResponse::decode(&e.encode()).unwrap(), e);
-        let e = ActivationResponse::error_at(codes::UNAVAILABLE, "gone", "12D3KooWpeer");
-        assert_eq!(ActivationResponse::decode(&e.encode()).unwrap(), e);
-    }
-}
+#[path = "frame_tests.rs"]
+mod tests;
