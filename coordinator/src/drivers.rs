@@ -165,6 +165,15 @@ impl Drivers {
         self.0.changed.notify_waiters();
     }
 
+    /// Requests of `model` the cluster holds at most at once: its sessions
+    /// (from the last poll) and the queue's bound; `None` before a poll.
+    pub fn room(&self, model: &str) -> Option<usize> {
+        let g = self.lock();
+        g.capacity
+            .get(model)
+            .map(|c| *c as usize + self.0.max_queued)
+    }
+
     /// Before the first poll: who drives what, asked of the workers now.
     pub async fn learn_if_empty(&self, workers: &crate::workers::WorkerSet) {
         if !self.lock().drivers.is_empty() {

@@ -1,6 +1,6 @@
 //! Nothing lost when a worker dies (#16), on real worker processes with 2
-//! replicas of each shard: 8 concurrent greedy streams go on with the text
-//! they have without a fault when a stage of their route is killed, when
+//! replicas of each shard: 8 concurrent streams (greedy, or seeded sampling
+//! with penalties) go on with the text they have without a fault when a stage of their route is killed, when
 //! their driver is killed (the coordinator resumes them on another driver),
 //! and when a stage stops answering (SIGSTOP); sessions of a dead driver are
 //! freed within the lease. (A range left without a live replica, and its
@@ -24,11 +24,19 @@ const TOKENS: u32 = 48;
 const STAGE_TIMEOUT_SECS: u64 = 3;
 const LEASE_SECS: u64 = 5;
 
+/// Stream `i`'s request: greedy, or (odd `i`) seeded sampling with the
+/// frequency and presence penalties, whose state a resumed session must
+/// rebuild from the tokens so far.
 fn request(i: usize) -> InferenceRequest {
+    let sampled = i % 2 == 1;
     InferenceRequest {
         prompt: format!("Write a short story about robot number {i}."),
         max_tokens: TOKENS,
         ignore_eos: true,
+        temperature: if sampled { 0.8 } else { 0.0 },
+        seed: i as u64,
+        frequency_penalty: if sampled { 0.5 } else { 0.0 },
+        presence_penalty: if sampled { 0.3 } else { 0.0 },
         ..Default::default()
     }
 }

@@ -268,11 +268,12 @@ async fn three_worker_processes_match_single_node_llama_cpp() {
     assert_eq!(ids, want.tokens);
 
     // The frequency and presence penalties equal the unsplit model's logits
-    // with OpenAI's formula applied by hand over the last 64 tokens.
+    // with OpenAI's formula applied by hand over the last 64 tokens (the
+    // prompt's included; 80 tokens go past the window).
     let (freq, presence) = (0.8f32, 0.5f32);
     let prompt = "List the numbers: one, two, one, two, one,";
     let want = base
-        .greedy_with(&base.tokenize(prompt), 24, |seen, logits| {
+        .greedy_with(&base.tokenize(prompt), 80, |seen, logits| {
             let window = &seen[seen.len().saturating_sub(64)..];
             let mut count = std::collections::HashMap::<i32, f32>::new();
             for &t in window {
@@ -283,13 +284,13 @@ async fn three_worker_processes_match_single_node_llama_cpp() {
             }
         })
         .unwrap();
-    let plain = base.greedy(&base.tokenize(prompt), 24).unwrap();
+    let plain = base.greedy(&base.tokenize(prompt), 80).unwrap();
     assert_ne!(want.tokens, plain.tokens, "the penalties change this text");
     let penalised = infer(
         &cluster.workers[0],
         InferenceRequest {
             prompt: prompt.into(),
-            max_tokens: 24,
+            max_tokens: 80,
             frequency_penalty: freq,
             presence_penalty: presence,
             ignore_eos: true,

@@ -100,7 +100,9 @@ poem = dict(model=model, prompt="Write a poem about the sea:", max_tokens=16, te
 r = c.completions.create(n=2, seed=5, **poem)
 out["seeded"] = {"choices": [x.text for x in r.choices],
                  "alone": [c.completions.create(seed=s, **poem).choices[0].text for s in (5, 6)]}
-out["unseeded"] = [c.completions.create(**poem).choices[0].text for _ in range(2)]
+out["unseeded"] = [c.completions.create(max_tokens=32, extra_body={"ignore_eos": True},
+                                        **{k: v for k, v in poem.items() if k != "max_tokens"}).choices[0].text
+                   for _ in range(2)]
 r = c.completions.create(model=model, prompt=["Hi", "The capital of France is"], max_tokens=16)
 out["batch"] = {"texts": [x.text for x in r.choices], "prompt_tokens": r.usage.prompt_tokens}
 def raw(path, body):
@@ -380,7 +382,7 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         serde_json::json!(["length", "length"])
     );
     // A seed moves by the choice's index; without one, each request draws
-    // its own (16 tokens at temperature 1.5 do not repeat by chance).
+    // its own (32 tokens at temperature 1.5 do not repeat by chance).
     assert_eq!(r["seeded"]["choices"], r["seeded"]["alone"]);
     assert_ne!(r["unseeded"][0], r["unseeded"][1], "{}", r["unseeded"]);
     // A list of prompts: one choice each, in order, their prompts counted.

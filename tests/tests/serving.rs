@@ -70,6 +70,13 @@ elif phase == "choices":
                           "distinct": len({c.message.content for c in r.choices})}
     except Exception as e:
         res["choices"] = {"status": "error", "message": f"{type(e).__name__}: {e}"}
+    # More choices than the cluster runs and queues: refused before it starts.
+    try:
+        client().chat.completions.create(model=model, max_tokens=4, n=int(sys.argv[4]),
+                                         messages=[{"role": "user", "content": "Hi"}])
+        res["too_many"] = {"status": 200}
+    except Exception as e:
+        res["too_many"] = {"status": getattr(e, "status_code", None), "message": str(e)}
 else:
     cap, bound = int(sys.argv[3]), int(sys.argv[4])
     # The cluster busy with `cap` long requests …
@@ -186,7 +193,8 @@ async fn many_users_are_queued_and_spread_over_replicas_and_drivers() {
     // One request with 2 × the capacity of choices, each longer than the
     // streams' buffers: all complete, greedy alike.
     let n = 2 * cap as u64;
-    let r = python(&dir, &[&base, "choices", &n.to_string()]);
+    let too_many = (cap + 8 + 1).to_string();
+    let r = python(&dir, &[&base, "choices", &n.to_string(), &too_many]);
     let c = &r["choices"];
     assert_eq!(c["status"], 200, "{c}");
     assert_eq!(
@@ -195,6 +203,15 @@ async fn many_users_are_queued_and_spread_over_replicas_and_drivers() {
         "{c}"
     );
     assert_eq!(c["distinct"], 1, "{c}");
+    let t = &r["too_many"];
+    assert_eq!(t["status"], 400, "{t}");
+    assert!(
+        t["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than the cluster holds at once: 12"),
+        "{t}"
+    );
 
     // The queue's bound, and a client that leaves it.
     let r = python(&dir, &[&base, "bound", &cap.to_string(), "8"]);

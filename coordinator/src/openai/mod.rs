@@ -173,6 +173,18 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
     st.drivers.learn_if_empty(&st.workers).await;
     let mut runs = api.runs();
     let n_runs = runs.len();
+    // More runs than the cluster can run and queue would fail part-way.
+    if let Some(room) = st.drivers.room(&model)
+        && n_runs > 1
+        && n_runs > room
+    {
+        return bad_request(
+            format!(
+                "{n_runs} completions in one request are more than the cluster holds at once: {room} (its sessions and its queue's bound)"
+            ),
+            "n",
+        );
+    }
     let rest = runs.split_off(1);
     // The first run's admission decides the response's status (429 when
     // the queue is full, …); the others, if any, wait in the queue like any

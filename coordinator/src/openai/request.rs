@@ -452,7 +452,8 @@ mod tests {
             ("logprobs", Value::Bool(true)),
             ("top_logprobs", serde_json::json!(2)),
             ("tools", serde_json::json!([{"type": "function"}])),
-            ("presence_penalty", serde_json::json!(0.5)),
+            ("presence_penalty", serde_json::json!(3.0)),
+            ("frequency_penalty", serde_json::json!(-2.5)),
             (
                 "response_format",
                 serde_json::json!({"type": "json_object"}),
@@ -466,7 +467,8 @@ mod tests {
         for (k, v) in [
             ("logprobs", Value::Bool(false)),
             ("tools", serde_json::json!([])),
-            ("presence_penalty", serde_json::json!(0)),
+            ("presence_penalty", serde_json::json!(0.5)),
+            ("frequency_penalty", serde_json::json!(-1.0)),
             ("response_format", serde_json::json!({"type": "text"})),
             ("user", serde_json::json!("someone")),
             ("stream_options", serde_json::json!({"include_usage": true})),

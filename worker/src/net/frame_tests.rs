@@ -61,6 +61,19 @@ fn requests_round_trip() {
     assert_eq!(ActivationRequest::decode(&r.encode()).unwrap(), r);
 }
 
+/// A request frame written by workers before the frequency and presence
+/// penalties (sampling flag 1; the fuzz seed of that time).
+const FLAG_1_FRAME: &[u8] = include_bytes!("testdata/flag1-tokens.bin");
+
+#[test]
+fn frames_of_workers_before_the_penalties_decode_and_are_written_alike() {
+    let r = ActivationRequest::decode(FLAG_1_FRAME).unwrap();
+    let s = r.sampling.clone().unwrap();
+    assert_eq!((s.seed, s.repeat_penalty), (42, 1.1));
+    assert_eq!((s.frequency_penalty, s.presence_penalty), (0.0, 0.0));
+    assert_eq!(r.encode(), FLAG_1_FRAME, "no penalties: the old frame");
+}
+
 #[test]
 fn f32_payload_is_raw_bytes() {
     let data: Vec<f32> = (0..576).map(|i| i as f32 * 0.01).collect();
