@@ -31,6 +31,50 @@ pub struct SamplingParams {
     /// tokens (OpenAI's `presence_penalty`; 0: off).
     #[serde(default)]
     pub presence_penalty: f32,
+    /// Report each sampled token's log-probability and those of this many
+    /// most likely tokens (up to [`MAX_TOP_LOGPROBS`]; `None`: off).
+    #[serde(default)]
+    pub logprobs: Option<u8>,
+}
+
+/// Most alternatives a sampled token's log-probabilities list (OpenAI's).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// The log-probability of a sampled token and of the most likely tokens,
+/// from the model's distribution at that step (the softmax of the raw
+/// logits, before any sampler, as llama-server reports them).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenLogprobs {
+    pub token: i32,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(i32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// Of `token` and the `k` most likely tokens under `logits`.
+    pub fn of(logits: &[f32], token: i32, k: usize) -> TokenLogprobs {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+        let lse = f64::from(max) + sum.ln();
+        let lp = |t: usize| (f64::from(logits[t]) - lse) as f32;
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        let k = k.min(idx.len());
+        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        if k > 0 && k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, by_logit);
+        }
+        idx.truncate(k);
+        idx.sort_by(by_logit);
+        TokenLogprobs {
+            token,
+            logprob: usize::try_from(token)
+                .ok()
+                .filter(|&t| t < logits.len())
+                .map_or(f32::NEG_INFINITY, lp),
+            top: idx.into_iter().map(|t| (t as i32, lp(t))).collect(),
+        }
+    }
 }
 
 impl Default for SamplingParams {
@@ -44,6 +88,7 @@ impl Default for SamplingParams {
             seed: 0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            logprobs: None,
         }
     }
 }
@@ -62,6 +107,11 @@ impl SamplingParams {
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
             return bad("repeat_penalty must be greater than 0");
+        }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::InvalidInput(format!(
+                "top_logprobs must be at most {MAX_TOP_LOGPROBS}"
+            )));
         }
         for (name, v) in [
             ("frequency_penalty", self.frequency_penalty),
@@ -97,6 +147,7 @@ pub struct Sampler {
     /// that a session rebuilt elsewhere at the same position (failover)
     /// draws the same token.
     seed: Option<u32>,
+    logprobs: Option<u8>,
 }
 
 /// The seed of the draw at `pos` (splitmix64 of seed and position).
@@ -134,7 +185,14 @@ impl Sampler {
         Ok(Sampler {
             chain: LlamaSampler::chain_simple(list),
             seed: (!p.is_greedy()).then_some(p.seed),
+            logprobs: p.logprobs,
         })
+    }
+
+    /// Alternatives to report with each sampled token (`None`: no
+    /// log-probabilities).
+    pub fn logprobs(&self) -> Option<u8> {
+        self.logprobs
     }
 
     /// Feeds tokens that are already in the context (the prompt).
@@ -212,6 +270,18 @@ mod tests {
         let mut s = Sampler::new(&p, 4).unwrap();
         s.accept_history(&[1]);
         assert_eq!(s.sample(&logits, 0).unwrap(), 2, "present");
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_logits() {
+        let logits = [1.0f32, 3.0, 2.0, 0.0];
+        let z: f32 = logits.iter().map(|x| x.exp()).sum();
+        let l = TokenLogprobs::of(&logits, 2, 2);
+        assert!((l.logprob - (2.0f32.exp() / z).ln()).abs() < 1e-6, "{l:?}");
+        assert_eq!(l.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert!((l.top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-6);
+        assert!(TokenLogprobs::of(&logits, 0, 0).top.is_empty());
+        assert_eq!(TokenLogprobs::of(&logits, 0, 9).top.len(), 4);
     }
 
     #[test]

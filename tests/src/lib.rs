@@ -13,6 +13,7 @@ use llama_cluster_proto::v1::{GetStatusRequest, GetStatusResponse};
 use serde_json::Value;
 use tonic::transport::Channel;
 
+mod answer;
 pub mod bare_libp2p;
 pub mod clients;
 mod clusters;
@@ -21,6 +22,7 @@ pub mod fuzz_cases;
 pub mod self_child;
 pub mod torrent;
 
+pub use answer::{Answer, infer};
 pub use clusters::{PipelineCluster, ReplicaCluster, shard_ids_of};
 
 /// Path of a workspace binary, built by `cargo build --workspace --bins`

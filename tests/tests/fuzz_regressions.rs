@@ -139,6 +139,7 @@ fn write_seeds() {
             seed: 42,
             frequency_penalty: 0.5,
             presence_penalty: 0.25,
+            logprobs: Some(2),
         }),
         history: vec![1, 2, 3],
         payload,
@@ -171,6 +172,11 @@ fn write_seeds() {
             max_sessions: 4,
             batched: 1,
         }],
+        logprobs: Some(llama_cluster_engine::sampling::TokenLogprobs {
+            token: 9,
+            logprob: -0.5,
+            top: vec![(9, -0.5), (3, -1.25)],
+        }),
     };
     put("activation_frame", "response.bin", &resp.encode());
     put(

@@ -3,49 +3,22 @@
 //! libp2p. Greedy output must be token-identical to the unsplit model run in
 //! this process through llama-cpp-2 with the same settings, and the prompt's
 //! last-token logits equal within 1e-4 (0 in practice). Bad requests and
-//! failing stages come back as gRPC statuses within bounded time.
+//! failing stages come back as gRPC statuses within bounded time. (Sampling
+//! beyond greedy, penalties and log-probabilities: `sampling.rs`.)
 
 use std::time::{Duration, Instant};
 
 use llama_cluster_engine::EngineSettings;
 use llama_cluster_engine::baseline::Baseline;
 use llama_cluster_engine::chain::max_abs_diff;
-use llama_cluster_proto::v1::inference_response::Event;
-use llama_cluster_proto::v1::{InferenceRequest, InferenceStats, LoadShardRequest};
+use llama_cluster_proto::v1::{InferenceRequest, LoadShardRequest};
 use llama_cluster_tests::{
-    NodeProc, PipelineCluster, model_path, split_with_cli, test_dir, wait_for,
+    Answer, NodeProc, PipelineCluster, infer, model_path, split_with_cli, test_dir, wait_for,
 };
 use serde_json::{Value, json};
 
 const TOLERANCE: f32 = 1e-4;
 const N_GEN: u32 = 32;
-
-#[derive(Debug, Default)]
-struct Answer {
-    text: String,
-    tokens: Vec<i32>,
-    stats: Option<InferenceStats>,
-}
-
-async fn infer(node: &NodeProc, req: InferenceRequest) -> Result<Answer, tonic::Status> {
-    let mut client = node
-        .client()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut stream = client.inference(req).await?.into_inner();
-    let mut a = Answer::default();
-    while let Some(msg) = stream.message().await? {
-        match msg.event {
-            Some(Event::Chunk(c)) => {
-                a.text.push_str(&c.text);
-                a.tokens.extend(c.token_ids);
-            }
-            Some(Event::Stats(s)) => a.stats = Some(s),
-            None => {}
-        }
-    }
-    Ok(a)
-}
 
 /// A short request of `max_tokens` tokens.
 fn hi(max_tokens: u32) -> InferenceRequest {
@@ -266,40 +239,6 @@ async fn three_worker_processes_match_single_node_llama_cpp() {
         .map(|v| v.as_i64().unwrap() as i32)
         .collect();
     assert_eq!(ids, want.tokens);
-
-    // The frequency and presence penalties equal the unsplit model's logits
-    // with OpenAI's formula applied by hand over the last 64 tokens (the
-    // prompt's included; 80 tokens go past the window).
-    let (freq, presence) = (0.8f32, 0.5f32);
-    let prompt = "List the numbers: one, two, one, two, one,";
-    let want = base
-        .greedy_with(&base.tokenize(prompt), 80, |seen, logits| {
-            let window = &seen[seen.len().saturating_sub(64)..];
-            let mut count = std::collections::HashMap::<i32, f32>::new();
-            for &t in window {
-                *count.entry(t).or_default() += 1.0;
-            }
-            for (&t, &c) in &count {
-                logits[t as usize] -= c * freq + presence;
-            }
-        })
-        .unwrap();
-    let plain = base.greedy(&base.tokenize(prompt), 80).unwrap();
-    assert_ne!(want.tokens, plain.tokens, "the penalties change this text");
-    let penalised = infer(
-        &cluster.workers[0],
-        InferenceRequest {
-            prompt: prompt.into(),
-            max_tokens: 80,
-            frequency_penalty: freq,
-            presence_penalty: presence,
-            ignore_eos: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(penalised.tokens, want.tokens);
 
     // Seeded sampling repeats itself; stop strings cut the text.
     let sampled = InferenceRequest {

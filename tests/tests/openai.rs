@@ -96,6 +96,22 @@ for ch in c.completions.create(model=model, prompt="The capital of France is", m
         usage = [ch.usage.prompt_tokens, ch.usage.completion_tokens, ch.usage.total_tokens]
 out["n_stream"] = {"texts": [texts[i] for i in sorted(texts)], "finishes": [finishes[i] for i in sorted(finishes)], "usage": usage}
 out["ids"] = [c.completions.create(model=model, prompt="Hi", max_tokens=1).id for _ in range(3)]
+r = c.chat.completions.create(model=model, messages=dev, max_tokens=8, logprobs=True, top_logprobs=2)
+lp = r.choices[0].logprobs.content
+out["chat_logprobs"] = {"text": r.choices[0].message.content, "n": r.usage.completion_tokens,
+    "tokens": [e.token for e in lp], "logprobs": [e.logprob for e in lp],
+    "top": [[t.token for t in e.top_logprobs] for e in lp], "top_lp": [[t.logprob for t in e.top_logprobs] for e in lp]}
+entries, text = [], ""
+for ch in c.chat.completions.create(model=model, messages=dev, max_tokens=8, logprobs=True, top_logprobs=2, stream=True):
+    if ch.choices:
+        text += ch.choices[0].delta.content or ""
+        if ch.choices[0].logprobs and ch.choices[0].logprobs.content:
+            entries += [[e.token, e.logprob] for e in ch.choices[0].logprobs.content]
+out["chat_logprobs_stream"] = {"text": text, "entries": entries}
+r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=6, logprobs=1)
+l = r.choices[0].logprobs
+out["completion_logprobs"] = {"text": r.choices[0].text, "tokens": l.tokens, "offsets": l.text_offset,
+                              "n_top": [len(t) for t in l.top_logprobs], "lp": l.token_logprobs}
 poem = dict(model=model, prompt="Write a poem about the sea:", max_tokens=16, temperature=1.5)
 r = c.completions.create(n=2, seed=5, **poem)
 out["seeded"] = {"choices": [x.text for x in r.choices],
@@ -114,7 +130,7 @@ def raw(path, body):
         return [e.code, json.loads(e.read())]
 hi = [{"role": "user", "content": "hi"}]
 out["refused"] = {
-    "logprobs": raw("/v1/chat/completions", {"model": model, "messages": hi, "logprobs": True, "top_logprobs": 2}),
+    "logprobs": raw("/v1/chat/completions", {"model": model, "messages": hi, "logprobs": True, "top_logprobs": 21}),
     "image": raw("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}),
     "tools": raw("/v1/chat/completions", {"model": model, "messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}),
     "json": raw("/v1/chat/completions", {"model": model, "messages": hi, "response_format": {"type": "json_object"}}),
@@ -394,8 +410,43 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
         "{ids:?}"
     );
+    // Log-probabilities, as the openai client reads them.
+    let l = &r["chat_logprobs"];
+    let toks: Vec<&str> = l["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(toks.len() as u64, l["n"].as_u64().unwrap(), "{l}");
+    assert_eq!(toks.concat(), l["text"].as_str().unwrap(), "{l}");
+    for (k, t) in toks.iter().enumerate() {
+        assert_eq!(l["top"][k].as_array().unwrap().len(), 2, "{l}");
+        assert_eq!(l["top"][k][0], *t, "greedy: the most likely token: {l}");
+        assert_eq!(l["top_lp"][k][0], l["logprobs"][k], "{l}");
+        assert!(l["logprobs"][k].as_f64().unwrap() <= 0.0, "{l}");
+    }
+    let streamed = &r["chat_logprobs_stream"];
+    assert_eq!(streamed["text"], l["text"]);
+    let entries: Vec<Value> = toks
+        .iter()
+        .zip(l["logprobs"].as_array().unwrap())
+        .map(|(t, p)| serde_json::json!([t, p]))
+        .collect();
+    assert_eq!(streamed["entries"], Value::Array(entries), "streamed alike");
+    let c = &r["completion_logprobs"];
+    assert_eq!(c["tokens"].as_array().unwrap().len(), 6, "{c}");
+    assert_eq!(c["offsets"][0], "The capital of France is".len(), "{c}");
+    assert_eq!(c["n_top"], serde_json::json!([1, 1, 1, 1, 1, 1]), "{c}");
+    let joined: String = c["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(joined, c["text"].as_str().unwrap(), "{c}");
     for (case, param) in [
-        ("logprobs", "logprobs"),
+        ("logprobs", "top_logprobs"),
         ("image", "messages"),
         ("tools", "tools"),
         ("json", "response_format"),

@@ -319,6 +319,7 @@ impl Dispatcher {
                 seed: p.seed,
                 frequency_penalty: p.frequency_penalty,
                 presence_penalty: p.presence_penalty,
+                logprobs: None,
             },
             stop: p.stop,
             return_prompt_logits: false,

@@ -193,6 +193,9 @@ impl Worker for WorkerService {
                 seed: r.seed as u32,
                 frequency_penalty: r.frequency_penalty,
                 presence_penalty: r.presence_penalty,
+                logprobs: r
+                    .logprobs
+                    .then(|| r.top_logprobs.min(u32::from(u8::MAX)) as u8),
             },
             stop: r.stop,
             return_prompt_logits: r.return_prompt_logits,
@@ -236,6 +239,7 @@ impl Worker for WorkerService {
                     event: Some(Event::Chunk(TextChunk {
                         text: c.text,
                         token_ids: c.token_ids,
+                        logprobs: c.logprobs.into_iter().map(token_logprob).collect(),
                     })),
                 };
                 if out_tx.send(Ok(item)).await.is_err() {
@@ -486,6 +490,19 @@ pub async fn serve(
             .context("gRPC server")
     };
     Ok((bound, fut))
+}
+
+/// A generated token's log-probabilities on the wire.
+fn token_logprob(
+    l: crate::pipeline::request::TokenLogprob,
+) -> llama_cluster_proto::v1::TokenLogprob {
+    llama_cluster_proto::v1::TokenLogprob {
+        token_id: l.token_id,
+        token: String::from_utf8_lossy(&l.bytes).into_owned(),
+        bytes: l.bytes,
+        logprob: l.logprob,
+        top: l.top.into_iter().map(token_logprob).collect(),
+    }
 }
 
 #[cfg(test)]

@@ -16,13 +16,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use llama_cluster_proto::v1::InferenceStats;
 use llama_cluster_proto::v1::inference_response::Event;
+use llama_cluster_proto::v1::{InferenceStats, TokenLogprob};
 
 use crate::metrics::Metered;
 use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span};
 
+mod logprobs;
 mod request;
 mod stream;
 
@@ -216,6 +217,8 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
         model,
         chat,
         n: api.n as usize,
+        logprobs: api.req.logprobs,
+        prompts: api.prompts.clone(),
     };
     info!(
         "[API] {} for {} (stream {}, {n_runs} run(s))",
@@ -252,9 +255,19 @@ pub(crate) struct Head {
     chat: bool,
     /// Choices per prompt: the runs of indexes `k × n` read each prompt.
     n: usize,
+    /// Whether choices carry their tokens' log-probabilities.
+    logprobs: bool,
+    /// The prompts of a completion (the offsets of its log-probabilities).
+    prompts: Vec<String>,
 }
 
 impl Head {
+    /// The log-probabilities of run `index`'s completion, empty so far.
+    fn completion_logprobs(&self, index: usize) -> logprobs::Completion {
+        let prompt = self.prompts.get(index / self.n.max(1));
+        logprobs::Completion::after(prompt.map_or("", String::as_str))
+    }
+
     fn object(&self) -> &'static str {
         if self.chat {
             "chat.completion"
@@ -291,11 +304,15 @@ impl Usage {
 async fn whole(head: Head, mut answers: stream::Answers, n_runs: usize) -> Response {
     let mut texts = vec![String::new(); n_runs];
     let mut finish = vec![String::new(); n_runs];
+    let mut tokens: Vec<Vec<TokenLogprob>> = vec![vec![]; n_runs];
     let mut usage = Usage::default();
     while let Some((i, m)) = answers.next().await {
         match m {
             Ok(m) => match m.event {
-                Some(Event::Chunk(c)) => texts[i].push_str(&c.text),
+                Some(Event::Chunk(c)) => {
+                    texts[i].push_str(&c.text);
+                    tokens[i].extend(c.logprobs);
+                }
                 Some(Event::Stats(s)) => {
                     usage.add(&head, i, &s);
                     finish[i] = s.finish_reason;
@@ -308,12 +325,19 @@ async fn whole(head: Head, mut answers: stream::Answers, n_runs: usize) -> Respo
     let choices: Vec<Value> = texts
         .into_iter()
         .zip(&finish)
+        .zip(&tokens)
         .enumerate()
-        .map(|(i, (text, f))| {
+        .map(|(i, ((text, f), toks))| {
             if head.chat {
-                json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(f), "logprobs": null})
+                let lp = head.logprobs.then(|| logprobs::chat(toks));
+                json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(f), "logprobs": lp})
             } else {
-                json!({"index": i, "text": text, "finish_reason": finish_reason(f), "logprobs": null})
+                let lp = head.logprobs.then(|| {
+                    let mut l = head.completion_logprobs(i);
+                    l.push(toks);
+                    l.json()
+                });
+                json!({"index": i, "text": text, "finish_reason": finish_reason(f), "logprobs": lp})
             }
         })
         .collect();

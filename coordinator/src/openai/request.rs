@@ -12,6 +12,10 @@ use serde_json::{Map, Value};
 /// Largest `max_tokens` accepted before asking a worker.
 const MAX_TOKENS_LIMIT: u64 = 1 << 20;
 
+/// Most alternatives of a token's log-probabilities (OpenAI's and the
+/// workers' limit).
+const MAX_TOP_LOGPROBS: u8 = 20;
+
 /// Most choices one request may ask for (`n`).
 pub const MAX_CHOICES: u64 = 16;
 
@@ -100,6 +104,7 @@ pub fn parse(body: &[u8], chat: bool) -> Result<ApiRequest, BadRequest> {
     }
     refuse_unserved(&body, chat)?;
     sampling(&body, &mut req)?;
+    logprobs(&body, chat, &mut req)?;
     let n = match field(&body, "n") {
         None => 1,
         Some(v) => v
@@ -267,9 +272,7 @@ fn refuse_unserved(body: &Map<String, Value>, chat: bool) -> Result<(), BadReque
         Some(Value::Object(o)) => !o.is_empty(),
         Some(_) => true,
     };
-    let refused: [(&'static str, &str); 7] = [
-        ("logprobs", "log-probabilities are not returned"),
-        ("top_logprobs", "log-probabilities are not returned"),
+    let refused: [(&'static str, &str); 5] = [
         ("tools", "tools (function calling) are not served"),
         ("functions", "functions (function calling) are not served"),
         ("echo", "echo is not served"),
@@ -313,6 +316,43 @@ fn refuse_unserved(body: &Map<String, Value>, chat: bool) -> Result<(), BadReque
             .is_none_or(|a| a.iter().any(|x| x.as_str() != Some("text")))
     {
         return Err(bad("only text output is served", "modalities"));
+    }
+    Ok(())
+}
+
+/// Log-probabilities: a chat's `logprobs` (bool) and `top_logprobs`, a
+/// legacy completion's `logprobs` (how many alternatives).
+fn logprobs(
+    body: &Map<String, Value>,
+    chat: bool,
+    req: &mut InferenceRequest,
+) -> Result<(), BadRequest> {
+    let limit = u64::from(MAX_TOP_LOGPROBS);
+    let count = |k: &'static str| match field(body, k) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n <= limit)
+            .map(Some)
+            .ok_or_else(|| bad(format!("{k} must be an integer from 0 to {limit}"), k)),
+    };
+    if chat {
+        req.logprobs = match field(body, "logprobs") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("logprobs must be a boolean", "logprobs")),
+        };
+        let top = count("top_logprobs")?;
+        if top.is_some_and(|n| n > 0) && !req.logprobs {
+            return Err(bad(
+                "top_logprobs needs logprobs set to true",
+                "top_logprobs",
+            ));
+        }
+        req.top_logprobs = top.unwrap_or(0) as u32;
+    } else if let Some(n) = count("logprobs")? {
+        req.logprobs = true;
+        req.top_logprobs = n as u32;
     }
     Ok(())
 }
@@ -449,8 +489,9 @@ mod tests {
             chat(b)
         };
         for (k, v) in [
-            ("logprobs", Value::Bool(true)),
+            ("logprobs", serde_json::json!(2)),
             ("top_logprobs", serde_json::json!(2)),
+            ("top_logprobs", serde_json::json!(21)),
             ("tools", serde_json::json!([{"type": "function"}])),
             ("presence_penalty", serde_json::json!(3.0)),
             ("frequency_penalty", serde_json::json!(-2.5)),

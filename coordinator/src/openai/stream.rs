@@ -28,8 +28,16 @@ pub type Answers = futures::stream::BoxStream<
 type ReceiverSse = tokio_stream::wrappers::ReceiverStream<Result<SseEvent, Infallible>>;
 
 impl Head {
-    /// One chunk: `delta` of choice `index` (none: a usage-only chunk).
-    fn chunk(&self, index: Option<usize>, delta: Value, finish: Value, usage: Value) -> SseEvent {
+    /// One chunk: `delta` of choice `index` (none: a usage-only chunk),
+    /// with the log-probabilities of its tokens.
+    fn chunk(
+        &self,
+        index: Option<usize>,
+        delta: Value,
+        finish: Value,
+        usage: Value,
+        logprobs: Value,
+    ) -> SseEvent {
         let object = if self.chat {
             "chat.completion.chunk"
         } else {
@@ -38,11 +46,11 @@ impl Head {
         let choices = match index {
             None => json!([]),
             Some(i) if self.chat => {
-                json!([{"index": i, "delta": delta, "finish_reason": finish, "logprobs": null}])
+                json!([{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}])
             }
             Some(i) => {
                 json!([{"index": i, "text": delta.get("content").cloned().unwrap_or(json!("")),
-                               "finish_reason": finish, "logprobs": null}])
+                               "finish_reason": finish, "logprobs": logprobs}])
             }
         };
         let mut v = json!({"id": self.id, "object": object, "created": self.created,
@@ -65,7 +73,7 @@ pub fn respond(head: Head, mut answers: Answers, n_runs: usize, include_usage: b
                 for i in 0..n_runs {
                     let role = json!({"role": "assistant", "content": ""});
                     if tx
-                        .send(Ok(head.chunk(Some(i), role, Value::Null, Value::Null)))
+                        .send(Ok(head.chunk(Some(i), role, Value::Null, Value::Null, Value::Null)))
                         .await
                         .is_err()
                     {
@@ -75,11 +83,20 @@ pub fn respond(head: Head, mut answers: Answers, n_runs: usize, include_usage: b
             }
             let mut usage = Usage::default();
             let mut failed = false;
+            let mut offsets: Vec<_> = (0..n_runs).map(|i| head.completion_logprobs(i)).collect();
             while let Some((i, m)) = answers.next().await {
                 let event = match m {
                     Ok(m) => match m.event {
-                        Some(Event::Chunk(c)) if !c.text.is_empty() => {
-                            head.chunk(Some(i), json!({"content": c.text}), Value::Null, Value::Null)
+                        Some(Event::Chunk(c)) if !c.text.is_empty() || !c.logprobs.is_empty() => {
+                            let lp = if !head.logprobs {
+                                Value::Null
+                            } else if head.chat {
+                                super::logprobs::chat(&c.logprobs)
+                            } else {
+                                offsets[i].push(&c.logprobs);
+                                offsets[i].take()
+                            };
+                            head.chunk(Some(i), json!({"content": c.text}), Value::Null, Value::Null, lp)
                         }
                         Some(Event::Stats(s)) => {
                             usage.add(&head, i, &s);
@@ -89,7 +106,7 @@ pub fn respond(head: Head, mut answers: Answers, n_runs: usize, include_usage: b
                                 Value::Null
                             };
                             let finish = json!(finish_reason(&s.finish_reason));
-                            head.chunk(Some(i), json!({}), finish, on_finish)
+                            head.chunk(Some(i), json!({}), finish, on_finish, Value::Null)
                         }
                         _ => continue,
                     },
@@ -106,7 +123,7 @@ pub fn respond(head: Head, mut answers: Answers, n_runs: usize, include_usage: b
             }
             if include_usage && !failed {
                 let _ = tx
-                    .send(Ok(head.chunk(None, Value::Null, Value::Null, usage.json())))
+                    .send(Ok(head.chunk(None, Value::Null, Value::Null, usage.json(), Value::Null)))
                     .await;
             }
             let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;

@@ -129,6 +129,8 @@ pub struct ForwardResult {
     pub hidden: Vec<f32>,
     /// Sampled token (last stage, when asked).
     pub token: Option<i32>,
+    /// Its log-probabilities, when the session asked for them.
+    pub logprobs: Option<crate::sampling::TokenLogprobs>,
     pub logits: Option<Vec<f32>>,
     /// Time spent in llama.cpp (the whole batch the step was part of).
     pub compute: Duration,

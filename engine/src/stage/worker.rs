@@ -15,7 +15,7 @@ use super::{
 };
 use crate::batched::{Item, SharedContext};
 use crate::ffi::{LoadedModel, TokenEmbeddings};
-use crate::sampling::Sampler;
+use crate::sampling::{Sampler, TokenLogprobs};
 use crate::{EngineError, Result};
 
 /// The longest a round waits for the steps of other sessions …
@@ -456,7 +456,11 @@ impl Worker {
                     .sampler
                     .as_mut()
                     .ok_or_else(|| EngineError::Session("no sampler".into()))?;
-                out.token = Some(s.sample(logits, session.n_past)?);
+                let token = s.sample(logits, session.n_past)?;
+                out.logprobs = s
+                    .logprobs()
+                    .map(|k| TokenLogprobs::of(logits, token, k as usize));
+                out.token = Some(token);
             }
             if r.req.want_logits {
                 out.logits = Some(logits.to_vec());

@@ -13,7 +13,7 @@
 
 use std::io;
 
-use llama_cluster_engine::sampling::SamplingParams;
+use llama_cluster_engine::sampling::{SamplingParams, TokenLogprobs};
 
 /// Protocol name of the activation stream.
 pub const ACTIVATION_PROTOCOL: &str = "/llama-cluster/activation/1.0";
@@ -109,6 +109,10 @@ pub struct ActivationResponse {
     pub token: Option<i32>,
     pub logits: Vec<f32>,
     pub hops: Vec<HopStats>,
+    /// The sampled token's log-probabilities, when the session asked for
+    /// them (a section after the hops, absent otherwise, so that a frame
+    /// without them is the one of workers that predate them).
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Error codes carried in responses.
@@ -138,6 +142,7 @@ impl ActivationResponse {
             token: None,
             logits: vec![],
             hops: vec![],
+            logprobs: None,
         }
     }
 }
@@ -267,12 +272,14 @@ impl ActivationRequest {
             w.u32(h.layer_start);
             w.u32(h.layer_end);
         }
-        // Flag 2 adds the frequency and presence penalties; without them
-        // the frame is the one of workers that predate them (flag 1).
+        // Flag 2 adds the frequency and presence penalties and the
+        // log-probabilities asked for; without them the frame is the one of
+        // workers that predate them (flag 1).
         match &self.sampling {
             None => w.u8(0),
             Some(s) => {
-                let extended = s.frequency_penalty != 0.0 || s.presence_penalty != 0.0;
+                let extended =
+                    s.frequency_penalty != 0.0 || s.presence_penalty != 0.0 || s.logprobs.is_some();
                 w.u8(if extended { 2 } else { 1 });
                 w.f32(s.temperature);
                 w.i32(s.top_k);
@@ -283,6 +290,8 @@ impl ActivationRequest {
                 if extended {
                     w.f32(s.frequency_penalty);
                     w.f32(s.presence_penalty);
+                    // 0: none; k + 1: the sampled token's and k more.
+                    w.u8(s.logprobs.map_or(0, |k| k.saturating_add(1)));
                 }
             }
         }
@@ -362,6 +371,7 @@ impl ActivationRequest {
                 if flag == 2 {
                     s.frequency_penalty = r.f32()?;
                     s.presence_penalty = r.f32()?;
+                    s.logprobs = r.u8()?.checked_sub(1);
                 }
                 Some(s)
             }
@@ -455,6 +465,15 @@ impl ActivationResponse {
             w.u16(h.max_sessions);
             w.u16(h.batched);
         }
+        if let Some(l) = &self.logprobs {
+            w.i32(l.token);
+            w.f32(l.logprob);
+            w.u8(l.top.len().min(255) as u8);
+            for &(t, lp) in l.top.iter().take(255) {
+                w.i32(t);
+                w.f32(lp);
+            }
+        }
         w.0
     }
 
@@ -487,12 +506,28 @@ impl ActivationResponse {
                 batched: r.u16()?,
             });
         }
+        let logprobs = if r.0.is_empty() {
+            None
+        } else {
+            let token = r.i32()?;
+            let logprob = r.f32()?;
+            let n = r.u8()?;
+            let top = (0..n)
+                .map(|_| Ok((r.i32()?, r.f32()?)))
+                .collect::<io::Result<Vec<_>>>()?;
+            Some(TokenLogprobs {
+                token,
+                logprob,
+                top,
+            })
+        };
         r.done()?;
         Ok(ActivationResponse {
             error,
             token,
             logits,
             hops,
+            logprobs,
         })
     }
 }

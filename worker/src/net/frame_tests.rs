@@ -1,6 +1,7 @@
 //! Round trips and refusals of the activation frames.
 
 use super::*;
+use llama_cluster_engine::sampling::TokenLogprobs;
 
 fn sample_request(payload: Payload) -> ActivationRequest {
     ActivationRequest {
@@ -57,6 +58,7 @@ fn requests_round_trip() {
     if let Some(s) = r.sampling.as_mut() {
         s.frequency_penalty = 0.5;
         s.presence_penalty = -0.25;
+        s.logprobs = Some(0);
     }
     assert_eq!(ActivationRequest::decode(&r.encode()).unwrap(), r);
 }
@@ -129,8 +131,22 @@ fn responses_round_trip() {
             max_sessions: 8,
             batched: 2,
         }],
+        logprobs: None,
     };
     assert_eq!(ActivationResponse::decode(&r.encode()).unwrap(), r);
+    // Log-probabilities: a section after the hops, only when present.
+    let with = ActivationResponse {
+        logprobs: Some(TokenLogprobs {
+            token: 42,
+            logprob: -0.25,
+            top: vec![(42, -0.25), (7, -1.5)],
+        }),
+        ..r.clone()
+    };
+    let bytes = with.encode();
+    assert_eq!(bytes.len(), r.encode().len() + 4 + 4 + 1 + 2 * 8);
+    assert_eq!(ActivationResponse::decode(&bytes).unwrap(), with);
+    assert!(ActivationResponse::decode(&bytes[..bytes.len() - 3]).is_err());
     let e = ActivationResponse::error(codes::ROUTE, "route mismatch");
     assert_eq!(ActivationResponse::decode(&e.encode()).unwrap(), e);
     let e = ActivationResponse::error_at(codes::UNAVAILABLE, "gone", "12D3KooWpeer");

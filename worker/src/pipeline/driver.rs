@@ -270,6 +270,7 @@ impl Pipeline {
                             .send(Chunk {
                                 text: tail,
                                 token_ids: vec![],
+                                logprobs: vec![],
                             })
                             .await;
                     }
@@ -395,7 +396,7 @@ impl Pipeline {
                     "the last stage returned no token".into(),
                 ))
             })?;
-            if let Some(finish) = st.accept(run, next).await {
+            if let Some(finish) = st.accept(run, next, resp.logprobs.take()).await {
                 return Ok(finish);
             }
         }
@@ -427,7 +428,8 @@ impl Pipeline {
                     "the last stage returned no token".into(),
                 ))
             })?;
-            if let Some(finish) = st.accept(run, next).await {
+            let logprobs = r.logprobs.clone();
+            if let Some(finish) = st.accept(run, next, logprobs).await {
                 return Ok(finish);
             }
         }

@@ -332,6 +332,7 @@ impl Pipeline {
                 token: None,
                 logits: vec![],
                 hops: vec![],
+                logprobs: None,
             };
         }
         if is_last != l.engine.info().is_last {
@@ -499,6 +500,7 @@ impl Pipeline {
                 token: out.token,
                 logits: out.logits.unwrap_or_default(),
                 hops: vec![stats],
+                logprobs: out.logprobs,
             };
         }
         // What is left, minus the margin this worker waits beyond the

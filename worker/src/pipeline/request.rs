@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use llama_cluster_engine::sampling::SamplingParams;
+use llama_cluster_engine::sampling::{SamplingParams, TokenLogprobs};
 use llama_cluster_engine::vocab::TextStream;
 use tokio::sync::mpsc;
 use tracing::debug;
@@ -42,6 +42,19 @@ pub struct GenerateRequest {
 pub struct Chunk {
     pub text: String,
     pub token_ids: Vec<i32>,
+    /// One per token id, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A generated token's log-probability, with the most likely tokens at its
+/// step (their own `top` empty).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenLogprob {
+    pub token_id: i32,
+    /// The token's bytes (special tokens rendered empty).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<TokenLogprob>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -86,8 +99,14 @@ pub(super) struct State {
 }
 
 impl State {
-    /// Takes a sampled token: sends its text; `Some` when the request ends.
-    pub(super) async fn accept(&mut self, run: &Run<'_>, next: i32) -> Option<&'static str> {
+    /// Takes a sampled token (with its log-probabilities, when asked):
+    /// sends its text; `Some` when the request ends.
+    pub(super) async fn accept(
+        &mut self,
+        run: &Run<'_>,
+        next: i32,
+        logprobs: Option<TokenLogprobs>,
+    ) -> Option<&'static str> {
         if !run.req.ignore_eos && run.info.vocab.is_eog(next) {
             return Some("stop");
         }
@@ -101,6 +120,22 @@ impl State {
             .send(Chunk {
                 text,
                 token_ids: vec![next],
+                logprobs: logprobs
+                    .map(|l| {
+                        let vocab = &run.info.vocab;
+                        let one = |token_id: i32, logprob: f32| TokenLogprob {
+                            token_id,
+                            bytes: vocab.piece(token_id),
+                            logprob,
+                            top: vec![],
+                        };
+                        TokenLogprob {
+                            top: l.top.iter().map(|&(t, lp)| one(t, lp)).collect(),
+                            ..one(next, l.logprob)
+                        }
+                    })
+                    .into_iter()
+                    .collect(),
             })
             .await
             .is_err()

@@ -1,0 +1,113 @@
+//! Log-probabilities in OpenAI's two shapes: a chat choice's
+//! `{"content": [{token, logprob, bytes, top_logprobs}]}`, and a legacy
+//! completion's `{tokens, token_logprobs, top_logprobs, text_offset}`.
+
+use llama_cluster_proto::v1::TokenLogprob;
+use serde_json::{Map, Value, json};
+
+/// A chat choice's (or chunk's) `logprobs` for `tokens`.
+pub fn chat(tokens: &[TokenLogprob]) -> Value {
+    let entry =
+        |t: &TokenLogprob| json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes});
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(t);
+            e["top_logprobs"] = t.top.iter().map(entry).collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// A legacy completion's `logprobs`, built as its tokens arrive;
+/// `text_offset` counts characters from the start of the prompt, as
+/// OpenAI's does.
+#[derive(Debug, Default)]
+pub struct Completion {
+    tokens: Vec<Value>,
+    token_logprobs: Vec<Value>,
+    top_logprobs: Vec<Value>,
+    text_offset: Vec<Value>,
+    /// Characters before the next token.
+    offset: usize,
+}
+
+impl Completion {
+    /// For a completion of `prompt`.
+    pub fn after(prompt: &str) -> Completion {
+        Completion {
+            offset: prompt.chars().count(),
+            ..Default::default()
+        }
+    }
+
+    pub fn push(&mut self, tokens: &[TokenLogprob]) {
+        for t in tokens {
+            self.tokens.push(json!(t.token));
+            self.token_logprobs.push(json!(t.logprob));
+            let top: Map<String, Value> = t
+                .top
+                .iter()
+                .map(|a| (a.token.clone(), json!(a.logprob)))
+                .collect();
+            self.top_logprobs.push(Value::Object(top));
+            self.text_offset.push(json!(self.offset));
+            self.offset += t.token.chars().count();
+        }
+    }
+
+    /// What was pushed since the last call (a streamed chunk's).
+    pub fn take(&mut self) -> Value {
+        let v = self.json();
+        self.tokens.clear();
+        self.token_logprobs.clear();
+        self.top_logprobs.clear();
+        self.text_offset.clear();
+        v
+    }
+
+    pub fn json(&self) -> Value {
+        json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+               "top_logprobs": self.top_logprobs, "text_offset": self.text_offset})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(token: &str, logprob: f32, top: Vec<TokenLogprob>) -> TokenLogprob {
+        TokenLogprob {
+            token_id: 0,
+            token: token.into(),
+            bytes: token.as_bytes().to_vec(),
+            logprob,
+            top,
+        }
+    }
+
+    #[test]
+    fn both_shapes() {
+        let toks = [
+            t(
+                " Paris",
+                -0.5,
+                vec![t(" Paris", -0.5, vec![]), t(" Lyon", -2.0, vec![])],
+            ),
+            t(".", -0.25, vec![t(".", -0.25, vec![])]),
+        ];
+        let c = chat(&toks);
+        assert_eq!(c["content"][0]["token"], " Paris");
+        assert_eq!(c["content"][0]["top_logprobs"][1]["token"], " Lyon");
+        assert_eq!(c["content"][1]["bytes"], json!([46]));
+        let mut l = Completion::after("The capital is");
+        l.push(&toks[..1]);
+        let first = l.take();
+        assert_eq!(first["text_offset"], json!([14]));
+        assert_eq!(first["top_logprobs"][0][" Lyon"], json!(-2.0));
+        l.push(&toks[1..]);
+        assert_eq!(l.json()["text_offset"], json!([20]));
+        assert_eq!(l.json()["tokens"], json!(["."]));
+    }
+}
