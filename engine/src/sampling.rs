@@ -52,27 +52,38 @@ pub struct TokenLogprobs {
 }
 
 impl TokenLogprobs {
-    /// Of `token` and the `k` most likely tokens under `logits`.
+    /// Of `token` and the `k` most likely tokens under `logits`, in one
+    /// pass for the top; logits that are not finite count as impossible,
+    /// and a log-probability that is not finite is reported as -9999 (as
+    /// OpenAI does), never as NaN.
     pub fn of(logits: &[f32], token: i32, k: usize) -> TokenLogprobs {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+        let finite = || logits.iter().copied().filter(|x| x.is_finite());
+        let max = finite().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = finite().map(|x| f64::from(x - max).exp()).sum();
         let lse = f64::from(max) + sum.ln();
-        let lp = |t: usize| (f64::from(logits[t]) - lse) as f32;
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        let k = k.min(idx.len());
-        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-        if k > 0 && k < idx.len() {
-            idx.select_nth_unstable_by(k - 1, by_logit);
+        let lp = |x: f32| {
+            let v = (f64::from(x) - lse) as f32;
+            if v.is_finite() { v } else { -9999.0 }
+        };
+        // The k largest, most likely first (the first index on ties).
+        let mut top: Vec<(i32, f32)> = Vec::with_capacity(k + 1);
+        if k > 0 {
+            for (t, &x) in logits.iter().enumerate() {
+                if !x.is_finite() || (top.len() == k && top[k - 1].1 >= x) {
+                    continue;
+                }
+                let at = top.partition_point(|&(_, y)| y >= x);
+                top.insert(at, (t as i32, x));
+                top.truncate(k);
+            }
         }
-        idx.truncate(k);
-        idx.sort_by(by_logit);
         TokenLogprobs {
             token,
             logprob: usize::try_from(token)
                 .ok()
-                .filter(|&t| t < logits.len())
-                .map_or(f32::NEG_INFINITY, lp),
-            top: idx.into_iter().map(|t| (t as i32, lp(t))).collect(),
+                .and_then(|t| logits.get(t))
+                .map_or(-9999.0, |&x| lp(x)),
+            top: top.into_iter().map(|(t, x)| (t, lp(x))).collect(),
         }
     }
 }
@@ -282,6 +293,12 @@ mod tests {
         assert!((l.top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-6);
         assert!(TokenLogprobs::of(&logits, 0, 0).top.is_empty());
         assert_eq!(TokenLogprobs::of(&logits, 0, 9).top.len(), 4);
+        // Ties keep the first index; non-finite logits count as impossible.
+        let odd = [2.0f32, f32::NAN, 2.0, f32::INFINITY, 1.0];
+        let l = TokenLogprobs::of(&odd, 1, 3);
+        assert_eq!(l.top.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 2, 4]);
+        assert_eq!(l.logprob, -9999.0);
+        assert!(l.top.iter().all(|t| t.1.is_finite()));
     }
 
     #[test]

@@ -112,6 +112,8 @@ r = c.completions.create(model=model, prompt="The capital of France is", max_tok
 l = r.choices[0].logprobs
 out["completion_logprobs"] = {"text": r.choices[0].text, "tokens": l.tokens, "offsets": l.text_offset,
                               "n_top": [len(t) for t in l.top_logprobs], "lp": l.token_logprobs}
+r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, logprobs=1, stop=["."])
+out["stop_logprobs"] = {"text": r.choices[0].text, "tokens": r.choices[0].logprobs.tokens, "finish": r.choices[0].finish_reason}
 poem = dict(model=model, prompt="Write a poem about the sea:", max_tokens=16, temperature=1.5)
 r = c.completions.create(n=2, seed=5, **poem)
 out["seeded"] = {"choices": [x.text for x in r.choices],
@@ -445,6 +447,18 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         .map(|t| t.as_str().unwrap())
         .collect();
     assert_eq!(joined, c["text"].as_str().unwrap(), "{c}");
+    // A stop string: the entries spell the text that goes out, without the
+    // stopping token.
+    let c = &r["stop_logprobs"];
+    assert_eq!(c["finish"], "stop", "{c}");
+    let joined: String = c["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(joined, c["text"].as_str().unwrap(), "{c}");
+    assert!(!joined.is_empty() && !joined.contains('.'), "{c}");
     for (case, param) in [
         ("logprobs", "top_logprobs"),
         ("image", "messages"),

@@ -193,8 +193,8 @@ impl Worker for WorkerService {
                 seed: r.seed as u32,
                 frequency_penalty: r.frequency_penalty,
                 presence_penalty: r.presence_penalty,
-                logprobs: r
-                    .logprobs
+                // top_logprobs alone asks for them too.
+                logprobs: (r.logprobs || r.top_logprobs > 0)
                     .then(|| r.top_logprobs.min(u32::from(u8::MAX)) as u8),
             },
             stop: r.stop,

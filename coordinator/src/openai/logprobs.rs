@@ -22,7 +22,7 @@ pub fn chat(tokens: &[TokenLogprob]) -> Value {
 
 /// A legacy completion's `logprobs`, built as its tokens arrive;
 /// `text_offset` counts characters from the start of the prompt, as
-/// OpenAI's does.
+/// OpenAI's does (a character split over tokens counts once).
 #[derive(Debug, Default)]
 pub struct Completion {
     tokens: Vec<Value>,
@@ -31,6 +31,8 @@ pub struct Completion {
     text_offset: Vec<Value>,
     /// Characters before the next token.
     offset: usize,
+    /// Bytes of a character not complete yet.
+    partial: Vec<u8>,
 }
 
 impl Completion {
@@ -46,14 +48,26 @@ impl Completion {
         for t in tokens {
             self.tokens.push(json!(t.token));
             self.token_logprobs.push(json!(t.logprob));
-            let top: Map<String, Value> = t
-                .top
-                .iter()
-                .map(|a| (a.token.clone(), json!(a.logprob)))
-                .collect();
+            // Tokens that render alike (special ones, halves of a
+            // character) keep the likelier one's value.
+            let mut top = Map::new();
+            for a in &t.top {
+                top.entry(a.token.clone()).or_insert(json!(a.logprob));
+            }
             self.top_logprobs.push(Value::Object(top));
             self.text_offset.push(json!(self.offset));
-            self.offset += t.token.chars().count();
+            self.partial.extend_from_slice(&t.bytes);
+            let (chars, rest) = match std::str::from_utf8(&self.partial) {
+                Ok(s) => (s.chars().count(), 0),
+                Err(e) if e.error_len().is_none() => {
+                    let done = &self.partial[..e.valid_up_to()];
+                    let n = String::from_utf8_lossy(done).chars().count();
+                    (n, self.partial.len() - e.valid_up_to())
+                }
+                Err(_) => (String::from_utf8_lossy(&self.partial).chars().count(), 0),
+            };
+            self.offset += chars;
+            self.partial.drain(..self.partial.len() - rest);
         }
     }
 
@@ -109,5 +123,14 @@ mod tests {
         l.push(&toks[1..]);
         assert_eq!(l.json()["text_offset"], json!([20]));
         assert_eq!(l.json()["tokens"], json!(["."]));
+        // "é" split over two tokens counts as one character.
+        let mut l = Completion::after("");
+        let half = |b: u8| TokenLogprob {
+            bytes: vec![b],
+            token: "\u{fffd}".into(),
+            ..Default::default()
+        };
+        l.push(&[half(0xC3), half(0xA9), t("!", -1.0, vec![])]);
+        assert_eq!(l.json()["text_offset"], json!([0, 0, 1]));
     }
 }

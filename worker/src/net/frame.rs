@@ -272,26 +272,33 @@ impl ActivationRequest {
             w.u32(h.layer_start);
             w.u32(h.layer_end);
         }
-        // Flag 2 adds the frequency and presence penalties and the
-        // log-probabilities asked for; without them the frame is the one of
-        // workers that predate them (flag 1).
+        // Flag 2 adds the frequency and presence penalties, flag 3 those and
+        // the log-probabilities asked for; without them the frame is the one
+        // of workers that predate them (flag 1).
         match &self.sampling {
             None => w.u8(0),
             Some(s) => {
-                let extended =
-                    s.frequency_penalty != 0.0 || s.presence_penalty != 0.0 || s.logprobs.is_some();
-                w.u8(if extended { 2 } else { 1 });
+                let flag = if s.logprobs.is_some() {
+                    3
+                } else if s.frequency_penalty != 0.0 || s.presence_penalty != 0.0 {
+                    2
+                } else {
+                    1
+                };
+                w.u8(flag);
                 w.f32(s.temperature);
                 w.i32(s.top_k);
                 w.f32(s.top_p);
                 w.f32(s.repeat_penalty);
                 w.i32(s.penalty_last_n);
                 w.u32(s.seed);
-                if extended {
+                if flag >= 2 {
                     w.f32(s.frequency_penalty);
                     w.f32(s.presence_penalty);
-                    // 0: none; k + 1: the sampled token's and k more.
-                    w.u8(s.logprobs.map_or(0, |k| k.saturating_add(1)));
+                }
+                if flag == 3 {
+                    // The sampled token's and this many more.
+                    w.u8(s.logprobs.unwrap_or(0));
                 }
             }
         }
@@ -358,7 +365,7 @@ impl ActivationRequest {
         }
         let sampling = match r.u8()? {
             0 => None,
-            flag @ (1 | 2) => {
+            flag @ (1..=3) => {
                 let mut s = SamplingParams {
                     temperature: r.f32()?,
                     top_k: r.i32()?,
@@ -368,10 +375,12 @@ impl ActivationRequest {
                     seed: r.u32()?,
                     ..Default::default()
                 };
-                if flag == 2 {
+                if flag >= 2 {
                     s.frequency_penalty = r.f32()?;
                     s.presence_penalty = r.f32()?;
-                    s.logprobs = r.u8()?.checked_sub(1);
+                }
+                if flag == 3 {
+                    s.logprobs = Some(r.u8()?);
                 }
                 Some(s)
             }

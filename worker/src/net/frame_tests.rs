@@ -67,6 +67,9 @@ fn requests_round_trip() {
 /// penalties (sampling flag 1; the fuzz seed of that time).
 const FLAG_1_FRAME: &[u8] = include_bytes!("testdata/flag1-tokens.bin");
 
+/// One written with the penalties, before log-probabilities (flag 2).
+const FLAG_2_FRAME: &[u8] = include_bytes!("testdata/flag2-tokens.bin");
+
 #[test]
 fn frames_of_workers_before_the_penalties_decode_and_are_written_alike() {
     let r = ActivationRequest::decode(FLAG_1_FRAME).unwrap();
@@ -74,6 +77,11 @@ fn frames_of_workers_before_the_penalties_decode_and_are_written_alike() {
     assert_eq!((s.seed, s.repeat_penalty), (42, 1.1));
     assert_eq!((s.frequency_penalty, s.presence_penalty), (0.0, 0.0));
     assert_eq!(r.encode(), FLAG_1_FRAME, "no penalties: the old frame");
+    let r = ActivationRequest::decode(FLAG_2_FRAME).unwrap();
+    let s = r.sampling.clone().unwrap();
+    assert_eq!((s.frequency_penalty, s.presence_penalty), (0.5, 0.25));
+    assert_eq!(s.logprobs, None);
+    assert_eq!(r.encode(), FLAG_2_FRAME, "no log-probabilities: flag 2");
 }
 
 #[test]

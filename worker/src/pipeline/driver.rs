@@ -222,13 +222,11 @@ impl Pipeline {
             hop_compute_us: vec![],
             bytes_per_hop: 0,
             decode_started: None,
+            logprobs: Default::default(),
         };
         // A resumed request: the text of its tokens was delivered already.
         for &t in &run.req.resume {
-            st.tokens.push(t);
-            st.generated += 1;
-            let piece = st.stream.push(&run.info.vocab.piece(t));
-            st.scan.push(&piece);
+            st.replay(&run, t);
         }
         let mut excluded: HashSet<String> = HashSet::new();
         let mut reroutes = 0u32;
@@ -264,13 +262,14 @@ impl Pipeline {
                     // Text held back (a possible stop string, a partial
                     // character) goes out at the end.
                     let tail = st.scan.push(&st.stream.finish()).0 + &st.scan.flush();
-                    if !tail.is_empty() && finish != "cancelled" {
+                    let logprobs = st.logprobs.sent(tail.len());
+                    if (!tail.is_empty() || !logprobs.is_empty()) && finish != "cancelled" {
                         let _ = run
                             .tx
                             .send(Chunk {
                                 text: tail,
                                 token_ids: vec![],
-                                logprobs: vec![],
+                                logprobs,
                             })
                             .await;
                     }

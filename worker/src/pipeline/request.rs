@@ -1,6 +1,7 @@
 //! A request to generate, what it streams back (chunks, then statistics),
 //! and what it has produced so far, kept across routes when a stage fails.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use llama_cluster_engine::sampling::{SamplingParams, TokenLogprobs};
@@ -81,6 +82,46 @@ pub(super) struct Run<'a> {
     pub(super) t0: Instant,
 }
 
+/// Log-probability entries waiting for their token's text to go out: an
+/// entry goes with the chunk whose text completes its token, and those of
+/// tokens a stop string cuts off are never sent, so that the entries' tokens
+/// spell the text a client gets.
+#[derive(Debug, Default)]
+pub(super) struct LogprobQueue {
+    /// Each entry with the bytes of all tokens up to its own.
+    waiting: VecDeque<(usize, TokenLogprob)>,
+    /// Bytes of the tokens so far.
+    pieces: usize,
+    /// Bytes of the text sent so far.
+    sent: usize,
+}
+
+impl LogprobQueue {
+    /// A token of `n` bytes, and its entry when it has one.
+    pub(super) fn token(&mut self, n: usize, entry: Option<TokenLogprob>) {
+        self.pieces += n;
+        if let Some(e) = entry {
+            self.waiting.push_back((self.pieces, e));
+        }
+    }
+
+    /// `n` more bytes of text go out: the entries whose tokens they complete.
+    pub(super) fn sent(&mut self, n: usize) -> Vec<TokenLogprob> {
+        self.sent += n;
+        let mut out = vec![];
+        while self
+            .waiting
+            .front()
+            .is_some_and(|(end, _)| *end <= self.sent)
+        {
+            if let Some((_, e)) = self.waiting.pop_front() {
+                out.push(e);
+            }
+        }
+        out
+    }
+}
+
 /// What a request has produced so far (kept across routes).
 pub(super) struct State {
     /// Prompt, then every generated token (the last one not yet in any KV
@@ -96,9 +137,21 @@ pub(super) struct State {
     pub(super) hop_compute_us: Vec<u64>,
     pub(super) bytes_per_hop: u64,
     pub(super) decode_started: Option<Instant>,
+    pub(super) logprobs: LogprobQueue,
 }
 
 impl State {
+    /// A token whose text a client already has (a resumed request).
+    pub(super) fn replay(&mut self, run: &Run<'_>, t: i32) {
+        self.tokens.push(t);
+        self.generated += 1;
+        let bytes = run.info.vocab.piece(t);
+        self.logprobs.token(bytes.len(), None);
+        let piece = self.stream.push(&bytes);
+        let text = self.scan.push(&piece).0;
+        self.logprobs.sent(text.len());
+    }
+
     /// Takes a sampled token (with its log-probabilities, when asked):
     /// sends its text; `Some` when the request ends.
     pub(super) async fn accept(
@@ -113,29 +166,28 @@ impl State {
         self.tokens.push(next);
         self.generated += 1;
         crate::metrics::metrics().tokens_generated.inc();
-        let piece = self.stream.push(&run.info.vocab.piece(next));
+        let vocab = &run.info.vocab;
+        let bytes = vocab.piece(next);
+        let one = |token_id: i32, logprob: f32| TokenLogprob {
+            token_id,
+            bytes: vocab.piece(token_id),
+            logprob,
+            top: vec![],
+        };
+        let entry = logprobs.map(|l| TokenLogprob {
+            top: l.top.iter().map(|&(t, lp)| one(t, lp)).collect(),
+            ..one(next, l.logprob)
+        });
+        self.logprobs.token(bytes.len(), entry);
+        let piece = self.stream.push(&bytes);
         let (text, stopped) = self.scan.push(&piece);
+        let logprobs = self.logprobs.sent(text.len());
         if run
             .tx
             .send(Chunk {
                 text,
                 token_ids: vec![next],
-                logprobs: logprobs
-                    .map(|l| {
-                        let vocab = &run.info.vocab;
-                        let one = |token_id: i32, logprob: f32| TokenLogprob {
-                            token_id,
-                            bytes: vocab.piece(token_id),
-                            logprob,
-                            top: vec![],
-                        };
-                        TokenLogprob {
-                            top: l.top.iter().map(|&(t, lp)| one(t, lp)).collect(),
-                            ..one(next, l.logprob)
-                        }
-                    })
-                    .into_iter()
-                    .collect(),
+                logprobs,
             })
             .await
             .is_err()
