@@ -54,6 +54,11 @@ impl Completion {
             for a in &t.top {
                 top.entry(a.token.clone()).or_insert(json!(a.logprob));
             }
+            // The sampled token is always there, as with OpenAI (so up to
+            // logprobs + 1 entries).
+            if !t.top.is_empty() {
+                top.entry(t.token.clone()).or_insert(json!(t.logprob));
+            }
             self.top_logprobs.push(Value::Object(top));
             self.text_offset.push(json!(self.offset));
             self.partial.extend_from_slice(&t.bytes);
@@ -123,6 +128,13 @@ mod tests {
         l.push(&toks[1..]);
         assert_eq!(l.json()["text_offset"], json!([20]));
         assert_eq!(l.json()["tokens"], json!(["."]));
+        // A sampled token outside the top is listed too.
+        let mut l = Completion::after("");
+        l.push(&[t(" Nice", -3.0, vec![t(" Paris", -0.5, vec![])])]);
+        assert_eq!(
+            l.json()["top_logprobs"][0],
+            json!({" Paris": -0.5, " Nice": -3.0})
+        );
         // "é" split over two tokens counts as one character.
         let mut l = Completion::after("");
         let half = |b: u8| TokenLogprob {
