@@ -367,6 +367,17 @@ pub async fn sees_all(node: &NodeProc, peers: &[&NodeProc]) -> bool {
         .all(|p| st.peers.iter().any(|c| c.peer_id == p.peer_id))
 }
 
+/// The unsplit default model in this process, on one thread: the reference
+/// the pipeline's output is compared with.
+pub fn baseline() -> llama_cluster_engine::baseline::Baseline {
+    let settings = llama_cluster_engine::EngineSettings {
+        threads: 1,
+        ..Default::default()
+    };
+    llama_cluster_engine::baseline::Baseline::load(&model_path(), settings)
+        .expect("the default model loads")
+}
+
 /// Path of the default model (fetched into the cache by scripts/fetch-model.sh).
 pub fn model_path() -> PathBuf {
     let p = llama_cluster_engine::default_model_path();

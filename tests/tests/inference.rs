@@ -8,12 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use llama_cluster_engine::EngineSettings;
-use llama_cluster_engine::baseline::Baseline;
 use llama_cluster_engine::chain::max_abs_diff;
 use llama_cluster_proto::v1::{InferenceRequest, LoadShardRequest};
 use llama_cluster_tests::{
-    Answer, NodeProc, PipelineCluster, infer, model_path, split_with_cli, test_dir, wait_for,
+    Answer, NodeProc, PipelineCluster, baseline, infer, split_with_cli, test_dir, wait_for,
 };
 use serde_json::{Value, json};
 
@@ -47,11 +45,7 @@ async fn three_worker_processes_match_single_node_llama_cpp() {
         .await
         .unwrap();
 
-    let settings = EngineSettings {
-        threads: 1,
-        ..Default::default()
-    };
-    let base = Baseline::load(&model_path(), settings).unwrap();
+    let base = baseline();
     let chat_prompt = "Write a haiku about rivers.";
     let chat_text =
         "<|im_start|>user\nWrite a haiku about rivers.<|im_end|>\n<|im_start|>assistant\n";

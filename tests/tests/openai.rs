@@ -440,23 +440,13 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
     assert_eq!(c["tokens"].as_array().unwrap().len(), 6, "{c}");
     assert_eq!(c["offsets"][0], "The capital of France is".len(), "{c}");
     assert_eq!(c["n_top"], serde_json::json!([1, 1, 1, 1, 1, 1]), "{c}");
-    let joined: String = c["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let joined = spelled(&c["tokens"]);
     assert_eq!(joined, c["text"].as_str().unwrap(), "{c}");
     // A stop string: the entries spell the text that goes out, without the
     // stopping token.
     let c = &r["stop_logprobs"];
     assert_eq!(c["finish"], "stop", "{c}");
-    let joined: String = c["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let joined = spelled(&c["tokens"]);
     assert_eq!(joined, c["text"].as_str().unwrap(), "{c}");
     assert!(!joined.is_empty() && !joined.contains('.'), "{c}");
     for (case, param) in [
@@ -471,6 +461,16 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         assert_eq!(e[0], 400, "{case}: {e}");
         assert_eq!(e[1]["error"]["param"], param, "{case}: {e}");
     }
+}
+
+/// The text a list of log-probability tokens spells.
+fn spelled(tokens: &Value) -> String {
+    tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect()
 }
 
 /// Runs a Python client script (arguments: the API's base URL, …): its

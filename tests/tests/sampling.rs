@@ -3,10 +3,8 @@
 //! penalties (the logits with the formula applied by hand), and each
 //! token's log-probabilities (the log-softmax of the logits at its step).
 
-use llama_cluster_engine::EngineSettings;
-use llama_cluster_engine::baseline::Baseline;
 use llama_cluster_proto::v1::InferenceRequest;
-use llama_cluster_tests::{PipelineCluster, infer, model_path, split_with_cli, test_dir};
+use llama_cluster_tests::{PipelineCluster, baseline, infer, split_with_cli, test_dir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn penalties_and_logprobs_match_the_unsplit_model() {
@@ -15,11 +13,7 @@ async fn penalties_and_logprobs_match_the_unsplit_model() {
     let cluster = PipelineCluster::start(&dir, &manifest, 236, &[])
         .await
         .unwrap();
-    let settings = EngineSettings {
-        threads: 1,
-        ..Default::default()
-    };
-    let base = Baseline::load(&model_path(), settings).unwrap();
+    let base = baseline();
 
     // The frequency and presence penalties equal the unsplit model's logits
     // with OpenAI's formula applied by hand over the last 64 tokens (the

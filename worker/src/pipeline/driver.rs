@@ -412,7 +412,7 @@ impl Pipeline {
                     &tracing::Span::current(),
                 );
             }
-            let r = self
+            let mut r = self
                 .send(frame(pos as u32, vec![pending], true, vec![]))
                 .instrument(step)
                 .await;
@@ -427,8 +427,7 @@ impl Pipeline {
                     "the last stage returned no token".into(),
                 ))
             })?;
-            let logprobs = r.logprobs.clone();
-            if let Some(finish) = st.accept(run, next, logprobs).await {
+            if let Some(finish) = st.accept(run, next, r.logprobs.take()).await {
                 return Ok(finish);
             }
         }

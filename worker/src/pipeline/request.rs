@@ -168,15 +168,20 @@ impl State {
         crate::metrics::metrics().tokens_generated.inc();
         let vocab = &run.info.vocab;
         let bytes = vocab.piece(next);
-        let one = |token_id: i32, logprob: f32| TokenLogprob {
-            token_id,
-            bytes: vocab.piece(token_id),
-            logprob,
-            top: vec![],
-        };
         let entry = logprobs.map(|l| TokenLogprob {
-            top: l.top.iter().map(|&(t, lp)| one(t, lp)).collect(),
-            ..one(next, l.logprob)
+            token_id: next,
+            bytes: bytes.clone(),
+            logprob: l.logprob,
+            top: l
+                .top
+                .iter()
+                .map(|&(token_id, logprob)| TokenLogprob {
+                    token_id,
+                    bytes: vocab.piece(token_id),
+                    logprob,
+                    top: vec![],
+                })
+                .collect(),
         });
         self.logprobs.token(bytes.len(), entry);
         let piece = self.stream.push(&bytes);
