@@ -93,6 +93,8 @@ struct CpuUse {
     client: f64,
     /// Each stage's steps, `llama_decode` calls and llama.cpp micro-batches.
     calls: Vec<[f64; 3]>,
+    /// Each stage's seconds in llama.cpp.
+    busy: Vec<f64>,
 }
 
 /// One short completion before the levels, so that none of them pays for
@@ -307,6 +309,7 @@ fn measure(c: &Cluster, dir: &Path, conc: usize) -> (Option<Figures>, CpuUse) {
         coordinator: (cpu_of(c.coordinator.child.id()) - coord0) / wall,
         client: fig.client_cpu / wall,
         calls: during.iter().map(|d| [d[1], d[2], d[3]]).collect(),
+        busy: during.iter().map(|d| d[0]).collect(),
     };
     (f, cpu)
 }
@@ -523,6 +526,14 @@ async fn main() {
         per_call(u, 0)
     });
     cores("(b) micro-batches per call", &b_cpu, |u| per_call(u, 2));
+    cores("(b) llama.cpp ms per call, stage 0 / 1", &b_cpu, |u| {
+        u.busy
+            .iter()
+            .zip(&u.calls)
+            .map(|(b, c)| format!("{:.1}", b * 1e3 / c[1].max(1.0)))
+            .collect::<Vec<_>>()
+            .join("/")
+    });
     cores("(b) cores: workers' other threads", &b_cpu, |u| {
         join(&u.rest)
     });
