@@ -34,6 +34,8 @@ struct Cli {
     tls_server_name: String,
 }
 
+// Parsed once at start: the size of `Serve`'s options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Print the status of workers (by gRPC address) as one table.
@@ -112,6 +114,11 @@ enum Cmd {
         /// PEM private key of --tls-cert-file.
         #[arg(long, env = "LLAMA_CLUSTER_TLS_KEY_FILE", default_value = "")]
         tls_key_file: String,
+        /// Origins whose web pages may call the HTTP API from the browser
+        /// (CORS), comma-separated (`https://chat.example.org`); `*`: any,
+        /// as llama-server allows; empty: none.
+        #[arg(long, env = "LLAMA_COORDINATOR_ALLOWED_ORIGINS", default_value = "*")]
+        allowed_origins: String,
     },
     /// Start a local cluster (bootstrap + workers on 127.0.0.x), place a
     /// split model with the coordinator's placement (shards travel through
@@ -185,6 +192,7 @@ async fn main() -> ExitCode {
             api_token_file,
             tls_cert_file,
             tls_key_file,
+            allowed_origins,
         } => {
             let telemetry = llama_cluster_shared::telemetry::init(
                 llama_cluster_shared::config::LogFormat::Text,
@@ -204,6 +212,7 @@ async fn main() -> ExitCode {
                             &tls_cert_file,
                             &tls_key_file,
                         )?;
+                        let cors = openai::cors::layer(&allowed_origins)?;
                         let env = |k: &str| std::env::var(k).unwrap_or_default();
                         let tokens = llama_cluster_shared::auth::Tokens::load(
                             &env("LLAMA_CLUSTER_ADMIN_TOKEN"),
@@ -225,8 +234,12 @@ async fn main() -> ExitCode {
                             None => None,
                         };
                         let serving = openai::serve(
-                            &http,
-                            &grpc,
+                            openai::Listen {
+                                http: &http,
+                                grpc: &grpc,
+                                tls,
+                                cors,
+                            },
                             llama_coordinator::workers::WorkerSet::new(workers),
                             placer,
                             std::time::Duration::from_millis(poll_ms),
@@ -236,7 +249,6 @@ async fn main() -> ExitCode {
                                 driver_attempts as usize,
                                 tokens,
                             ),
-                            tls,
                         );
                         // Ctrl-C or SIGTERM (Kubernetes) ends it cleanly, so
                         // the spans still buffered are sent.

@@ -79,6 +79,47 @@ fn run_page(base: &str, dir: &std::path::Path, workers: usize, env: &[(&str, &st
     serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", out.all()))
 }
 
+/// A web page of another origin: a listener on 127.0.0.1 answering every
+/// request with a small HTML page (a thread of this test process). Returns
+/// its port.
+fn page_server() -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = "<!doctype html><title>a chat front end</title><p>elsewhere</p>";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// tests/clients/cors.js: each page in `pages` asks `base` for a streamed
+/// chat answer from the browser (with `key`); what each got.
+fn run_cors(base: &str, dir: &std::path::Path, key: &str, pages: &[String]) -> Vec<Value> {
+    let profile = dir.join("chromium-cors-profile");
+    std::fs::create_dir_all(&profile).unwrap();
+    let mut cmd = Command::new("node");
+    cmd.env("NODE_PATH", clients::node_modules())
+        .arg(clients::script("cors.js"))
+        .arg(base)
+        .arg(&profile)
+        .args([key, QUESTION, &MAX_TOKENS.to_string()])
+        .args(pages);
+    let out = clients::run(&mut cmd, Duration::from_secs(180)).expect("node runs");
+    assert!(out.ok, "the browser: {}", out.all());
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", out.all()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_chat_sends_the_api_key() {
     const API: &str = "dashboard-api-key-7";
@@ -88,10 +129,40 @@ async fn the_dashboard_chat_sends_the_api_key() {
     let cluster = PipelineCluster::start_with_env(&dir, &manifest, 178, &[], &env)
         .await
         .unwrap();
-    let coord =
-        start_coordinator(&dir, &cluster.grpc_addrs(), &["--poll-ms", "300"], &env).unwrap();
+    // A chat front end served from another origin, the only one allowed.
+    let port = page_server();
+    let allowed = format!("http://127.0.0.1:{port}");
+    let coord = start_coordinator(
+        &dir,
+        &cluster.grpc_addrs(),
+        &["--poll-ms", "300", "--allowed-origins", &allowed],
+        &env,
+    )
+    .unwrap();
     let base = format!("http://{}", coord.ready["http_addr"].as_str().unwrap());
     let want = pipeline_answer(&cluster.workers[0], Some(API)).await;
+
+    // From the allowed origin, the browser's fetch streams the answer; from
+    // another (the same page server as localhost), the browser refuses it.
+    let got = run_cors(
+        &base,
+        &dir,
+        API,
+        &[format!("{allowed}/"), format!("http://localhost:{port}/")],
+    );
+    println!("{got:?}");
+    assert_eq!(got[0]["origin"], allowed.as_str(), "{got:?}");
+    assert_eq!(got[0]["ok"], true, "{got:?}");
+    assert_eq!(got[0]["status"], 200, "{got:?}");
+    assert_eq!(got[0]["text"], want.as_str(), "{got:?}");
+    assert_eq!(got[1]["ok"], false, "{got:?}");
+    assert!(
+        got[1]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Failed to fetch"),
+        "{got:?}"
+    );
 
     let page = run_page(&base, &dir, 1, &[("DASHBOARD_API_KEY", API)]);
     println!("{}", serde_json::to_string_pretty(&page).unwrap());
@@ -129,6 +200,13 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
 
     // What the pipeline answers to the chat message (greedy), asked directly.
     let want = pipeline_answer(&cluster.workers[0], None).await;
+
+    // By default any origin may call the API from the browser, as
+    // llama-server allows: a page served elsewhere gets the answer.
+    let elsewhere = format!("http://localhost:{}/", page_server());
+    let got = run_cors(&base, &dir, "", &[elsewhere]);
+    assert_eq!(got[0]["ok"], true, "{got:?}");
+    assert_eq!(got[0]["text"], want.as_str(), "{got:?}");
 
     // The JSON the page reads.
     let api: Value =

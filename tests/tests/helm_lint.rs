@@ -141,6 +141,20 @@ fn secret_file(spec: &Value, env: &str, secret: &str) -> Option<(String, String)
     Some((value, key))
 }
 
+/// The coordinator's `--allowed-origins` argument.
+fn origins(objects: &[Value]) -> String {
+    let cmd = &pod(objects, "Deployment", "-coordinator")["containers"][0]["command"];
+    let args: Vec<&str> = cmd
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let at = args
+        .iter()
+        .position(|a| *a == "--allowed-origins")
+        .unwrap_or_else(|| panic!("no --allowed-origins: {cmd}"));
+    args.get(at + 1).map(|s| s.to_string()).unwrap_or_default()
+}
+
 #[test]
 fn the_chart_mounts_the_secrets_and_renders_valid_objects() {
     // Without secrets: valid objects, no secret volume, gRPC probes.
@@ -154,14 +168,17 @@ fn the_chart_mounts_the_secrets_and_renders_valid_objects() {
     );
     let workers = pod(&objects, "StatefulSet", "-worker");
     assert!(workers["containers"][0]["readinessProbe"]["grpc"].is_object());
+    assert_eq!(origins(&objects), "*", "any origin by default");
 
     let values = serde_json::json!({
+        "coordinator": {"allowedOrigins": "https://chat.example.org"},
         "auth": {"adminTokenSecret": "llama-admin", "apiTokenSecret": "llama-api"},
         "clusterKey": {"secretName": "llama-key"},
         "tls": {"secretName": "llama-tls"},
     });
     let (ok, objects, problems) = render(&chart(), Some(&values));
     assert!(ok, "{problems}");
+    assert_eq!(origins(&objects), "https://chat.example.org");
     let nodes = [
         ("StatefulSet", "-worker", true),
         ("Deployment", "-bootstrap", true),

@@ -17,130 +17,12 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const CLIENT: &str = r#"
-import json, sys, urllib.request, urllib.error
-from openai import OpenAI
-base = sys.argv[1]
-c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
-out = {}
-out["models"] = [m.id for m in c.models.list()]
-model = out["models"][0]
-msgs = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "What is the capital of France?"}]
-r = c.chat.completions.create(model=model, messages=msgs, max_tokens=24)
-out["chat"] = {"text": r.choices[0].message.content, "finish": r.choices[0].finish_reason,
-               "usage": [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens], "object": r.object}
-parts, finish, usage = [], None, None
-for ch in c.chat.completions.create(model=model, messages=msgs, max_tokens=24, stream=True):
-    if ch.choices:
-        parts.append(ch.choices[0].delta.content or "")
-        finish = ch.choices[0].finish_reason or finish
-    if getattr(ch, "usage", None):
-        usage = [ch.usage.prompt_tokens, ch.usage.completion_tokens, ch.usage.total_tokens]
-out["chat_stream"] = {"text": "".join(parts), "finish": finish, "usage": usage, "chunks": len(parts)}
-r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=16)
-out["completion"] = {"text": r.choices[0].text, "finish": r.choices[0].finish_reason,
-                     "usage": [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]}
-parts = [ch.choices[0].text for ch in c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, stream=True) if ch.choices]
-out["completion_stream"] = "".join(parts)
-def raw(path, body):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return [resp.status, json.loads(resp.read())]
-    except urllib.error.HTTPError as e:
-        return [e.code, json.loads(e.read())]
-out["errors"] = {
-    "unknown_model": raw("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}),
-    "empty_messages": raw("/v1/chat/completions", {"model": model, "messages": []}),
-    "max_tokens_zero": raw("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 0}),
-    "max_tokens_huge": raw("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 10**9}),
-    "malformed": raw("/v1/completions", b"{not json"),
-    "no_model": raw("/v1/completions", {"prompt": "hi"}),
-    "bad_role": raw("/v1/chat/completions", {"model": model, "messages": [{"role": "wizard", "content": "hi"}]}),
-}
-try:
-    c.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
-    out["client_error"] = None
-except Exception as e:
-    out["client_error"] = [type(e).__name__, getattr(e, "status_code", None)]
-print(json.dumps(out))
-"#;
+/// The `openai` client: models, chat and completions, streamed and not,
+/// and bad requests.
+const CLIENT: &str = include_str!("../clients/openai_client.py");
 
-const CLIENT_MORE: &str = r#"
-import json, sys, urllib.request, urllib.error
-from openai import OpenAI
-base = sys.argv[1]
-c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
-model = "smollm2-135m-instruct"
-out = {}
-q = "What is the capital of France?"
-parts = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": [{"type": "text", "text": q}]}]
-out["parts"] = c.chat.completions.create(model=model, messages=parts, max_tokens=24).choices[0].message.content
-dev = [{"role": "developer", "content": "You are brief."}, {"role": "user", "content": q}]
-out["developer"] = c.chat.completions.create(model=model, messages=dev, max_tokens=24).choices[0].message.content
-pen = dict(model=model, prompt=sys.argv[2], max_tokens=24, extra_body={"ignore_eos": True})
-out["penalised"] = c.completions.create(frequency_penalty=0.8, presence_penalty=0.5, **pen).choices[0].text
-out["unpenalised"] = c.completions.create(**pen).choices[0].text
-r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, n=2)
-out["n"] = {"texts": [x.text for x in r.choices], "indexes": [x.index for x in r.choices],
-            "usage": [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]}
-texts, finishes, usage = {}, {}, None
-for ch in c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, n=2, stream=True,
-                               stream_options={"include_usage": True}):
-    for x in ch.choices:
-        texts[x.index] = texts.get(x.index, "") + (x.text or "")
-        if x.finish_reason:
-            finishes[x.index] = x.finish_reason
-    if getattr(ch, "usage", None):
-        usage = [ch.usage.prompt_tokens, ch.usage.completion_tokens, ch.usage.total_tokens]
-out["n_stream"] = {"texts": [texts[i] for i in sorted(texts)], "finishes": [finishes[i] for i in sorted(finishes)], "usage": usage}
-out["ids"] = [c.completions.create(model=model, prompt="Hi", max_tokens=1).id for _ in range(3)]
-r = c.chat.completions.create(model=model, messages=dev, max_tokens=8, logprobs=True, top_logprobs=2)
-lp = r.choices[0].logprobs.content
-out["chat_logprobs"] = {"text": r.choices[0].message.content, "n": r.usage.completion_tokens,
-    "tokens": [e.token for e in lp], "logprobs": [e.logprob for e in lp],
-    "top": [[t.token for t in e.top_logprobs] for e in lp], "top_lp": [[t.logprob for t in e.top_logprobs] for e in lp]}
-entries, text = [], ""
-for ch in c.chat.completions.create(model=model, messages=dev, max_tokens=8, logprobs=True, top_logprobs=2, stream=True):
-    if ch.choices:
-        text += ch.choices[0].delta.content or ""
-        if ch.choices[0].logprobs and ch.choices[0].logprobs.content:
-            entries += [[e.token, e.logprob] for e in ch.choices[0].logprobs.content]
-out["chat_logprobs_stream"] = {"text": text, "entries": entries}
-r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=6, logprobs=1)
-l = r.choices[0].logprobs
-out["completion_logprobs"] = {"text": r.choices[0].text, "tokens": l.tokens, "offsets": l.text_offset,
-                              "n_top": [len(t) for t in l.top_logprobs], "lp": l.token_logprobs}
-r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=16, logprobs=1, stop=["."])
-out["stop_logprobs"] = {"text": r.choices[0].text, "tokens": r.choices[0].logprobs.tokens, "finish": r.choices[0].finish_reason}
-poem = dict(model=model, prompt="Write a poem about the sea:", max_tokens=16, temperature=1.5)
-r = c.completions.create(n=2, seed=5, **poem)
-out["seeded"] = {"choices": [x.text for x in r.choices],
-                 "alone": [c.completions.create(seed=s, **poem).choices[0].text for s in (5, 6)]}
-out["unseeded"] = [c.completions.create(max_tokens=32, extra_body={"ignore_eos": True},
-                                        **{k: v for k, v in poem.items() if k != "max_tokens"}).choices[0].text
-                   for _ in range(2)]
-r = c.completions.create(model=model, prompt=["Hi", "The capital of France is"], max_tokens=16)
-out["batch"] = {"texts": [x.text for x in r.choices], "prompt_tokens": r.usage.prompt_tokens}
-def raw(path, body):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return [resp.status, json.loads(resp.read())]
-    except urllib.error.HTTPError as e:
-        return [e.code, json.loads(e.read())]
-hi = [{"role": "user", "content": "hi"}]
-out["refused"] = {
-    "logprobs": raw("/v1/chat/completions", {"model": model, "messages": hi, "logprobs": True, "top_logprobs": 21}),
-    "image": raw("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}),
-    "tools": raw("/v1/chat/completions", {"model": model, "messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}),
-    "json": raw("/v1/chat/completions", {"model": model, "messages": hi, "response_format": {"type": "json_object"}}),
-    "penalty": raw("/v1/completions", {"model": model, "prompt": "hi", "presence_penalty": 3.0}),
-    "tool_message": raw("/v1/chat/completions", {"model": model, "messages": hi + [{"role": "tool", "content": "42", "tool_call_id": "x"}]}),
-}
-print(json.dumps(out))
-"#;
+/// The `openai` client: what common clients send beyond the basics.
+const CLIENT_MORE: &str = include_str!("../clients/openai_more.py");
 
 /// The prompt the penalties are tried on (the numbers repeat).
 const PENALISED: &str = "List the numbers: one, two, one, two, one,";
@@ -228,6 +110,24 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
     println!("{}", serde_json::to_string_pretty(&r).unwrap());
 
     assert_eq!(r["models"], serde_json::json!(["smollm2-135m-instruct"]));
+    // OpenAI's retrieve: the model listed, created when the coordinator
+    // first saw it served (not 1970); an unknown one is model_not_found.
+    let m = &r["retrieve"];
+    assert_eq!(m["id"], "smollm2-135m-instruct", "{m}");
+    assert_eq!(m["object"], "model", "{m}");
+    let created = m["created"].as_u64().unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(created > now - 3600 && created <= now, "{m}");
+    assert_eq!(m["listed_created"], m["created"], "{m}");
+    assert_eq!(
+        r["retrieve_missing"],
+        serde_json::json!(["NotFoundError", 404, "model_not_found"])
+    );
+    // llama-server's health check.
+    assert_eq!(r["health"], serde_json::json!([200, {"status": "ok"}]));
     let chat = &r["chat"];
     assert_eq!(chat["object"], "chat.completion");
     assert_eq!(
@@ -558,4 +458,22 @@ async fn coordinator_is_not_ready_without_a_serving_cluster() {
             "{service:?}"
         );
     }
+    // The HTTP health check says the same, with why.
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "30", "-w", "\n%{http_code}"])
+        .arg(format!("{base}/health"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(code, "503", "{text}");
+    let body: Value = serde_json::from_str(body).unwrap_or_default();
+    assert_eq!(body["error"]["type"], "unavailable_error", "{text}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no model can be answered yet"),
+        "{text}"
+    );
 }

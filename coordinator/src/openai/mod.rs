@@ -1,5 +1,6 @@
 //! An OpenAI-compatible HTTP API in front of the workers:
-//! `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`,
+//! `GET /v1/models` (and `/v1/models/{model}`), `POST /v1/completions`,
+//! `POST /v1/chat/completions`, `GET /health`,
 //! with `stream: true` (server-sent events) or without, usage counts
 //! included. Requests are forwarded to a worker that drives the model's
 //! pipeline (gRPC `Inference`); invalid requests get OpenAI-style error JSON
@@ -23,7 +24,9 @@ use crate::metrics::Metered;
 use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span};
 
+pub mod cors;
 mod logprobs;
+mod models;
 mod request;
 mod stream;
 
@@ -59,32 +62,6 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// Models served by ready shards.
-async fn models(state: &ApiState) -> Vec<String> {
-    let mut m: Vec<String> = state
-        .workers
-        .served()
-        .await
-        .into_iter()
-        .map(|(m, _)| m)
-        .collect();
-    m.sort();
-    m.dedup();
-    m
-}
-
-async fn list_models(State(st): State<Arc<ApiState>>, headers: axum::http::HeaderMap) -> Response {
-    if let Err(r) = authorized(&st, &headers) {
-        return *r;
-    }
-    let data: Vec<Value> = models(&st)
-        .await
-        .into_iter()
-        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "llama-cluster"}))
-        .collect();
-    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 fn status_to_http(s: &tonic::Status) -> Response {
@@ -162,7 +139,7 @@ async fn handle(st: Arc<ApiState>, body: Bytes, chat: bool) -> Response {
         Err(e) => return bad_request(e.message, e.param),
     };
     let model = api.req.model.clone();
-    let served = models(&st).await;
+    let served = models::served(&st).await;
     if !served.contains(&model) {
         return error(
             StatusCode::NOT_FOUND,
@@ -349,9 +326,12 @@ async fn whole(head: Head, mut answers: stream::Answers, n_runs: usize) -> Respo
 }
 
 /// The API's routes.
-pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/v1/models", get(list_models))
+pub fn router(state: ApiState, cors: Option<tower_http::cors::CorsLayer>) -> Router {
+    let app = Router::new()
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{*model}", get(models::retrieve))
+        .route("/health", get(models::health))
+        .route("/v1/health", get(models::health))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .merge(crate::dashboard::routes())
@@ -372,20 +352,40 @@ pub fn router(state: ApiState) -> Router {
                 None,
             )
         })
-        .with_state(Arc::new(state))
+        .with_state(Arc::new(state));
+    match cors {
+        Some(c) => app.layer(c),
+        None => app,
+    }
 }
 
-/// Serves the OpenAI API on `http` and the coordinator's gRPC service on
-/// `grpc` until the process ends.
+/// Where and how the coordinator listens.
+pub struct Listen<'a> {
+    /// The OpenAI API, the dashboard and `/metrics`.
+    pub http: &'a str,
+    /// The `llamacluster.v1.Coordinator` gRPC service.
+    pub grpc: &'a str,
+    /// TLS on both.
+    pub tls: Option<llama_cluster_shared::tls::ServerTls>,
+    /// The origins whose pages may call the HTTP API ([`cors::layer`]).
+    pub cors: Option<tower_http::cors::CorsLayer>,
+}
+
+/// Serves the OpenAI API and the coordinator's gRPC service as `listen`
+/// says until the process ends.
 pub async fn serve(
-    http: &str,
-    grpc: &str,
+    listen: Listen<'_>,
     workers: crate::workers::WorkerSet,
     placer: Option<crate::placer::Placer>,
     poll: Duration,
     drivers: crate::drivers::Drivers,
-    tls: Option<llama_cluster_shared::tls::ServerTls>,
 ) -> anyhow::Result<()> {
+    let Listen {
+        http,
+        grpc,
+        tls,
+        cors,
+    } = listen;
     let listener = tokio::net::TcpListener::bind(http)
         .await
         .with_context(|| format!("cannot bind {http}"))?;
@@ -405,7 +405,7 @@ pub async fn serve(
     );
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!("[API] OpenAI-compatible API on {scheme}://{bound}/v1, gRPC on {grpc_bound}");
-    let app = router(ApiState { workers, drivers });
+    let app = router(ApiState::new(workers, drivers), cors);
     let http_server = async move {
         match tls {
             Some(t) => axum::serve(crate::tls::TlsListener::new(listener, &t)?, app).await,
