@@ -10,7 +10,11 @@
 //! - **failover**: when a driver's stream breaks before its statistics, the
 //!   driver leaves the set at once (until a poll finds it answering again)
 //!   and the request goes on at another driver from the tokens already
-//!   delivered (`resume_token_ids`); the client sees one stream.
+//!   delivered (`resume_token_ids`); the client sees one stream. A driver
+//!   that hangs or drops off the network without closing its connections
+//!   (a stopped process, a machine without power) is found by HTTP/2 pings
+//!   it no longer answers within `driver_timeout`: its connection is closed
+//!   and its streams break and resume the same way.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +44,8 @@ struct Inner {
     queue_timeout: Duration,
     /// Drivers a request may try (the first one included).
     max_attempts: usize,
+    /// How long a driver may leave an HTTP/2 ping unanswered.
+    driver_timeout: Duration,
     next_ticket: AtomicU64,
     /// The API token is sent to the drivers and asked of clients.
     tokens: Tokens,
@@ -122,11 +128,14 @@ impl Drop for Ticket<'_> {
 }
 
 impl Drivers {
-    /// `max_attempts`: drivers one request may try (1: no failover).
+    /// `max_attempts`: drivers one request may try (1: no failover);
+    /// `driver_timeout`: how long a driver may leave a ping unanswered
+    /// before its streams move to another.
     pub fn new(
         max_queued: usize,
         queue_timeout: Duration,
         max_attempts: usize,
+        driver_timeout: Duration,
         tokens: Tokens,
     ) -> Self {
         Drivers(Arc::new(Inner {
@@ -135,6 +144,7 @@ impl Drivers {
             max_queued,
             queue_timeout,
             max_attempts: max_attempts.max(1),
+            driver_timeout: driver_timeout.max(Duration::from_secs(1)),
             next_ticket: AtomicU64::new(0),
             tokens,
         }))
@@ -236,10 +246,16 @@ impl Drivers {
         let ch = match g.channels.get(&addr) {
             Some(c) => c.clone(),
             None => {
+                // Pings every half timeout (at most 5 s), answered by the
+                // worker's runtime however busy its llama.cpp thread is.
+                let timeout = self.0.driver_timeout;
                 let c = crate::tls::endpoint(&addr)
                     .ok()?
                     .connect_timeout(Duration::from_secs(3))
                     .tcp_nodelay(true)
+                    .http2_keep_alive_interval((timeout / 2).min(Duration::from_secs(5)))
+                    .keep_alive_timeout(timeout)
+                    .keep_alive_while_idle(true)
                     .connect_lazy();
                 g.channels.insert(addr.clone(), c.clone());
                 c

@@ -98,6 +98,12 @@ enum Cmd {
         #[arg(long, env = "LLAMA_COORDINATOR_DRIVER_ATTEMPTS", default_value_t = 4,
               value_parser = clap::value_parser!(u64).range(1..=64))]
         driver_attempts: u64,
+        /// Seconds a driver may leave the coordinator's HTTP/2 pings
+        /// unanswered (a hung process, a machine gone without closing its
+        /// connections) before its streams resume on another driver.
+        #[arg(long, env = "LLAMA_COORDINATOR_DRIVER_TIMEOUT_SECS", default_value_t = 10,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        driver_timeout_secs: u64,
         /// File holding the admin token sent with LoadShard (placement);
         /// or the token itself in LLAMA_CLUSTER_ADMIN_TOKEN.
         #[arg(long, env = "LLAMA_CLUSTER_ADMIN_TOKEN_FILE", default_value = "")]
@@ -188,6 +194,7 @@ async fn main() -> ExitCode {
             max_queued,
             queue_timeout_secs,
             driver_attempts,
+            driver_timeout_secs,
             admin_token_file,
             api_token_file,
             tls_cert_file,
@@ -247,6 +254,7 @@ async fn main() -> ExitCode {
                                 max_queued,
                                 std::time::Duration::from_secs(queue_timeout_secs),
                                 driver_attempts as usize,
+                                std::time::Duration::from_secs(driver_timeout_secs),
                                 tokens,
                             ),
                         );

@@ -2,7 +2,8 @@
 //! replicas of each shard: 8 concurrent streams (greedy, or seeded sampling
 //! with penalties) go on with the text they have without a fault when a stage of their route is killed, when
 //! their driver is killed (the coordinator resumes them on another driver),
-//! and when a stage stops answering (SIGSTOP); sessions of a dead driver are
+//! when a stage stops answering (SIGSTOP), and when a driver does (its
+//! streams move when it leaves the coordinator's pings unanswered); sessions of a dead driver are
 //! freed within the lease. (A range left without a live replica, and its
 //! re-placement by the coordinator: `placement.rs`.)
 
@@ -23,6 +24,8 @@ const TOKENS: u32 = 48;
 /// Every worker's step budget, and the lease of a session without steps.
 const STAGE_TIMEOUT_SECS: u64 = 3;
 const LEASE_SECS: u64 = 5;
+/// How long the coordinator lets a driver leave its pings unanswered.
+const DRIVER_TIMEOUT_SECS: u64 = 3;
 
 /// Stream `i`'s request: greedy, or (odd `i`) seeded sampling with the
 /// frequency and presence penalties, whose state a resumed session must
@@ -197,7 +200,14 @@ async fn streams_survive_the_loss_of_a_stage_a_driver_and_a_silent_stage() {
     let mut cluster = ReplicaCluster::start(&dir, &manifest, 170, 2, &extra)
         .await
         .unwrap();
-    let coord = start_coordinator(&dir, &cluster.grpc_addrs(), &["--poll-ms", "500"], &[]).unwrap();
+    let driver_timeout = DRIVER_TIMEOUT_SECS.to_string();
+    let coord = start_coordinator(
+        &dir,
+        &cluster.grpc_addrs(),
+        &["--poll-ms", "500", "--driver-timeout-secs", &driver_timeout],
+        &[],
+    )
+    .unwrap();
     let coord_addr = coord.ready["grpc_addr"].as_str().unwrap().to_string();
     wait_for(
         "the coordinator to see the drivers",
@@ -290,4 +300,57 @@ async fn streams_survive_the_loss_of_a_stage_a_driver_and_a_silent_stage() {
         "failover took {worst:?}"
     );
     one_request(&w0).await.expect("a request after SIGCONT");
+
+    // 4. A driver that stops answering (SIGSTOP w4, which drives some of
+    // the coordinator's streams and is a stage of others) without closing
+    // its connections, as a hung process or a machine gone from the
+    // network: the coordinator's pings go unanswered, its streams resume on
+    // another driver, the routes through it move within the step budget.
+    let w4 = cluster.workers[4].grpc_addr.clone();
+    wait_for(
+        "the coordinator to know w4",
+        Duration::from_secs(60),
+        || async {
+            let st = CoordinatorClient::connect(format!("http://{coord_addr}"))
+                .await
+                .ok()?
+                .get_cluster_status(llama_cluster_proto::v1::GetClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            st.workers
+                .iter()
+                .any(|w| w.grpc_addr == w4 && w.reachable)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let failovers = || {
+        let m = llama_cluster_tests::scrape_url(&format!(
+            "http://{}/metrics",
+            coord.ready["http_addr"].as_str().unwrap_or_default()
+        ))
+        .unwrap_or_default();
+        llama_cluster_tests::metric(&m, "llama_cluster_coordinator_driver_failovers_total")
+            .unwrap_or(0.0)
+    };
+    let before = failovers();
+    let stopped = &cluster.workers[4];
+    let runs = tokio::time::timeout(
+        Duration::from_secs(90),
+        streams_with_fault(Target::Coordinator(coord_addr.clone()), || {
+            signal(stopped, "-STOP")
+        }),
+    )
+    .await;
+    signal(stopped, "-CONT");
+    let runs = runs.expect("streams stalled on a silent driver for 90 s");
+    assert_same("a driver stopped", &runs, &want);
+    assert!(
+        failovers() > before,
+        "no stream was resumed on another driver: w4 drove none"
+    );
+    let worst = runs.iter().map(|r| r.max_gap).max().unwrap_or_default();
+    eprintln!("longest gap between two tokens when a driver stopped: {worst:?}");
 }
