@@ -246,15 +246,18 @@ impl Drivers {
         let ch = match g.channels.get(&addr) {
             Some(c) => c.clone(),
             None => {
-                // Pings every half timeout (at most 5 s), answered by the
-                // worker's runtime however busy its llama.cpp thread is.
+                // A ping once the connection has been quiet for half the
+                // timeout (at most 5 s), answered by the worker's runtime
+                // however busy its llama.cpp thread is, within the rest:
+                // a silent driver is found within the timeout.
                 let timeout = self.0.driver_timeout;
+                let interval = (timeout / 2).min(Duration::from_secs(5));
                 let c = crate::tls::endpoint(&addr)
                     .ok()?
                     .connect_timeout(Duration::from_secs(3))
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval((timeout / 2).min(Duration::from_secs(5)))
-                    .keep_alive_timeout(timeout)
+                    .http2_keep_alive_interval(interval)
+                    .keep_alive_timeout(timeout - interval)
                     .keep_alive_while_idle(true)
                     .connect_lazy();
                 g.channels.insert(addr.clone(), c.clone());

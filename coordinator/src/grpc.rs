@@ -101,6 +101,7 @@ async fn watch_cluster(
             .set(st.workers.iter().filter(|w| w.reachable).count() as i64);
         let ready = st.swarm_ready && !served.is_empty();
         m.swarm_ready.set(ready as i64);
+        workers.set_ready(ready);
         if last != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving

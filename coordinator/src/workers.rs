@@ -29,6 +29,11 @@ struct Known {
     gone: BTreeSet<String>,
     /// (model, worker driving it) from the last poll, and when.
     served: Option<(Instant, Vec<(String, String)>)>,
+    /// The last poll found the cluster SWARM_READY with a model served
+    /// (what the health checks say).
+    ready: bool,
+    /// When a poll first found each model served (Unix seconds).
+    first_seen: HashMap<String, u64>,
 }
 
 /// How old the last poll's view of who serves what may be for routing a
@@ -45,7 +50,31 @@ impl WorkerSet {
 
     /// Remembers who serves which model (from a poll).
     pub fn set_served(&self, served: Vec<(String, String)>) {
-        self.0.write().unwrap_or_else(|e| e.into_inner()).served = Some((Instant::now(), served));
+        let mut g = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for (model, _) in &served {
+            g.first_seen.entry(model.clone()).or_insert(now);
+        }
+        g.served = Some((Instant::now(), served));
+    }
+
+    /// When a poll first found `model` served (Unix seconds).
+    pub fn first_seen(&self, model: &str) -> Option<u64> {
+        let g = self.0.read().unwrap_or_else(|e| e.into_inner());
+        g.first_seen.get(model).copied()
+    }
+
+    /// Remembers whether the last poll found the cluster ready.
+    pub fn set_ready(&self, ready: bool) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).ready = ready;
+    }
+
+    /// Whether the last poll found the cluster SWARM_READY with a model
+    /// served: every layer of it in ready shards (no worker is asked now).
+    pub fn ready(&self) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).ready
     }
 
     /// Who serves which model: the last poll's answer when it is fresh and

@@ -4,7 +4,8 @@
 // origin), and from it POSTs a streamed chat completion to API_BASE with
 // fetch() (a JSON body and, with API_KEY, a bearer header: the browser asks
 // the API first with a CORS preflight). Prints, per page, the streamed text
-// or the error the page got, as JSON.
+// or the error the page got, and which of the dashboard's JSON and the
+// metrics it could read (none: they stay same-origin), as JSON.
 //
 // usage: NODE_PATH=<node_modules> node cors.js API_BASE USER_DATA_DIR API_KEY QUESTION MAX_TOKENS PAGE_URL...
 "use strict";
@@ -53,9 +54,21 @@ async function main() {
               if (d && d.content) text += d.content;
             }
           }
-          return { origin: location.origin, ok: true, status: resp.status, text };
+          return { origin: location.origin, ok: true, status: resp.status, text, private: await privateReads() };
         } catch (e) {
-          return { origin: location.origin, ok: false, error: String(e) };
+          return { origin: location.origin, ok: false, error: String(e), private: await privateReads() };
+        }
+        // The dashboard's JSON and the metrics stay same-origin: which of
+        // them this page could read.
+        async function privateReads() {
+          const readable = [];
+          for (const path of ["/api/cluster", "/metrics"]) {
+            try {
+              await (await fetch(base + path)).text();
+              readable.push(path);
+            } catch (e) { /* refused by the browser */ }
+          }
+          return readable;
         }
       }, { base, key, question, maxTokens });
       results.push(r);

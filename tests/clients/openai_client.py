@@ -1,7 +1,7 @@
 # The coordinator's OpenAI API through the `openai` client (tests/tests/openai.rs):
 # models, chat and completions, streamed and not, and bad requests; prints JSON.
 # usage: python3 openai_client.py BASE_URL
-import json, sys, urllib.request, urllib.error
+import json, sys, time, urllib.request, urllib.error
 from openai import OpenAI
 base = sys.argv[1]
 c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -16,8 +16,15 @@ try:
     out["retrieve_missing"] = None
 except Exception as e:
     out["retrieve_missing"] = [type(e).__name__, getattr(e, "status_code", None), getattr(e, "code", None)]
-with urllib.request.urlopen(base + "/health", timeout=30) as resp:
-    out["health"] = [resp.status, json.loads(resp.read())]
+# Ready once the coordinator's first poll is in (bounded wait).
+for _ in range(50):
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=30) as resp:
+            out["health"] = [resp.status, json.loads(resp.read())]
+            break
+    except urllib.error.HTTPError as e:
+        out["health"] = [e.code, json.loads(e.read())]
+        time.sleep(0.2)
 msgs = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "What is the capital of France?"}]
 r = c.chat.completions.create(model=model, messages=msgs, max_tokens=24)
 out["chat"] = {"text": r.choices[0].message.content, "finish": r.choices[0].finish_reason,

@@ -156,6 +156,10 @@ async fn the_dashboard_chat_sends_the_api_key() {
     assert_eq!(got[0]["status"], 200, "{got:?}");
     assert_eq!(got[0]["text"], want.as_str(), "{got:?}");
     assert_eq!(got[1]["ok"], false, "{got:?}");
+    // The dashboard's JSON and the metrics are not for other origins.
+    for g in &got {
+        assert_eq!(g["private"], serde_json::json!([]), "{got:?}");
+    }
     assert!(
         got[1]["error"]
             .as_str()
@@ -200,13 +204,6 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
 
     // What the pipeline answers to the chat message (greedy), asked directly.
     let want = pipeline_answer(&cluster.workers[0], None).await;
-
-    // By default any origin may call the API from the browser, as
-    // llama-server allows: a page served elsewhere gets the answer.
-    let elsewhere = format!("http://localhost:{}/", page_server());
-    let got = run_cors(&base, &dir, "", &[elsewhere]);
-    assert_eq!(got[0]["ok"], true, "{got:?}");
-    assert_eq!(got[0]["text"], want.as_str(), "{got:?}");
 
     // The JSON the page reads.
     let api: Value =
@@ -303,4 +300,12 @@ async fn the_dashboard_shows_workers_layers_and_streams_a_chat_answer() {
         png.starts_with(b"\x89PNG") && png.len() > 10_000,
         "screenshot"
     );
+
+    // By default any origin may call the API from the browser, as
+    // llama-server allows: a page served elsewhere gets the answer.
+    let elsewhere = format!("http://localhost:{}/", page_server());
+    let got = run_cors(&base, &dir, "", &[elsewhere]);
+    assert_eq!(got[0]["ok"], true, "{got:?}");
+    assert_eq!(got[0]["private"], serde_json::json!([]), "{got:?}");
+    assert_eq!(got[0]["text"], want.as_str(), "{got:?}");
 }

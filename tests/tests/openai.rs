@@ -53,7 +53,7 @@ async fn text_of(
 async fn openai_client_streaming_and_not_and_bad_requests() {
     let dir = test_dir("openai");
     let manifest = split_with_cli(&dir.join("split"), 2).unwrap();
-    let cluster = PipelineCluster::start(&dir, &manifest, 120, &[])
+    let mut cluster = PipelineCluster::start(&dir, &manifest, 120, &[])
         .await
         .unwrap();
     let workers = cluster.grpc_addrs();
@@ -361,6 +361,31 @@ async fn openai_client_streaming_and_not_and_bad_requests() {
         assert_eq!(e[0], 400, "{case}: {e}");
         assert_eq!(e[1]["error"]["param"], param, "{case}: {e}");
     }
+
+    // With the second shard's worker gone the model has a ready shard but
+    // not every layer: /health turns 503 once the coordinator's poll sees it.
+    cluster.workers[1].kill();
+    let health = || {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .arg(format!("{base}/health"))
+            .output()
+            .ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    wait_for("/health to say 503", Duration::from_secs(60), || async {
+        (health()? == "503").then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 /// The text a list of log-probability tokens spells.
@@ -469,11 +494,12 @@ async fn coordinator_is_not_ready_without_a_serving_cluster() {
     assert_eq!(code, "503", "{text}");
     let body: Value = serde_json::from_str(body).unwrap_or_default();
     assert_eq!(body["error"]["type"], "unavailable_error", "{text}");
+    assert_eq!(body["error"]["code"], 503, "{text}");
     assert!(
         body["error"]["message"]
             .as_str()
             .unwrap_or_default()
-            .contains("no model can be answered yet"),
+            .contains("not SWARM_READY"),
         "{text}"
     );
 }

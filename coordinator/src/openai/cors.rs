@@ -32,14 +32,8 @@ pub fn layer(origins: &str) -> Result<Option<CorsLayer>, BadOrigin> {
     } else {
         let mut values = Vec::with_capacity(list.len());
         for o in list {
-            let rest = o
-                .strip_prefix("http://")
-                .or_else(|| o.strip_prefix("https://"));
-            let host_ok = rest.is_some_and(|r| {
-                !r.is_empty() && !r.contains(['/', '?', '#', ' ', '*']) && !r.ends_with(':')
-            });
-            let value = HeaderValue::from_str(o).ok().filter(|_| host_ok);
-            values.push(value.ok_or_else(|| BadOrigin(o.to_string()))?);
+            let origin = normalise(o).ok_or_else(|| BadOrigin(o.to_string()))?;
+            values.push(HeaderValue::from_str(&origin).map_err(|_| BadOrigin(o.to_string()))?);
         }
         AllowOrigin::list(values)
     };
@@ -51,6 +45,26 @@ pub fn layer(origins: &str) -> Result<Option<CorsLayer>, BadOrigin> {
             .allow_headers(AllowHeaders::mirror_request())
             .max_age(Duration::from_secs(600)),
     ))
+}
+
+/// An origin as browsers send it (`Origin:`): scheme and host in lower
+/// case, no default port; `None` when it is not one.
+fn normalise(o: &str) -> Option<String> {
+    let o = o.to_ascii_lowercase();
+    let (scheme, rest) = o.split_once("://")?;
+    let default_port = match scheme {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return None,
+    };
+    let ok =
+        !rest.is_empty() && !rest.contains(['/', '?', '#', ' ', '*', '@']) && !rest.ends_with(':');
+    ok.then(|| {
+        format!(
+            "{scheme}://{}",
+            rest.strip_suffix(default_port).unwrap_or(rest)
+        )
+    })
 }
 
 #[cfg(test)]
@@ -67,6 +81,15 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+        assert_eq!(
+            normalise("HTTPS://Chat.Example.org:443").as_deref(),
+            Some("https://chat.example.org")
+        );
+        assert_eq!(
+            normalise("http://localhost:3000").as_deref(),
+            Some("http://localhost:3000")
+        );
+        assert_eq!(normalise("http://a:443").as_deref(), Some("http://a:443"));
         for bad in [
             "localhost:3000",
             "http://",

@@ -327,14 +327,19 @@ async fn whole(head: Head, mut answers: stream::Answers, n_runs: usize) -> Respo
 
 /// The API's routes.
 pub fn router(state: ApiState, cors: Option<tower_http::cors::CorsLayer>) -> Router {
-    let app = Router::new()
+    // Pages of the origins `cors` allows may call the API; the dashboard's
+    // JSON and /metrics stay same-origin.
+    let mut api = Router::<Arc<ApiState>>::new()
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*model}", get(models::retrieve))
         .route("/health", get(models::health))
         .route("/v1/health", get(models::health))
         .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
-        .merge(crate::dashboard::routes())
+        .route("/v1/chat/completions", post(chat_completions));
+    if let Some(c) = cors {
+        api = api.layer(c);
+    }
+    api.merge(crate::dashboard::routes())
         .route(
             "/metrics",
             get(|| async {
@@ -352,11 +357,7 @@ pub fn router(state: ApiState, cors: Option<tower_http::cors::CorsLayer>) -> Rou
                 None,
             )
         })
-        .with_state(Arc::new(state));
-    match cors {
-        Some(c) => app.layer(c),
-        None => app,
-    }
+        .with_state(Arc::new(state))
 }
 
 /// Where and how the coordinator listens.
@@ -405,7 +406,7 @@ pub async fn serve(
     );
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!("[API] OpenAI-compatible API on {scheme}://{bound}/v1, gRPC on {grpc_bound}");
-    let app = router(ApiState::new(workers, drivers), cors);
+    let app = router(ApiState { workers, drivers }, cors);
     let http_server = async move {
         match tls {
             Some(t) => axum::serve(crate::tls::TlsListener::new(listener, &t)?, app).await,

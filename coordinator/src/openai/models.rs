@@ -1,5 +1,5 @@
 //! `GET /v1/models`, `GET /v1/models/{model}` (OpenAI's list and retrieve)
-//! and `GET /health` (llama-server's: 200 once a model can be answered).
+//! and `GET /health` (llama-server's: 200 while the cluster is ready).
 
 use std::sync::Arc;
 
@@ -8,10 +8,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{ApiState, authorized, error, now};
+use super::{ApiState, authorized, now};
 
-/// Models a worker can drive now (every layer served by ready shards),
-/// sorted; each is given the time it was first seen served.
+/// Models a worker can drive now, sorted.
 pub(super) async fn served(state: &ApiState) -> Vec<String> {
     let mut m: Vec<String> = state
         .workers
@@ -22,21 +21,12 @@ pub(super) async fn served(state: &ApiState) -> Vec<String> {
         .collect();
     m.sort();
     m.dedup();
-    let mut seen = state.first_seen.lock().unwrap_or_else(|e| e.into_inner());
-    for id in &m {
-        seen.entry(id.clone()).or_insert_with(now);
-    }
     m
 }
 
+/// `created`: when a poll first found the model served.
 fn model_object(state: &ApiState, id: &str) -> Value {
-    let created = state
-        .first_seen
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(id)
-        .copied()
-        .unwrap_or_else(now);
+    let created = state.workers.first_seen(id).unwrap_or_else(now);
     json!({"id": id, "object": "model", "created": created, "owned_by": "llama-cluster"})
 }
 
@@ -70,17 +60,15 @@ pub(super) async fn retrieve(
     axum::Json(model_object(&st, &model)).into_response()
 }
 
-/// 200 `{"status": "ok"}` while some model can be answered, else 503 with
-/// why (as llama-server answers while it loads). Open without the API
-/// token, like llama-server's, for load balancers and probes.
+/// 200 `{"status": "ok"}` while the last poll found the cluster ready
+/// (SWARM_READY with a model served, as the gRPC health check says), else
+/// 503 in llama-server's shape. Open without the API token, like
+/// llama-server's, for load balancers and probes; it asks no worker.
 pub(super) async fn health(State(st): State<Arc<ApiState>>) -> Response {
-    if served(&st).await.is_empty() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable_error",
-            "no model can be answered yet: no worker holds every layer of a model in ready shards",
-            None,
-        );
+    if !st.workers.ready() {
+        let body = json!({"error": {"code": 503, "type": "unavailable_error",
+            "message": "not ready: no model has every layer in ready shards (not SWARM_READY)"}});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
     }
     axum::Json(json!({"status": "ok"})).into_response()
 }
