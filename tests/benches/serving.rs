@@ -91,10 +91,9 @@ struct CpuUse {
     rest: Vec<f64>,
     coordinator: f64,
     client: f64,
-    /// Each stage's steps, `llama_decode` calls and llama.cpp micro-batches.
-    calls: Vec<[f64; 3]>,
-    /// Each stage's seconds in llama.cpp.
-    busy: Vec<f64>,
+    /// Each stage's steps, `llama_decode` calls, llama.cpp micro-batches
+    /// and milliseconds in llama.cpp.
+    calls: Vec<[f64; 4]>,
 }
 
 /// One short completion before the levels, so that none of them pays for
@@ -308,8 +307,10 @@ fn measure(c: &Cluster, dir: &Path, conc: usize) -> (Option<Figures>, CpuUse) {
         rest,
         coordinator: (cpu_of(c.coordinator.child.id()) - coord0) / wall,
         client: fig.client_cpu / wall,
-        calls: during.iter().map(|d| [d[1], d[2], d[3]]).collect(),
-        busy: during.iter().map(|d| d[0]).collect(),
+        calls: during
+            .iter()
+            .map(|d| [d[1], d[2], d[3], d[0] * 1e3])
+            .collect(),
     };
     (f, cpu)
 }
@@ -527,12 +528,7 @@ async fn main() {
     });
     cores("(b) micro-batches per call", &b_cpu, |u| per_call(u, 2));
     cores("(b) llama.cpp ms per call, stage 0 / 1", &b_cpu, |u| {
-        u.busy
-            .iter()
-            .zip(&u.calls)
-            .map(|(b, c)| format!("{:.1}", b * 1e3 / c[1].max(1.0)))
-            .collect::<Vec<_>>()
-            .join("/")
+        per_call(u, 3)
     });
     cores("(b) cores: workers' other threads", &b_cpu, |u| {
         join(&u.rest)
@@ -580,7 +576,8 @@ fn ratio_by_round(name: &str, x: &[Vec<Option<f64>>], y: &[Vec<Option<f64>>]) {
     println!();
 }
 
-/// Steps (`k` 0) or micro-batches (`k` 2) per `llama_decode` call of each stage.
+/// Steps (`k` 0), micro-batches (`k` 2) or llama.cpp milliseconds (`k` 3)
+/// per `llama_decode` call of each stage.
 fn per_call(u: &CpuUse, k: usize) -> String {
     u.calls
         .iter()
