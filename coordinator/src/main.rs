@@ -281,7 +281,7 @@ async fn main() -> ExitCode {
             max_tokens,
             keep_running,
         } => {
-            demo::run(demo::DemoOptions {
+            let mut run = Box::pin(demo::run(demo::DemoOptions {
                 model,
                 workers,
                 shards,
@@ -289,8 +289,21 @@ async fn main() -> ExitCode {
                 prompt,
                 max_tokens,
                 keep_running,
-            })
-            .await
+            }));
+            // Ctrl-C, SIGTERM or SIGHUP at any time: dropping the demo
+            // stops every process it started (each is killed on drop).
+            let done = tokio::select! {
+                r = &mut run => Some(r),
+                _ = shutdown_signal() => None,
+            };
+            match done {
+                Some(r) => r,
+                None => {
+                    drop(run);
+                    println!("interrupted: stopped every process");
+                    Ok(())
+                }
+            }
         }
     };
     match r {
@@ -302,15 +315,19 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Ctrl-C or SIGTERM.
+/// Ctrl-C, SIGTERM or SIGHUP (the terminal closed).
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+        if let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                _ = hup.recv() => {}
             }
             return;
         }

@@ -63,3 +63,103 @@ fn the_demo_answers_through_placed_shards_and_cleans_up() {
         String::from_utf8_lossy(&ps.stdout)
     );
 }
+
+/// The processes `pid` started (its children), as `pgrep -P` lists them.
+fn children(pid: u32) -> Vec<u32> {
+    let ps = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&ps.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Whether process `pid` still runs (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Starts the demo (`--keep-running`) on its own cache, waits for a line of
+/// its output containing `when`, sends `signal`, and checks that it ends and
+/// that none of the processes it started is left (any left are killed
+/// before the test fails).
+fn stopped_by(name: &str, when: &str, signal: &str) {
+    use std::io::{BufRead, BufReader};
+    let cache = test_dir(name).join("cache");
+    let mut child = Command::new(binary("llama-coordinator"))
+        .args(["demo", "--keep-running", "--max-tokens", "4", "--model"])
+        .arg(model_path())
+        .env("LLAMA_CLUSTER_CACHE", &cache)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut seen: Vec<String> = Vec::new();
+    while !seen.iter().any(|l| l.contains(when)) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                // Its own clean-up stops what it started.
+                let _ = Command::new("kill")
+                    .args(["-INT", &child.id().to_string()])
+                    .status();
+                std::thread::sleep(Duration::from_secs(5));
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no {when:?} from the demo within 240 s: {seen:#?}");
+            }
+        }
+    }
+    // The bootstrap node, the workers and the coordinator.
+    let started = children(child.id());
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ended = child.try_wait().unwrap().is_some();
+    let _ = child.kill();
+    let _ = child.wait();
+    let left: Vec<u32> = started.iter().copied().filter(|&p| alive(p)).collect();
+    for p in &left {
+        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+    }
+    assert!(started.len() >= 5, "the demo's processes: {started:?}");
+    assert!(ended, "the demo did not end within 30 s of {signal}");
+    assert!(
+        left.is_empty(),
+        "processes left behind after {signal}: {left:?}"
+    );
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
+        seen.push(l);
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("stopped every process")),
+        "{seen:#?}"
+    );
+}
+
+/// SIGTERM while the demo keeps its cluster running, and Ctrl-C (SIGINT)
+/// while it is still placing shards: every process it started is stopped.
+#[test]
+fn the_demo_stops_every_process_when_terminated_or_interrupted() {
+    stopped_by("demo-sigterm", "cluster running", "-TERM");
+    stopped_by("demo-sigint", "coordinator: OpenAI API on", "-INT");
+}
