@@ -66,6 +66,13 @@ fn check_with_grpcurl(bin: &Path, addr: &str, service: &str, want: &str) {
     for s in [service, "grpc.health.v1.Health"] {
         assert!(services.contains(&s), "{s} not listed: {services:?}");
     }
+    // Only what the server serves: a worker is no coordinator and back.
+    for other in ["llamacluster.v1.Worker", "llamacluster.v1.Coordinator"] {
+        assert!(
+            other == service || !services.contains(&other),
+            "{other} listed on {addr}, which does not serve it: {services:?}"
+        );
+    }
     let methods = grpcurl(bin, addr, None, &["list", service]);
     assert!(
         methods.stdout.contains(&format!("{service}.Inference")),
@@ -271,5 +278,19 @@ async fn grpcurl_and_python_clients_on_a_worker_and_the_coordinator() {
         ] {
             assert!(names.iter().any(|n| n == s), "{s} on {addr}: {names:?}");
         }
+        let ours = if addr == &worker_addr {
+            "llamacluster.v1.Worker"
+        } else {
+            "llamacluster.v1.Coordinator"
+        };
+        let mut want: Vec<&str> = vec![
+            ours,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ];
+        want.sort();
+        let mut got: Vec<&str> = names.iter().map(String::as_str).collect();
+        got.sort();
+        assert_eq!(got, want, "services listed on {addr}");
     }
 }

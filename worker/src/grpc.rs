@@ -458,12 +458,20 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(llama_cluster_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Only what this server serves (the descriptors also hold the
+        // other node's service).
+        .with_service_name("llamacluster.v1.Worker")
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()
         .context("building reflection service")?;
     // v1alpha too: grpcurl 1.8 and Python's grpcio-reflection speak only that.
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(llama_cluster_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("llamacluster.v1.Worker")
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()
         .context("reflection v1alpha")?;
     let service = WorkerService {
