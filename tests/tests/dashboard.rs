@@ -54,19 +54,13 @@ async fn pipeline_answer(w: &llama_cluster_tests::NodeProc, token: Option<&str>)
     want
 }
 
-/// tests/clients/dashboard.js in headless Chromium against `base`: what the
-/// page showed.
-fn run_page(base: &str, dir: &std::path::Path, workers: usize, env: &[(&str, &str)]) -> Value {
-    let shot = dir.join("dashboard.png");
-    let profile = dir.join("chromium-profile");
-    std::fs::create_dir_all(&profile).unwrap();
+/// `tests/clients/<script>` in node (headless Chromium through
+/// playwright-core) with `args` and `env`: the JSON it printed.
+fn run_node(script: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Value {
     let mut cmd = Command::new("node");
     cmd.env("NODE_PATH", clients::node_modules())
-        .arg(clients::script("dashboard.js"))
-        .arg(base)
-        .arg(&shot)
-        .arg(&profile)
-        .args([&workers.to_string(), QUESTION, &MAX_TOKENS.to_string()]);
+        .arg(clients::script(script))
+        .args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -77,6 +71,24 @@ fn run_page(base: &str, dir: &std::path::Path, workers: usize, env: &[(&str, &st
         out.all(),
     );
     serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", out.all()))
+}
+
+/// tests/clients/dashboard.js in headless Chromium against `base`: what the
+/// page showed.
+fn run_page(base: &str, dir: &std::path::Path, workers: usize, env: &[(&str, &str)]) -> Value {
+    let shot = dir.join("dashboard.png");
+    let profile = dir.join("chromium-profile");
+    std::fs::create_dir_all(&profile).unwrap();
+    let (workers, max_tokens) = (workers.to_string(), MAX_TOKENS.to_string());
+    let args = [
+        base.as_ref(),
+        shot.as_os_str(),
+        profile.as_os_str(),
+        workers.as_ref(),
+        QUESTION.as_ref(),
+        max_tokens.as_ref(),
+    ];
+    run_node("dashboard.js", &args, env)
 }
 
 /// A web page of another origin: a listener on 127.0.0.1 answering every
@@ -108,16 +120,19 @@ fn page_server() -> u16 {
 fn run_cors(base: &str, dir: &std::path::Path, key: &str, pages: &[String]) -> Vec<Value> {
     let profile = dir.join("chromium-cors-profile");
     std::fs::create_dir_all(&profile).unwrap();
-    let mut cmd = Command::new("node");
-    cmd.env("NODE_PATH", clients::node_modules())
-        .arg(clients::script("cors.js"))
-        .arg(base)
-        .arg(&profile)
-        .args([key, QUESTION, &MAX_TOKENS.to_string()])
-        .args(pages);
-    let out = clients::run(&mut cmd, Duration::from_secs(180)).expect("node runs");
-    assert!(out.ok, "the browser: {}", out.all());
-    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", out.all()))
+    let max_tokens = MAX_TOKENS.to_string();
+    let mut args = vec![
+        base.as_ref(),
+        profile.as_os_str(),
+        key.as_ref(),
+        QUESTION.as_ref(),
+        max_tokens.as_ref(),
+    ];
+    args.extend(pages.iter().map(std::ffi::OsStr::new));
+    match run_node("cors.js", &args, &[]) {
+        Value::Array(v) => v,
+        other => panic!("cors.js printed {other}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,15 +9,24 @@ use std::time::{Duration, Instant};
 
 use llama_cluster_tests::{binary, model_path, test_dir};
 
+/// `llama-coordinator demo` on the default model with its own `cache`,
+/// `extra` flags, its stdout piped.
+fn demo(cache: &std::path::Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("llama-coordinator"));
+    cmd.arg("demo")
+        .args(extra)
+        .arg("--model")
+        .arg(model_path())
+        .env("LLAMA_CLUSTER_CACHE", cache)
+        .stdout(Stdio::piped());
+    cmd
+}
+
 #[test]
 fn the_demo_answers_through_placed_shards_and_cleans_up() {
     let dir = test_dir("demo");
     let cache = dir.join("cache");
-    let mut child = Command::new(binary("llama-coordinator"))
-        .args(["demo", "--max-tokens", "8", "--model"])
-        .arg(model_path())
-        .env("LLAMA_CLUSTER_CACHE", &cache)
-        .stdout(Stdio::piped())
+    let mut child = demo(&cache, &["--max-tokens", "8"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -91,11 +100,7 @@ fn alive(pid: u32) -> bool {
 fn stopped_by(name: &str, when: &str, signal: &str) {
     use std::io::{BufRead, BufReader};
     let cache = test_dir(name).join("cache");
-    let mut child = Command::new(binary("llama-coordinator"))
-        .args(["demo", "--keep-running", "--max-tokens", "4", "--model"])
-        .arg(model_path())
-        .env("LLAMA_CLUSTER_CACHE", &cache)
-        .stdout(Stdio::piped())
+    let mut child = demo(&cache, &["--keep-running", "--max-tokens", "4"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
