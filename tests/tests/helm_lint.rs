@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use llama_cluster_tests::clients::{self, Output};
 use llama_cluster_tests::test_dir;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/llama-cluster")
@@ -213,12 +213,21 @@ fn the_chart_mounts_the_secrets_and_renders_valid_objects() {
                 "{env}"
             );
         }
-        // Kubelet's gRPC probes speak no TLS.
+        // Kubelet's gRPC probes speak no TLS: a worker or the bootstrap is
+        // ready when its port answers; the coordinator when its /health
+        // over HTTPS says the cluster is (tls.rs calls it as kubelet does).
         let probe = &spec["containers"][0]["readinessProbe"];
-        assert!(
-            probe["tcpSocket"].is_object() && probe["grpc"].is_null(),
-            "{what}: {probe}"
-        );
+        assert!(probe["grpc"].is_null(), "{what}: {probe}");
+        if swarm_member {
+            assert!(probe["tcpSocket"].is_object(), "{what}: {probe}");
+        } else {
+            let get = &probe["httpGet"];
+            assert_eq!(
+                (&get["path"], &get["port"], &get["scheme"]),
+                (&json!("/health"), &json!("http"), &json!("HTTPS")),
+                "{what}: {probe}"
+            );
+        }
     }
 
     // A Secret name Kubernetes refuses is refused by the schema.

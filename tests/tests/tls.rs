@@ -93,6 +93,11 @@ ask("with_ca", "https://" + host,
     openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca)))
 ask("system_roots", "https://" + host)
 ask("plaintext", "http://" + host)
+# As kubelet's HTTPS readiness probe (the Helm chart's): no certificate check.
+import urllib.request
+with urllib.request.urlopen("https://" + host + "/health", timeout=30,
+                            context=ssl._create_unverified_context()) as h:
+    out["health"] = {"status": h.status, "body": json.load(h)}
 print(json.dumps(out))
 "#;
 
@@ -243,6 +248,8 @@ async fn tls_worker_grpc_and_coordinator_https() {
         "{v}"
     );
     assert_eq!(v["plaintext"]["ok"], false, "{v}");
+    assert_eq!(v["health"]["status"], 200, "{v}");
+    assert_eq!(v["health"]["body"]["status"], "ok", "{v}");
     drop(coord);
     drop(worker);
 }
