@@ -134,6 +134,7 @@ pub async fn serve(
     poll: Duration,
     drivers: Drivers,
     tls: Option<&llama_cluster_shared::tls::ServerTls>,
+    client_timeout: Duration,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
     impl std::future::Future<Output = anyhow::Result<()>> + use<>,
@@ -185,10 +186,8 @@ pub async fn serve(
         placer,
         drivers,
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(t) = tls {
-        builder = builder.tls_config(t.tonic()).context("gRPC TLS")?;
-    }
+    let builder =
+        llama_cluster_shared::grpc_server::builder(tls, client_timeout).context("gRPC TLS")?;
     let fut = async move {
         builder
             .trace_fn(llama_cluster_shared::telemetry::grpc_server_span)

@@ -104,6 +104,13 @@ enum Cmd {
         #[arg(long, env = "LLAMA_COORDINATOR_DRIVER_TIMEOUT_SECS", default_value_t = 10,
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         driver_timeout_secs: u64,
+        /// Seconds a gRPC client may leave the coordinator's HTTP/2 pings
+        /// unanswered (a hung process, a machine gone without closing its
+        /// connections) before its connection is closed and its requests
+        /// cancelled.
+        #[arg(long, env = "LLAMA_COORDINATOR_CLIENT_TIMEOUT_SECS", default_value_t = 20,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        client_timeout_secs: u64,
         /// File holding the admin token sent with LoadShard (placement);
         /// or the token itself in LLAMA_CLUSTER_ADMIN_TOKEN.
         #[arg(long, env = "LLAMA_CLUSTER_ADMIN_TOKEN_FILE", default_value = "")]
@@ -195,6 +202,7 @@ async fn main() -> ExitCode {
             queue_timeout_secs,
             driver_attempts,
             driver_timeout_secs,
+            client_timeout_secs,
             admin_token_file,
             api_token_file,
             tls_cert_file,
@@ -246,6 +254,9 @@ async fn main() -> ExitCode {
                                 grpc: &grpc,
                                 tls,
                                 cors,
+                                client_timeout: std::time::Duration::from_secs(
+                                    client_timeout_secs,
+                                ),
                             },
                             llama_coordinator::workers::WorkerSet::new(workers),
                             placer,

@@ -95,6 +95,10 @@ pub struct NodeConfig {
     /// Time one pipeline step (all stages) may take before the stage that
     /// does not answer is failed over.
     pub stage_timeout_secs: u64,
+    /// A gRPC client connection that leaves the server's HTTP/2 pings
+    /// unanswered this long (a hung process, a machine gone without
+    /// closing its connections) is closed, cancelling its requests.
+    pub client_timeout_secs: u64,
     /// Routes a request may move to when stages fail (a new route replays
     /// the tokens so far).
     pub max_reroutes: u32,
@@ -198,6 +202,7 @@ impl Default for NodeConfig {
             session_idle_secs: 300,
             session_lease_secs: 30,
             stage_timeout_secs: 10,
+            client_timeout_secs: 20,
             max_reroutes: 3,
             queue_timeout_secs: 120,
             max_queued: 256,
@@ -423,6 +428,7 @@ impl NodeConfig {
             ("session_idle_secs", self.session_idle_secs),
             ("session_lease_secs", self.session_lease_secs),
             ("stage_timeout_secs", self.stage_timeout_secs),
+            ("client_timeout_secs", self.client_timeout_secs),
             ("queue_timeout_secs", self.queue_timeout_secs),
         ] {
             if value == 0 {

@@ -1,10 +1,11 @@
 //! Types both sides of llama-cluster need: configuration, the JSON command
 //! protocol spoken over `/json-message/1.0`, DHT keys and shard records,
-//! node status, logging and trace set-up.
+//! node status, logging and trace set-up, the gRPC server's transport.
 
 pub mod auth;
 pub mod config;
 pub mod dht_keys;
+pub mod grpc_server;
 pub mod logging;
 pub mod protocol;
 pub mod status;

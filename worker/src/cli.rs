@@ -196,6 +196,10 @@ pub struct NodeArgs {
     /// Time one pipeline step may take, in seconds.
     #[arg(long)]
     pub stage_timeout_secs: Option<String>,
+    /// Seconds a gRPC client may leave the server's HTTP/2 pings unanswered
+    /// before its connection is closed and its requests cancelled.
+    #[arg(long)]
+    pub client_timeout_secs: Option<String>,
     /// The cluster key file (`llama-worker keygen`): only peers that prove
     /// the key are served.
     #[arg(long, env = "LLAMA_CLUSTER_KEY_FILE")]
@@ -295,6 +299,7 @@ impl NodeArgs {
         opt("queue_timeout_secs", &self.queue_timeout_secs);
         opt("max_queued", &self.max_queued);
         opt("stage_timeout_secs", &self.stage_timeout_secs);
+        opt("client_timeout_secs", &self.client_timeout_secs);
         opt("cluster_key_file", &self.cluster_key_file);
         if self.activation_f16 {
             v.push(("activation_f16", "true".into()));

@@ -419,6 +419,7 @@ pub async fn serve(
     peer_id: PeerId,
     tokens: Tokens,
     tls: Option<&llama_cluster_shared::tls::ServerTls>,
+    client_timeout: std::time::Duration,
 ) -> anyhow::Result<(
     SocketAddr,
     impl std::future::Future<Output = anyhow::Result<()>>,
@@ -480,10 +481,8 @@ pub async fn serve(
         peer_id: peer_id.to_string(),
         tokens,
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(t) = tls {
-        builder = builder.tls_config(t.tonic()).context("gRPC TLS")?;
-    }
+    let builder =
+        llama_cluster_shared::grpc_server::builder(tls, client_timeout).context("gRPC TLS")?;
     let mode = if tls.is_some() { "TLS" } else { "plaintext" };
     info!("[STATUS] gRPC on {bound} ({mode}; reflection, grpc.health.v1)");
     let fut = async move {

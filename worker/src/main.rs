@@ -143,6 +143,7 @@ async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
             "[STATUS] no admin token (admin_token_file or LLAMA_CLUSTER_ADMIN_TOKEN): anyone who reaches the gRPC port can load and unload shards"
         );
     }
+    let client_timeout = std::time::Duration::from_secs(cfg.client_timeout_secs);
     let running = startup::start(cfg, role, keypair).await?;
     running.torrents.announce_all();
     let pipeline = running.pipeline.clone();
@@ -163,6 +164,7 @@ async fn run_node(mut cfg: NodeConfig, role: Role) -> anyhow::Result<()> {
         running.peer_id,
         tokens,
         tls.as_ref(),
+        client_timeout,
     )
     .await?;
     let mut metrics_bound = String::new();

@@ -370,6 +370,9 @@ pub struct Listen<'a> {
     pub tls: Option<llama_cluster_shared::tls::ServerTls>,
     /// The origins whose pages may call the HTTP API ([`cors::layer`]).
     pub cors: Option<tower_http::cors::CorsLayer>,
+    /// A gRPC client silent this long is disconnected, its requests
+    /// cancelled ([`llama_cluster_shared::grpc_server::builder`]).
+    pub client_timeout: Duration,
 }
 
 /// Serves the OpenAI API and the coordinator's gRPC service as `listen`
@@ -386,6 +389,7 @@ pub async fn serve(
         grpc,
         tls,
         cors,
+        client_timeout,
     } = listen;
     let listener = tokio::net::TcpListener::bind(http)
         .await
@@ -398,6 +402,7 @@ pub async fn serve(
         poll,
         drivers.clone(),
         tls.as_ref(),
+        client_timeout,
     )
     .await?;
     println!(
