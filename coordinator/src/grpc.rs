@@ -76,6 +76,7 @@ async fn watch_cluster(
     poll: Duration,
 ) {
     let mut last = None;
+    let mut polled_again = false;
     loop {
         let (st, served) = cluster_status(&workers.list(), placer.as_ref()).await;
         let statuses: Vec<(String, llama_cluster_proto::v1::GetStatusResponse)> = st
@@ -89,9 +90,19 @@ async fn watch_cluster(
             .filter(|w| !w.reachable)
             .map(|w| w.grpc_addr.clone())
             .collect();
-        workers.learn(&statuses, &unreachable);
+        let found_new = workers.learn(&statuses, &unreachable);
         workers.set_served(served.clone());
         drivers.update(served.clone(), &statuses);
+        // Workers just found (through the ones given) are polled at once,
+        // before placement plans or readiness is judged on part of the
+        // cluster: a plan without them would move shards they already
+        // serve (a coordinator restarted with one seed address would
+        // unload and reload live shards). Once in a row at most.
+        if found_new && !polled_again {
+            polled_again = true;
+            continue;
+        }
+        polled_again = false;
         if let Some(p) = &placer {
             p.round(&statuses);
         }

@@ -108,9 +108,11 @@ impl WorkerSet {
     /// peers' gRPC addresses, unless that peer already answered under
     /// another address), drops nodes that are not workers (the bootstrap)
     /// and second addresses of one worker, and forgets found addresses that
-    /// stopped answering.
-    pub fn learn(&self, statuses: &[(String, GetStatusResponse)], unreachable: &[String]) {
+    /// stopped answering. True when it found a worker it did not know
+    /// (whose status the poll does not have yet).
+    pub fn learn(&self, statuses: &[(String, GetStatusResponse)], unreachable: &[String]) -> bool {
         let mut g = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut found_new = false;
         let mut seen: HashMap<&str, &str> = HashMap::new();
         for (addr, st) in statuses {
             g.misses.remove(addr);
@@ -156,9 +158,11 @@ impl WorkerSet {
                         "[DISCOVERY] worker {} found through {}",
                         p.grpc_addr, st.peer_id
                     );
+                    found_new = true;
                 }
             }
         }
+        found_new
     }
 }
 
@@ -188,18 +192,19 @@ mod tests {
         let set = WorkerSet::new(["seed:1".to_string()]);
         // The seed names two peers: a worker and the bootstrap; it also
         // reports itself under another address (an alias), which is skipped.
-        set.learn(
-            &[(
-                "seed:1".into(),
+        let seed = || {
+            (
+                "seed:1".to_string(),
                 status(
                     "P0",
                     "worker",
                     &[("P1", "w1:1"), ("B", "boot:1"), ("P0", "alias:1")],
                 ),
-            )],
-            &[],
-        );
+            )
+        };
+        assert!(set.learn(&[seed()], &[]), "new workers found");
         assert_eq!(set.list(), vec!["boot:1", "seed:1", "w1:1"]);
+        assert!(!set.learn(&[seed()], &[]), "nothing new");
         set.learn(
             &[
                 ("seed:1".into(), status("P0", "worker", &[])),

@@ -17,7 +17,8 @@ use llama_cluster_proto::v1::{
     GetClusterStatusRequest, GetClusterStatusResponse, InferenceRequest,
 };
 use llama_cluster_tests::{
-    NodeProc, model_path, split_with_cli, start_coordinator, test_dir, wait_for, worker_args,
+    NodeProc, ReplicaCluster, model_path, split_with_cli, start_coordinator, test_dir, wait_for,
+    worker_args,
 };
 use tonic::transport::Channel;
 
@@ -426,4 +427,49 @@ async fn the_last_replica_gone_fails_with_unavailable_until_the_coordinator_re_p
         "the joiner serves the last shard"
     );
     assert!(coord.log().contains("[PLACEMENT]"));
+}
+
+/// A coordinator that starts beside a running cluster and is given only
+/// two replicas of the same shard (the others are found through them, as
+/// with one seed address after a restart) adopts the placement it finds:
+/// it plans only once it has polled every worker it found, so no live
+/// shard is unloaded and loaded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_knows_part_of_a_running_cluster_moves_no_shard() {
+    let dir = test_dir("adopt-partial");
+    let manifest = split_with_cli(&dir.join("split"), 2).unwrap();
+    let replicas = ReplicaCluster::start(&dir, &manifest, 244, 2, &[])
+        .await
+        .unwrap();
+    // Workers 0 and 2 serve shard 0; 1 and 3 serve shard 1.
+    let seeds = format!(
+        "{},{}",
+        replicas.workers[0].grpc_addr, replicas.workers[2].grpc_addr
+    );
+    let m = manifest.display().to_string();
+    let args = ["--manifest", &m, "--replicas", "2", "--poll-ms", "250"];
+    let coord = start_coordinator(&dir, &seeds, &args, &[]).unwrap();
+    let mut c = client_of(&coord).await;
+    wait_for("SWARM_READY", WAIT, || {
+        let mut c = c.clone();
+        async move { cluster(&mut c).await.swarm_ready.then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", coord.log()));
+    assert!(!complete(&mut c).await.is_empty());
+    // Some more placement rounds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = coord.log();
+    assert!(
+        !log.contains(" → shard ") && !log.contains("[PLACEMENT] the model has"),
+        "the coordinator planned on part of the cluster:\n{log}"
+    );
+    for w in &replicas.workers {
+        assert!(
+            !w.log().contains("Worker/LoadShard"),
+            "{} was told to load a shard:\n{}",
+            w.name,
+            w.log()
+        );
+    }
 }
