@@ -120,6 +120,9 @@ pub struct NodeConfig {
     /// Upload rate limit for seeding, in MB/s (10^6 bytes) over all peers
     /// (0: unlimited).
     pub upload_limit_mb_per_sec: f64,
+    /// Disk space (MB) a shard's fetch leaves free on the cache's file
+    /// system; a fetch that would take more is refused before it starts.
+    pub min_free_disk_mb: u64,
     /// Serve the verified pieces of a file while it is still downloading
     /// (announcing it, telling other downloaders which pieces it has).
     pub partial_seeding: bool,
@@ -211,6 +214,7 @@ impl Default for NodeConfig {
             cache_dir: String::new(),
             seed_manifest: true,
             upload_limit_mb_per_sec: 0.0,
+            min_free_disk_mb: 256,
             partial_seeding: true,
             metrics_addr: String::new(),
             memory_mb: 0,

@@ -81,6 +81,7 @@ async fn a_step_delivered_twice_runs_once_and_both_get_its_answer() {
         f16: false,
         waves: true,
         trace_decode_every: 0,
+        min_free_disk: 0,
     };
     let pipeline = Pipeline::new(state, net, cfg, torrents);
     let id = shard["id"].as_str().unwrap();

@@ -229,6 +229,9 @@ pub struct NodeArgs {
     /// Upload rate limit for seeding, MB/s over all peers (0: unlimited).
     #[arg(long)]
     pub upload_limit_mb_per_sec: Option<String>,
+    /// Disk space in MB a shard's fetch leaves free (refused before it starts).
+    #[arg(long)]
+    pub min_free_disk_mb: Option<String>,
     /// Serve no pieces of a file before it is complete (no partial seeding).
     #[arg(long)]
     pub no_partial_seeding: bool,
@@ -292,6 +295,7 @@ impl NodeArgs {
         opt("threads", &self.threads);
         opt("runtime_threads", &self.runtime_threads);
         opt("upload_limit_mb_per_sec", &self.upload_limit_mb_per_sec);
+        opt("min_free_disk_mb", &self.min_free_disk_mb);
         opt("max_sessions", &self.max_sessions);
         opt("session_idle_secs", &self.session_idle_secs);
         opt("session_lease_secs", &self.session_lease_secs);

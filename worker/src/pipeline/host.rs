@@ -12,7 +12,7 @@ use llama_cluster_shared::dht_keys::{ShardRecord, ShardState};
 use tracing::{Instrument, info, warn};
 
 use super::{LoadedShard, ModelInfo, Pipeline};
-use crate::torrent::TorrentError;
+use crate::torrent::{TorrentError, disk_space};
 
 /// Errors of the control paths, mapped to gRPC codes by the callers.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +95,49 @@ impl Pipeline {
                 )),
                 other => PipelineError::Unavailable(format!("fetching {}: {other}", entry.file)),
             })
+    }
+
+    /// Refuses a load whose files still to fetch do not fit on the cache's
+    /// disk beside the space kept free (`min_free_disk_mb`).
+    fn check_disk(
+        &self,
+        mpath: &Path,
+        m: &Manifest,
+        entry: &llama_cluster_engine::manifest::ShardEntry,
+    ) -> Result<(), PipelineError> {
+        let store = self.0.torrents.store();
+        let files = std::iter::once(&entry.file).chain((entry.index == 0).then_some(&m.head));
+        let missing: Vec<&FileEntry> = files
+            .filter(|f| {
+                let beside = Manifest::path_of(mpath, &f.file);
+                std::fs::metadata(&beside).map(|b| b.len()).ok() != Some(f.size)
+                    && store.seed(&f.hash).is_none()
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let need = missing
+            .iter()
+            .map(|f| {
+                f.size
+                    .saturating_sub(disk_space::partial_bytes(store.root(), &f.hash))
+            })
+            .sum();
+        let free = disk_space::available(store.root()).map_err(|e| {
+            PipelineError::Internal(format!("free space of {}: {e}", store.root().display()))
+        })?;
+        disk_space::check(need, free, self.0.cfg.min_free_disk).map_err(|e| {
+            let names: Vec<&str> = missing.iter().map(|f| f.file.as_str()).collect();
+            let msg = format!(
+                "shard {} cannot be fetched into {}: {e} (to fetch: {})",
+                entry.id,
+                store.root().display(),
+                names.join(", ")
+            );
+            warn!("[SHARD] {msg}");
+            PipelineError::ResourceExhausted(msg)
+        })
     }
 
     /// Keeps a manifest sent by the coordinator (JSON) in the cache and
@@ -274,6 +317,9 @@ impl Pipeline {
             load: 0,
             max_sessions: 0,
         };
+        // Before anything changes: a shard that cannot be fetched leaves the
+        // one served now in place.
+        self.check_disk(&mpath, &m, &entry)?;
         // Unload first: one shard per worker.
         *self.0.loaded.write().unwrap_or_else(|e| e.into_inner()) = None;
         self.set_record(Some(record(ShardState::Loading)));

@@ -57,6 +57,8 @@ pub struct PipelineConfig {
     pub waves: bool,
     /// Trace every N-th decode step in detail (0: none).
     pub trace_decode_every: u32,
+    /// Bytes a shard's fetch leaves free on the cache's disk.
+    pub min_free_disk: u64,
 }
 
 impl PipelineConfig {
@@ -83,6 +85,7 @@ impl PipelineConfig {
             f16: cfg.activation_f16,
             waves: cfg.pipeline_waves,
             trace_decode_every: cfg.trace_decode_every,
+            min_free_disk: cfg.min_free_disk_mb.saturating_mul(1_000_000),
         }
     }
 }

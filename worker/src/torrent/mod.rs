@@ -17,6 +17,7 @@
 //!   progress of downloads.
 
 pub mod bitfield;
+pub mod disk_space;
 mod download;
 mod exchange;
 pub mod meta;

@@ -1,0 +1,142 @@
+//! A shard whose files do not fit on a worker's disk (beside the space it
+//! keeps free, `min_free_disk_mb`) is refused before any byte is fetched,
+//! with the figures, and the shard the worker serves stays loaded. Before,
+//! the fetch filled the disk and failed half-way ("No space left on
+//! device"), after the served shard had been unloaded.
+
+use std::path::Path;
+use std::process::Command;
+
+use llama_cluster_proto::v1::{GetStatusRequest, LoadShardRequest};
+use llama_cluster_tests::{
+    NodeProc, shard_ids_of, split_with_cli, start_bootstrap, test_dir, worker_args,
+};
+
+/// Bytes free on the file system of `dir`, as `df` reads them.
+fn free_bytes(dir: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("df: {text}"))
+}
+
+fn start(dir: &Path, name: &str, host: &str, boot: &str, extra: &[String]) -> NodeProc {
+    let mut args = worker_args(host, &[boot], None);
+    args.extend(["--threads".into(), "1".into()]);
+    args.extend(extra.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    NodeProc::start(dir, name, &args).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_does_not_fit_on_the_disk_is_refused_before_any_byte() {
+    let dir = test_dir("disk-space");
+    let manifest = split_with_cli(&dir.join("split"), 2).unwrap();
+    let ids = shard_ids_of(&manifest).unwrap();
+    let json = std::fs::read_to_string(&manifest).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let m_arg = manifest.display().to_string();
+    let boot = start_bootstrap(&dir).unwrap();
+    let b = boot.addr("quic-v1");
+    // A seeder of every file: without the check, the fetch would succeed.
+    let _seeder = start(
+        &dir,
+        "seeder",
+        "127.0.0.248",
+        &b,
+        &[
+            "--manifest".into(),
+            m_arg.clone(),
+            "--shard-id".into(),
+            ids[0].clone(),
+        ],
+    );
+    // The worker serves shard 1 from the split beside its manifest (nothing
+    // to fetch) and keeps all but 40 MB of its disk free: shard 0 and the
+    // head (about 80 MB) do not fit.
+    let cache = dir.join("small-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let keep_mb = (free_bytes(&cache) / 1_000_000).saturating_sub(40);
+    let w = start(
+        &dir,
+        "worker",
+        "127.0.0.249",
+        &b,
+        &[
+            "--manifest".into(),
+            m_arg,
+            "--shard-id".into(),
+            ids[1].clone(),
+            "--no-seed-manifest".into(),
+            "--cache-dir".into(),
+            cache.display().to_string(),
+            "--min-free-disk-mb".into(),
+            keep_mb.to_string(),
+        ],
+    );
+    let mut c = w.client().await.unwrap();
+    let serves = |st: &llama_cluster_proto::v1::GetStatusResponse, id: &str| {
+        st.shards
+            .iter()
+            .any(|s| s.availability == "LOCAL" && s.shard_id == id && s.state == "ready")
+    };
+    let ready =
+        llama_cluster_tests::wait_for("shard 1 ready", std::time::Duration::from_secs(60), || {
+            let mut c = c.clone();
+            let id = ids[1].clone();
+            async move {
+                let st = c.get_status(GetStatusRequest {}).await.ok()?.into_inner();
+                serves(&st, &id).then_some(())
+            }
+        })
+        .await;
+    ready.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
+
+    let e = c
+        .load_shard(LoadShardRequest {
+            shard_id: ids[0].clone(),
+            manifest_json: json,
+            ..Default::default()
+        })
+        .await
+        .expect_err("shard 0 loaded although it does not fit");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    let msg = e.message();
+    let head = m["head"]["file"].as_str().unwrap();
+    let file0 = m["shards"][0]["file"].as_str().unwrap();
+    assert!(
+        msg.contains("MB more on disk")
+            && msg.contains("min_free_disk_mb")
+            && msg.contains(&format!("{keep_mb}.0 MB are kept free"))
+            && msg.contains(head)
+            && msg.contains(file0),
+        "{msg}"
+    );
+    eprintln!("refused: {msg}");
+    // Nothing fetched, and shard 1 still served.
+    let hashes = [
+        m["head"]["hash"].as_str().unwrap(),
+        m["shards"][0]["hash"].as_str().unwrap(),
+    ];
+    for sub in ["partial", "files"] {
+        for f in std::fs::read_dir(cache.join("torrents").join(sub)).unwrap() {
+            let name = f.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                !hashes.iter().any(|h| name.starts_with(h)),
+                "{sub}/{name} was written"
+            );
+        }
+    }
+    let st = c
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(serves(&st, &ids[1]), "shard 1 unloaded: {:?}", st.shards);
+}
