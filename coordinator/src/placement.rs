@@ -38,6 +38,9 @@ pub struct WorkerView {
     pub budget: u64,
     /// Shard of this model it serves or is loading, if any.
     pub serving: Option<String>,
+    /// Shards it refused lately for lack of room (RESOURCE_EXHAUSTED: its
+    /// disk, say): not given to it again for a while.
+    pub refused: Vec<String>,
     /// Not to be changed now (it missed a poll, or its last load failed):
     /// keeps what it serves, gets nothing new, gives nothing away.
     pub frozen: bool,
@@ -78,6 +81,10 @@ pub enum PlanError {
         missing: String,
         more: usize,
     },
+    #[error(
+        "shard {shard} is refused by every worker with the memory for it ({workers}: no room on its disk, say; see the workers' logs)"
+    )]
+    Refused { shard: String, workers: String },
     #[error(
         "shard {shard} (layers {layers}) needs {need_mib} MiB but the largest worker with room offers {largest_mib} MiB"
     )]
@@ -139,7 +146,9 @@ fn plan_keeping(
     }
     let replicas = replicas.max(1);
     let spec = |id: &str| shards.iter().find(|s| s.id == id);
-    let fits = |w: &WorkerView, s: &ShardSpec| w.budget >= required_bytes(s.size);
+    let fits = |w: &WorkerView, s: &ShardSpec| {
+        w.budget >= required_bytes(s.size) && !w.refused.contains(&s.id)
+    };
     let mut plan = Plan::default();
     let mut count: BTreeMap<String, usize> = shards.iter().map(|s| (s.id.clone(), 0)).collect();
     // Keep whoever already serves a shard of this model that fits.
@@ -223,6 +232,17 @@ fn plan_keeping(
                 more: uncovered.len(),
             });
         }
+        let refused_by: Vec<&str> = workers
+            .iter()
+            .filter(|w| w.refused.contains(&s.id) && w.budget >= required_bytes(s.size))
+            .map(|w| w.addr.as_str())
+            .collect();
+        if !refused_by.is_empty() {
+            return Err(PlanError::Refused {
+                shard: s.id.clone(),
+                workers: refused_by.join(", "),
+            });
+        }
         return Err(PlanError::DoesNotFit {
             shard: s.id.clone(),
             layers: format!("{}-{}", s.layer_start, s.layer_end),
@@ -281,8 +301,28 @@ mod tests {
             addr: addr.into(),
             budget: mb * MIB,
             serving: serving.map(String::from),
+            refused: vec![],
             frozen: false,
         }
+    }
+
+    #[test]
+    fn a_shard_a_worker_refused_goes_elsewhere_and_it_gets_another() {
+        let s = shards(&[20, 60]);
+        // b, the largest, refused s1 (no room on its disk): s1 goes to a.
+        let mut b = w("b", 2000, None);
+        b.refused = vec!["s1".into()];
+        let p = plan(&s, &[w("a", 1000, None), b.clone()], 1).unwrap();
+        assert_eq!(
+            (p.assignment["a"].as_str(), p.assignment["b"].as_str()),
+            ("s1", "s0")
+        );
+        // Refused by the only worker with the memory for it: named so.
+        let e = plan(&s, &[w("a", 100, None), b], 1).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::Refused { shard, workers } if shard == "s1" && workers == "b"),
+            "{e}"
+        );
     }
 
     #[test]

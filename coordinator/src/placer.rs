@@ -27,6 +27,10 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a worker whose LoadShard failed is left out of placement.
 const FAILED_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long a worker that refused a shard for lack of room (its disk, say:
+/// RESOURCE_EXHAUSTED) is not given that shard again; it may get another.
+const REFUSED_FOR: Duration = Duration::from_secs(600);
+
 /// Polls a worker may miss before placement treats it as gone (until then
 /// it keeps its shard and gets no new one).
 const GRACE_POLLS: u32 = 3;
@@ -99,6 +103,8 @@ struct PlacerInner {
     last_seen: Mutex<HashMap<String, (GetStatusResponse, u32)>>,
     /// Workers whose last LoadShard failed, left alone until then.
     backoff: Mutex<HashMap<String, Instant>>,
+    /// (worker, shard) refused for lack of room, not planned until then.
+    refused: Mutex<HashMap<(String, String), Instant>>,
     status: Mutex<Placement>,
     tokens: Tokens,
 }
@@ -116,6 +122,7 @@ impl Placer {
             replicas: replicas.max(1),
             pending: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             last_seen: Mutex::new(HashMap::new()),
             status: Mutex::new(status),
@@ -156,6 +163,8 @@ impl Placer {
         pending.retain(|_, (_, since, _)| since.elapsed() < LOAD_TIMEOUT);
         let mut backoff = self.0.backoff.lock().unwrap_or_else(|e| e.into_inner());
         backoff.retain(|_, until| *until > Instant::now());
+        let mut refused = self.0.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused.retain(|_, until| *until > Instant::now());
         // A worker that missed a poll or two keeps its shard (frozen) rather
         // than having it placed elsewhere at once.
         let mut last = self.0.last_seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -190,6 +199,11 @@ impl Placer {
                         .get(addr)
                         .map(|(s, _, _)| s.clone())
                         .or_else(|| local.map(|s| s.shard_id.clone())),
+                    refused: refused
+                        .keys()
+                        .filter(|(a, _)| a == addr)
+                        .map(|(_, s)| s.clone())
+                        .collect(),
                     frozen: *misses > 0 || backoff.contains_key(addr),
                 }
             })
@@ -254,6 +268,19 @@ impl Placer {
         .await;
         match r {
             Ok(state) => info!("[PLACEMENT] {addr}: shard {shard} {state}"),
+            Err(e)
+                if e.downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == tonic::Code::ResourceExhausted) =>
+            {
+                warn!(
+                    "[PLACEMENT] {addr}: refused shard {shard}: {e:#}; it gets another shard if one fits, not this one for {REFUSED_FOR:?}"
+                );
+                self.0
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((addr.clone(), shard.clone()), Instant::now() + REFUSED_FOR);
+            }
             Err(e) => {
                 warn!(
                     "[PLACEMENT] {addr}: loading shard {shard} failed: {e:#}; retrying in {FAILED_BACKOFF:?}"

@@ -2,14 +2,18 @@
 //! keeps free, `min_free_disk_mb`) is refused before any byte is fetched,
 //! with the figures, and the shard the worker serves stays loaded. Before,
 //! the fetch filled the disk and failed half-way ("No space left on
-//! device"), after the served shard had been unloaded.
+//! device"), after the served shard had been unloaded. The coordinator
+//! then gives the worker a shard that fits and the refused one to another.
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-use llama_cluster_proto::v1::{GetStatusRequest, LoadShardRequest};
+use llama_cluster_proto::v1::coordinator_client::CoordinatorClient;
+use llama_cluster_proto::v1::{GetClusterStatusRequest, GetStatusRequest, LoadShardRequest};
 use llama_cluster_tests::{
-    NodeProc, shard_ids_of, split_with_cli, start_bootstrap, test_dir, worker_args,
+    NodeProc, shard_ids_of, split_with_cli, start_bootstrap, start_coordinator, test_dir, wait_for,
+    worker_args,
 };
 
 /// Bytes free on the file system of `dir`, as `df` reads them.
@@ -139,4 +143,85 @@ async fn a_shard_that_does_not_fit_on_the_disk_is_refused_before_any_byte() {
         .unwrap()
         .into_inner();
     assert!(serves(&st, &ids[1]), "shard 1 unloaded: {:?}", st.shards);
+}
+
+/// The coordinator places around a refusal: the worker with the most
+/// memory gets the largest shard first, refuses it (its disk holds only
+/// the other shard), and gets the other one while the worker that has room
+/// takes the refused one; the cluster reaches SWARM_READY within seconds
+/// (before, the coordinator asked the same worker for the same shard every
+/// 30 s for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_places_a_refused_shard_elsewhere() {
+    let dir = test_dir("disk-space-placement");
+    let manifest = split_with_cli(&dir.join("split"), 2).unwrap();
+    let ids = shard_ids_of(&manifest).unwrap();
+    let boot = start_bootstrap(&dir).unwrap();
+    let b = boot.addr("quic-v1");
+    // Holds the split: can serve either shard.
+    let roomy = start(
+        &dir,
+        "roomy",
+        "127.0.0.250",
+        &b,
+        &[
+            "--manifest".into(),
+            manifest.display().to_string(),
+            "--memory-mb".into(),
+            "2000".into(),
+        ],
+    );
+    // More memory, an empty cache, room for shard 1 (48 MB) but not for
+    // shard 0 and the head (81 MB).
+    let cache = dir.join("small-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let keep_mb = (free_bytes(&cache) / 1_000_000).saturating_sub(60);
+    let small = start(
+        &dir,
+        "small",
+        "127.0.0.251",
+        &b,
+        &[
+            "--memory-mb".into(),
+            "4000".into(),
+            "--cache-dir".into(),
+            cache.display().to_string(),
+            "--min-free-disk-mb".into(),
+            keep_mb.to_string(),
+        ],
+    );
+    let m = manifest.display().to_string();
+    let args = ["--manifest", &m, "--replicas", "1", "--poll-ms", "250"];
+    let coord = start_coordinator(&dir, &roomy.grpc_addr, &args, &[]).unwrap();
+    let addr = coord.ready["grpc_addr"].as_str().unwrap_or_default();
+    let c = CoordinatorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let st = wait_for("SWARM_READY", Duration::from_secs(60), || {
+        let mut c = c.clone();
+        async move {
+            let st = c
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            st.swarm_ready.then_some(st)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", coord.log(), small.log()));
+    let serves = |w: &NodeProc, id: &str| {
+        st.workers.iter().any(|x| {
+            x.grpc_addr == w.grpc_addr
+                && x.status.as_ref().is_some_and(|s| {
+                    s.shards.iter().any(|r| {
+                        r.availability == "LOCAL" && r.shard_id == id && r.state == "ready"
+                    })
+                })
+        })
+    };
+    assert!(serves(&small, &ids[1]), "{:?}", st.workers);
+    assert!(serves(&roomy, &ids[0]), "{:?}", st.workers);
+    let log = coord.log();
+    assert!(log.contains("refused shard"), "{log}");
 }

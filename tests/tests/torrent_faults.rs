@@ -392,8 +392,12 @@ async fn a_full_disk_ends_the_download_with_a_clear_error_and_no_final_file() {
         b,
         seeder: _seeder,
     } = seeded("torrent-disk-full", "127.0.0.110", &[]).await;
-    // The leecher's cache is a 4 MiB file system: the 22 MB shard cannot fit.
-    let small = Tmpfs::mount(dir.join("small-disk"), "4m");
+    // The leecher's cache is a file system with 64 MB free, so the space
+    // checked before a fetch is there (disk_space.rs covers a disk too
+    // small for it), but with no inode left once the worker's cache
+    // directories exist (the root and 4 directories): the download's file
+    // cannot be created, as on a disk that filled up meanwhile.
+    let small = Tmpfs::mount(dir.join("small-disk"), "64m,nr_inodes=5");
     let m = bare_manifest(&dir, "leech", &s.manifest);
     let leech = start(
         &dir,
@@ -401,7 +405,12 @@ async fn a_full_disk_ends_the_download_with_a_clear_error_and_no_final_file() {
         "127.0.0.111",
         &b,
         &m,
-        &["--cache-dir", small.0.to_str().unwrap()],
+        &[
+            "--cache-dir",
+            small.0.to_str().unwrap(),
+            "--min-free-disk-mb",
+            "0",
+        ],
     );
     let e = load(&leech, &s.shard_id).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
