@@ -200,13 +200,41 @@ pub(crate) fn write_file(
     path: &Path,
 ) -> Result<()> {
     let tmp = path.with_extension("gguf.part");
+    let r = write_tmp(out, tensors, src, src_file, &tmp)
+        .map_err(|e| match e {
+            EngineError::Io(error) => EngineError::Write {
+                path: tmp.clone(),
+                error,
+            },
+            other => other,
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).map_err(|error| EngineError::Write {
+                path: path.to_path_buf(),
+                error,
+            })
+        });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// [`write_file`]'s work, into `tmp`.
+fn write_tmp(
+    out: &Out,
+    tensors: &[Planned],
+    src: &Source,
+    src_file: &mut File,
+    tmp: &Path,
+) -> Result<()> {
     let p = cstr(&tmp.to_string_lossy())?;
     // SAFETY: valid context and path.
     if !unsafe { sys::gguf_write_to_file(out.0.as_ptr(), p.as_ptr(), true) } {
         return Err(EngineError::Load(format!("cannot write {}", tmp.display())));
     }
-    let meta_len = std::fs::metadata(&tmp)?.len();
-    let f = OpenOptions::new().append(true).open(&tmp)?;
+    let meta_len = std::fs::metadata(tmp)?.len();
+    let f = OpenOptions::new().append(true).open(tmp)?;
     let mut w = BufWriter::with_capacity(1 << 20, f);
     let mut written: u64 = 0;
     let mut buf = vec![0u8; 1 << 20];
@@ -240,13 +268,12 @@ pub(crate) fn write_file(
     w.flush()?;
     w.get_ref().sync_all()?;
     drop(w);
-    if std::fs::metadata(&tmp)?.len() < meta_len {
+    if std::fs::metadata(tmp)?.len() < meta_len {
         return Err(EngineError::Load(format!(
             "{} came out short",
             tmp.display()
         )));
     }
-    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 

@@ -42,10 +42,24 @@ pub enum EngineError {
     Session(String),
     #[error("llama.cpp failed: {0}")]
     Llama(String),
+    /// The error's text is in the message (no source: `{:#}` printed it
+    /// twice).
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// Writing an output file failed (the partial file is removed).
+    #[error("writing {}: {error}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
     #[error("engine thread stopped")]
     Stopped,
+}
+
+impl From<std::io::Error> for EngineError {
+    fn from(e: std::io::Error) -> Self {
+        EngineError::Io(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

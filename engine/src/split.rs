@@ -316,6 +316,18 @@ pub fn inspect(src: &Path, plan: &SplitPlan) -> Result<Header> {
     Ok(open(src, plan)?.header)
 }
 
+/// Files a split wrote, removed on drop unless cleared (the split done).
+#[derive(Default)]
+struct Written(Vec<std::path::PathBuf>);
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Splits `src` into `out_dir` following `plan`; returns the manifest (also
 /// written to `out_dir/manifest.json`). `name` overrides the model name.
 /// Architectures without a rule in [`crate::arch`] are refused.
@@ -356,6 +368,9 @@ pub fn split_model(
         return Err(EngineError::InvalidInput("empty model name".into()));
     }
     std::fs::create_dir_all(out_dir)?;
+    // A split that fails part-way (a full disk, say) leaves no files of its
+    // own behind: a set of shards without its manifest is of no use.
+    let mut written = Written::default();
     let mut src_file = File::open(src)?;
     let (src_size, src_hash) = hash_file(src)?;
     let file_name = src
@@ -380,6 +395,7 @@ pub fn split_model(
             &mut src_file,
             &out_dir.join(&head_name),
         )?;
+        written.0.push(out_dir.join(&head_name));
         info!("split: wrote {head_name} (tokenizer, chat template, token embeddings)");
     }
 
@@ -452,6 +468,7 @@ pub fn split_model(
         let file = format!("{model}.L{a}-{b}.gguf");
         let path = out_dir.join(&file);
         write_file(&out, &planned, &source, &mut src_file, &path)?;
+        written.0.push(path.clone());
         let (size, hash) = hash_file(&path)?;
         info!(
             "split: wrote {file} (layers {a}-{b}, vocab {stage_vocab}, {} tensors, {} MB)",
@@ -497,6 +514,7 @@ pub fn split_model(
         shards,
     };
     manifest.save(&out_dir.join(MANIFEST_FILE))?;
+    written.0.clear();
     Ok(manifest)
 }
 

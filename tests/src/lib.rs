@@ -20,6 +20,7 @@ mod clusters;
 pub mod cpu;
 pub mod fuzz_cases;
 pub mod self_child;
+pub mod tmpfs;
 pub mod torrent;
 
 pub use answer::{Answer, infer};

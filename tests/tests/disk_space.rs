@@ -4,6 +4,8 @@
 //! the fetch filled the disk and failed half-way ("No space left on
 //! device"), after the served shard had been unloaded. The coordinator
 //! then gives the worker a shard that fits and the refused one to another.
+//! And `split` refuses a disk without room, or cleans up after one that
+//! fills up.
 
 use std::path::Path;
 use std::process::Command;
@@ -11,9 +13,11 @@ use std::time::Duration;
 
 use llama_cluster_proto::v1::coordinator_client::CoordinatorClient;
 use llama_cluster_proto::v1::{GetClusterStatusRequest, GetStatusRequest, LoadShardRequest};
+use llama_cluster_tests::clients;
+use llama_cluster_tests::tmpfs::Tmpfs;
 use llama_cluster_tests::{
-    NodeProc, shard_ids_of, split_with_cli, start_bootstrap, start_coordinator, test_dir, wait_for,
-    worker_args,
+    NodeProc, binary, model_path, shard_ids_of, split_with_cli, start_bootstrap, start_coordinator,
+    test_dir, wait_for, worker_args,
 };
 
 /// Bytes free on the file system of `dir`, as `df` reads them.
@@ -224,4 +228,62 @@ async fn the_coordinator_places_a_refused_shard_elsewhere() {
     assert!(serves(&roomy, &ids[0]), "{:?}", st.workers);
     let log = coord.log();
     assert!(log.contains("refused shard"), "{log}");
+}
+
+/// `llama-worker split` onto a disk without room: refused up front when the
+/// disk has less than the model's size free; when it runs out part-way
+/// (the shards and the head take more than the model), the error names the
+/// file once and no file of the split is left behind.
+#[test]
+fn a_split_that_does_not_fit_is_refused_or_leaves_nothing() {
+    let dir = test_dir("disk-space-split");
+    let model = model_path();
+    let size_mb = std::fs::metadata(&model).unwrap().len() as f64 / 1e6;
+    let split = |disk: &Tmpfs| {
+        let out = disk.0.join("split");
+        let mut cmd = Command::new(binary("llama-worker"));
+        cmd.args(["split", "--shards", "2", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out);
+        let r = clients::run(&mut cmd, Duration::from_secs(120)).unwrap();
+        let left: Vec<String> = std::fs::read_dir(&disk.0)
+            .unwrap()
+            .chain(std::fs::read_dir(&out).into_iter().flatten())
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "split")
+            .collect();
+        (r, left)
+    };
+    // Less than the model's size: refused before anything is written.
+    let small = Tmpfs::mount(dir.join("small"), &format!("{}m", (size_mb * 0.6) as u64));
+    let (r, left) = split(&small);
+    assert!(!r.ok, "{}", r.all());
+    assert!(
+        r.stderr.contains("not enough disk space")
+            && r.stderr
+                .contains(&format!("{size_mb:.1} MB (the model's size)")),
+        "{}",
+        r.all()
+    );
+    assert!(left.is_empty(), "{left:?}");
+    drop(small);
+    // More than the model, less than the split: fails part-way, cleans up.
+    let tight = Tmpfs::mount(dir.join("tight"), &format!("{}m", (size_mb * 1.12) as u64));
+    let (r, left) = split(&tight);
+    assert!(!r.ok, "{}", r.all());
+    let err = r
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert!(
+        err.contains("writing ")
+            && err.contains(".gguf")
+            && err.matches("No space left").count() == 1,
+        "{}",
+        r.all()
+    );
+    assert!(left.is_empty(), "files left behind: {left:?}");
 }

@@ -3,10 +3,10 @@
 //! departed seeders, a restarted leecher resuming, malformed piece
 //! requests, a full disk.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use llama_cluster_proto::v1::LoadShardRequest;
+use llama_cluster_tests::tmpfs::Tmpfs;
 use llama_cluster_tests::torrent::{
     Seeded, WAIT, bare_manifest, blake3_of, bootstrap, load, loaded_leecher, seeded, split, start,
     stored_file, torrent, wait_seeding,
@@ -356,31 +356,6 @@ async fn malformed_piece_requests_get_errors_and_the_seeder_keeps_serving() {
         "{}",
         seeder.log()
     );
-}
-
-/// Unmounts a tmpfs on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: PathBuf, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(&path).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .status()
-            .expect("mount");
-        assert!(
-            st.success(),
-            "this test needs root to mount a small tmpfs (a full disk)"
-        );
-        Tmpfs(path)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

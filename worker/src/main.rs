@@ -280,6 +280,34 @@ async fn send(a: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A split writes at least the model's bytes (every tensor once, the
+/// embeddings once more in the head file): refused up front when the disk
+/// of `out` has less free.
+fn check_split_room(model: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    let size = std::fs::metadata(model)
+        .with_context(|| format!("cannot read {}", model.display()))?
+        .len();
+    let Some(dir) = out.ancestors().find(|d| d.is_dir()) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        dir
+    };
+    let free = llama_worker::torrent::disk_space::available(dir)
+        .with_context(|| format!("free space of {}", dir.display()))?;
+    if free < size {
+        anyhow::bail!(
+            "not enough disk space in {}: the split needs at least {:.1} MB (the model's size), {:.1} MB are free",
+            dir.display(),
+            size as f64 / 1e6,
+            free as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
 async fn split(a: SplitArgs) -> anyhow::Result<()> {
     logging::init(llama_cluster_shared::config::LogFormat::Text);
     let model = match a.model {
@@ -303,6 +331,7 @@ async fn split(a: SplitArgs) -> anyhow::Result<()> {
         (Some(_), false) => anyhow::bail!("give --shards or --ranges, not both"),
     };
     let out = a.out.clone();
+    check_split_room(&model, &out)?;
     let name = a.name.clone();
     let m = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut m = split_model(&model, &out, &plan, name.as_deref())?;
