@@ -246,3 +246,31 @@ fn grpc_addrs(workers: &[NodeProc]) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+/// Waits until the coordinator `coord` says SWARM_READY (its placement
+/// done, every shard ready) and returns that cluster status; panics with
+/// the coordinator's log after `timeout`.
+pub async fn coordinator_ready(
+    coord: &NodeProc,
+    timeout: Duration,
+) -> llama_cluster_proto::v1::GetClusterStatusResponse {
+    use llama_cluster_proto::v1::GetClusterStatusRequest;
+    use llama_cluster_proto::v1::coordinator_client::CoordinatorClient;
+    let addr = coord.ready["grpc_addr"].as_str().unwrap_or_default();
+    let c = CoordinatorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap_or_else(|e| panic!("coordinator at {addr:?}: {e}\n{}", coord.log()));
+    wait_for("the coordinator's SWARM_READY", timeout, || {
+        let mut c = c.clone();
+        async move {
+            let st = c
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            st.swarm_ready.then_some(st)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", coord.log()))
+}

@@ -24,7 +24,7 @@ pub mod tmpfs;
 pub mod torrent;
 
 pub use answer::{Answer, infer};
-pub use clusters::{PipelineCluster, ReplicaCluster, shard_ids_of};
+pub use clusters::{PipelineCluster, ReplicaCluster, coordinator_ready, shard_ids_of};
 
 /// Path of a workspace binary, built by `cargo build --workspace --bins`
 /// (the README's test command does that first). `LLAMA_CLUSTER_BIN_DIR`

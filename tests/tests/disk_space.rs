@@ -11,13 +11,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use llama_cluster_proto::v1::coordinator_client::CoordinatorClient;
-use llama_cluster_proto::v1::{GetClusterStatusRequest, GetStatusRequest, LoadShardRequest};
+use llama_cluster_proto::v1::{GetStatusRequest, LoadShardRequest};
 use llama_cluster_tests::clients;
 use llama_cluster_tests::tmpfs::Tmpfs;
 use llama_cluster_tests::{
-    NodeProc, binary, model_path, shard_ids_of, split_with_cli, start_bootstrap, start_coordinator,
-    test_dir, wait_for, worker_args,
+    NodeProc, binary, coordinator_ready, model_path, shard_ids_of, split_with_cli, start_bootstrap,
+    start_coordinator, test_dir, wait_for, worker_args,
 };
 
 /// Bytes free on the file system of `dir`, as `df` reads them.
@@ -94,16 +93,15 @@ async fn a_shard_that_does_not_fit_on_the_disk_is_refused_before_any_byte() {
             .iter()
             .any(|s| s.availability == "LOCAL" && s.shard_id == id && s.state == "ready")
     };
-    let ready =
-        llama_cluster_tests::wait_for("shard 1 ready", std::time::Duration::from_secs(60), || {
-            let mut c = c.clone();
-            let id = ids[1].clone();
-            async move {
-                let st = c.get_status(GetStatusRequest {}).await.ok()?.into_inner();
-                serves(&st, &id).then_some(())
-            }
-        })
-        .await;
+    let ready = wait_for("shard 1 ready", Duration::from_secs(60), || {
+        let mut c = c.clone();
+        let id = ids[1].clone();
+        async move {
+            let st = c.get_status(GetStatusRequest {}).await.ok()?.into_inner();
+            serves(&st, &id).then_some(())
+        }
+    })
+    .await;
     ready.unwrap_or_else(|e| panic!("{e}\n{}", w.log()));
 
     let e = c
@@ -197,23 +195,7 @@ async fn the_coordinator_places_a_refused_shard_elsewhere() {
     let m = manifest.display().to_string();
     let args = ["--manifest", &m, "--replicas", "1", "--poll-ms", "250"];
     let coord = start_coordinator(&dir, &roomy.grpc_addr, &args, &[]).unwrap();
-    let addr = coord.ready["grpc_addr"].as_str().unwrap_or_default();
-    let c = CoordinatorClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let st = wait_for("SWARM_READY", Duration::from_secs(60), || {
-        let mut c = c.clone();
-        async move {
-            let st = c
-                .get_cluster_status(GetClusterStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            st.swarm_ready.then_some(st)
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", coord.log(), small.log()));
+    let st = coordinator_ready(&coord, Duration::from_secs(60)).await;
     let serves = |w: &NodeProc, id: &str| {
         st.workers.iter().any(|x| {
             x.grpc_addr == w.grpc_addr

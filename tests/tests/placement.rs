@@ -17,8 +17,8 @@ use llama_cluster_proto::v1::{
     GetClusterStatusRequest, GetClusterStatusResponse, InferenceRequest,
 };
 use llama_cluster_tests::{
-    NodeProc, ReplicaCluster, model_path, split_with_cli, start_coordinator, test_dir, wait_for,
-    worker_args,
+    NodeProc, ReplicaCluster, coordinator_ready, model_path, split_with_cli, start_coordinator,
+    test_dir, wait_for, worker_args,
 };
 use tonic::transport::Channel;
 
@@ -365,13 +365,8 @@ async fn the_last_replica_gone_fails_with_unavailable_until_the_coordinator_re_p
         &[],
     )
     .unwrap();
+    coordinator_ready(&coord, WAIT).await;
     let mut c = client_of(&coord).await;
-    wait_for("placement and SWARM_READY", WAIT, || {
-        let mut c = c.clone();
-        async move { cluster(&mut c).await.swarm_ready.then_some(()) }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", coord.log()));
     let want = wait_for("a first completion", WAIT, || {
         let mut c = c.clone();
         async move { try_complete(&mut c).await.ok() }
@@ -449,13 +444,8 @@ async fn a_coordinator_that_knows_part_of_a_running_cluster_moves_no_shard() {
     let m = manifest.display().to_string();
     let args = ["--manifest", &m, "--replicas", "2", "--poll-ms", "250"];
     let coord = start_coordinator(&dir, &seeds, &args, &[]).unwrap();
+    coordinator_ready(&coord, WAIT).await;
     let mut c = client_of(&coord).await;
-    wait_for("SWARM_READY", WAIT, || {
-        let mut c = c.clone();
-        async move { cluster(&mut c).await.swarm_ready.then_some(()) }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", coord.log()));
     assert!(!complete(&mut c).await.is_empty());
     // Some more placement rounds.
     tokio::time::sleep(Duration::from_secs(2)).await;
